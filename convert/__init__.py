@@ -1,0 +1,1 @@
+"""Checkpoint conversion (installed as ``deepseek_jax.convert``)."""

@@ -1,0 +1,100 @@
+"""Linear layers and the single dot_general hook every matmul of the model goes through.
+
+A ``MatmulRecipe`` turns ``(lhs, rhs, dimension_numbers)`` into the product. The default recipe casts both
+inputs to the compute dtype and accumulates in fp32; the fp8 training recipe plugs in here (and only here).
+Embedding, output head, router and attention core are kept out of the recipe on purpose (DeepSeek-V3
+report, section 3.3: they stay in high precision).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .options import ModelOptions
+
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
+
+
+class MatmulRecipe:
+    """The default recipe: inputs in the compute dtype, fp32 accumulation, output in the compute dtype."""
+
+    def __init__(self, dtype, out_dtype=None):
+        self.dtype = jnp.dtype(dtype)
+        self.out_dtype = self.dtype if out_dtype is None else jnp.dtype(out_dtype)
+        # fp32 compute means real fp32 (no TF32 on GPU); lower dtypes take the backend default.
+        self.precision = jax.lax.Precision.HIGHEST if self.dtype == jnp.float32 else None
+
+    def dot_general(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers) -> jax.Array:
+        out = jax.lax.dot_general(
+            lhs.astype(self.dtype), rhs.astype(self.dtype), dimension_numbers,
+            precision=self.precision, preferred_element_type=jnp.float32,
+        )
+        return out.astype(self.out_dtype)
+
+    def ragged_dot(self, lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]``, rows of ``lhs`` grouped by ``group_sizes``."""
+        out = jax.lax.ragged_dot(
+            lhs.astype(self.dtype), rhs.astype(self.dtype), group_sizes,
+            precision=self.precision, preferred_element_type=jnp.float32,
+        )
+        return out.astype(self.out_dtype)
+
+
+def matmul_recipe(options: ModelOptions) -> MatmulRecipe:
+    if options.matmul == "default":
+        return MatmulRecipe(options.compute_dtype)
+    raise NotImplementedError(f"matmul recipe {options.matmul!r} is not available yet")
+
+
+def contract_last(n_in: int, x_ndim: int) -> DimensionNumbers:
+    """Dimension numbers contracting the last ``n_in`` dims of x with the first ``n_in`` of the kernel."""
+    return ((tuple(range(x_ndim - n_in, x_ndim)), tuple(range(n_in))), ((), ()))
+
+
+class Linear(nn.Module):
+    """``y = x @ kernel`` over the last ``n_in`` dims of x; kernel ``[*in_dims, *features]`` (no bias).
+
+    ``axes`` names every kernel dim for sharding. ``high_precision`` routes around the matmul recipe and
+    returns fp32 (the output head: logits are always fp32).
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    options: ModelOptions
+    n_in: int = 1
+    init_std: float = 0.02
+    high_precision: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel_shape = tuple(x.shape[x.ndim - self.n_in:]) + tuple(self.features)
+        assert len(self.axes) == len(kernel_shape), (self.name, self.axes, kernel_shape)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
+            kernel_shape,
+            self.options.params_dtype,
+        )
+        recipe = MatmulRecipe(self.options.compute_dtype, jnp.float32) if self.high_precision else matmul_recipe(self.options)
+        return recipe.dot_general(x, kernel, contract_last(self.n_in, x.ndim))
+
+
+class Embed(nn.Module):
+    vocab_size: int
+    features: int
+    options: ModelOptions
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        table = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ("vocab", "embed")),
+            (self.vocab_size, self.features),
+            self.options.params_dtype,
+        )
+        return jnp.take(table, tokens, axis=0).astype(self.options.compute_dtype)

@@ -1,0 +1,83 @@
+"""Multi-head Latent Attention (DeepSeek-V2 section 2.1; REFERENCE.md section 1).
+
+Shapes: B batch, T query length, S key length, H heads, D model width, R kv_lora_rank, P qk_rope_head_dim,
+N qk_nope_head_dim, V v_head_dim.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+from .linear import Linear
+from .norm import RMSNorm
+from .options import ModelOptions
+from .rope import apply_rope
+
+# The q/kv latent norms are built with the reference's default eps (1e-6), not config.rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """softmax(q k^T * scale) v with fp32 scores and softmax.
+
+    q ``[B,T,H,Dk]``, k ``[B,S,H,Dk]``, v ``[B,S,H,Dv]``, mask ``[B,T,S]`` (True = may attend) -> ``[B,T,H,Dv]``.
+    """
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+class MLA(nn.Module):
+    config: ModelConfig
+    options: ModelOptions
+
+    def setup(self):
+        c, o = self.config, self.options
+        H, std = c.num_attention_heads, c.initializer_range
+        if c.q_lora_rank is None:
+            self.q_proj = Linear((H, c.qk_head_dim), ("embed", "heads", "qk_head"), o, init_std=std)
+        else:
+            self.q_a_proj = Linear((c.q_lora_rank,), ("embed", "q_lora"), o, init_std=std)
+            self.q_a_layernorm = RMSNorm(LATENT_NORM_EPS, "q_lora", o)
+            self.q_b_proj = Linear((H, c.qk_head_dim), ("q_lora", "heads", "qk_head"), o, init_std=std)
+        self.kv_a_proj_with_mqa = Linear((c.kv_cache_dim,), ("embed", "kv_lora"), o, init_std=std)
+        self.kv_a_layernorm = RMSNorm(LATENT_NORM_EPS, "kv_lora", o)
+        self.kv_b_proj = Linear((H, c.qk_nope_head_dim + c.v_head_dim), ("kv_lora", "heads", "kv_head"), o, init_std=std)
+        self.o_proj = Linear((c.hidden_size,), ("heads", "v_head", "embed"), o, n_in=2, init_std=std)
+
+    def query(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x ``[B,T,D]`` -> q_nope ``[B,T,H,N]``, q_pe ``[B,T,H,P]`` (rope applied)."""
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        n = self.config.qk_nope_head_dim
+        return q[..., :n], apply_rope(q[..., n:], cos, sin)
+
+    def latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x ``[B,T,D]`` -> normed latent c_kv ``[B,T,R]`` and shared rope key k_pe ``[B,T,P]``.
+
+        These two are all the absorbed decode path caches (``kv_lora_rank + qk_rope_head_dim`` per token).
+        """
+        r = self.config.kv_lora_rank
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv = self.kv_a_layernorm(kv[..., :r])
+        k_pe = apply_rope(kv[..., None, r:], cos, sin)[..., 0, :]
+        return c_kv, k_pe
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """The full (non-absorbed) path: expand the latent to per-head keys and values."""
+        c = self.config
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        kv = self.kv_b_proj(c_kv)  # [B,S,H,N+V]
+        k_nope, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
+        k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:-1], c.qk_rope_head_dim))
+        q = jnp.concatenate([q_nope, q_pe], axis=-1)
+        k = jnp.concatenate([k_nope, k_pe], axis=-1)
+        out = attention_core(q, k, v, mask, c.softmax_scale)
+        return self.o_proj(out)

@@ -1,0 +1,123 @@
+"""The DeepSeek transformer: embed, scanned dense stack, scanned MoE stack, final norm, head, MTP modules."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .block import Block
+from .config import ModelConfig
+from .linear import Embed, Linear
+from .mtp import MTPModule
+from .norm import RMSNorm
+from .options import ModelOptions, remat_policy
+from .rope import rope_cos_sin
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """``[B, T, T]`` causal mask that also keeps packed documents apart; segment id 0 marks padding."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal[None] & same & (segment_ids > 0)[:, None, :]
+
+
+def _stack(options: ModelOptions, length: int):
+    block = Block
+    if options.remat != "none":
+        block = nn.remat(Block, policy=remat_policy(options.remat), prevent_cse=False)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=length,
+        unroll=min(options.scan_unroll, length),
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+class Transformer(nn.Module):
+    """``apply({"params": p}, tokens)`` -> logits ``[B, T, vocab]`` (fp32).
+
+    Keyword flags add a second return value, a dict with:
+      ``mtp_logits`` (``return_mtp``): list over depths k = 1..D of ``[B, T-k, vocab]``; entry i of depth k
+          predicts token ``i + k + 1``.
+      ``router_stats`` (``return_router_stats``): ``{"counts", "scores"}`` each ``[n_moe_layers, B, E]``
+          (see ``MoE``), and ``mtp_router_stats`` likewise ``[D, B, E]`` when MTP runs.
+      ``hidden`` (``return_hidden``): the final-normed hidden states ``[B, T, D]``.
+    positions ``[B, T]`` default to 0..T-1; segment_ids ``[B, T]`` (default all 1) separate packed documents,
+    0 marks padding.
+    """
+
+    config: ModelConfig
+    options: ModelOptions = ModelOptions()
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: Optional[jax.Array] = None,
+        segment_ids: Optional[jax.Array] = None,
+        *,
+        return_mtp: bool = False,
+        return_router_stats: bool = False,
+        return_hidden: bool = False,
+    ):
+        c, o = self.config, self.options
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        embed = Embed(c.vocab_size, c.hidden_size, o, c.initializer_range, name="embed_tokens")
+        head = Linear((c.vocab_size,), ("embed", "vocab"), o, init_std=c.initializer_range, high_precision=True,
+                      name="lm_head")
+
+        h = embed(tokens)
+        cos, sin = rope_cos_sin(positions, c)
+        mask, valid = attention_mask(segment_ids), segment_ids > 0
+        moe_stats = []
+        for name, _, length in c.layer_runs:
+            is_moe = name.startswith("moe")
+            h, stats = _stack(o, length)(c, o, moe=is_moe, name=name)(h, cos, sin, mask, valid)
+            if is_moe:
+                moe_stats.append(stats)
+        h = RMSNorm(c.rms_norm_eps, "embed", o, name="norm")(h)
+        logits = head(h)
+
+        want_mtp = (return_mtp or self.is_initializing()) and c.num_nextn_predict_layers > 0
+        if not (want_mtp or return_router_stats or return_hidden):
+            return logits
+        aux: dict[str, Any] = {}
+        if return_hidden:
+            aux["hidden"] = h
+        if return_router_stats:
+            aux["router_stats"] = _concat_stats(moe_stats)
+        if want_mtp:
+            mtp_logits, mtp_stats, h_prev = [], [], h
+            for k in range(1, c.num_nextn_predict_layers + 1):
+                if t <= k:
+                    raise ValueError(f"MTP depth {k} needs sequences longer than {k} tokens, got T={t}")
+                seg_k = segment_ids[:, k:]
+                cos_k, sin_k = rope_cos_sin(positions[:, k:], c)
+                h_prev, stats = MTPModule(c, o, name=f"mtp_{k - 1}")(
+                    h_prev[:, : t - k], embed(tokens[:, k:]), cos_k, sin_k, attention_mask(seg_k), seg_k > 0
+                )
+                mtp_logits.append(head(h_prev))
+                mtp_stats.append(stats)
+            aux["mtp_logits"] = mtp_logits
+            if return_router_stats and c.n_routed_experts > 0:
+                aux["mtp_router_stats"] = jax.tree.map(lambda *xs: jnp.stack(xs), *mtp_stats)
+        if self.is_initializing() and not (return_mtp or return_router_stats or return_hidden):
+            return logits
+        return logits, aux
+
+
+def _concat_stats(stats: list[dict]) -> dict:
+    if not stats:
+        return {}
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *stats)
