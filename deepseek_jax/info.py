@@ -1,0 +1,65 @@
+"""``deepseek-jax info``: a preset's or checkpoint's architecture, parameter counts and MLA cache size."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def param_counts(config) -> dict[str, int]:
+    """Parameter counts from ``jax.eval_shape`` (no memory spent): main model and each MTP module's own."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from .model import Transformer
+
+    shapes = jax.eval_shape(
+        lambda: nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
+    )["params"]
+    counts = {"main": 0}
+    for key, sub in shapes.items():
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sub))
+        if key.startswith("mtp_"):
+            counts[key] = n
+        else:
+            counts["main"] += n
+    return counts
+
+
+def describe(config) -> str:
+    counts = param_counts(config)
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    lines = [
+        f"model_type            {config.model_type}",
+        f"layers                {config.num_hidden_layers} ({config.num_hidden_layers - moe_layers} dense, {moe_layers} MoE)",
+        f"hidden / heads        {config.hidden_size} / {config.num_attention_heads}",
+        f"q_lora / kv_lora      {config.q_lora_rank} / {config.kv_lora_rank}",
+        f"experts               {config.n_routed_experts} routed + {config.n_shared_experts} shared, "
+        f"{config.num_experts_per_tok} per token ({config.topk_method}, {config.scoring_func})",
+        f"MTP modules           {config.num_nextn_predict_layers}",
+        f"params (main)         {counts['main']:,}",
+    ]
+    lines += [f"params ({k}, own)     {v:,}" for k, v in counts.items() if k != "main"]
+    per_token = config.kv_cache_dim * config.num_hidden_layers
+    lines.append(f"MLA cache / token     {config.kv_cache_dim} values x {config.num_hidden_layers} layers = "
+                 f"{per_token:,} values ({per_token * 2:,} bytes in bf16)")
+    return "\n".join(lines)
+
+
+def _run(args) -> int:
+    from .config import ModelConfig, presets
+
+    if os.path.exists(args.model):
+        config = ModelConfig.from_pretrained(args.model)
+    else:
+        config = presets[args.model]
+    print(describe(config))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="architecture, parameter counts and cache size of a preset or checkpoint")
+    p.add_argument("model", help="a preset name (e.g. deepseek-v3) or a directory with config.json")
+    p.set_defaults(func=_run)
