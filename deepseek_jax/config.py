@@ -77,7 +77,7 @@ class ModelConfig:
     topk_group: int = 4
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 2.5
-    aux_loss_alpha: float = 0.0001
+    aux_loss_alpha: float = 0.001
     seq_aux: bool = True
     # MTP
     num_nextn_predict_layers: int = 1

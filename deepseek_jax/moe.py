@@ -89,6 +89,8 @@ class Router(nn.Module):
         logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
         scores = router_scores(logits, c.scoring_func)
         weights, idx = select_experts(scores, bias, c)
+        # Researchers can read every layer's decisions with apply(..., mutable=["intermediates"]).
+        self.sow("intermediates", "routing", {"experts": idx, "weights": weights})
         return weights, idx, scores
 
 

@@ -1,0 +1,113 @@
+"""deepseek_jax.model / checkpoint: logits, routing and MTP against transformers 5.x in float32."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import deepseek_jax as dsj
+from deepseek_jax.moe import router_scores, select_experts
+from hf_reference import hf_model, hf_mtp_model, save_with_mtp, torch_logits
+
+TOL = 1e-4
+TINY_V3, TINY_V2 = dsj.presets["tiny-v3"], dsj.presets["tiny-v2"]
+
+VARIANTS = {
+    # q-LoRA, YaRN, 4 groups keep 2 (noaux_tc top-2-sum), renormalized weights, 1 dense layer, large bias.
+    "v3-qlora-yarn-grouped": (TINY_V3, 0.3),
+    # no q-LoRA, weights not renormalized, 2 dense layers, plain RoPE, groups of 2.
+    "v3-noqlora-plainrope": (TINY_V3.replace(q_lora_rank=None, norm_topk_prob=False, first_k_dense_replace=2,
+                                             num_hidden_layers=4, n_group=8, topk_group=3, rope_scaling=None,
+                                             routed_scaling_factor=1.7), 0.3),
+    # V2 group_limited_greedy (group score = max), no q-LoRA, YaRN with mscale 0.707.
+    "v2-group-limited": (TINY_V2.replace(routed_scaling_factor=16.0), 0.0),
+    # V2-Lite style greedy routing with q-LoRA.
+    "v2-greedy-qlora": (TINY_V2.replace(topk_method="greedy", n_group=1, topk_group=1, q_lora_rank=24), 0.0),
+}
+
+
+def _tokens(config, batch=3, length=11, seed=0):
+    return np.random.RandomState(seed).randint(0, config.vocab_size, (batch, length))
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def converted(request, tmp_path_factory):
+    config, bias_scale = VARIANTS[request.param]
+    ref = hf_model(config, seed=len(request.param), bias_scale=bias_scale)
+    path = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(path, max_shard_size="100KB")  # several shards + index
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded_config, params = dsj.load_pretrained(path)
+    return request.param, config, ref, loaded_config, params
+
+
+def test_logits_match_transformers(converted):
+    name, config, ref, loaded_config, params = converted
+    assert loaded_config == config.replace(num_nextn_predict_layers=0), "config.json round trip"
+    tokens = _tokens(config)
+    expected = torch_logits(ref, tokens)
+    got = np.asarray(dsj.Transformer(loaded_config).apply({"params": params}, jnp.asarray(tokens)))
+    assert got.shape == (3, 11, config.vocab_size)
+    assert np.abs(got - expected).max() <= TOL, name
+    assert np.abs(expected).max() > 0.1  # the comparison is not between near-zero numbers
+
+
+def test_router_matches_transformers(converted):
+    """Same hidden states into our router and transformers' gate: same experts, same weights."""
+    name, config, ref, _, params = converted
+    layer = config.first_k_dense_replace
+    gate = ref.model.layers[layer].mlp.gate
+    x = np.random.RandomState(1).normal(size=(64, config.hidden_size)).astype(np.float32)
+    with torch.no_grad():
+        _, ref_w, ref_idx = gate(torch.as_tensor(x))
+    run = params["moe_layers"]["mlp"]["gate"]
+    kernel = run["kernel"][0]
+    bias = run["e_score_correction_bias"][0] if config.has_correction_bias else None
+    scores = router_scores(jnp.asarray(x) @ kernel, config.scoring_func)
+    w, idx = select_experts(scores, bias, config)
+    ref_idx, ref_w = ref_idx.numpy(), ref_w.numpy()
+    o_ref, o_got = np.argsort(ref_idx, axis=1), np.argsort(np.asarray(idx), axis=1)
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(idx), o_got, 1), np.take_along_axis(ref_idx, o_ref, 1))
+    np.testing.assert_allclose(np.take_along_axis(np.asarray(w), o_got, 1), np.take_along_axis(ref_w, o_ref, 1),
+                               rtol=1e-5, atol=1e-6)
+    if bias is not None:
+        _, idx_unbiased = select_experts(scores, None, config)
+        changed = np.mean(np.sort(np.asarray(idx_unbiased), 1) != np.sort(np.asarray(idx), 1))
+        assert changed > 0.1, "the correction bias must be large enough to change expert choices"
+
+
+def test_mtp_matches_transformers_mtp_model(tmp_path):
+    config = TINY_V3.replace(num_hidden_layers=2)
+    main = hf_model(config, seed=3, bias_scale=0.3)
+    mtp = hf_mtp_model(main, seed=4)
+    save_with_mtp(main, mtp, tmp_path)
+    loaded_config, params = dsj.load_pretrained(tmp_path)
+    assert loaded_config == config
+    tokens = _tokens(config, batch=2, length=9, seed=5)
+    logits, aux = dsj.Transformer(config).apply({"params": params}, jnp.asarray(tokens), return_mtp=True)
+    (mtp_logits,) = aux["mtp_logits"]
+    assert mtp_logits.shape == (2, 8, config.vocab_size)
+
+    t = torch.as_tensor(tokens, dtype=torch.long)
+    with torch.no_grad():
+        out = main(t, output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, :-1]  # main model's final (normed) hidden for positions 0..T-2
+        positions = torch.arange(1, tokens.shape[1])[None].expand(2, -1)
+        h = mtp.forward_layer(0, hidden, positions, None, input_ids=t[:, 1:])
+        expected = mtp._project_to_logits(h).numpy()
+    np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=TOL)
+    assert np.abs(np.asarray(mtp_logits) - expected).max() <= TOL
+
+
+def test_checkpoint_without_mtp_loads_main_model(tmp_path):
+    config = TINY_V3.replace(num_hidden_layers=2)
+    hf_model(config).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no 'model.layers.2.\\*' tensors"):
+        loaded, params = dsj.load_pretrained(tmp_path)
+    assert loaded.num_nextn_predict_layers == 0 and not any(k.startswith("mtp") for k in params)
