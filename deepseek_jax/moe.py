@@ -103,12 +103,23 @@ def _swiglu_expert(recipe: MatmulRecipe, x: jax.Array, wg: jax.Array, wu: jax.Ar
 
 
 def _sort_by_expert(idx: jax.Array, n_experts: int):
-    """Assignments (token, slot) sorted by expert: order ``[N*K]``, their experts and tokens, per-expert counts."""
+    """The N*K (token, slot) assignments sorted by expert.
+
+    Returns ``order`` (sorted position -> assignment), the sorted experts and tokens, per-expert counts, and
+    ``rank`` (assignment -> sorted position), so results can be gathered back per slot without a scatter.
+    """
     k = idx.shape[1]
     flat = idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     counts = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
-    return order, flat[order], order // k, counts
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=jnp.int32))
+    return order, flat[order], order // k, counts, rank
+
+
+def _combine(y_slots: jax.Array, weights: jax.Array) -> jax.Array:
+    """Weighted sum over each token's K expert outputs ``[N*K, D]`` -> ``[N, D]`` in fp32."""
+    n, k = weights.shape
+    return jnp.einsum("nkd,nk->nd", y_slots.reshape(n, k, -1).astype(jnp.float32), weights)
 
 
 def default_block_size(num_assignments: int, n_experts: int) -> int:
@@ -122,19 +133,21 @@ def dispatch_blocked(recipe, x, weights, idx, wg, wu, wd, block_size: int) -> ja
 
     The N*K assignments are sorted by expert and each expert's run is padded to a multiple of
     ``block_size``; one scan step computes one block with the one expert that owns it. Work is at most
-    ``N*K + E*(block_size-1)`` rows, never E*N.
+    ``N*K + E*(block_size-1)`` rows, never E*N. Rows move by gathers only (XLA:CPU scatters are serial).
     """
     n, d = x.shape
     e = wg.shape[0]
     a = idx.size
     m = block_size
-    order, sorted_e, sorted_tok, counts = _sort_by_expert(idx, e)
+    _, sorted_e, sorted_tok, counts, rank = _sort_by_expert(idx, e)
     starts = jnp.cumsum(counts) - counts
     padded = (counts + m - 1) // m * m
     padded_ends = jnp.cumsum(padded)
     dest = (padded_ends - padded)[sorted_e] + (jnp.arange(a, dtype=jnp.int32) - starts[sorted_e])
     n_blocks = (a + e * (m - 1)) // m
-    x_buf = jnp.zeros((n_blocks * m, d), x.dtype).at[dest].set(x[sorted_tok])
+    # Which token fills each buffer row; padding rows read an appended zero row.
+    row_token = jnp.full((n_blocks * m,), n, jnp.int32).at[dest].set(sorted_tok)
+    x_buf = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token]
     block_expert = jnp.minimum(
         jnp.searchsorted(padded_ends, jnp.arange(n_blocks, dtype=jnp.int32) * m, side="right"), e - 1
     )
@@ -144,20 +157,15 @@ def dispatch_blocked(recipe, x, weights, idx, wg, wu, wd, block_size: int) -> ja
         return None, _swiglu_expert(recipe, xb, wg[ex], wu[ex], wd[ex])
 
     _, y_buf = jax.lax.scan(one_block, None, (x_buf.reshape(n_blocks, m, d), block_expert))
-    y_sorted = y_buf.reshape(n_blocks * m, d)[dest].astype(jnp.float32)
-    contrib = y_sorted * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((n, d), jnp.float32).at[sorted_tok].add(contrib)
+    return _combine(y_buf.reshape(n_blocks * m, d)[dest[rank]], weights)
 
 
 def dispatch_ragged(recipe, x, weights, idx, wg, wu, wd) -> jax.Array:
     """Dropless dispatch with ``jax.lax.ragged_dot`` grouped GEMMs (sparse on GPU/TPU)."""
-    n, d = x.shape
-    order, _, sorted_tok, counts = _sort_by_expert(idx, wg.shape[0])
+    _, _, sorted_tok, counts, rank = _sort_by_expert(idx, wg.shape[0])
     xs = x[sorted_tok]
     h = jax.nn.silu(recipe.ragged_dot(xs, wg, counts)) * recipe.ragged_dot(xs, wu, counts)
-    y_sorted = recipe.ragged_dot(h, wd, counts).astype(jnp.float32)
-    contrib = y_sorted * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((n, d), jnp.float32).at[sorted_tok].add(contrib)
+    return _combine(recipe.ragged_dot(h, wd, counts)[rank], weights)
 
 
 def dispatch_dense(recipe, x, weights, idx, wg, wu, wd) -> jax.Array:
