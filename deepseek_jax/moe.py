@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
-from .linear import MatmulRecipe, matmul_recipe
+from .linear import MatmulRecipe, contract_last, matmul_recipe
 from .mlp import MLP
 from .options import ModelOptions
 
@@ -86,7 +86,8 @@ class Router(nn.Module):
             )
             # Updated by the balancing rule after each step, never by gradients (DeepSeek-V3 section 2.1.2).
             bias = jax.lax.stop_gradient(bias)
-        logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        # MoE gating stays in fp32 under every recipe (DeepSeek-V3 section 3.3.1).
+        logits = MatmulRecipe(jnp.float32).dot_general(x, kernel, contract_last(1, x.ndim))
         scores = router_scores(logits, c.scoring_func)
         weights, idx = select_experts(scores, bias, c)
         # Researchers can read every layer's decisions with apply(..., mutable=["intermediates"]).
