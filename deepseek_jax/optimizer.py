@@ -1,0 +1,70 @@
+"""AdamW with warmup + cosine decay, global-norm clipping, no weight decay on norms and biases, the router's
+correction bias frozen (it is updated by the balancing rule, not by the optimizer), optional bf16 moments."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class ScaleByAdamLowPrecisionState(NamedTuple):
+    count: jax.Array
+    mu: optax.Params
+    nu: optax.Params
+
+
+def scale_by_adam_low_precision(b1=0.9, b2=0.95, eps=1e-8, moment_dtype=jnp.bfloat16) -> optax.GradientTransformation:
+    """Adam with both moments stored in ``moment_dtype`` (DeepSeek-V3 keeps AdamW moments in bf16) and the
+    update computed in fp32."""
+
+    def init(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, moment_dtype), params)
+        return ScaleByAdamLowPrecisionState(jnp.zeros((), jnp.int32), zeros, jax.tree.map(jnp.copy, zeros))
+
+    def update(updates, state, params=None):
+        count = state.count + 1
+        mu = jax.tree.map(lambda m, g: b1 * m.astype(jnp.float32) + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v.astype(jnp.float32) + (1 - b2) * g * g, state.nu, updates)
+        c1, c2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
+        out = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
+        cast = lambda t: jax.tree.map(lambda x: x.astype(moment_dtype), t)  # noqa: E731
+        return out, ScaleByAdamLowPrecisionState(count, cast(mu), cast(nu))
+
+    return optax.GradientTransformation(init, update)
+
+
+def _leaf_name(path) -> str:
+    return str(getattr(path[-1], "key", path[-1]))
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: kernels, embeddings, expert weights; not norms or biases."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: x.ndim >= 2 and _leaf_name(p) != "e_score_correction_bias"
+                                            and _leaf_name(p) != "scale", params)
+
+
+def frozen_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda p, x: _leaf_name(p) == "e_score_correction_bias", params)
+
+
+def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int, min_ratio: float):
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=lr * min_ratio
+    )
+
+
+def make_optimizer(lr_schedule, *, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
+                   bf16_moments=False) -> optax.GradientTransformation:
+    adam = scale_by_adam_low_precision(b1, b2, eps) if bf16_moments else optax.scale_by_adam(b1, b2, eps)
+    parts = [
+        adam,
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(lr_schedule),
+        optax.masked(optax.set_to_zero(), frozen_mask),
+    ]
+    if clip_norm:
+        parts.insert(0, optax.clip_by_global_norm(clip_norm))
+    return optax.chain(*parts)

@@ -1,0 +1,136 @@
+"""The one place that maps logical axis names onto the device mesh ``(data, fsdp, expert, tensor)``.
+
+Layers name their weights (``embed``, ``heads``, ``expert``...) and activations (``act_batch``...); nothing else
+names mesh axes. ``LOGICAL_RULES`` says where each name goes; ``param_shardings`` turns a params tree's names
+and shapes into ``NamedSharding``s, replicating any dim a mesh axis does not divide evenly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the global batch is split over every non-tensor axis
+
+# Logical name -> mesh axes (or None: replicated). Weights are sharded over fsdp on their model dim and over
+# tensor on heads / MLP width / vocab; experts over expert. Activations shard batch only.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("act_batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("moe_mlp", "tensor"),
+    ("expert", "expert"),
+    ("q_lora", None),
+    ("kv_lora", None),
+    ("qk_head", None),
+    ("kv_head", None),
+    ("v_head", None),
+    ("mtp_concat", None),
+)
+
+
+def parse_mesh_spec(spec: str | None, n_devices: int) -> dict[str, int]:
+    """``"data=2,fsdp=2,expert=2"`` -> sizes of all four axes (missing ones 1; one axis may be -1 = the rest)."""
+    sizes = {a: 1 for a in MESH_AXES}
+    if spec:
+        fill = None
+        for part in spec.split(","):
+            name, _, value = part.partition("=")
+            name = name.strip()
+            if name not in sizes or not value.strip().lstrip("-").isdigit():
+                raise ValueError(f"mesh spec {spec!r}: expected comma-separated axis=size with axes {MESH_AXES}")
+            size = int(value)
+            if size == -1:
+                fill = name
+            elif size < 1:
+                raise ValueError(f"mesh spec {spec!r}: axis {name} has size {size}")
+            sizes[name] = max(size, 1)
+        if fill is not None:
+            rest = n_devices // math.prod(v for k, v in sizes.items() if k != fill)
+            sizes[fill] = rest
+    else:
+        sizes["data"] = n_devices
+    if math.prod(sizes.values()) != n_devices:
+        raise ValueError(f"mesh spec {spec!r} = {sizes} needs {math.prod(sizes.values())} devices, "
+                         f"but there are {n_devices}")
+    return sizes
+
+
+def make_mesh(spec: str | None = None, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh_spec(spec, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def _mesh_axes_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules) -> PartitionSpec:
+    rule = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(names, shape):
+        axes = rule.get(name) if name is not None else None
+        if axes is None:
+            out.append(None)
+            continue
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if not axes or dim % size:
+            out.append(None)  # replicate a dim the axis does not divide (tiny models, odd sizes)
+            continue
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def logical_sharding(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES):
+    """A ``NamedSharding`` for one array from its logical axis names and shape."""
+    return NamedSharding(mesh, _mesh_axes_for(names, shape, mesh, rules))
+
+
+def param_shardings(boxed_abstract_params, mesh: Mesh, rules=LOGICAL_RULES):
+    """Shardings for a params tree, from ``jax.eval_shape(model.init, ...)["params"]`` (boxed, with names)."""
+    specs = nn.get_partition_spec(boxed_abstract_params)
+    shapes = nn.meta.unbox(boxed_abstract_params)
+    return jax.tree.map(
+        lambda spec, x: logical_sharding(tuple(spec), x.shape, mesh, rules),
+        specs, shapes, is_leaf=lambda s: isinstance(s, PartitionSpec),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch-major arrays: dim 0 over the batch axes, the rest replicated."""
+    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    return NamedSharding(mesh, PartitionSpec(axes if axes else None, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+    """``jax.distributed.initialize`` from arguments or the environment (``DSJ_COORDINATOR``,
+    ``DSJ_NUM_PROCESSES``, ``DSJ_PROCESS_ID``); a no-op for a single process. On CPU the gloo collectives are
+    selected so that several local processes can run one jitted step together."""
+    coordinator = coordinator or os.environ.get("DSJ_COORDINATOR")
+    num_processes = num_processes or int(os.environ.get("DSJ_NUM_PROCESSES", "1"))
+    if process_id is None and "DSJ_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["DSJ_PROCESS_ID"])
+    if not coordinator or num_processes <= 1:
+        return
+    # Harmless on accelerators; on CPU, cross-process collectives need gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
