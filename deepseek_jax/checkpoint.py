@@ -220,6 +220,12 @@ class HFCheckpoint:
     def file_of(self, key: str) -> str:
         return os.path.join(self.path, self._where[key])
 
+    def release(self) -> None:
+        """Unmap the files, so pages read so far stop counting toward RSS; they map again on the next read
+        (the streaming converter calls this after every tensor)."""
+        for f in self._files.values():
+            f.close()
+
     def is_fp8(self, key: str) -> bool:
         return key in self._scales
 
@@ -317,15 +323,26 @@ def set_leaf(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def load_pretrained(path: str | os.PathLike, dtype=None):
-    """``(config, params)`` from an HF-format directory (``config.json`` + safetensors, sharded or not).
+def load_pretrained(path: str | os.PathLike, dtype=None, mesh=None, shardings=None):
+    """``(config, params)`` from an HF-format directory (``config.json`` + safetensors, sharded or not) or
+    a directory written by ``deepseek-jax convert`` (Orbax).
 
     dtype: dtype of the returned params (default: as stored; FP8 weights are dequantized to bfloat16).
     The router's ``e_score_correction_bias`` is always fp32.
+    mesh / shardings (converted directories only): restore straight onto a ``jax.sharding.Mesh``, each host
+    reading only the chunks of its own shards; ``shardings`` (a params-shaped tree of ``Sharding``) overrides
+    the default mapping of logical axes onto the mesh axes.
     """
     import jax.numpy as jnp
 
     path = os.fspath(path)
+    from .convert.load import is_converted_dir, load_converted  # lazy: keeps orbax off the HF path
+
+    if is_converted_dir(path):
+        return load_converted(path, dtype=dtype, mesh=mesh, shardings=shardings)
+    if mesh is not None or shardings is not None:
+        raise ValueError(f"{path}: mesh/shardings need a converted (Orbax) directory; run `deepseek-jax convert` "
+                         f"first, or place the returned params with jax.device_put")
     config = ModelConfig.from_pretrained(path)
     ckpt = HFCheckpoint(path)
     config = drop_absent_mtp(ckpt, config)

@@ -10,6 +10,7 @@ import sys
 # Modules that register subcommands; each adds itself here.
 COMMAND_MODULES: tuple[str, ...] = (
     "deepseek_jax.info",
+    "deepseek_jax.convert.cli",
 )
 
 

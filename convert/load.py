@@ -1,0 +1,80 @@
+"""``load_pretrained`` for a converted (Orbax) directory: restore onto one device or onto a mesh."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from deepseek_jax.checkpoint import hf_tensor_map, set_leaf
+from deepseek_jax.config import ModelConfig
+
+from .orbax_io import PARAMS_DIR, SCALE_SUFFIX, is_converted_dir, mesh_shardings, metadata, read_marker, restore
+
+__all__ = ["is_converted_dir", "load_converted"]
+
+
+def _flat(tree: dict, prefix=()) -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def load_converted(path: str | os.PathLike, dtype=None, mesh=None, shardings=None):
+    """``(config, params)`` from ``deepseek-jax convert`` output.
+
+    dtype: dtype of the returned params (default: as stored; kept FP8 weights are dequantized to bfloat16).
+    mesh: restore each leaf as a ``jax.Array`` sharded over ``mesh`` (logical axes mapped by
+        ``deepseek_jax.sharding``'s rules); shardings: a params-shaped tree of ``Sharding`` to use instead.
+    Without either, params land on the default device.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from .fp8 import dequantize_ours_jax
+
+    path = os.fspath(path)
+    read_marker(path)
+    config = ModelConfig.from_pretrained(path)
+    params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
+    meta = metadata(params_dir)
+    if shardings is None:
+        if mesh is not None:
+            shardings = mesh_shardings(config, mesh, meta)
+        else:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda m: one, meta)
+    maps = {tm.path: tm for tm in hf_tensor_map(config)}
+    flat_meta, flat_sh = _flat(meta), _flat(shardings)
+    fp8_paths = {p[:-1] + (p[-1][: -len(SCALE_SUFFIX)],) for p in flat_meta if p[-1].endswith(SCALE_SUFFIX)}
+
+    def target_dtype(p, m):
+        stored = np.dtype(m.dtype)
+        if p in fp8_paths or p[-1].endswith(SCALE_SUFFIX) or dtype is None:
+            return stored
+        if p in maps and maps[p].keep_fp32:
+            return np.dtype(np.float32)
+        return np.dtype(jnp.dtype(dtype))
+
+    targets: dict = {}
+    for p, m in flat_meta.items():
+        sh = flat_sh[p]
+        if p[-1].endswith(SCALE_SUFFIX):  # small: replicate alongside whatever shards the weight
+            sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else sh
+        set_leaf(targets, p, jax.ShapeDtypeStruct(tuple(m.shape), target_dtype(p, m), sharding=sh))
+    params = restore(params_dir, targets)
+    out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.bfloat16
+    for p in sorted(fp8_paths):
+        parent = params
+        for k in p[:-1]:
+            parent = parent[k]
+        w8, s = parent[p[-1]], parent.pop(p[-1] + SCALE_SUFFIX)
+        tm = maps[p]
+        fn = jax.jit(lambda a, b, hf=tm.hf_shape: dequantize_ours_jax(a, b, hf, out_dtype),
+                     out_shardings=w8.sharding)
+        parent[p[-1]] = fn(w8, s)
+    return config, params
