@@ -47,6 +47,10 @@ class MatmulRecipe:
 def matmul_recipe(options: ModelOptions) -> MatmulRecipe:
     if options.matmul == "default":
         return MatmulRecipe(options.compute_dtype)
+    if options.matmul == "fp8":
+        from .fp8 import Fp8Recipe
+
+        return Fp8Recipe(options.compute_dtype)
     raise NotImplementedError(f"matmul recipe {options.matmul!r} is not available yet")
 
 

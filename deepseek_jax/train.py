@@ -1,0 +1,455 @@
+"""Sharded training: state, the jitted train step, the balancing bias update, Orbax checkpoints, the loop.
+
+The step is ``jax.jit`` with explicit in/out shardings (from the logical-axis rules in ``sharding.py``) and
+the state donated. The same code runs on one CPU, simulated CPU devices, a GPU, and several processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import losses
+from .config import ModelConfig
+from .model import Transformer
+from .optimizer import learning_rate_schedule, make_optimizer
+from .options import ModelOptions
+from .sharding import LOGICAL_RULES, batch_sharding, param_shardings, replicated
+
+PRECISIONS = ("fp32", "bf16", "fp8")
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of a run (the architecture is the ``ModelConfig``)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+    mtp_weight: float = 0.3  # lambda of L_MTP (DeepSeek-V3: 0.3 early, 0.1 later)
+    balance_alpha: Optional[float] = None  # None: config.aux_loss_alpha
+    bias_update_rate: float = 0.001  # gamma of the aux-loss-free bias update
+    z_loss_weight: float = 0.0
+    bf16_moments: bool = False
+    precision: str = "fp32"
+    remat: str = "none"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
+
+    def model_options(self) -> ModelOptions:
+        """fp32: everything fp32. bf16: fp32 master weights, bf16 compute. fp8: bf16 compute with DeepSeek's
+        E4M3 tile/block recipe on every linear layer's GEMMs."""
+        dtype = "float32" if self.precision == "fp32" else "bfloat16"
+        matmul = "fp8" if self.precision == "fp8" else "default"
+        return ModelOptions(dtype=dtype, param_dtype="float32", remat=self.remat, matmul=matmul)
+
+
+def _mesh_context(mesh):
+    """Make ``mesh`` the ambient mesh while tracing, so the layers' activation constraints apply."""
+    setter = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh", None)
+    return setter(mesh) if setter is not None else contextlib.nullcontext()
+
+
+class Trainer:
+    """Builds the sharded state and the jitted step for one (config, train config, mesh)."""
+
+    def __init__(self, config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh):
+        self.config, self.tc, self.mesh = config, tc, mesh
+        self.model = Transformer(config, tc.model_options())
+        self.schedule = learning_rate_schedule(tc.learning_rate, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+        self.optimizer = make_optimizer(self.schedule, weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2,
+                                        eps=tc.eps, clip_norm=tc.clip_norm, bf16_moments=tc.bf16_moments)
+        self.alpha = config.aux_loss_alpha if tc.balance_alpha is None else tc.balance_alpha
+        dummy = jnp.zeros((1, 2), jnp.int32)
+        boxed = jax.eval_shape(self.model.init, jax.random.PRNGKey(0), dummy)["params"]
+        self.param_shardings = param_shardings(boxed, mesh)
+        self._dummy = dummy
+        self.batch_sharding = batch_sharding(mesh)
+        self._step = None
+
+    # ----- state ------------------------------------------------------------------------------------
+    def init_state(self, seed: Optional[int] = None) -> dict:
+        """Fresh params (created directly in their shards) and optimizer state."""
+        rng = jax.random.PRNGKey(self.tc.seed if seed is None else seed)
+        init = jax.jit(lambda r: nn.meta.unbox(self.model.init(r, self._dummy)["params"]),
+                       out_shardings=self.param_shardings)
+        with _mesh_context(self.mesh):
+            params = init(rng)
+        return self.state_from_params(params)
+
+    def state_from_params(self, params) -> dict:
+        params = jax.device_put(params, self.param_shardings)
+        opt_shardings = self._mirror_param_shardings(jax.eval_shape(self.optimizer.init, params))
+        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), replicated(self.mesh))
+        return {"step": step, "params": params, "opt_state": opt_state}
+
+    def state_shardings(self, state) -> Any:
+        return jax.tree.map(lambda x: x.sharding, state)
+
+    def abstract_state(self) -> Any:
+        """ShapeDtypeStructs with shardings, for restoring a checkpoint straight into its shards."""
+        state = jax.eval_shape(self.init_state)
+        shard = self._mirror_param_shardings(state)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shard)
+
+    def _mirror_param_shardings(self, tree):
+        """Shardings for a tree holding params-shaped subtrees (the train state, Adam's moments): a leaf whose
+        path ends with a param's path takes that param's sharding; everything else (counts, step) is
+        replicated."""
+        by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(self.param_shardings)}
+        rep = replicated(self.mesh)
+
+        def pick(path, x):
+            key = jax.tree_util.keystr(path)
+            matches = [p for p in by_path if key.endswith(p)]
+            return by_path[max(matches, key=len)] if matches and x.ndim else rep
+
+        return jax.tree_util.tree_map_with_path(pick, tree)
+
+    # ----- the step ---------------------------------------------------------------------------------
+    def _loss(self, params, batch):
+        c, tc = self.config, self.tc
+        mtp_on = c.num_nextn_predict_layers > 0 and tc.mtp_weight > 0
+        with nn.logical_axis_rules(LOGICAL_RULES):
+            logits, aux = self.model.apply(
+                {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                return_mtp=mtp_on, return_router_stats=True,
+            )
+        mask = batch["loss_mask"]
+        ce_sum, n = losses.cross_entropy(logits, batch["targets"], mask)
+        ce = ce_sum / jnp.maximum(n, 1.0)
+        mtp = losses.mtp_loss(aux.get("mtp_logits", []), batch["targets"], mask, batch["segment_ids"],
+                              tc.mtp_weight) if mtp_on else jnp.zeros((), jnp.float32)
+        stats = aux["router_stats"]
+        mtp_stats = aux.get("mtp_router_stats", {})
+        balance = losses.balance_loss(stats, c, self.alpha, c.seq_aux)
+        if mtp_stats:
+            balance = balance + losses.balance_loss(mtp_stats, c, self.alpha, c.seq_aux)
+        z = jnp.zeros((), jnp.float32)
+        if tc.z_loss_weight:
+            z_sum, _ = losses.z_loss(logits, mask)
+            z = tc.z_loss_weight * z_sum / jnp.maximum(n, 1.0)
+        total = ce + mtp + balance + z
+        counts = {
+            "moe": stats["counts"].sum(1) if stats else jnp.zeros((0, 1)),
+            "mtp": mtp_stats["counts"].sum(1) if mtp_stats else jnp.zeros((0, 1)),
+        }
+        parts = {"loss": ce, "mtp_loss": mtp, "balance_loss": balance, "z_loss": z, "total_loss": total,
+                 "tokens": n}
+        return total, (parts, counts)
+
+    def _grads(self, params, batch):
+        """Gradients averaged over ``grad_accum`` micro-batches (a scan), with summed router counts."""
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        k = self.tc.grad_accum
+        if k == 1:
+            (_, aux), grads = grad_fn(params, batch)
+            return grads, aux
+        micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+
+        def body(acc, mb):
+            (_, aux), g = grad_fn(params, mb)
+            return jax.tree.map(jnp.add, acc, (g, aux)), None
+
+        zero_g = jax.tree.map(jnp.zeros_like, params)
+        zero_aux = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro))[0][1])
+        zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_aux)
+        (grads, aux), _ = jax.lax.scan(body, (zero_g, zero_aux), micro)
+        parts, counts = aux
+        parts = {name: (v if name == "tokens" else v / k) for name, v in parts.items()}
+        return jax.tree.map(lambda g: g / k, grads), (parts, counts)
+
+    def _update_biases(self, params, counts):
+        """The aux-loss-free bias update from the global batch's expert loads, after the optimizer step."""
+        c, gamma = self.config, self.tc.bias_update_rate
+        if not c.has_correction_bias or gamma == 0:
+            return params
+        params = dict(params)
+        offset = 0
+        for name, _, length in c.layer_runs:
+            if not name.startswith("moe"):
+                continue
+            run = params[name]
+            gate = run["mlp"]["gate"]
+            new_bias = losses.update_correction_bias(gate["e_score_correction_bias"],
+                                                     counts["moe"][offset: offset + length], gamma)
+            params[name] = {**run, "mlp": {**run["mlp"], "gate": {**gate, "e_score_correction_bias": new_bias}}}
+            offset += length
+        for k in range(counts["mtp"].shape[0]):
+            name = f"mtp_{k}"
+            blk = params[name]["block"]
+            gate = blk["mlp"]["gate"]
+            new_bias = losses.update_correction_bias(gate["e_score_correction_bias"], counts["mtp"][k], gamma)
+            params[name] = {**params[name], "block": {**blk, "mlp": {**blk["mlp"], "gate": {
+                **gate, "e_score_correction_bias": new_bias}}}}
+        return params
+
+    def _train_step(self, state, batch):
+        grads, (parts, counts) = self._grads(state["params"], batch)
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        params = self._update_biases(params, counts)
+        metrics = dict(parts)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["lr"] = self.schedule(state["step"])
+        if counts["moe"].shape[0]:
+            load = counts["moe"]
+            metrics["expert_load_max_over_mean"] = load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        return new_state, metrics
+
+    def step_fn(self, state) -> Callable:
+        """The jitted step ``(state, batch) -> (state, metrics)`` with explicit shardings, state donated."""
+        if self._step is None:
+            shard = self.state_shardings(state)
+            batch_shard = {k: self.batch_sharding for k in BATCH_KEYS}
+            self._step = jax.jit(self._train_step, in_shardings=(shard, batch_shard),
+                                 out_shardings=(shard, replicated(self.mesh)), donate_argnums=(0,))
+        return self._step
+
+    def run_step(self, state, batch):
+        with _mesh_context(self.mesh):
+            return self.step_fn(state)(state, batch)
+
+    def put_batch(self, local_batch: dict) -> dict:
+        """This process's rows of the global batch -> global arrays sharded over the batch axes."""
+        out = {}
+        for k in BATCH_KEYS:
+            x = np.asarray(local_batch[k])
+            if jax.process_count() == 1:
+                out[k] = jax.device_put(x, self.batch_sharding)
+            else:
+                out[k] = jax.make_array_from_process_local_data(self.batch_sharding, x)
+        return out
+
+    # ----- accounting -------------------------------------------------------------------------------
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 x active params (routed experts at K/E) + causal attention."""
+        c = self.config
+        shapes = jax.eval_shape(lambda: nn.meta.unbox(self.model.init(jax.random.PRNGKey(0), self._dummy)))["params"]
+        active = 0.0
+        for path, x in jax.tree_util.tree_leaves_with_path(shapes):
+            keys = [str(getattr(p, "key", p)) for p in path]
+            n = float(np.prod(x.shape))
+            if keys[0] == "embed_tokens" or keys[0].startswith("mtp_") and self.tc.mtp_weight == 0:
+                continue
+            if "experts" in keys and "shared_experts" not in keys:
+                n *= c.num_experts_per_tok / c.n_routed_experts
+            active += n
+        n_layers = c.num_hidden_layers + c.num_nextn_predict_layers
+        attn = 6.0 * n_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * self.tc.seq_len / 2
+        return 6.0 * active + attn
+
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (None: unknown, MFU not reported).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5": 459e12, "TPU v4": 275e12}
+
+
+def peak_flops_per_device() -> Optional[float]:
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+# ----- checkpoints --------------------------------------------------------------------------------
+class Checkpointer:
+    """Orbax ``CheckpointManager``: async saves every ``every`` steps, keeps ``keep``; the train state plus a
+    JSON record (data position, RNG seed, step). Orbax writes each step into a temporary directory and
+    renames it when complete, so a save interrupted by a crash is never listed as the latest step."""
+
+    def __init__(self, directory: str, every: int, keep: int, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+                                               enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
+        ocp = self._ocp
+        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, step: int, abstract_state):
+        ocp = self._ocp
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                  meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def metrics_to_host(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(jax.device_get(v))
+        out[k] = v.tolist() if v.ndim else float(v)
+    return out
+
+
+def log_line(record: dict) -> str:
+    return json.dumps(record, separators=(",", ":"))
+
+
+def mfu(flops_per_token: float, tokens_per_s: float) -> Optional[float]:
+    peak = peak_flops_per_device()
+    if peak is None:
+        return None
+    return flops_per_token * tokens_per_s / (peak * jax.device_count())
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+# ----- the loop -----------------------------------------------------------------------------------
+def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Optional[str] = None,
+        data: Optional[str] = None, tokenizer=None, save_every: int = 100, keep: int = 3, resume: bool = True,
+        progress: bool = True, async_save: bool = True, stop_after: Optional[int] = None) -> list[dict]:
+    """Train (or resume) in ``workdir``: checkpoints in ``workdir/checkpoints``, metrics in
+    ``workdir/metrics.jsonl`` and TensorBoard events in ``workdir/tb``, the loss curve in ``workdir/loss.png``.
+    Returns this call's per-step metric records. ``stop_after`` ends early after that many steps (tests)."""
+    from tqdm import tqdm
+
+    from .data import make_dataset
+    from .sharding import make_mesh
+
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(mesh_spec)
+    trainer = Trainer(config, tc, mesh)
+    dataset = make_dataset(data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+    if dataset.vocab_size > config.vocab_size:
+        raise ValueError(f"the data's vocabulary has {dataset.vocab_size} ids but the model's vocab_size is "
+                         f"{config.vocab_size}; set vocab_size >= {dataset.vocab_size}")
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=save_every, keep=keep, async_save=async_save)
+    start = ckpt.latest_step() if resume else None
+    if start is not None:
+        state, meta = ckpt.restore(start, trainer.abstract_state())
+        dataset.restore(meta["data"])
+    else:
+        start, state = 0, trainer.init_state()
+    main = jax.process_index() == 0
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    history = _read_history(metrics_path, upto=start) if main else []
+    writer = None
+    if main:
+        _rewrite_history(metrics_path, history)
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(os.path.join(workdir, "tb"))
+    flops = trainer.flops_per_token()
+    tokens_per_step = tc.batch_size * tc.seq_len
+    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    records = []
+    bar = tqdm(range(start, end), initial=start, total=tc.steps, desc="train", disable=not (progress and main),
+               dynamic_ncols=True)
+    try:
+        t_last = now()
+        for step in bar:
+            batch = trainer.put_batch(next(dataset))
+            state, metrics = trainer.run_step(state, batch)
+            m = metrics_to_host(metrics)
+            t = now()
+            m["step"] = step + 1
+            m["tokens_per_s"] = tokens_per_step / max(t - t_last, 1e-9)
+            m["mfu"] = mfu(flops, m["tokens_per_s"])
+            t_last = t
+            records.append(m)
+            if main:
+                with open(metrics_path, "a") as f:
+                    f.write(log_line(m) + "\n")
+                for k, v in m.items():
+                    if isinstance(v, float):
+                        writer.add_scalar(f"train/{k}", v, step + 1)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
+            if not finite(m["total_loss"]):
+                raise FloatingPointError(f"step {step + 1}: loss is {m['total_loss']}")
+            ckpt.save(step + 1, state, {"data": dataset.state(), "seed": tc.seed, "step": step + 1},
+                      force=(step + 1 == tc.steps))
+    finally:
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+    if main:
+        plot_loss_curve(_read_history(metrics_path), os.path.join(workdir, "loss.png"))
+    return records
+
+
+def _read_history(path: str, upto: Optional[int] = None) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if upto is None or r["step"] <= upto]
+
+
+def _rewrite_history(path: str, rows: list[dict]) -> None:
+    """On resume, drop records past the restored step (they will be recomputed)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(log_line(r) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_loss_curve(rows: list[dict], path: str) -> None:
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in rows], label="next-token CE")
+    if any(r.get("mtp_loss") for r in rows):
+        ax.plot(steps, [r["mtp_loss"] for r in rows], label="MTP loss (weighted)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

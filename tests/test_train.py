@@ -1,0 +1,300 @@
+"""deepseek_jax.train / losses / optimizer / sharding: the train step against references."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deepseek_jax as dsj
+from deepseek_jax import losses
+from deepseek_jax.moe import select_experts
+from deepseek_jax.sharding import make_mesh, parse_mesh_spec
+from deepseek_jax.train import TrainConfig, Trainer
+from train_helpers import CONFIG, TRAIN, batch, run_steps
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----- losses against their formulas --------------------------------------------------------------
+def test_balance_loss_matches_formula():
+    rng = np.random.RandomState(0)
+    c = CONFIG
+    layers, b, e, k = 2, 3, c.n_routed_experts, c.num_experts_per_tok
+    t = np.array([10, 7, 4])
+    counts = np.zeros((layers, b, e))
+    scores = np.zeros((layers, b, e))
+    for layer in range(layers):
+        for s in range(b):
+            for _ in range(t[s]):
+                counts[layer, s, rng.choice(e, k, replace=False)] += 1
+                p = rng.uniform(size=e)
+                scores[layer, s] += p / p.sum()
+    stats = {"counts": jnp.asarray(counts), "scores": jnp.asarray(scores)}
+    # Sequence-wise (V3): per sequence f_i = E/(K T) count_i, P_i = mean_t s'_i; averaged over sequences.
+    expected = sum(np.mean([np.sum(e / (k * t[s]) * counts[l, s] * scores[l, s] / t[s]) for s in range(b)])
+                   for l in range(layers))
+    got = losses.balance_loss(stats, c, 0.5, sequence_wise=True)
+    assert float(got) == pytest.approx(0.5 * expected, rel=1e-5)
+    # Expert-level (V2): the same over the whole batch.
+    tot = t.sum()
+    expected = sum(np.sum(e / (k * tot) * counts[l].sum(0) * scores[l].sum(0) / tot) for l in range(layers))
+    assert float(losses.balance_loss(stats, c, 0.5, sequence_wise=False)) == pytest.approx(0.5 * expected, rel=1e-5)
+    # Perfect balance gives alpha * 1 per layer (f_i = 1, sum P_i = 1).
+    flat = {"counts": jnp.full((1, 1, e), k * 4.0 / e), "scores": jnp.full((1, 1, e), 4.0 / e)}
+    assert float(losses.balance_loss(flat, c, 1.0, True)) == pytest.approx(1.0)
+
+
+def test_cross_entropy_and_mtp_targets():
+    logits = jnp.log(jnp.asarray([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
+    s, n = losses.cross_entropy(logits, jnp.asarray([[0, 1]]), jnp.asarray([[1.0, 1.0]]))
+    assert float(s) == pytest.approx(-np.log(0.5) - np.log(0.8), rel=1e-6) and float(n) == 2
+    targets = jnp.asarray([[1, 2, 3, 4, 5]])
+    seg = jnp.asarray([[1, 1, 1, 2, 2]])
+    tk, mk = losses.mtp_targets(targets, jnp.ones((1, 5)), seg, 1)
+    np.testing.assert_array_equal(np.asarray(tk), [[2, 3, 4, 5]])
+    np.testing.assert_array_equal(np.asarray(mk), [[1, 1, 0, 1]])  # position 2 -> 3 crosses documents
+
+
+def test_bias_update_moves_a_skewed_router_toward_balance():
+    """The aux-loss-free rule alone (no gradients) evens out a router that prefers a few experts."""
+    c = CONFIG
+    rng = np.random.RandomState(0)
+    e = c.n_routed_experts
+    skew = np.linspace(0.0, 0.3, e)  # later experts systematically preferred
+    scores = jax.nn.sigmoid(jnp.asarray(rng.normal(0, 0.1, (512, e)) + skew))
+    bias = jnp.zeros((e,))
+
+    def imbalance(bias):
+        _, idx = select_experts(scores, bias, c)
+        load = np.bincount(np.asarray(idx).ravel(), minlength=e)
+        return load.max() / load.mean(), load
+
+    start, _ = imbalance(bias)
+    for _ in range(300):
+        _, load = imbalance(bias)
+        bias = losses.update_correction_bias(bias, jnp.asarray(load), 0.002)
+    end, _ = imbalance(bias)
+    assert start > 2.5 and end < 1.3, (start, end)
+
+
+# ----- the step -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trainer_and_state():
+    trainer = Trainer(CONFIG, TRAIN, make_mesh(None))
+    return trainer, trainer.init_state()
+
+
+def test_step_updates_bias_by_the_rule_and_freezes_it_for_the_optimizer(trainer_and_state):
+    trainer, state = trainer_and_state
+    b = trainer.put_batch(batch(0))
+    params = jax.tree.map(np.asarray, state["params"])
+    _, aux = trainer.model.apply({"params": state["params"]}, b["inputs"], b["positions"], b["segment_ids"],
+                                 return_router_stats=True, return_mtp=True)
+    load = np.asarray(aux["router_stats"]["counts"]).sum(1)[0]
+    mtp_load = np.asarray(aux["mtp_router_stats"]["counts"]).sum(1)[0]
+    new_state, metrics = trainer.step_fn(state)(jax.tree.map(jnp.copy, state), b)
+    new_bias = np.asarray(new_state["params"]["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"][0])
+    old_bias = params["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"][0]
+    np.testing.assert_allclose(new_bias - old_bias, -0.01 * np.sign(load - load.mean()), atol=1e-7)
+    mtp_bias = np.asarray(new_state["params"]["mtp_0"]["block"]["mlp"]["gate"]["e_score_correction_bias"])
+    np.testing.assert_allclose(mtp_bias - params["mtp_0"]["block"]["mlp"]["gate"]["e_score_correction_bias"],
+                               -0.01 * np.sign(mtp_load - mtp_load.mean()), atol=1e-7)
+    assert float(metrics["balance_loss"]) > 0 and float(metrics["mtp_loss"]) > 0
+    np.testing.assert_allclose(np.asarray(metrics["expert_load_max_over_mean"]), [load.max() / load.mean()], rtol=1e-5)
+
+
+def _fd_check(loss_fn, params, direction_for, trials=3, eps=1e-2):
+    loss = jax.jit(loss_fn)
+    grads = jax.jit(jax.grad(loss_fn))(params)
+    rng = np.random.RandomState(0)
+    for trial in range(trials):
+        # Perturb each chosen weight on its own scale (0.02, the init std), so eps is a small relative change.
+        direction = jax.tree_util.tree_map_with_path(
+            lambda path, x: jnp.asarray(0.02 * rng.normal(size=x.shape), x.dtype) if direction_for(path)
+            else jnp.zeros_like(x), params)
+        plus = loss(jax.tree.map(lambda p, d: p + eps * d, params, direction))
+        minus = loss(jax.tree.map(lambda p, d: p - eps * d, params, direction))
+        fd = (float(plus) - float(minus)) / (2 * eps)
+        analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+        assert analytic == pytest.approx(fd, rel=1e-2, abs=1e-4), (trial, analytic, fd)
+
+
+def _names(path):
+    return [str(getattr(k, "key", k)) for k in path]
+
+
+def test_gradients_match_finite_differences_dense():
+    """Every parameter of a model with no routers (dense layers, dense MTP block): CE + MTP + z-loss."""
+    config = CONFIG.replace(n_routed_experts=0, first_k_dense_replace=CONFIG.num_hidden_layers)
+    trainer = Trainer(config, TRAIN, make_mesh(None))
+    params = trainer.init_state()["params"]
+    b = trainer.put_batch(batch(1))
+    _fd_check(lambda p: trainer._loss(p, b)[0], params, lambda path: True)
+
+
+def test_gradients_match_finite_differences_moe(trainer_and_state):
+    """Through the sparse MoE dispatch and the balance loss. Routing is piecewise constant, so the direction
+    moves the MoE layer's expert weights only (downstream of its router, upstream of no other router)."""
+    trainer = Trainer(CONFIG, TrainConfig(**{**TRAIN.__dict__, "mtp_weight": 0.0}), make_mesh(None))
+    params = trainer_and_state[1]["params"]
+    b = trainer.put_batch(batch(1))
+    _fd_check(lambda p: trainer._loss(p, b)[0], params,
+              lambda path: _names(path)[0] == "moe_layers" and ("experts" in _names(path)))
+
+
+def test_grad_accumulation_equals_one_big_batch(trainer_and_state):
+    trainer, state = trainer_and_state
+    accum = Trainer(CONFIG, TrainConfig(**{**TRAIN.__dict__, "grad_accum": 2}), make_mesh(None))
+    # Unpacked rows, every target counted: both halves count the same tokens and sequences, so the mean of the
+    # micro-batch losses equals the full-batch loss, and so do the gradients.
+    clean = batch(2)
+    clean["segment_ids"][:] = 1
+    clean["positions"][:] = np.arange(clean["positions"].shape[1])
+    clean["loss_mask"][:] = 1.0
+    b = trainer.put_batch(clean)
+    g1, (p1, c1) = jax.jit(trainer._grads)(state["params"], b)
+    g2, (p2, c2) = jax.jit(accum._grads)(state["params"], b)
+    np.testing.assert_allclose(np.asarray(c1["moe"]), np.asarray(c2["moe"]))
+    assert float(p1["total_loss"]) == pytest.approx(float(p2["total_loss"]), rel=1e-6)
+    for a, b_ in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-4, atol=1e-7)
+
+
+def test_mesh_spec_parsing():
+    assert parse_mesh_spec("data=2,fsdp=2,expert=2", 8) == {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
+    assert parse_mesh_spec("fsdp=-1,tensor=2", 8) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+    assert parse_mesh_spec(None, 4) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}
+    with pytest.raises(ValueError, match="needs 4 devices, but there are 8"):
+        parse_mesh_spec("data=4", 8)
+    with pytest.raises(ValueError, match="axis=size"):
+        parse_mesh_spec("model=2", 2)
+
+
+def _subprocess_env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("JAX_PLATFORMS", None)
+    return env
+
+
+SHARDED_SCRIPT = r"""
+import json, sys, numpy as np, jax
+from train_helpers import run_steps
+out = {}
+ref_losses, ref_params, _ = run_steps(None, devices=jax.devices()[:1])
+out["ref"] = ref_losses
+for spec in ["data=8", "data=2,fsdp=2,expert=2", "fsdp=2,expert=2,tensor=2"]:
+    losses, params, state = run_steps(spec)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+    kernel = state["params"]["moe_layers"]["mlp"]["experts"]["gate_proj"]
+    mu = state["opt_state"][1].mu["moe_layers"]["mlp"]["experts"]["gate_proj"]
+    out[spec] = {"losses": losses, "max_param_diff": diff, "expert_spec": list(kernel.sharding.spec),
+                 "mu_spec": list(mu.sharding.spec), "n_shards": len(kernel.addressable_shards)}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run_json(script: str, env: dict, timeout: int = 900) -> dict:
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_sharded_step_on_8_devices_matches_one_device():
+    out = _run_json(SHARDED_SCRIPT, _subprocess_env(8))
+    for spec in ["data=8", "data=2,fsdp=2,expert=2", "fsdp=2,expert=2,tensor=2"]:
+        r = out[spec]
+        np.testing.assert_allclose(r["losses"], out["ref"], rtol=1e-5, err_msg=spec)
+        assert r["max_param_diff"] < 1e-5, (spec, r["max_param_diff"])
+    # The rules really shard: experts over `expert`, the model dim over `fsdp`, the expert width over `tensor`,
+    # and the Adam moments like their params.
+    r = out["fsdp=2,expert=2,tensor=2"]
+    assert r["expert_spec"] == [None, "expert", "fsdp", "tensor"] and r["mu_spec"] == r["expert_spec"]
+    assert r["n_shards"] == 8
+
+
+TWO_PROCESS_SCRIPT = r"""
+import json, os, sys
+from deepseek_jax.sharding import initialize_distributed
+initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+import jax
+from train_helpers import run_steps
+losses, params, _ = run_steps("data=2,fsdp=2,expert=2")
+assert jax.device_count() == 8 and jax.local_device_count() == 4
+print("RESULT " + json.dumps({"losses": losses}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _subprocess_env(4)
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, f"127.0.0.1:{port}", str(i)], env=env,
+                              cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    multi = [json.loads([l for l in o.splitlines() if l.startswith("RESULT ")][-1][7:])["losses"] for o, _ in outs]
+    single = _run_json("import json\nfrom train_helpers import run_steps\n"
+                       "print('RESULT ' + json.dumps({'losses': run_steps('data=2,fsdp=2,expert=2')[0]}))",
+                       _subprocess_env(8))["losses"]
+    np.testing.assert_allclose(multi[0], single, rtol=1e-5)
+    np.testing.assert_allclose(multi[1], single, rtol=1e-5)
+
+
+# ----- checkpoints and resume -------------------------------------------------------------------------
+def _train_cmd(workdir, steps, extra=()):
+    return [sys.executable, "-m", "deepseek_jax.cli", "train", "--workdir", str(workdir), "--steps", str(steps),
+            "--batch-size", "8", "--seq-len", "32", "--save-every", "3", "--set", "num_hidden_layers=2",
+            "--warmup", "2", *extra]
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
+    env = _subprocess_env(1)
+    full = tmp_path / "full"
+    subprocess.run(_train_cmd(full, 12), env=env, check=True, capture_output=True, timeout=900)
+    reference = _losses(full)
+    assert reference[12] < reference[1] - 0.5, "the built-in data is learned"
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed, 12), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while time.time() < deadline:  # kill it mid-run, after a checkpoint
+        if (killed / "metrics.jsonl").exists() and len(_losses(killed)) >= 8:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # A half-written checkpoint (what a crash mid-save leaves) must not be taken as the latest.
+    partial = killed / "checkpoints" / "11.orbax-checkpoint-tmp-1700000000"
+    partial.mkdir(parents=True)
+    (partial / "junk").write_text("partial")
+    subprocess.run(_train_cmd(killed, 12), env=env, check=True, capture_output=True, timeout=900)
+    resumed = _losses(killed)
+    assert sorted(resumed) == list(range(1, 13))
+    np.testing.assert_allclose([resumed[s] for s in range(1, 13)], [reference[s] for s in range(1, 13)],
+                               rtol=1e-6)
+    assert (killed / "loss.png").exists() and any((killed / "tb").iterdir())

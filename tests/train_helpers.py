@@ -1,0 +1,53 @@
+"""Shared by the training tests and the multi-device subprocesses they start."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import deepseek_jax as dsj
+from deepseek_jax.train import TrainConfig
+
+# Small but complete: a dense layer, an MoE layer (sigmoid, 4 groups, correction bias), an MTP module.
+CONFIG = dsj.presets["tiny-v3"].replace(num_hidden_layers=2)
+TRAIN = TrainConfig(batch_size=8, seq_len=16, steps=20, learning_rate=1e-2, warmup_steps=2,
+                    bias_update_rate=0.01, balance_alpha=0.01, z_loss_weight=1e-3)
+
+
+def batch(seed: int = 0, batch_size: int = 8, seq_len: int = 16) -> dict:
+    """A packed batch: two documents in some rows, padding at the end of one."""
+    rng = np.random.RandomState(seed)
+    toks = rng.randint(3, CONFIG.vocab_size, (batch_size, seq_len + 1))
+    seg = np.ones((batch_size, seq_len), np.int32)
+    seg[1, 9:] = 2
+    seg[2, 12:] = 0
+    pos = np.tile(np.arange(seq_len), (batch_size, 1))
+    pos[1, 9:] = np.arange(seq_len - 9)
+    pos[2, 12:] = 0
+    mask = (seg > 0).astype(np.float32)
+    mask[1, 8] = 0.0  # the target crossing the document boundary
+    return {"inputs": toks[:, :-1].astype(np.int32), "targets": toks[:, 1:].astype(np.int32),
+            "positions": pos.astype(np.int32), "segment_ids": seg, "loss_mask": mask}
+
+
+def run_steps(mesh_spec: str | None, n_steps: int = 2, devices=None, tc: TrainConfig = TRAIN):
+    """Train ``n_steps`` on fixed batches; return the per-step losses and the final params (numpy)."""
+    import jax
+
+    from deepseek_jax.sharding import make_mesh
+    from deepseek_jax.train import Trainer
+
+    trainer = Trainer(CONFIG, tc, make_mesh(mesh_spec, devices))
+    state = trainer.init_state()
+    losses = []
+    for i in range(n_steps):
+        local = batch(i)
+        if jax.process_count() > 1:
+            per = local["inputs"].shape[0] // jax.process_count()
+            local = {k: v[jax.process_index() * per:(jax.process_index() + 1) * per] for k, v in local.items()}
+        state, metrics = trainer.run_step(state, trainer.put_batch(local))
+        losses.append(float(metrics["total_loss"]))
+    from jax.experimental import multihost_utils
+
+    params = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                          if jax.process_count() > 1 else np.asarray(x), state["params"])
+    return losses, params, state
