@@ -99,9 +99,7 @@ class Trainer:
         rng = jax.random.PRNGKey(self.tc.seed if seed is None else seed)
         init = jax.jit(lambda r: nn.meta.unbox(self.model.init(r, self._dummy)["params"]),
                        out_shardings=self.param_shardings)
-        with _mesh_context(self.mesh):
-            params = init(rng)
-        return self.state_from_params(params)
+        return self.state_from_params(init(rng))
 
     def state_from_params(self, params) -> dict:
         params = jax.device_put(params, self.param_shardings)
@@ -115,7 +113,10 @@ class Trainer:
 
     def abstract_state(self) -> Any:
         """ShapeDtypeStructs with shardings, for restoring a checkpoint straight into its shards."""
-        state = jax.eval_shape(self.init_state)
+        params = jax.eval_shape(lambda r: nn.meta.unbox(self.model.init(r, self._dummy)["params"]),
+                                jax.random.PRNGKey(0))
+        state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+                 "opt_state": jax.eval_shape(self.optimizer.init, params)}
         shard = self._mirror_param_shardings(state)
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shard)
 
