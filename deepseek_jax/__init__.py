@@ -3,6 +3,7 @@
 from .block import Block
 from .checkpoint import load_pretrained
 from .config import ConfigError, ModelConfig, RopeScaling, presets
+from .generation import generate
 from .model import Transformer, attention_mask
 from .options import ModelOptions
 
@@ -10,5 +11,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Block", "ConfigError", "ModelConfig", "ModelOptions", "RopeScaling", "Transformer", "attention_mask",
-    "load_pretrained", "presets",
+    "generate", "load_pretrained", "presets",
 ]

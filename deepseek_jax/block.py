@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from . import kvcache
 from .config import ModelConfig
 from .mla import MLA
 from .mlp import MLP
@@ -37,3 +38,37 @@ class Block(nn.Module):
         else:
             y, stats = MLP(c.intermediate_size, o, c.initializer_range, name="mlp")(x), None
         return nn.with_logical_constraint(h + y, ACT), stats
+
+
+class CachedBlock(nn.Module):
+    """The same layer (same parameter names as ``Block``) for inference over a latent KV cache.
+
+    ``attn``: "full" (prefill: the full MLA path over the prompt; ``masks`` is ``[B,T,T]``), "absorbed" or
+    "naive" (decode over the cache; ``masks`` is ``[B,T,S+T]``, see ``decode.cache_visibility``).
+    ``__call__(h, layer_cache, cos, sin, masks, valid) -> (h, (c_kv, k_pe) of the new tokens)``; layer_cache
+    is this layer's cache entry (``kvcache`` layout, ``[B,S,.]`` leaves), or None for "full".
+    """
+
+    config: ModelConfig
+    options: ModelOptions
+    moe: bool
+    attn: str = "absorbed"
+
+    @nn.compact
+    def __call__(self, h: jax.Array, layer_cache, cos: jax.Array, sin: jax.Array, masks: jax.Array,
+                 valid: jax.Array):
+        c, o = self.config, self.options
+        x = RMSNorm(c.rms_norm_eps, "embed", o, name="input_layernorm")(h)
+        mla = MLA(c, o, name="self_attn")
+        if self.attn == "full":
+            a, c_kv, k_pe = mla.prefill(x, cos, sin, masks)
+        else:
+            c_cache, pe_cache = kvcache.read(layer_cache, o.compute_dtype)
+            a, c_kv, k_pe = mla.decode(x, cos, sin, c_cache, pe_cache, masks, absorb=self.attn == "absorbed")
+        h = h + a
+        x = RMSNorm(c.rms_norm_eps, "embed", o, name="post_attention_layernorm")(h)
+        if self.moe:
+            y, _ = MoE(c, o, name="mlp")(x, valid)
+        else:
+            y = MLP(c.intermediate_size, o, c.initializer_range, name="mlp")(x)
+        return h + y, (c_kv, k_pe)

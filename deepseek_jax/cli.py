@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES: tuple[str, ...] = (
     "deepseek_jax.info",
     "deepseek_jax.convert.cli",
+    "deepseek_jax.generate_cli",
     "deepseek_jax.train_cli",
 )
 

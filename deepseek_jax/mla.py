@@ -71,13 +71,65 @@ class MLA(nn.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         """The full (non-absorbed) path: expand the latent to per-head keys and values."""
+        return self.prefill(x, cos, sin, mask)[0]
+
+    def _expanded_attention(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Expand latents ``[B,S,R]``, ``[B,S,P]`` to per-head keys/values and attend; -> ``[B,T,D]``."""
         c = self.config
-        q_nope, q_pe = self.query(x, cos, sin)
-        c_kv, k_pe = self.latent(x, cos, sin)
         kv = self.kv_b_proj(c_kv)  # [B,S,H,N+V]
         k_nope, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
         k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:-1], c.qk_rope_head_dim))
         q = jnp.concatenate([q_nope, q_pe], axis=-1)
-        k = jnp.concatenate([k_nope, k_pe], axis=-1)
+        k = jnp.concatenate([k_nope, k_pe.astype(k_nope.dtype)], axis=-1)
         out = attention_core(q, k, v, mask, c.softmax_scale)
         return self.o_proj(out)
+
+    def prefill(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array):
+        """The full path over a whole prompt; also returns the latents to cache.
+
+        x ``[B,T,D]``, mask ``[B,T,T]`` -> output ``[B,T,D]``, c_kv ``[B,T,R]``, k_pe ``[B,T,P]``.
+        """
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        return self._expanded_attention(q_nope, q_pe, c_kv, k_pe, mask), c_kv, k_pe
+
+    def decode(self, x, cos, sin, c_kv_cache, k_pe_cache, mask, absorb: bool = True):
+        """T new tokens attending to a latent cache plus themselves (decode, speculative verification).
+
+        x ``[B,T,D]``; c_kv_cache ``[B,S,R]``, k_pe_cache ``[B,S,P]``; mask ``[B,T,S+T]`` says which cached
+        slots and which of the new tokens each new token sees (keys are the cache followed by the new tokens).
+        ``absorb`` (REFERENCE.md section 1) folds ``kv_b_proj`` into the query and the output, so attention
+        runs in the R-dim latent space and the cache is never expanded; ``absorb=False`` expands it (the naive
+        path, for comparison).
+        Returns output ``[B,T,D]`` and the new tokens' c_kv ``[B,T,R]``, k_pe ``[B,T,P]``.
+        """
+        c = self.config
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_new, pe_new = self.latent(x, cos, sin)
+        c_all = jnp.concatenate([c_kv_cache.astype(c_new.dtype), c_new], axis=1)  # [B,S+T,R]
+        pe_all = jnp.concatenate([k_pe_cache.astype(pe_new.dtype), pe_new], axis=1)  # [B,S+T,P]
+        if not absorb:
+            return self._expanded_attention(q_nope, q_pe, c_all, pe_all, mask), c_new, pe_new
+        w = self.variables["params"]["kv_b_proj"]["kernel"]  # [R,H,N+V]
+        w_k, w_v = w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:]
+        q_abs = _einsum("bthn,rhn->bthr", q_nope, w_k, c_all.dtype)
+        scores = (_einsum("bthr,bsr->bhts", q_abs, c_all, jnp.float32)
+                  + _einsum("bthp,bsp->bhts", q_pe, pe_all, jnp.float32)) * c.softmax_scale
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(c_all.dtype)
+        o_lat = _einsum("bhts,bsr->bthr", probs, c_all, c_all.dtype)  # [B,T,H,R]
+        out = _einsum("bthr,rhv->bthv", o_lat, w_v, c_all.dtype)  # [B,T,H,V]
+        return self.o_proj(out), c_new, pe_new
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:
+    """An einsum in a's dtype: full fp32 precision when a is fp32; fp32 accumulation requested otherwise
+    except on CPU, whose dot thunk has no bf16 x bf16 -> fp32 for these (batched matrix-vector) shapes."""
+    dtype = a.dtype
+    if dtype == jnp.float32:
+        out = jnp.einsum(spec, a, b.astype(dtype), precision=jax.lax.Precision.HIGHEST)
+    elif jax.default_backend() == "cpu":
+        out = jnp.einsum(spec, a, b.astype(dtype))
+    else:
+        out = jnp.einsum(spec, a, b.astype(dtype), preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)

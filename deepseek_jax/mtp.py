@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .block import Block
+from .block import Block, CachedBlock
 from .config import ModelConfig
 from .linear import Linear
 from .norm import RMSNorm
@@ -34,3 +34,27 @@ class MTPModule(nn.Module):
         )
         x, stats = Block(c, o, moe=c.n_routed_experts > 0, name="block")(x, cos, sin, mask, valid)
         return RMSNorm(c.rms_norm_eps, "embed", o, name="shared_head_norm")(x), stats
+
+
+class CachedMTPModule(nn.Module):
+    """``MTPModule`` (same parameter names) over a latent KV cache, for drafting in speculative decoding.
+
+    Row i pairs h_prev of position p-1 with the embedding of token p; its rope position is p, and it is
+    cached in slot p (slot 0 never holds a valid row).
+    """
+
+    config: ModelConfig
+    options: ModelOptions
+    attn: str = "absorbed"
+
+    @nn.compact
+    def __call__(self, h_prev, emb, layer_cache, cos, sin, masks, valid):
+        c, o = self.config, self.options
+        e = RMSNorm(c.rms_norm_eps, "embed", o, name="enorm")(emb)
+        h = RMSNorm(c.rms_norm_eps, "embed", o, name="hnorm")(h_prev)
+        x = Linear((c.hidden_size,), ("mtp_concat", "embed"), o, init_std=c.initializer_range, name="eh_proj")(
+            jnp.concatenate([e, h], axis=-1)
+        )
+        x, latents = CachedBlock(c, o, moe=c.n_routed_experts > 0, attn=self.attn, name="block")(
+            x, layer_cache, cos, sin, masks, valid)
+        return RMSNorm(c.rms_norm_eps, "embed", o, name="shared_head_norm")(x), latents

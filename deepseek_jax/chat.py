@@ -1,0 +1,108 @@
+"""Chat prompts for DeepSeek V3 / R1 (and V2) models, and a multi-turn chat session.
+
+Template styles (what the released ``tokenizer_config.json`` chat templates produce for plain text turns;
+tool calls are not supported):
+  "v3": ``<｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜>...``,
+        generation prompt ``<｜Assistant｜>``.
+  "r1": as "v3", but earlier assistant turns keep only what follows their last ``</think>`` (the reasoning is
+        not fed back), and the generation prompt opens the reasoning: ``<｜Assistant｜><think>\\n``.
+  "v2": ``<｜begin▁of▁sentence｜>{system}\\n\\nUser: {user}\\n\\nAssistant: {assistant}<｜end▁of▁sentence｜>...``,
+        generation prompt ``Assistant:``.
+Several system messages are joined with a blank line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence
+
+from .generation import generate
+from .tokenizer import BOS_TOKEN, EOS_TOKEN
+
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+STYLES = ("v3", "r1", "v2")
+
+
+def strip_think(text: str) -> str:
+    """What an R1 answer shows: the text after its last ``</think>`` (all of it if there is none)."""
+    return text.rsplit(THINK_CLOSE, 1)[-1] if THINK_CLOSE in text else text
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """``(reasoning, answer)`` of an R1 completion (which starts inside the ``<think>`` the prompt opened)."""
+    if THINK_CLOSE not in text:
+        return "", text
+    reasoning, answer = text.rsplit(THINK_CLOSE, 1)
+    return reasoning.replace(THINK_OPEN, "", 1).strip(), answer.lstrip("\n")
+
+
+def render(messages: Sequence[dict], style: str = "v3", add_generation_prompt: bool = True,
+           bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN) -> str:
+    """The prompt text for ``messages`` (``[{"role": "system"|"user"|"assistant", "content": str}]``)."""
+    if style not in STYLES:
+        raise ValueError(f"chat style {style!r}: expected one of {STYLES}")
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    out = [bos_token, system]
+    if style == "v2" and system:
+        out.append("\n\n")
+    for i, m in enumerate(messages):
+        role, content = m["role"], m["content"]
+        if role == "system":
+            continue
+        if role == "user":
+            out.append(f"User: {content}\n\n" if style == "v2" else USER + content)
+        elif role == "assistant":
+            if style == "r1":
+                content = strip_think(content)
+            out.append(f"Assistant: {content}{eos_token}" if style == "v2" else ASSISTANT + content + eos_token)
+        else:
+            raise ValueError(f"message {i}: role {role!r} is not supported (expected system, user or assistant)")
+    if add_generation_prompt:
+        out.append({"v3": ASSISTANT, "r1": ASSISTANT + THINK_OPEN + "\n", "v2": "Assistant:"}[style])
+    return "".join(out)
+
+
+def default_style(config) -> str:
+    return "v2" if config.model_type == "deepseek_v2" else "v3"
+
+
+@dataclasses.dataclass
+class ChatSession:
+    """A conversation: ``send(user_text)`` renders the whole history, generates, and records the reply.
+
+    Each turn prefills the whole conversation again (no cache reuse across turns yet).
+    """
+
+    config: object
+    params: object
+    tokenizer: object
+    style: Optional[str] = None
+    system: Optional[str] = None
+    generate_kwargs: dict = dataclasses.field(default_factory=dict)
+    messages: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.style = self.style or default_style(self.config)
+        if self.system:
+            self.messages.append({"role": "system", "content": self.system})
+
+    def prompt_ids(self) -> list[int]:
+        return self.tokenizer.encode(render(self.messages, self.style), add_bos=False)
+
+    def send(self, text: str, on_text: Optional[Callable[[str], None]] = None):
+        """Add a user turn, generate the reply (streamed to ``on_text``) and return the ``GenerationResult``."""
+        self.messages.append({"role": "user", "content": text})
+        kwargs = dict(self.generate_kwargs)
+        kwargs.setdefault("eos_token_id", self.tokenizer.eos_id if self.tokenizer.eos_id is not None
+                          else self.config.eos_token_id)
+        if self.style == "v2":
+            kwargs.setdefault("stop_strings", ("User:",))
+        on_token = (lambda e: e.text and on_text(e.text)) if on_text else None
+        result = generate(self.config, self.params, [self.prompt_ids()], tokenizer=self.tokenizer,
+                          on_token=on_token, **kwargs)
+        reply = result.texts[0]
+        if self.style == "r1":
+            reply = THINK_OPEN + "\n" + reply  # the prompt opened the think block; keep the turn whole
+        self.messages.append({"role": "assistant", "content": reply})
+        return result

