@@ -325,7 +325,8 @@ def set_leaf(tree: dict, path: tuple[str, ...], value) -> None:
 
 def load_pretrained(path: str | os.PathLike, dtype=None, mesh=None, shardings=None):
     """``(config, params)`` from an HF-format directory (``config.json`` + safetensors, sharded or not) or
-    a directory written by ``deepseek-jax convert`` (Orbax).
+    a directory written by ``deepseek-jax convert`` (Orbax), or a ``deepseek-jax train`` work directory (its latest
+    checkpoint).
 
     dtype: dtype of the returned params (default: as stored; FP8 weights are dequantized to bfloat16).
     The router's ``e_score_correction_bias`` is always fp32.
@@ -333,6 +334,7 @@ def load_pretrained(path: str | os.PathLike, dtype=None, mesh=None, shardings=No
     reading only the chunks of its own shards; ``shardings`` (a params-shaped tree of ``Sharding``) overrides
     the default mapping of logical axes onto the mesh axes.
     """
+    import jax
     import jax.numpy as jnp
 
     path = os.fspath(path)
@@ -340,6 +342,15 @@ def load_pretrained(path: str | os.PathLike, dtype=None, mesh=None, shardings=No
 
     if is_converted_dir(path):
         return load_converted(path, dtype=dtype, mesh=mesh, shardings=shardings)
+    from .train import is_train_workdir, load_train_checkpoint
+
+    if is_train_workdir(path) and mesh is None and shardings is None:
+        config, params = load_train_checkpoint(path)
+        if dtype is not None:  # the router's correction bias stays fp32
+            params = jax.tree_util.tree_map_with_path(
+                lambda p, x: x if str(getattr(p[-1], "key", "")) == "e_score_correction_bias" else x.astype(dtype),
+                params)
+        return config, params
     if mesh is not None or shardings is not None:
         raise ValueError(f"{path}: mesh/shardings need a converted (Orbax) directory; run `deepseek-jax convert` "
                          f"first, or place the returned params with jax.device_put")

@@ -76,6 +76,22 @@ def encode(text: str) -> list[int]:
     return [BOS_ID] + [_CHAR_TO_ID[ch] for ch in text] + [EOS_ID]
 
 
+def arithmetic_tokenizer():
+    """The arithmetic vocabulary as a ``tokenizers.Tokenizer`` (one token per character; ``<bos>``, ``<eos>``,
+    ``<pad>`` special), so a model trained on the built-in data can be prompted like any checkpoint: the
+    trainer saves it as ``tokenizer.json`` in the work directory."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {**{name: i for i, name in _SPECIAL_NAMES.items()}, **_CHAR_TO_ID}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=_SPECIAL_NAMES[PAD_ID]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([_SPECIAL_NAMES[i] for i in (PAD_ID, BOS_ID, EOS_ID)])
+    bos = _SPECIAL_NAMES[BOS_ID]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, BOS_ID)])
+    return tok
+
+
 def decode(ids, *, skip_special_tokens: bool = True) -> str:
     """Arithmetic ids -> text. Ids outside the vocabulary (an untrained model's guesses) print as U+FFFD."""
     out = []

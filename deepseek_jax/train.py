@@ -364,6 +364,13 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     if dataset.vocab_size > config.vocab_size:
         raise ValueError(f"the data's vocabulary has {dataset.vocab_size} ids but the model's vocab_size is "
                          f"{config.vocab_size}; set vocab_size >= {dataset.vocab_size}")
+    if jax.process_index() == 0:  # prompts for `deepseek-jax generate --checkpoint WORKDIR` use this vocabulary
+        from .data import arithmetic_tokenizer
+
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+        elif data in (None, "arithmetic"):
+            arithmetic_tokenizer().save(os.path.join(workdir, "tokenizer.json"))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=save_every, keep=keep, async_save=async_save)
     start = ckpt.latest_step() if resume else None
     if start is not None:
@@ -454,3 +461,26 @@ def plot_loss_curve(rows: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def is_train_workdir(path: str) -> bool:
+    return all(os.path.exists(os.path.join(path, f)) for f in ("config.json", "train_config.json", "checkpoints"))
+
+
+def load_train_checkpoint(workdir: str, step: Optional[int] = None):
+    """``(config, params)`` from a ``deepseek-jax train`` work directory (its latest checkpoint by default)."""
+    from .sharding import make_mesh
+
+    config = ModelConfig.from_pretrained(workdir)
+    with open(os.path.join(workdir, "train_config.json")) as f:
+        tc = TrainConfig(**json.load(f))
+    trainer = Trainer(config, tc, make_mesh(None, jax.devices()[:1]))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1 << 30, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir}/checkpoints: no finished checkpoint to load")
+        state, _ = ckpt.restore(step, trainer.abstract_state())
+    finally:
+        ckpt.close()
+    return config, state["params"]

@@ -42,6 +42,11 @@ def _run(args) -> int:
         else:
             tokenizer = load_tokenizer(args.tokenizer)
     overrides = _parse_overrides(args.set)
+    if args.data in (None, "arithmetic"):  # the built-in vocabulary's BOS / EOS, for generation later
+        from .data import BOS_ID, EOS_ID
+
+        overrides.setdefault("bos_token_id", BOS_ID)
+        overrides.setdefault("eos_token_id", EOS_ID)
     if tokenizer is not None and "vocab_size" not in overrides:
         overrides["vocab_size"] = max(config.vocab_size, tokenizer.get_vocab_size())
     try:

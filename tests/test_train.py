@@ -298,3 +298,15 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     np.testing.assert_allclose([resumed[s] for s in range(1, 13)], [reference[s] for s in range(1, 13)],
                                rtol=1e-6)
     assert (killed / "loss.png").exists() and any((killed / "tb").iterdir())
+
+    # The work directory is a checkpoint like any other: load_pretrained reads its latest step, and
+    # `deepseek-jax generate` prompts it through the tokenizer.json the trainer wrote.
+    config, params = dsj.load_pretrained(killed)
+    assert config.num_hidden_layers == 2 and config.eos_token_id == 2
+    expected = jax.eval_shape(lambda: dsj.Transformer(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
+    assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, jax.tree.map(
+        lambda b: b.value if hasattr(b, "value") else b, expected["params"], is_leaf=lambda b: hasattr(b, "value")))
+    gen = subprocess.run([sys.executable, "-m", "deepseek_jax.cli", "generate", "--checkpoint", str(killed),
+                          "--prompt", "12+7=", "--max-new-tokens", "4"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert gen.returncode == 0 and str(killed / "tokenizer.json") in gen.stdout + gen.stderr, gen.stderr[-2000:]
