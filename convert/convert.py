@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -29,7 +30,7 @@ import numpy as np
 
 from deepseek_jax.checkpoint import (FP8_BLOCK, INDEX_FILE, SINGLE_FILE, HFCheckpoint, TensorMap, check_keys,
                                      drop_absent_mtp, hf_tensor_map, iter_leaves, set_leaf)
-from deepseek_jax.config import ConfigError, ModelConfig
+from deepseek_jax.config import ModelConfig, read_config_json
 from deepseek_jax.safetensors_io import CheckpointError
 
 from . import orbax_io
@@ -71,15 +72,10 @@ class Source:
 
 
 def _read_config(config_file: str) -> tuple[dict, ModelConfig]:
-    if not os.path.exists(config_file):
-        raise CheckpointError(f"{config_file}: no config.json found (pass --config)")
     try:
-        with open(config_file) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_file}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{config_file}: not a JSON object")
+        d = read_config_json(config_file)
+    except FileNotFoundError:
+        raise CheckpointError(f"{config_file}: no config.json found (pass --config)") from None
     return d, ModelConfig.from_hf_dict(d, source=config_file)
 
 
@@ -386,6 +382,22 @@ def progress_bar(total: int, desc: str, enabled: bool):
                 dynamic_ncols=True, smoothing=0.1)
 
 
+@contextlib.contextmanager
+def _sigint_cancels(state: WriteState):
+    """While converting, Ctrl-C only sets the cancel flag: the writer stops at the next tensor and the caller
+    raises ``KeyboardInterrupt`` at a known point. (Python's default handler raises it wherever the main
+    thread happens to be, a garbage-collection callback included, where it is swallowed.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda signum, frame: state.cancelled.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def convert(src: str, dst: str, dtype: str = "bfloat16", keep_fp8: bool = False, config_file: Optional[str] = None,
             progress: bool = True, force: bool = False) -> dict:
     """Convert ``src`` to a converted directory at ``dst``; returns a summary (bytes, seconds)."""
@@ -397,7 +409,8 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", keep_fp8: bool = False,
     if type(source.ckpt) is HFCheckpoint:  # safetensors directories: cheap to map once per reader thread
         source.pool = concurrent.futures.ThreadPoolExecutor(READER_THREADS, thread_name_prefix="convert-read")
     t0 = time.perf_counter()
-    with AtomicDir(dst, force) as tmp, _shutdown(source.pool):
+    state = WriteState()
+    with _sigint_cancels(state), AtomicDir(dst, force) as tmp, _shutdown(source.pool):
         copies = _mtp_copies(source)
         bar = progress_bar(total, "convert", progress)
         tree: dict = {}
@@ -412,7 +425,7 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", keep_fp8: bool = False,
                 set_leaf(tree, tm.path, StreamedLeaf(tm.shape, leaf.dtype, leaf.lead,
                                                      lambda l=leaf: _slots(source, l, bar)))
         try:
-            orbax_io.save_streamed(os.path.join(tmp, PARAMS_DIR), tree, WriteState())
+            orbax_io.save_streamed(os.path.join(tmp, PARAMS_DIR), tree, state)
         finally:
             if bar is not None:
                 bar.close()
@@ -430,5 +443,7 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", keep_fp8: bool = False,
         }
         with open(os.path.join(tmp, MARKER_FILE), "w") as f:
             json.dump(marker, f, indent=2)
+        if state.cancelled.is_set():  # Ctrl-C after the last tensor: still nothing left behind
+            raise KeyboardInterrupt
     seconds = time.perf_counter() - t0
     return {"bytes": total, "seconds": seconds, "config": source.config}

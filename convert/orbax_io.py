@@ -206,6 +206,8 @@ def save_streamed(path: str, tree: dict, state: Optional[WriteState] = None) -> 
         raise state.error
     if failure:
         raise failure[0]
+    if state.cancelled.is_set():
+        raise KeyboardInterrupt
 
 
 # ----- reading ------------------------------------------------------------------------------------

@@ -212,14 +212,7 @@ class ModelConfig:
         """Read ``config.json`` from a checkpoint directory (or the file itself)."""
         path = os.fspath(path)
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file}: no config.json found")
-        try:
-            with open(file) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{file}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(d, source=file)
+        return cls.from_hf_dict(read_config_json(file), source=file)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json dict that transformers 5.x (and older readers of ``rope_scaling``) accept."""
@@ -236,6 +229,20 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def read_config_json(file: str) -> dict[str, Any]:
+    """The raw dict of a config.json, with errors that name the file."""
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: no config.json found")
+    try:
+        with open(file) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{file}: not a JSON object")
+    return d
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
