@@ -30,6 +30,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style", choices=("v3", "r1", "v2"), help="chat template (default: from the model type)")
     p.add_argument("--r1", action="store_true", help="shorthand for --style r1 (reasoning models)")
     p.add_argument("--system", help="a system prompt")
+    p.add_argument("--mesh", default=None,
+                   help="shard over a device mesh, e.g. data=2,tensor=2 (default: one device)")
 
 
 def _load(args):
@@ -76,9 +78,14 @@ def _generate_kwargs(args, config, tokenizer) -> dict:
                               repetition_penalty=args.repetition_penalty)
     eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id < config.vocab_size \
         else config.eos_token_id
+    mesh = None
+    if args.mesh:
+        from .sharding import make_mesh
+
+        mesh = make_mesh(args.mesh)
     return dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, eos_token_id=eos,
                 stop_strings=tuple(args.stop), speculative=args.speculative,
-                cache_dtype=args.cache_dtype or args.dtype, options=ModelOptions(dtype=args.dtype))
+                cache_dtype=args.cache_dtype or args.dtype, options=ModelOptions(dtype=args.dtype), mesh=mesh)
 
 
 def _report(stats: dict) -> str:

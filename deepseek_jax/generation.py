@@ -184,6 +184,18 @@ def _eos_set(config: ModelConfig, eos_token_id) -> frozenset:
     return frozenset(int(e) for e in eos_token_id)
 
 
+def _shard_for(config: ModelConfig, mesh, params, cache, tokens, lengths, seen):
+    from .model import Transformer
+    from .sharding import logical_sharding, param_shardings
+
+    boxed = jax.eval_shape(Transformer(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    params = jax.device_put(params, param_shardings(boxed, mesh))
+    cache = jax.device_put(cache, kvcache.cache_shardings(cache, mesh))
+    batch = lambda x: jax.device_put(x, logical_sharding(["act_batch"] + [None] * (np.ndim(x) - 1),  # noqa: E731
+                                                         np.shape(x), mesh))
+    return params, cache, batch(tokens), batch(lengths), batch(seen)
+
+
 def stream(
     config: ModelConfig,
     params,
@@ -201,6 +213,7 @@ def stream(
     absorb: bool = True,
     min_bucket: int = 16,
     stats: Optional[dict] = None,
+    mesh=None,
 ) -> Iterator[TokenEvent]:
     """Yield ``TokenEvent``s as tokens are generated (see ``generate`` for the arguments).
 
@@ -246,6 +259,10 @@ def stream(
         seen = _prompt_seen(jnp.asarray(tokens), jnp.asarray(lengths), config.vocab_size)
     else:
         seen = jnp.zeros((b, config.vocab_size), jnp.bool_)
+    if mesh is not None:
+        # Sharded prefill and decode: params by the logical rules, cache and per-sequence state over the batch
+        # axes; the jitted steps follow their inputs' shardings (and keep donating the cache).
+        params, cache, tokens, lengths, seen = _shard_for(config, mesh, params, cache, tokens, lengths, seen)
     seqs = [_Sequence(tokenizer, stop_strings) for _ in range(b)]
     st = {"batch": b, "prompt_tokens": int(lengths.sum()), "prompt_bucket": t_pad, "cache_slots": s_max,
           "cache_bytes": kvcache.cache_nbytes(cache), "steps": 0, "drafted": 0, "accepted": 0}
@@ -325,6 +342,7 @@ def generate(
     options: ModelOptions = ModelOptions(),
     absorb: bool = True,
     min_bucket: int = 16,
+    mesh=None,
 ) -> GenerationResult:
     """Generate continuations of a batch of prompts.
 
@@ -336,12 +354,14 @@ def generate(
     speculative: draft with the MTP module and verify with the main model (V3/R1).
     cache_dtype: "float32", "bfloat16" or "fp8" (e4m3 with a per-token scale).
     absorb: decode with the absorbed MLA path (False: expand the cache every step; for comparison).
+    mesh: a ``jax.sharding.Mesh`` (``deepseek_jax.sharding.make_mesh``): params sharded by the logical rules,
+        the cache and per-sequence state over the batch axes; the jitted prefill and decode steps run sharded.
     """
     stats: dict = {}
     for event in stream(config, params, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                         eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
                         speculative=speculative, cache_dtype=cache_dtype, options=options, absorb=absorb,
-                        min_bucket=min_bucket, stats=stats):
+                        min_bucket=min_bucket, stats=stats, mesh=mesh):
         if on_token is not None:
             on_token(event)
     tokens, texts, reasons = stats.pop("tokens"), stats.pop("texts"), stats.pop("finish_reasons")

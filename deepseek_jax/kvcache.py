@@ -110,3 +110,18 @@ def write(entry: dict[str, jax.Array], c_kv: jax.Array, k_pe: jax.Array, positio
         return {"c_kv": put(entry["c_kv"], qc), "k_pe": put(entry["k_pe"], qp),
                 "c_kv_scale": put(entry["c_kv_scale"], sc), "k_pe_scale": put(entry["k_pe_scale"], sp)}
     return {"c_kv": put(entry["c_kv"], c_kv), "k_pe": put(entry["k_pe"], k_pe)}
+
+
+def cache_shardings(cache: Cache, mesh) -> Cache:
+    """Shardings for a cache on ``mesh``: the batch dim over the batch axes (by the logical rules of
+    ``sharding.py``), everything else replicated (the latent is shared by all heads, so there is no head dim
+    to split over ``tensor``)."""
+    from .sharding import logical_sharding
+
+    def one(path, x):
+        in_mtp = jax.tree_util.keystr(path).startswith("['mtp']")
+        names = ([] if in_mtp else ["layers"]) + ["act_batch", "act_length"]
+        names += [None] * (x.ndim - len(names))
+        return logical_sharding(names, x.shape, mesh)
+
+    return jax.tree_util.tree_map_with_path(one, cache)
