@@ -7,14 +7,13 @@ FP8 dequantization and error messages apply unchanged. torch is imported only wh
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
 
-from deepseek_jax.checkpoint import HFCheckpoint
+from deepseek_jax.checkpoint import HFCheckpoint, open_indexed_files
 from deepseek_jax.safetensors_io import CheckpointError, SafetensorsFile
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -151,23 +150,7 @@ def open_files_checkpoint(src: str) -> FilesCheckpoint:
         return FilesCheckpoint(os.path.dirname(src) or ".", {os.path.basename(src): _open_file(src)})
     index = os.path.join(src, TORCH_INDEX)
     if os.path.exists(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid index ({e!r})") from None
-        files = {}
-        for fname in sorted(set(weight_map.values())):
-            fpath = os.path.join(src, fname)
-            if not os.path.exists(fpath):
-                names = [k for k, v in weight_map.items() if v == fname]
-                raise CheckpointError(f"{index}: names file '{fname}' (for '{names[0]}' and {len(names) - 1} "
-                                      f"more) which does not exist")
-            files[fname] = _open_file(fpath)
-        for key, fname in weight_map.items():
-            if key not in files[fname]:
-                raise CheckpointError(f"{os.path.join(src, fname)}: tensor '{key}' is listed in {TORCH_INDEX} "
-                                      f"but not in the file")
+        files, weight_map = open_indexed_files(index, _open_file)
         ckpt = FilesCheckpoint(src, files)
         extra = sorted(set(ckpt._where) - set(weight_map))
         if extra:

@@ -178,6 +178,31 @@ def dequantize_fp8_blocks(w8: np.ndarray, scale_inv: np.ndarray, block: int = FP
     return w8.astype(np.float32) * scale
 
 
+def open_indexed_files(index: str, opener) -> tuple[dict, dict[str, str]]:
+    """Open every file an index (``{"weight_map": {tensor: file}}``) names, with ``opener(path)``; fail on a
+    bad index, a named file that does not exist, or a tensor missing from the file the index names.
+    Returns ``({file: opened}, weight_map)``."""
+    directory, name = os.path.dirname(index), os.path.basename(index)
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid index ({e!r})") from None
+    files = {}
+    for fname in sorted(set(weight_map.values())):
+        fpath = os.path.join(directory, fname)
+        if not os.path.exists(fpath):
+            names = [k for k, v in weight_map.items() if v == fname]
+            raise CheckpointError(f"{index}: names file '{fname}' (for '{names[0]}' and {len(names) - 1} "
+                                  f"more) which does not exist")
+        files[fname] = opener(fpath)
+    for key, fname in weight_map.items():
+        if key not in files[fname]:
+            raise CheckpointError(f"{os.path.join(directory, fname)}: tensor '{key}' is listed in {name} "
+                                  f"but not in the file")
+    return files, weight_map
+
+
 class HFCheckpoint:
     """The tensors of an HF-format directory (sharded with an index, or one ``model.safetensors``).
 
@@ -192,23 +217,8 @@ class HFCheckpoint:
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}
         if os.path.exists(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
-            for fname in sorted(set(weight_map.values())):
-                fpath = os.path.join(self.path, fname)
-                if not os.path.exists(fpath):
-                    names = [k for k, v in weight_map.items() if v == fname]
-                    raise CheckpointError(f"{index}: names file '{fname}' (for '{names[0]}' and {len(names) - 1} "
-                                          f"more) which does not exist")
-                self._files[fname] = SafetensorsFile(fpath)
-            for key, fname in weight_map.items():
-                if key not in self._files[fname]:
-                    raise CheckpointError(f"{os.path.join(self.path, fname)}: tensor '{key}' is listed in "
-                                          f"{INDEX_FILE} but not in the file")
-                self._where[key] = fname
+            self._files, weight_map = open_indexed_files(index, SafetensorsFile)
+            self._where = dict(weight_map)
         elif os.path.exists(single):
             self._files[SINGLE_FILE] = SafetensorsFile(single)
             self._where = {k: SINGLE_FILE for k in self._files[SINGLE_FILE].keys()}
