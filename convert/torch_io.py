@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from deepseek_jax.checkpoint import HFCheckpoint, open_indexed_files
-from deepseek_jax.safetensors_io import CheckpointError, SafetensorsFile
+from deepseek_jax.safetensors_io import CheckpointError, SafetensorsFile, TensorFile
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -40,7 +40,7 @@ def _to_numpy(t) -> np.ndarray:
     return t.contiguous().numpy()
 
 
-class TorchFile:
+class TorchFile(TensorFile):
     """One pickled state dict; tensors are converted to numpy on ``get`` (zero-copy where possible)."""
 
     def __init__(self, path: str):
@@ -84,18 +84,6 @@ class TorchFile:
                                       f"state dict (nested dicts, optimizer state and the like are refused)")
         self._sd = sd
         return sd
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[name][1]
-
-    def dtype(self, name: str) -> np.dtype:
-        return self._entries[name][0]
 
     def nbytes(self, name: str) -> int:
         return self._entries[name][2]

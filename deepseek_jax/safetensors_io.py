@@ -28,7 +28,26 @@ class CheckpointError(ValueError):
     """Bad checkpoint input; the message names the file and, where there is one, the tensor."""
 
 
-class SafetensorsFile:
+class TensorFile:
+    """What every source file offers by name: keys, shape and dtype (``_entries[name]`` starts with
+    ``(dtype, shape, ...)``); subclasses add ``nbytes`` and ``get``."""
+
+    _entries: dict
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name][0]
+
+
+class SafetensorsFile(TensorFile):
     """Read-only view of one ``.safetensors`` file; ``get(name)`` returns a memory-mapped numpy array."""
 
     def __init__(self, path: str):
@@ -74,18 +93,6 @@ class SafetensorsFile:
                 )
             self._entries[name] = (dtype, shape, start, end)
         self._mmap = None
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[name][1]
-
-    def dtype(self, name: str) -> np.dtype:
-        return self._entries[name][0]
 
     def nbytes(self, name: str) -> int:
         _, _, start, end = self._entries[name]

@@ -336,12 +336,6 @@ def mfu(flops_per_token: float, tokens_per_s: float) -> Optional[float]:
     return flops_per_token * tokens_per_s / (peak * jax.device_count())
 
 
-def now() -> float:
-    return time.perf_counter()
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)
 
 
 # ----- the loop -----------------------------------------------------------------------------------
@@ -393,12 +387,12 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     bar = tqdm(range(start, end), initial=start, total=tc.steps, desc="train", disable=not (progress and main),
                dynamic_ncols=True)
     try:
-        t_last = now()
+        t_last = time.perf_counter()
         for step in bar:
             batch = trainer.put_batch(next(dataset))
             state, metrics = trainer.run_step(state, batch)
             m = metrics_to_host(metrics)
-            t = now()
+            t = time.perf_counter()
             m["step"] = step + 1
             m["tokens_per_s"] = tokens_per_step / max(t - t_last, 1e-9)
             m["mfu"] = mfu(flops, m["tokens_per_s"])
@@ -411,7 +405,7 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
                     if isinstance(v, float):
                         writer.add_scalar(f"train/{k}", v, step + 1)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
-            if not finite(m["total_loss"]):
+            if not math.isfinite(m["total_loss"]):
                 raise FloatingPointError(f"step {step + 1}: loss is {m['total_loss']}")
             ckpt.save(step + 1, state, {"data": dataset.state(), "seed": tc.seed, "step": step + 1},
                       force=(step + 1 == tc.steps))
