@@ -9,8 +9,8 @@ import warnings
 from deepseek_jax.config import ConfigError
 from deepseek_jax.safetensors_io import CheckpointError
 
-# Bad input: one line naming the file and tensor, exit status 1 (argparse uses 2 for bad usage).
-_INPUT_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError)
+# Bad input or a failing disk: one line naming the file and tensor, exit status 1 (argparse uses 2 for bad usage).
+_INPUT_ERRORS = (CheckpointError, ConfigError, OSError, ValueError, RuntimeError)
 
 
 def _fail(e: BaseException) -> int:

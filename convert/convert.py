@@ -301,7 +301,10 @@ def _mtp_copies(source: Source) -> dict:
 
 # ----- output directory handling ------------------------------------------------------------------
 class AtomicDir:
-    """A temp directory beside ``dst``, renamed to ``dst`` on success and removed on any failure or Ctrl-C."""
+    """A temp directory beside ``dst``, renamed to ``dst`` on success and removed on any failure or Ctrl-C.
+
+    With ``force`` an existing ``dst`` is replaced only once the new output is complete, and survives any
+    failure before that."""
 
     def __init__(self, dst: str, force: bool = False):
         self.dst = os.path.abspath(os.fspath(dst))
@@ -333,9 +336,21 @@ class AtomicDir:
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
-        if os.path.exists(self.dst):
-            shutil.rmtree(self.dst) if os.path.isdir(self.dst) else os.remove(self.dst)
-        os.rename(self.tmp, self.dst)
+        # --force: the old output moves aside and is deleted only once the new one is in its place; if the
+        # swap fails, it moves back.
+        old = None
+        if os.path.lexists(self.dst):
+            old = f"{self.tmp}.replaced"
+            os.rename(self.dst, old)
+        try:
+            os.rename(self.tmp, self.dst)
+        except BaseException:
+            if old is not None:
+                os.rename(old, self.dst)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
         return False
 
 

@@ -23,18 +23,25 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """YaRN parameters (``rope_scaling`` / ``rope_parameters`` in config.json)."""
+    """YaRN parameters (``rope_scaling`` / ``rope_parameters`` in config.json).
+
+    The optional fields are None when config.json leaves them out, and then mean what transformers makes of
+    an absent key: no ``mscale_all_dim`` means no YaRN softmax-scale factor; ``attention_factor`` (the cos/sin
+    multiplier) is derived from ``mscale`` / ``mscale_all_dim`` when both are given, else from ``factor``.
+    """
 
     type: str = "yarn"
     factor: float = 40.0
     original_max_position_embeddings: int = 4096
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    attention_factor: Optional[float] = None
+    truncate: bool = True  # floor/ceil the correction range (YaRN's default)
 
     def to_hf_dict(self, rope_theta: float) -> dict:
-        return {
+        d = {
             "rope_type": self.type,
             "type": self.type,
             "rope_theta": rope_theta,
@@ -42,9 +49,13 @@ class RopeScaling:
             "original_max_position_embeddings": self.original_max_position_embeddings,
             "beta_fast": self.beta_fast,
             "beta_slow": self.beta_slow,
-            "mscale": self.mscale,
-            "mscale_all_dim": self.mscale_all_dim,
         }
+        for name in ("mscale", "mscale_all_dim", "attention_factor"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
+        if not self.truncate:
+            d["truncate"] = False
+        return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +97,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 163840
     rope_theta: float = 10000.0
-    rope_scaling: Optional[RopeScaling] = RopeScaling()
-    rope_interleave: bool = True
+    rope_scaling: Optional[RopeScaling] = RopeScaling(mscale=1.0, mscale_all_dim=1.0)
+    rope_interleave: bool = True  # rope on pairs (x0, x1), (x2, x3)... as released; False: halves (V3 only)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     initializer_range: float = 0.02
@@ -192,7 +203,8 @@ class ModelConfig:
             rtype = rope.get("rope_type", rope.get("type", "default"))
             if rtype not in ("default", None):
                 known = {f.name for f in dataclasses.fields(RopeScaling)}
-                rs = {k: v for k, v in rope.items() if k in known}
+                # A null beta_* means YaRN's default (transformers reads them with `or`).
+                rs = {k: v for k, v in rope.items() if k in known and not (v is None and k.startswith("beta_"))}
                 rs["type"] = rtype
                 rope_scaling = RopeScaling(**rs)
         elif rope is not None:
@@ -276,6 +288,9 @@ def _validate(c: ModelConfig) -> None:
     need(c.num_key_value_heads == c.num_attention_heads, "num_key_value_heads",
          f"equal to num_attention_heads={c.num_attention_heads} (MLA has no grouped KV heads)")
     need(c.hidden_act == "silu", "hidden_act", "'silu'")
+    need(isinstance(c.rope_interleave, bool), "rope_interleave", "true or false")
+    need(c.rope_interleave or c.model_type == "deepseek_v3", "rope_interleave",
+         "true for deepseek_v2 (V2 checkpoints rotate interleaved pairs; only V3 configs may select halves)")
     need(not c.attention_bias, "attention_bias", "false (no released DeepSeek model uses attention biases)")
     need(not c.tie_word_embeddings, "tie_word_embeddings", "false (DeepSeek models have an untied head)")
     need(c.rms_norm_eps > 0, "rms_norm_eps", "a positive number")
@@ -302,7 +317,7 @@ def _validate(c: ModelConfig) -> None:
         rs = c.rope_scaling
         if rs.type != "yarn":
             raise ConfigError(f"field 'rope_scaling.type' = {rs.type!r}: expected 'yarn' (or no rope_scaling)")
-        if not (rs.factor >= 1 and rs.original_max_position_embeddings > 0):
+        if rs.factor is None or not (rs.factor >= 1 and rs.original_max_position_embeddings > 0):
             raise ConfigError(f"field 'rope_scaling' = {rs!r}: expected factor >= 1 and a positive original length")
 
 
@@ -332,7 +347,7 @@ TINY_V3 = ModelConfig(
     num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
     qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
     first_k_dense_replace=1, n_group=4, topk_group=2, max_position_embeddings=4096,
-    rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=1024),
+    rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=1024, mscale=1.0, mscale_all_dim=1.0),
 )
 TINY_V2 = TINY_V3.replace(
     model_type="deepseek_v2", q_lora_rank=None, n_shared_experts=2, topk_method="group_limited_greedy",

@@ -1,11 +1,12 @@
 """Training data: a built-in arithmetic language, text/jsonl/npy readers, packing, seeded resumable batches.
 
-Every source becomes a ``Corpus``: one flat array of token ids and the offsets where documents start. Each
-epoch shuffles the documents (seeded by ``(seed, epoch)``), lays them end to end as one stream, and cuts the
-stream into rows of ``seq_len + 1`` tokens (``pack_row_starts``) so that every within-document next-token
-pair is a target exactly once per epoch. The rows of the epoch are then shuffled too, by the same seed.
-Batches take consecutive rows of that order and run on into the next epoch, so no row is dropped and the
-position in the data is two ints, ``(epoch, row_in_epoch)``; that is what ``Dataset.state()`` saves.
+Every source becomes a ``Corpus``: a stream of token ids (the files' memory maps, for ``.npy``) and the
+offsets where documents start. Each epoch shuffles the documents (seeded by ``(seed, epoch)``), lays them end
+to end as one stream, and cuts the stream into rows of ``seq_len + 1`` tokens (``pack_row_starts``) so that
+every within-document next-token pair is a target exactly once per epoch. The rows of the epoch are then
+shuffled too, by the same seed. Batches take consecutive rows of that order and run on into the next epoch, so
+no row is dropped and the position in the data is two ints, ``(epoch, row_in_epoch)``; that is what
+``Dataset.state()`` saves.
 
 A batch is a dict of numpy arrays, each ``[B, T]`` with ``T = seq_len``: ``inputs``, ``targets`` (the inputs
 shifted by one), ``positions`` (0, 1, 2... restarting at each document in the row), ``segment_ids``
@@ -137,13 +138,46 @@ def arithmetic_accuracy(predictions, batch: dict[str, np.ndarray]) -> float:
     return float((answer & (pred == np.asarray(batch["targets"]))).sum()) / total
 
 
+def arithmetic_exact_accuracy(predictions, batch: dict[str, np.ndarray]) -> tuple[float, int]:
+    """Fraction of whole answers right, and how many answers were scored.
+
+    An answer is the run of answer characters of one line (``arithmetic_answer_mask``, its newline included);
+    it is right when every character is. Next-token predictions on the true prefix are right exactly when
+    greedy decoding from ``"...a+b="`` writes the answer and stops the line, so this is the greedy answer
+    accuracy. Answers cut off by the end of a row (no newline target) are not scored.
+    """
+    pred = np.asarray(predictions)
+    if pred.ndim == 3:
+        pred = pred.argmax(-1)
+    answer = arithmetic_answer_mask(batch)
+    targets = np.asarray(batch["targets"])
+    right = pred == targets
+    scored = correct = 0
+    for r, t in zip(*np.nonzero(answer)):
+        if t == 0 or not answer[r, t - 1]:  # an answer starts
+            ok = True
+        ok = ok and bool(right[r, t])
+        if targets[r, t] == _NEWLINE_ID:  # and ends
+            scored, correct = scored + 1, correct + int(ok)
+    return (correct / scored if scored else float("nan")), scored
+
+
 # ----- corpus: token ids and document offsets ---------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """``tokens[starts[i]:starts[i+1]]`` is document ``i``. ``tokens`` may be a read-only memmap."""
+    """Document ``i`` spans ``[starts[i], starts[i+1])`` of the token stream, which is the concatenation of
+    ``parts`` (each may be a read-only memmap: several ``.npy`` files are never copied into RAM).
 
-    tokens: np.ndarray
+    ``part_starts[j]`` is where part j begins in the stream; documents never straddle two parts.
+    """
+
+    parts: tuple[np.ndarray, ...]
     starts: np.ndarray
+    part_starts: np.ndarray
+
+    @classmethod
+    def from_array(cls, tokens: np.ndarray, starts: np.ndarray) -> "Corpus":
+        return cls((tokens,), np.asarray(starts, np.int64), np.array([0, tokens.size], np.int64))
 
     @classmethod
     def from_documents(cls, documents: Sequence[Sequence[int]]) -> "Corpus":
@@ -152,15 +186,29 @@ class Corpus:
         lengths = np.array([d.size for d in docs], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         tokens = np.concatenate(docs) if docs else np.zeros((0,), np.int32)
-        return cls(tokens, starts)
+        return cls.from_array(tokens, starts)
 
     @classmethod
-    def concatenate(cls, parts: Sequence["Corpus"]) -> "Corpus":
-        if len(parts) == 1:
-            return parts[0]
-        offsets = np.cumsum([0] + [p.tokens.size for p in parts[:-1]])
-        starts = np.concatenate([parts[0].starts[:1]] + [p.starts[1:] + o for p, o in zip(parts, offsets)])
-        return cls(np.concatenate([np.asarray(p.tokens, np.int32) for p in parts]), starts)
+    def concatenate(cls, corpora: Sequence["Corpus"]) -> "Corpus":
+        """One corpus of several, end to end; their token arrays are kept as they are (memmaps stay mapped)."""
+        if len(corpora) == 1:
+            return corpora[0]
+        offsets = np.cumsum([0] + [c.num_tokens for c in corpora])
+        starts = np.concatenate([corpora[0].starts[:1]] + [c.starts[1:] + o for c, o in zip(corpora, offsets)])
+        part_starts = np.concatenate([[0]] + [c.part_starts[1:] + o for c, o in zip(corpora, offsets)])
+        return cls(tuple(p for c in corpora for p in c.parts), starts.astype(np.int64), part_starts.astype(np.int64))
+
+    def read(self, offset: int, n: int) -> np.ndarray:
+        """Tokens ``[offset, offset + n)`` of the stream (a copy, int32)."""
+        j = int(np.searchsorted(self.part_starts, offset, side="right")) - 1
+        local = offset - int(self.part_starts[j])
+        piece = np.asarray(self.parts[j][local:local + n], np.int32)
+        if piece.size < n:  # runs on into the next part
+            piece = np.concatenate([piece, self.read(offset + piece.size, n - piece.size)])
+        return piece
+
+    def max_token(self) -> int:
+        return max((int(p.max()) for p in self.parts if p.size), default=0)
 
     @property
     def num_documents(self) -> int:
@@ -285,7 +333,7 @@ def read_npy(path: str, eos_id: Optional[int], vocab_size: Optional[int] = None)
             bad = lo if lo < 0 else hi
             where = int(np.flatnonzero(tokens == bad)[0])
             raise DataError(f"{path}: token id {bad} at flat index {where} is outside [0, {vocab_size or 'inf'})")
-    return Corpus(tokens, starts)
+    return Corpus.from_array(tokens, starts)
 
 
 def tokenize_documents(texts: Sequence[str], tokenizer, special: SpecialIds) -> list[list[int]]:
@@ -371,7 +419,7 @@ class Dataset:
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.local_batch_size = self.batch_size // self.process_count
         self.special = special
-        self.vocab_size = int(vocab_size) if vocab_size is not None else int(np.max(corpus.tokens)) + 1
+        self.vocab_size = int(vocab_size) if vocab_size is not None else corpus.max_token() + 1
         self.decode = decode
         self._lengths = np.diff(corpus.starts)
         self._epoch, self._row = 0, 0
@@ -463,7 +511,7 @@ class Dataset:
             piece_end = min(int(plan.stream_starts[k + 1]), end)
             offset = int(self.corpus.starts[plan.doc_order[k]]) + at - int(plan.stream_starts[k])
             n, lo = piece_end - at, at - begin
-            tokens[lo:lo + n] = self.corpus.tokens[offset:offset + n]
+            tokens[lo:lo + n] = self.corpus.read(offset, n)
             # A document split across rows restarts at position 0 too: RoPE sees only relative positions,
             # and attention cannot reach the earlier part anyway.
             positions[lo:lo + n] = np.arange(n)

@@ -5,7 +5,8 @@ Prefill runs the full MLA path over right-padded prompts and fills the cache; de
 the same submodule names as ``Transformer`` (``embed_tokens``, the ``config.layer_runs`` stacks, ``norm``,
 ``lm_head``, ``mtp_{k}``), so ``Transformer``'s params tree is used as is.
 
-The jitted entry points donate the cache (single device; sharded inference is not written yet).
+The jitted entry points donate the cache. On several devices, ``generation.generate(mesh=...)`` places the
+params by the training rules and the cache over the batch axes; these steps follow their inputs' shardings.
 """
 
 from __future__ import annotations

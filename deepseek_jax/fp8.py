@@ -14,12 +14,15 @@ Tiling convention: every operand is tiled along the dim that its GEMM contracts.
     forward GEMM and, transposed, dgrad.
 Dims that are not multiples of 128 end in partial tiles; an all-zero tile has scale 0 and dequantizes to 0.
 
-Where the hardware has fp8 dots (CUDA compute capability >= 8.9) each GEMM multiplies the fp8 values directly,
-one 128-deep slice of K at a time, and applies both scales to each fp32 partial product before summing
-(the report's promotion of partial sums to fp32 every 128 values, section 3.3.2). Elsewhere the fp8 values are
-dequantized and multiplied in fp32; both give the same numbers up to fp32 summation order. The experts' grouped
-GEMM (``ragged_dot``) quantizes the same way but always multiplies dequantized values: XLA exposes no grouped
-fp8 GEMM with per-block scales.
+Every GEMM runs one 128-deep slice of K at a time: the slice's fp32 partial product of the E4M3 values gets both
+operands' scales and is added to an fp32 accumulator as it is produced (the report's promotion of partial sums
+to fp32 every 128 values, section 3.3.2), row chunk by row chunk, so no ``[K/128, M, N]`` (or even ``[M, N]``
+fp32) temporary is ever built. Where the hardware has fp8 dots (CUDA compute capability >= 8.9) the
+slices multiply the fp8 values directly; elsewhere they multiply exact bf16 (fp32 on CPU) copies of the same
+E4M3 values; both give the same numbers up to fp32 summation order (the fp8-dot path is tested on CPU, where XLA
+emulates fp8 dots; it has not yet run on a GPU). The routed experts go through the same recipe block by block
+(``grouped.py``'s blocked GEMM calls ``dot_general``); the ``ragged_dot`` path (TPU) quantizes the same way but
+multiplies dequantized values: XLA exposes no grouped fp8 GEMM with per-block scales.
 """
 
 from __future__ import annotations
@@ -68,8 +71,9 @@ def _expand(scales: jax.Array) -> jax.Array:
 def tile_scales(x: jax.Array, tile_shape: Sequence[int]) -> jax.Array:
     """fp32 ``amax / 448`` of each tile, shape ``[ceil(d_i / t_i) for each dim i]``."""
     tile_shape = _check_tiles(x, tile_shape)
-    amax = jnp.abs(_tiled(x.astype(jnp.float32), tile_shape)).max(axis=tuple(range(1, 2 * x.ndim, 2)))
-    return amax / E4M3_MAX
+    # The max of |x| is exact in x's own dtype: reduce first, then widen (no fp32 copy of a weight is built).
+    amax = jnp.abs(_tiled(x, tile_shape)).max(axis=tuple(range(1, 2 * x.ndim, 2)))
+    return amax.astype(jnp.float32) / E4M3_MAX
 
 
 def quantize_with_scales(x: jax.Array, scales: jax.Array, tile_shape: Sequence[int]) -> jax.Array:
@@ -102,34 +106,67 @@ def qdq(x: jax.Array, tile_shape: Sequence[int], dtype=None) -> jax.Array:
 
 
 # ----- scaled GEMMs -------------------------------------------------------------------------------
-def has_fp8_dots() -> bool:
-    """True where XLA runs fp8 x fp8 dots on fp8 tensor cores: CUDA GPUs of compute capability >= 8.9."""
-    if jax.default_backend() != "gpu":
+def fp8_dots_supported(device) -> bool:
+    """Whether ``device`` (a ``jax.Device``, or anything with its ``platform`` and, for CUDA, its
+    ``compute_capability``) runs fp8 x fp8 dots on fp8 tensor cores: CUDA GPUs of compute capability >= 8.9
+    (Ada, Hopper and later). TPUs up to v6e and CPUs have none; ROCm and unknown GPUs stay emulated."""
+    if getattr(device, "platform", None) not in ("gpu", "cuda"):
         return False
     try:
-        major, minor = (int(v) for v in str(jax.devices()[0].compute_capability).split(".")[:2])
-    except (AttributeError, ValueError):  # ROCm or an unknown device kind: stay emulated
+        major, minor = (int(v) for v in str(device.compute_capability).split(".")[:2])
+    except (AttributeError, ValueError):
         return False
     return (major, minor) >= (8, 9)
 
 
-def _scaled_matmul(a_q, a_s, b_q, b_s, block_k: int, block_n: int, fp8_dots: bool) -> jax.Array:
-    """fp32 ``[M, K] x [K, N]`` of two quantized operands.
+def has_fp8_dots() -> bool:
+    """``fp8_dots_supported`` for the default device."""
+    return fp8_dots_supported(jax.devices()[0])
+
+
+# Rows per chunk of a scaled GEMM: the fp32 accumulator of one chunk is [chunk, N], so a GEMM's temporaries stay
+# near ACCUMULATOR_BYTES however large M x N is (a V3 MLP GEMM of 8192 tokens would need 604 MB).
+ACCUMULATOR_BYTES = 64 << 20
+
+
+def _scaled_matmul(a_q, a_s, b_q, b_s, block_k: int, block_n: int, fp8_dots: bool, out_dtype) -> jax.Array:
+    """``[M, K] x [K, N]`` of two quantized operands, in ``out_dtype``.
 
     ``a`` is tiled ``1 x block_k`` (scales ``[M, Kb]``), ``b`` is tiled ``block_k x block_n`` (scales ``[Kb, Nb]``).
+    Each 128-deep slice of K gives an fp32 partial product of the raw E4M3 values, scaled by both operands'
+    scales and added to an fp32 accumulator as it is produced (the V3 report's promotion to fp32 every 128
+    values, section 3.3.2). Without fp8 dots the slices are multiplied as exact higher-precision copies of the
+    same E4M3 values (bf16 holds every E4M3 value; fp32 on CPU, whose bf16 dots are slow), which gives the
+    same numbers up to fp32 summation order. The output is produced in row chunks (a scan whose stacked
+    outputs are the result, no copy), so the fp32 accumulator is ``[chunk, N]``, not ``[M, N]``: temporaries
+    stay within ``ACCUMULATOR_BYTES`` plus the fp8 copies of the inputs.
     """
-    if not fp8_dots:
-        a = dequantize_tiles(a_q, a_s, (1, block_k))
-        b = dequantize_tiles(b_q, b_s, (block_k, block_n))
-        return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     (m, k), n = a_q.shape, b_q.shape[1]
     kb = a_s.shape[1]
-    a3 = jnp.pad(a_q, ((0, 0), (0, kb * block_k - k))).reshape(m, kb, block_k)
+    rows = max(1, min(m, ACCUMULATOR_BYTES // max(4 * n, 1)))
+    chunks = -(-m // rows)
+    rows = -(-m // chunks)
+    pad_m = chunks * rows - m
+    a4 = jnp.pad(a_q, ((0, pad_m), (0, kb * block_k - k))).reshape(chunks, rows, kb, block_k)
+    s4 = jnp.pad(a_s, ((0, pad_m), (0, 0))).reshape(chunks, rows, kb)
     b3 = jnp.pad(b_q, ((0, kb * block_k - k), (0, 0))).reshape(kb, block_k, n)
-    # One fp32 partial product per 128-deep slice of K, then both scales, then the sum over slices.
-    partial = jax.lax.dot_general(a3, b3, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.float32)
-    b_cols = jnp.repeat(b_s, block_n, axis=1)[:, :n]  # [Kb, N]
-    return (partial * a_s.T[:, :, None] * b_cols[:, None, :]).sum(0)
+    b_cols = jnp.repeat(b_s, block_n, axis=1)[:, :n]  # [Kb, N]: each column's scale per K slice
+    dot_dtype = E4M3 if fp8_dots else (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    precision = jax.lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+
+    def chunk(_, c):
+        a_c, s_c = c  # [rows, Kb, block_k], [rows, Kb]
+
+        def k_slice(acc, i):
+            part = jax.lax.dot(a_c[:, i].astype(dot_dtype), b3[i].astype(dot_dtype), precision=precision,
+                               preferred_element_type=jnp.float32)
+            return acc + part * s_c[:, i, None] * b_cols[i][None, :], None
+
+        acc, _ = jax.lax.scan(k_slice, jnp.zeros((rows, n), jnp.float32), jnp.arange(kb))
+        return None, acc.astype(out_dtype)
+
+    _, out = jax.lax.scan(chunk, None, (a4, s4))
+    return out.reshape(chunks * rows, n)[:m]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -144,7 +181,7 @@ def fp8_matmul(x: jax.Array, w: jax.Array, out_dtype, fp8_dots: bool = False) ->
 def _fp8_matmul_fwd(x, w, out_dtype, fp8_dots):
     x_q, x_s = quantize_tiles(x, (1, BLOCK))
     w_q, w_s = quantize_tiles(w, (BLOCK, BLOCK))
-    y = _scaled_matmul(x_q, x_s, w_q, w_s, BLOCK, BLOCK, fp8_dots).astype(out_dtype)
+    y = _scaled_matmul(x_q, x_s, w_q, w_s, BLOCK, BLOCK, fp8_dots, out_dtype)
     # The backward pass keeps only fp8 copies (V3 section 3.3.3: activations are cached in fp8). Zero-size
     # arrays carry the input dtypes, which the cotangents must match.
     return y, (x_q, x_s, w_q, w_s, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
@@ -154,12 +191,12 @@ def _fp8_matmul_bwd(out_dtype, fp8_dots, res, dy):
     x_q, x_s, w_q, w_s, x_proto, w_proto = res
     # dgrad: dx = dy W^T, K = N; dy in 1x128 tiles along N, the forward's weight blocks transposed.
     dy_q, dy_s = quantize_tiles(dy, (1, BLOCK))
-    dx = _scaled_matmul(dy_q, dy_s, w_q.T, w_s.T, BLOCK, BLOCK, fp8_dots)
+    dx = _scaled_matmul(dy_q, dy_s, w_q.T, w_s.T, BLOCK, BLOCK, fp8_dots, x_proto.dtype)
     # wgrad: dW = x^T dy, K = tokens; x (from its fp8 cache) and dy re-tiled 128x1 along the tokens.
     xt_q, xt_s = quantize_tiles(dequantize_tiles(x_q, x_s, (1, BLOCK)).T, (1, BLOCK))
     dyt_q, dyt_s = quantize_tiles(dy, (BLOCK, 1))
-    dw = _scaled_matmul(xt_q, xt_s, dyt_q, dyt_s, BLOCK, 1, fp8_dots)
-    return dx.astype(x_proto.dtype), dw.astype(w_proto.dtype)
+    dw = _scaled_matmul(xt_q, xt_s, dyt_q, dyt_s, BLOCK, 1, fp8_dots, w_proto.dtype)
+    return dx, dw
 
 
 fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)

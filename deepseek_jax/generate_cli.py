@@ -1,6 +1,6 @@
 """``deepseek-jax generate`` and ``deepseek-jax chat``: text generation from a checkpoint or a random preset.
 
-Single device (jit with a donated cache); sharded inference is not written yet.
+One device by default; ``--mesh`` shards the params by the training rules and the cache over the batch axes.
 """
 
 from __future__ import annotations

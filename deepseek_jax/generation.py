@@ -28,6 +28,7 @@ from .config import ModelConfig
 from .decode import bucket_length, cache_length, decode_core, mtp_core, prefill_core
 from .options import ModelOptions
 from .sampling import SamplingParams, mark_seen, sample, speculative_accept, target_probs
+from .sharding import mesh_context
 
 _STATIC = ("config", "options", "sampling")
 _DEFAULT = object()
@@ -269,8 +270,9 @@ def stream(
 
     t0 = time.perf_counter()
     rng, key = jax.random.split(rng)
-    cache, tok, seen, h2, t_prev = _prefill_sample_jit(params, cache, jnp.asarray(tokens), jnp.asarray(lengths),
-                                                       seen, key, mtp=speculative, **statics)
+    with mesh_context(mesh):
+        cache, tok, seen, h2, t_prev = _prefill_sample_jit(params, cache, jnp.asarray(tokens), jnp.asarray(lengths),
+                                                           seen, key, mtp=speculative, **statics)
     first = np.asarray(tok)
     st["prefill_s"] = time.perf_counter() - t0
     for i in range(b):
@@ -283,14 +285,16 @@ def stream(
         rng, key = jax.random.split(rng)
         active = [s.finished is None for s in seqs]
         if speculative:
-            cache, (n, t_prev, x, h2, seen), out, accepted = _speculative_step_jit(
-                params, cache, n, t_prev, x, h2, seen, key, **statics)
+            with mesh_context(mesh):
+                cache, (n, t_prev, x, h2, seen), out, accepted = _speculative_step_jit(
+                    params, cache, n, t_prev, x, h2, seen, key, **statics)
             out, accepted = np.asarray(out), np.asarray(accepted)
             st["drafted"] += sum(active)
             st["accepted"] += int(sum(bool(a) and act for a, act in zip(accepted, active)))
             new = [[int(out[i, 0]), int(out[i, 1])] if accepted[i] else [int(out[i, 0])] for i in range(b)]
         else:
-            cache, tok, seen = _decode_sample_jit(params, cache, tok, pos, seen, key, absorb=absorb, **statics)
+            with mesh_context(mesh):
+                cache, tok, seen = _decode_sample_jit(params, cache, tok, pos, seen, key, absorb=absorb, **statics)
             pos = pos + 1
             new = [[int(t)] for t in np.asarray(tok)]
         st["steps"] += 1

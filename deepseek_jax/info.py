@@ -28,6 +28,40 @@ def param_counts(config) -> dict[str, int]:
     return counts
 
 
+def active_params(config, mtp: bool = True) -> float:
+    """Parameters a token is multiplied with: everything but the embedding table (a lookup), each routed expert
+    weighted by K / E (a token uses K of the E), the MTP modules only when ``mtp``."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from .model import Transformer
+
+    shapes = jax.eval_shape(
+        lambda: nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
+    )["params"]
+    total = 0.0
+    for path, x in jax.tree_util.tree_leaves_with_path(shapes):
+        keys = [str(getattr(p, "key", p)) for p in path]
+        if keys[0] == "embed_tokens" or (keys[0].startswith("mtp_") and not mtp):
+            continue
+        n = float(np.prod(x.shape))
+        if "experts" in keys and "shared_experts" not in keys:
+            n *= config.num_experts_per_tok / config.n_routed_experts
+        total += n
+    return total
+
+
+def flops_per_token(config, context: float, *, train: bool, mtp: bool = True) -> float:
+    """Model FLOPs per token: ``2 x active_params`` for the matmuls plus attention, ``2 x heads x (qk_head_dim +
+    v_head_dim)`` per layer per key attended to (``context`` keys on average: ``T / 2`` for a causal sequence of
+    T, the cache length for a decode step); training (forward + backward) is three times the forward."""
+    layers = config.num_hidden_layers + (config.num_nextn_predict_layers if mtp else 0)
+    attention = 2.0 * layers * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * context
+    forward = 2.0 * active_params(config, mtp) + attention
+    return 3.0 * forward if train else forward
+
+
 def describe(config) -> str:
     counts = param_counts(config)
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
+from .model import mtp_segment_ids
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -32,29 +33,34 @@ def z_loss(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 def mtp_targets(targets: jax.Array, mask: jax.Array, segment_ids: jax.Array, depth: int):
     """Targets and mask for MTP depth k: entry i of depth k predicts ``targets[i + k]``; only where i and i+k
     belong to the same document (packed rows) and that target counts."""
-    t = targets.shape[1]
-    same_doc = (segment_ids[:, depth:] == segment_ids[:, : t - depth]) & (segment_ids[:, depth:] > 0)
+    same_doc = mtp_segment_ids(segment_ids, depth) > 0
     return targets[:, depth:], mask[:, depth:] * same_doc.astype(mask.dtype)
 
 
-def mtp_loss(mtp_logits: list[jax.Array], targets, mask, segment_ids, weight: float):
-    """``L_MTP = lambda / D * sum_k CE_k`` (DeepSeek-V3 eq. 25), each CE_k a mean over its counted tokens."""
+def mtp_loss(mtp_logits: list[jax.Array], targets, mask, segment_ids, weight: float, counts=None):
+    """``L_MTP = lambda / D * sum_k CE_k`` (DeepSeek-V3 eq. 25), each CE_k a mean over its counted tokens.
+
+    ``counts``: per depth, the number of counted tokens to divide by (default: this batch's own); the train
+    step passes the global batch's, so that micro-batches add up to the big batch's loss.
+    """
     if not mtp_logits:
         return jnp.zeros((), jnp.float32)
     total = jnp.zeros((), jnp.float32)
     for k, logits in enumerate(mtp_logits, start=1):
         tk, mk = mtp_targets(targets, mask, segment_ids, k)
         s, n = cross_entropy(logits, tk, mk)
-        total = total + s / jnp.maximum(n, 1.0)
+        total = total + s / jnp.maximum(n if counts is None else counts[k - 1], 1.0)
     return weight / len(mtp_logits) * total
 
 
-def balance_loss(stats: dict, config: ModelConfig, alpha: float, sequence_wise: bool) -> jax.Array:
+def balance_loss(stats: dict, config: ModelConfig, alpha: float, sequence_wise: bool,
+                 num_sequences=None) -> jax.Array:
     """DeepSeek's balance loss ``alpha * sum_i f_i P_i`` per MoE layer, summed over layers.
 
     ``f_i = E / (K * T) * (tokens choosing i)``, ``P_i = (1/T) * sum_t s'_{i,t}``. Sequence-wise (V3, and V2
-    with ``seq_aux``): computed per sequence and averaged over sequences; otherwise (V2 expert-level) over the
-    whole batch.
+    with ``seq_aux``): computed per sequence and averaged over the sequences that hold tokens (``num_sequences``
+    of them when given, a scalar or one per layer: the global batch's count under gradient accumulation);
+    otherwise (V2 expert-level) over the whole batch.
     """
     if not stats or alpha == 0:
         return jnp.zeros((), jnp.float32)
@@ -67,8 +73,28 @@ def balance_loss(stats: dict, config: ModelConfig, alpha: float, sequence_wise: 
     p = scores / tokens
     per_seq = (f * p).sum(-1)  # [L, B]
     has_tokens = (counts.sum(-1) > 0).astype(jnp.float32)
-    per_layer = (per_seq * has_tokens).sum(-1) / jnp.maximum(has_tokens.sum(-1), 1.0)
+    if num_sequences is None or not sequence_wise:
+        num_sequences = has_tokens.sum(-1)
+    per_layer = (per_seq * has_tokens).sum(-1) / jnp.maximum(num_sequences, 1.0)
     return alpha * per_layer.sum()
+
+
+def loss_normalizers(batch: dict, mtp_depths: int) -> dict:
+    """The counts each loss term divides by, taken from the whole (global) batch: counted tokens, per MTP
+    depth its counted tokens, and the sequences holding tokens (main stack and per MTP depth, for the
+    sequence-wise balance loss). Each micro-batch's loss divides its sums by these, so the micro-batches add
+    up to exactly the big batch's loss and gradient whatever their padding or packing."""
+    mask, seg = batch["loss_mask"].astype(jnp.float32), batch["segment_ids"]
+    rows = lambda s: (s > 0).any(axis=1).sum().astype(jnp.float32)  # noqa: E731
+    depths = range(1, mtp_depths + 1)
+    return {
+        "tokens": mask.sum(),
+        "mtp_tokens": jnp.stack([mtp_targets(batch["targets"], mask, seg, k)[1].sum() for k in depths])
+        if mtp_depths else jnp.zeros((0,), jnp.float32),
+        "sequences": rows(seg),
+        "mtp_sequences": jnp.stack([rows(mtp_segment_ids(seg, k)) for k in depths])
+        if mtp_depths else jnp.zeros((0,), jnp.float32),
+    }
 
 
 def update_correction_bias(bias: jax.Array, counts: jax.Array, gamma: float) -> jax.Array:

@@ -56,7 +56,7 @@ class MLA(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         n = self.config.qk_nope_head_dim
-        return q[..., :n], apply_rope(q[..., n:], cos, sin)
+        return q[..., :n], apply_rope(q[..., n:], cos, sin, self.config.rope_interleave)
 
     def latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x ``[B,T,D]`` -> normed latent c_kv ``[B,T,R]`` and shared rope key k_pe ``[B,T,P]``.
@@ -66,7 +66,7 @@ class MLA(nn.Module):
         r = self.config.kv_lora_rank
         kv = self.kv_a_proj_with_mqa(x)
         c_kv = self.kv_a_layernorm(kv[..., :r])
-        k_pe = apply_rope(kv[..., None, r:], cos, sin)[..., 0, :]
+        k_pe = apply_rope(kv[..., None, r:], cos, sin, self.config.rope_interleave)[..., 0, :]
         return c_kv, k_pe
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:

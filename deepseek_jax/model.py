@@ -25,6 +25,15 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return causal[None] & same & (segment_ids > 0)[:, None, :]
 
 
+def mtp_segment_ids(segment_ids: jax.Array, depth: int) -> jax.Array:
+    """Segment ids of MTP depth k's rows ``[B, T-k]``: row i pairs position i's hidden state with token i+k,
+    so it belongs to a document only when both do; a row straddling two packed documents (or padding) gets 0
+    and is seen by no other row."""
+    t = segment_ids.shape[1]
+    later, earlier = segment_ids[:, depth:], segment_ids[:, : t - depth]
+    return jnp.where(later == earlier, later, 0)
+
+
 def _stack(options: ModelOptions, length: int):
     block = Block
     if options.remat != "none":
@@ -102,7 +111,7 @@ class Transformer(nn.Module):
             for k in range(1, c.num_nextn_predict_layers + 1):
                 if t <= k:
                     raise ValueError(f"MTP depth {k} needs sequences longer than {k} tokens, got T={t}")
-                seg_k = segment_ids[:, k:]
+                seg_k = mtp_segment_ids(segment_ids, k)
                 cos_k, sin_k = rope_cos_sin(positions[:, k:], c)
                 h_prev, stats = MTPModule(c, o, name=f"mtp_{k - 1}")(
                     h_prev[:, : t - k], embed(tokens[:, k:]), cos_k, sin_k, attention_mask(seg_k), seg_k > 0

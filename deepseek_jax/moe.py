@@ -5,6 +5,8 @@ N tokens (batch and length flattened), D model width, E routed experts, K expert
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -12,9 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
+from .expert_parallel import dispatch_local, expert_parallel_dispatch
 from .linear import MatmulRecipe, contract_last, matmul_recipe
 from .mlp import MLP
 from .options import ModelOptions
+from .sharding import LOGICAL_RULES
 
 
 # ----- routing ------------------------------------------------------------------------------------
@@ -49,6 +53,8 @@ def select_experts(scores: jax.Array, bias: jax.Array | None, config: ModelConfi
     scores ``[N, E]`` fp32 from ``router_scores``; bias ``[E]`` (``noaux_tc`` only) shifts which experts are
     chosen but never the weights, which are gathered from the unbiased scores, optionally renormalized over
     the K chosen (``norm_topk_prob``, +1e-20 as the reference), then times ``routed_scaling_factor``.
+    Sigmoid routers renormalize for any K (V3's code and transformers do, so top-1 gets weight 1); softmax
+    routers only for K > 1, as DeepSeek's V2 code does.
     Returns weights ``[N, K]`` fp32 and expert ids ``[N, K]`` int32.
     """
     choice = scores if bias is None else scores + bias.astype(jnp.float32)
@@ -56,7 +62,7 @@ def select_experts(scores: jax.Array, bias: jax.Array | None, config: ModelConfi
         choice = jnp.where(_group_mask(choice, config), choice, -jnp.inf)
     _, idx = jax.lax.top_k(choice, config.num_experts_per_tok)
     weights = jnp.take_along_axis(scores, idx, axis=-1)
-    if config.norm_topk_prob and config.num_experts_per_tok > 1:
+    if config.norm_topk_prob and (config.num_experts_per_tok > 1 or config.scoring_func == "sigmoid"):
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
     return weights * config.routed_scaling_factor, idx.astype(jnp.int32)
 
@@ -95,98 +101,33 @@ class Router(nn.Module):
         return weights, idx, scores
 
 
-# ----- expert dispatch ----------------------------------------------------------------------------
-def _swiglu_expert(recipe: MatmulRecipe, x: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array) -> jax.Array:
-    """One expert on rows x ``[M, D]`` with weights ``[D, I]``, ``[D, I]``, ``[I, D]``."""
-    dims = (((1,), (0,)), ((), ()))
-    h = jax.nn.silu(recipe.dot_general(x, wg, dims)) * recipe.dot_general(x, wu, dims)
-    return recipe.dot_general(h, wd, dims)
+# ----- the routed experts -------------------------------------------------------------------------
+def _current_mesh():
+    """The mesh the step is being traced under (``jax.set_mesh``), or None on a single device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty or mesh.size == 1 else mesh
 
 
-def _sort_by_expert(idx: jax.Array, n_experts: int):
-    """The N*K (token, slot) assignments sorted by expert.
-
-    Returns ``order`` (sorted position -> assignment), the sorted experts and tokens, per-expert counts, and
-    ``rank`` (assignment -> sorted position), so results can be gathered back per slot without a scatter.
-    """
-    k = idx.shape[1]
-    flat = idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-    counts = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
-    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=jnp.int32))
-    return order, flat[order], order // k, counts, rank
-
-
-def _combine(y_slots: jax.Array, weights: jax.Array) -> jax.Array:
-    """Weighted sum over each token's K expert outputs ``[N*K, D]`` -> ``[N, D]`` in fp32."""
-    n, k = weights.shape
-    return jnp.einsum("nkd,nk->nd", y_slots.reshape(n, k, -1).astype(jnp.float32), weights)
-
-
-def default_block_size(num_assignments: int, n_experts: int) -> int:
-    """Rows per block: about the mean rows per expert, a power of two in [8, 256]."""
-    mean = max(num_assignments // max(n_experts, 1), 1)
-    return int(min(256, max(8, 1 << (mean.bit_length() - 1))))
-
-
-def dispatch_blocked(recipe, x, weights, idx, wg, wu, wd, block_size: int) -> jax.Array:
-    """Dropless, sparse dispatch for any backend.
-
-    The N*K assignments are sorted by expert and each expert's run is padded to a multiple of
-    ``block_size``; one scan step computes one block with the one expert that owns it. Work is at most
-    ``N*K + E*(block_size-1)`` rows, never E*N. Rows move by gathers only (XLA:CPU scatters are serial).
-    """
-    n, d = x.shape
-    e = wg.shape[0]
-    a = idx.size
-    m = block_size
-    _, sorted_e, sorted_tok, counts, rank = _sort_by_expert(idx, e)
-    starts = jnp.cumsum(counts) - counts
-    padded = (counts + m - 1) // m * m
-    padded_ends = jnp.cumsum(padded)
-    dest = (padded_ends - padded)[sorted_e] + (jnp.arange(a, dtype=jnp.int32) - starts[sorted_e])
-    n_blocks = (a + e * (m - 1)) // m
-    # Which token fills each buffer row; padding rows read an appended zero row.
-    row_token = jnp.full((n_blocks * m,), n, jnp.int32).at[dest].set(sorted_tok)
-    x_buf = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token]
-    block_expert = jnp.minimum(
-        jnp.searchsorted(padded_ends, jnp.arange(n_blocks, dtype=jnp.int32) * m, side="right"), e - 1
-    )
-
-    def one_block(_, inp):
-        xb, ex = inp
-        return None, _swiglu_expert(recipe, xb, wg[ex], wu[ex], wd[ex])
-
-    _, y_buf = jax.lax.scan(one_block, None, (x_buf.reshape(n_blocks, m, d), block_expert))
-    return _combine(y_buf.reshape(n_blocks * m, d)[dest[rank]], weights)
-
-
-def dispatch_ragged(recipe, x, weights, idx, wg, wu, wd) -> jax.Array:
-    """Dropless dispatch with ``jax.lax.ragged_dot`` grouped GEMMs (sparse on GPU/TPU)."""
-    _, _, sorted_tok, counts, rank = _sort_by_expert(idx, wg.shape[0])
-    xs = x[sorted_tok]
-    h = jax.nn.silu(recipe.ragged_dot(xs, wg, counts)) * recipe.ragged_dot(xs, wu, counts)
-    return _combine(recipe.ragged_dot(h, wd, counts)[rank], weights)
-
-
-def dispatch_dense(recipe, x, weights, idx, wg, wu, wd) -> jax.Array:
-    """Every expert on every token, combined with the sparse weights: a reference for tests only."""
-    e = wg.shape[0]
-    dims = (((1,), (1,)), ((), ()))
-    h = jax.nn.silu(recipe.dot_general(x, wg, dims)) * recipe.dot_general(x, wu, dims)  # [N, E, I]
-    y = recipe.dot_general(h, wd, (((2,), (1,)), ((1,), (0,))))  # [E, N, D]
-    combine = (jax.nn.one_hot(idx, e, dtype=jnp.float32) * weights[..., None]).sum(1)  # [N, E]
-    return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine)
+def _axis(rules: dict, name: str) -> tuple[str, ...]:
+    axes = rules.get(name)
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
 
 
 class Experts(nn.Module):
-    """The routed experts' weights, stacked: gate/up ``[E, D, I]``, down ``[E, I, D]``."""
+    """The routed experts' weights, stacked: gate/up ``[E, D, I]``, down ``[E, I, D]``; and their dispatch.
+
+    On one device every expert runs here. Under a mesh (a step traced with ``jax.set_mesh``) the dispatch runs
+    per device under ``jax.shard_map`` (``expert_parallel``): each device routes its own tokens, and with an
+    ``expert`` axis the rows travel to the experts' owners by all-to-all. The mesh axes come from the logical
+    rules in effect (``act_batch`` for the tokens, ``expert`` for the expert stacks, ``moe_mlp`` for their width).
+    Returns the combined output ``[N, D]`` (fp32) and the rows dropped by ``capacity_factor`` (0 when dropless).
+    """
 
     config: ModelConfig
     options: ModelOptions
 
     @nn.compact
-    def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array, batch: int):
         c, o = self.config, self.options
         e, d, i = c.n_routed_experts, x.shape[-1], c.moe_intermediate_size
 
@@ -198,13 +139,26 @@ class Experts(nn.Module):
         wu = param("up_proj", (e, d, i), ("expert", "embed", "moe_mlp"))
         wd = param("down_proj", (e, i, d), ("expert", "moe_mlp", "embed"))
         recipe = matmul_recipe(o)
-        mode = o.resolved_moe_dispatch()
-        if mode == "blocked":
-            m = o.moe_block_size or default_block_size(idx.size, e)
-            return dispatch_blocked(recipe, x, weights, idx, wg, wu, wd, m)
-        if mode == "ragged":
-            return dispatch_ragged(recipe, x, weights, idx, wg, wu, wd)
-        return dispatch_dense(recipe, x, weights, idx, wg, wu, wd)
+        mesh = _current_mesh()
+        if mesh is None:
+            impl = o.grouped_impl(idx.size, e)
+            return dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl, o.moe_block_size), jnp.zeros((), jnp.int32)
+        rules = dict(nn.get_logical_axis_rules() or LOGICAL_RULES)
+        expert_axes = _axis(rules, "expert")
+        tensor_axes = _axis(rules, "moe_mlp")
+        ep = mesh.shape[expert_axes[0]] if expert_axes else 1
+        token_axes = _axis(rules, "act_batch")
+        n_split = max((math.prod(mesh.shape[a] for a in sub) for r in range(len(token_axes) + 1)
+                       for sub in itertools.combinations(token_axes, r)
+                       if batch % math.prod(mesh.shape[a] for a in sub) == 0), default=1)
+        # Rows a device's grouped GEMM sees: its own tokens' rows, times EP when they arrive from its peers.
+        rows = idx.size // n_split * (ep if expert_axes and expert_axes[0] in token_axes else 1)
+        impl = o.grouped_impl(rows, e // ep)
+        return expert_parallel_dispatch(
+            recipe, x, weights, idx, wg, wu, wd, mesh=mesh, batch=batch, token_axes=token_axes,
+            expert_axis=expert_axes[0] if expert_axes else None, tensor_axis=tensor_axes[0] if tensor_axes else None,
+            impl=impl, block_size=o.moe_block_size, capacity_factor=o.capacity_factor,
+            ragged=o.target_platform() in ("tpu", "gpu"))
 
 
 class MoE(nn.Module):
@@ -212,7 +166,8 @@ class MoE(nn.Module):
 
     Statistics (per sequence, padding excluded; what the balance losses and the bias update need):
       ``counts [B, E]``: how many of the sequence's tokens chose each expert (sum over E = K * tokens);
-      ``scores [B, E]``: sum over the sequence's tokens of the scores normalized per token, ``s / sum(s)``.
+      ``scores [B, E]``: sum over the sequence's tokens of the scores normalized per token, ``s / sum(s)``;
+      ``dropped []``: token-expert rows dropped by ``ModelOptions.capacity_factor`` (0 when dropless).
     """
 
     config: ModelConfig
@@ -224,7 +179,7 @@ class MoE(nn.Module):
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         weights, idx, scores = Router(c, o, name="gate")(flat)
-        routed = Experts(c, o, name="experts")(flat, weights, idx)
+        routed, dropped = Experts(c, o, name="experts")(flat, weights, idx, b)
         out = routed.astype(o.compute_dtype).reshape(b, t, d)
         if c.n_shared_experts > 0:
             shared = MLP(c.n_shared_experts * c.moe_intermediate_size, o, c.initializer_range, name="shared_experts")
@@ -235,5 +190,6 @@ class MoE(nn.Module):
         stats = {
             "counts": chosen.reshape(b, t, -1).sum(1),
             "scores": normed.reshape(b, t, -1).sum(1),
+            "dropped": dropped,
         }
         return out, stats

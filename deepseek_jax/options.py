@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-MOE_DISPATCHES = ("auto", "blocked", "ragged", "dense")
+MOE_DISPATCHES = ("auto", "blocked", "ragged", "gather", "dense")
+PLATFORMS = (None, "cpu", "gpu", "tpu")
 MATMUL_RECIPES = ("default", "fp8")
 
 
@@ -22,11 +23,19 @@ class ModelOptions:
     remat: rematerialization policy of each scanned block: "none", "full" (save nothing), "dots" (save
         matmul outputs), "dots_no_batch" (save matmul outputs without batch dims).
     scan_unroll: ``unroll`` of the layer scans (1 = a loop; the layer count = fully unrolled).
-    moe_dispatch: "blocked" sorts token-expert assignments by expert into fixed-size blocks and runs one
-        expert per block (dropless, sparse on every backend); "ragged" uses ``jax.lax.ragged_dot`` (a grouped
-        GEMM on GPU/TPU, but XLA:CPU expands it densely); "dense" runs every expert on every token (a
-        reference, for tests); "auto" picks "ragged" on GPU/TPU and "blocked" on CPU.
+    moe_dispatch: the grouped GEMM of the routed experts (``grouped.py``): "blocked" (rows sorted by expert into
+        fixed-size blocks, one expert per block, empty blocks skipped: sparse on every backend), "ragged"
+        (``jax.lax.ragged_dot``: the TPU's grouped GEMM; XLA:CPU, and by report jaxlib 0.10's GPU backend,
+        expand it into a dense matmul per expert), "gather" (each row gathers its expert's weights: for steps
+        with fewer rows than experts), "dense" (every expert on every row: a test reference). "auto": "gather"
+        when a device's step has fewer token-expert rows than experts (small-batch decode), else "ragged" on
+        TPU and "blocked" elsewhere.
     moe_block_size: rows per block for "blocked" (None: chosen from the token count).
+    capacity_factor: None (dropless, the default) or c > 0: under expert parallelism each device sends at most
+        ``ceil(c * rows / EP)`` rows to each peer and drops the rest (``expert_parallel``), counted in the router
+        statistics' ``dropped``.
+    platform: the backend the step is compiled for ("cpu", "gpu", "tpu"); None: JAX's default backend.
+        ``deepseek-jax plan`` sets it when it compiles for a TPU topology from another machine.
     matmul: the recipe behind the one dot_general hook ("default", or "fp8" once that lands).
     """
 
@@ -36,6 +45,8 @@ class ModelOptions:
     scan_unroll: int = 1
     moe_dispatch: str = "auto"
     moe_block_size: Optional[int] = None
+    capacity_factor: Optional[float] = None
+    platform: Optional[str] = None
     matmul: str = "default"
 
     def __post_init__(self):
@@ -51,6 +62,10 @@ class ModelOptions:
             raise ValueError(f"ModelOptions.scan_unroll = {self.scan_unroll}: expected >= 1")
         if self.moe_block_size is not None and self.moe_block_size < 1:
             raise ValueError(f"ModelOptions.moe_block_size = {self.moe_block_size}: expected >= 1")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"ModelOptions.capacity_factor = {self.capacity_factor}: expected None or > 0")
+        if self.platform not in PLATFORMS:
+            raise ValueError(f"ModelOptions.platform = {self.platform!r}: expected one of {PLATFORMS}")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -60,10 +75,16 @@ class ModelOptions:
     def params_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
 
-    def resolved_moe_dispatch(self) -> str:
+    def target_platform(self) -> str:
+        return self.platform or jax.default_backend()
+
+    def grouped_impl(self, rows: int, groups: int) -> str:
+        """The grouped GEMM for a step whose device sees ``rows`` token-expert rows over ``groups`` experts."""
         if self.moe_dispatch != "auto":
             return self.moe_dispatch
-        return "blocked" if jax.default_backend() == "cpu" else "ragged"
+        if rows < groups:
+            return "gather"
+        return "ragged" if self.target_platform() == "tpu" else "blocked"
 
     def replace(self, **changes) -> "ModelOptions":
         return dataclasses.replace(self, **changes)

@@ -3,7 +3,8 @@
 The released checkpoints were trained with rope applied to interleaved pairs ``(x0, x1), (x2, x3), ...``;
 we rotate those pairs in place (no weight permutation, as in the official inference code). transformers
 de-interleaves at run time instead; attention scores are identical either way, only the layout of cached
-rope keys differs by a fixed permutation.
+rope keys differs by a fixed permutation. A V3 config with ``rope_interleave: false`` pairs the two halves
+``(x_i, x_{i+d/2})`` instead, as transformers' ``rotate_half`` does for such checkpoints.
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
         return extrapolation
     interpolation = (np.float32(1.0) / (np.float32(rs.factor) * pos_freqs)).astype(np.float32)
     orig = rs.original_max_position_embeddings
-    low = max(math.floor(_yarn_correction_dim(rs.beta_fast, dim, config.rope_theta, orig)), 0)
-    high = min(math.ceil(_yarn_correction_dim(rs.beta_slow, dim, config.rope_theta, orig)), dim - 1)
+    low = _yarn_correction_dim(rs.beta_fast, dim, config.rope_theta, orig)
+    high = _yarn_correction_dim(rs.beta_slow, dim, config.rope_theta, orig)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
@@ -44,10 +48,13 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
 
 
 def rope_attention_factor(config: ModelConfig) -> float:
-    """YaRN's cos/sin multiplier ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` (1.0 when off)."""
+    """YaRN's cos/sin multiplier (1.0 when off): ``attention_factor`` when config.json gives it, else
+    ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are given, else ``mscale(factor)``."""
     rs = config.rope_scaling
     if rs is None:
         return 1.0
+    if rs.attention_factor is not None:
+        return float(rs.attention_factor)
     if rs.mscale and rs.mscale_all_dim:
         return yarn_get_mscale(rs.factor, rs.mscale) / yarn_get_mscale(rs.factor, rs.mscale_all_dim)
     return yarn_get_mscale(rs.factor)
@@ -61,10 +68,17 @@ def rope_cos_sin(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, 
     return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate interleaved pairs of ``x [B, T, H, d]`` by ``cos/sin [B, T, d/2]``; fp32 math, x's dtype out."""
-    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-    even, odd = x32[..., 0], x32[..., 1]
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleave: bool = True) -> jax.Array:
+    """Rotate pairs of ``x [B, T, H, d]`` by ``cos/sin [B, T, d/2]``; fp32 math, x's dtype out.
+
+    ``interleave``: pair i is ``(x_{2i}, x_{2i+1})`` (the released checkpoints); else ``(x_i, x_{i+d/2})``.
+    """
+    x32 = x.astype(jnp.float32)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
+    if not interleave:
+        a, b = jnp.split(x32, 2, axis=-1)
+        return jnp.concatenate([a * c - b * s, b * c + a * s], axis=-1).astype(x.dtype)
+    x32 = x32.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    even, odd = x32[..., 0], x32[..., 1]
     out = jnp.stack([even * c - odd * s, odd * c + even * s], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)

@@ -2,13 +2,24 @@
 
 Layers name their weights (``embed``, ``heads``, ``expert``...) and activations (``act_batch``...); nothing else
 names mesh axes. ``LOGICAL_RULES`` says where each name goes; ``param_shardings`` turns a params tree's names
-and shapes into ``NamedSharding``s, replicating any dim a mesh axis does not divide evenly.
+and shapes into ``NamedSharding``s.
+
+Weights are FSDP-sharded over the whole mesh: the expert stacks put their expert dim on ``expert`` (so expert
+weights never cross that axis) and their model dim on ``fsdp``; every other weight puts its first shardable dim
+(``embed``, ``vocab``, ``q_lora``, ``kv_lora``, the MLP width) on ``fsdp x expert`` (``x data`` with
+``logical_rules(fsdp_over_data=True)``, ZeRO-3 style), and heads / MLP widths on ``tensor``. A weight's dims take
+axes in order and an axis is used once per weight, so each weight ends up split over every axis that divides it.
+A dim that its axes' product does not divide is sharded over the largest product of them that does (with a
+warning), not silently replicated.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
+import warnings
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -18,27 +29,34 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")  # the global batch is split over every non-tensor axis
+FSDP_AXES = ("fsdp", "expert")  # non-expert weights: FSDP over these (and data, when asked)
 
-# Logical name -> mesh axes (or None: replicated). Weights are sharded over fsdp on their model dim and over
-# tensor on heads / MLP width / vocab; experts over expert. Activations shard batch only.
-LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("act_batch", BATCH_AXES),
-    ("act_length", None),
-    ("act_embed", None),
-    ("layers", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("moe_mlp", "tensor"),
-    ("expert", "expert"),
-    ("q_lora", None),
-    ("kv_lora", None),
-    ("qk_head", None),
-    ("kv_head", None),
-    ("v_head", None),
-    ("mtp_concat", None),
-)
+
+def logical_rules(fsdp_over_data: bool = False) -> tuple[tuple[str, Any], ...]:
+    """Logical name -> mesh axes (or None: replicated), in the order a dim tries them."""
+    fsdp = (("data",) if fsdp_over_data else ()) + FSDP_AXES
+    return (
+        ("act_batch", BATCH_AXES),
+        ("act_length", None),
+        ("act_embed", None),
+        ("layers", None),
+        ("expert", "expert"),
+        ("embed", fsdp),
+        ("vocab", ("tensor",) + fsdp),
+        ("heads", "tensor"),
+        ("mlp", ("tensor",) + fsdp),
+        ("moe_mlp", "tensor"),
+        ("q_lora", fsdp),
+        ("kv_lora", fsdp),
+        ("qk_head", None),
+        ("kv_head", None),
+        ("v_head", None),
+        ("mtp_concat", fsdp),
+    )
+
+
+LOGICAL_RULES = logical_rules()
+_WARNED: set = set()
 
 
 def parse_mesh_spec(spec: str | None, n_devices: int) -> dict[str, int]:
@@ -75,7 +93,18 @@ def make_mesh(spec: str | None = None, devices: Optional[Sequence[jax.Device]] =
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def _mesh_axes_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules) -> PartitionSpec:
+def _largest_dividing(axes: tuple[str, ...], dim: int, mesh) -> tuple[str, ...]:
+    """The sub-tuple of ``axes`` (order kept) with the largest product of sizes that divides ``dim``."""
+    best: tuple[str, ...] = ()
+    for r in range(len(axes), 0, -1):
+        for sub in itertools.combinations(axes, r):
+            size = math.prod(mesh.shape[a] for a in sub)
+            if dim % size == 0 and size > math.prod(mesh.shape[a] for a in best):
+                best = sub
+    return best
+
+
+def _mesh_axes_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh, rules) -> PartitionSpec:
     rule = dict(rules)
     used: set[str] = set()
     out = []
@@ -86,12 +115,18 @@ def _mesh_axes_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh: M
             continue
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
         axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-        size = math.prod(mesh.shape[a] for a in axes)
-        if not axes or dim % size:
-            out.append(None)  # replicate a dim the axis does not divide (tiny models, odd sizes)
+        chosen = _largest_dividing(axes, dim, mesh)
+        if chosen != axes and not name.startswith("act_") and (name, dim, axes) not in _WARNED:
+            _WARNED.add((name, dim, axes))
+            ways = math.prod(mesh.shape[a] for a in chosen)
+            warnings.warn(f"logical axis {name!r} of size {dim} does not divide over {axes} "
+                          f"({math.prod(mesh.shape[a] for a in axes)} ways); sharded over {chosen or 'nothing'} "
+                          f"({ways} ways)", stacklevel=3)
+        if not chosen:
+            out.append(None)
             continue
-        used.update(axes)
-        out.append(axes[0] if len(axes) == 1 else axes)
+        used.update(chosen)
+        out.append(chosen[0] if len(chosen) == 1 else chosen)
     return PartitionSpec(*out)
 
 
@@ -108,6 +143,15 @@ def param_shardings(boxed_abstract_params, mesh: Mesh, rules=LOGICAL_RULES):
         lambda spec, x: logical_sharding(tuple(spec), x.shape, mesh, rules),
         specs, shapes, is_leaf=lambda s: isinstance(s, PartitionSpec),
     )
+
+
+def mesh_context(mesh):
+    """Make ``mesh`` the ambient mesh while a step is traced: the layers' activation constraints apply and the
+    MoE runs expert-parallel under it (``moe.Experts``). A no-op for ``None``."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    setter = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh", None)
+    return setter(mesh) if setter is not None else contextlib.nullcontext()
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

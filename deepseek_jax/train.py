@@ -6,7 +6,6 @@ the state donated. The same code runs on one CPU, simulated CPU devices, a GPU, 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -25,9 +24,10 @@ from .config import ModelConfig
 from .model import Transformer
 from .optimizer import learning_rate_schedule, make_optimizer
 from .options import ModelOptions
-from .sharding import LOGICAL_RULES, batch_sharding, param_shardings, replicated
+from .sharding import batch_sharding, logical_rules, mesh_context, param_shardings, replicated
 
 PRECISIONS = ("fp32", "bf16", "fp8")
+V3_SEQUENCE_BALANCE_ALPHA = 1e-4  # DeepSeek-V3 report, section 4.2
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
@@ -48,12 +48,16 @@ class TrainConfig:
     clip_norm: float = 1.0
     grad_accum: int = 1
     mtp_weight: float = 0.3  # lambda of L_MTP (DeepSeek-V3: 0.3 early, 0.1 later)
-    balance_alpha: Optional[float] = None  # None: config.aux_loss_alpha
+    balance_alpha: Optional[float] = None  # None: see balance_alpha_for
+
     bias_update_rate: float = 0.001  # gamma of the aux-loss-free bias update
     z_loss_weight: float = 0.0
     bf16_moments: bool = False
+    fsdp_over_data: bool = False  # shard weights and optimizer state over `data` too (ZeRO-3), not just fsdp x expert
     precision: str = "fp32"
     remat: str = "none"
+    moe_dispatch: str = "auto"  # ModelOptions.moe_dispatch
+    capacity_factor: Optional[float] = None  # ModelOptions.capacity_factor (None: dropless)
     seed: int = 0
 
     def __post_init__(self):
@@ -62,18 +66,22 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
 
+    def balance_alpha_for(self, config: ModelConfig) -> float:
+        """The balance-loss weight alpha: ``balance_alpha`` when set; otherwise, for aux-loss-free (``noaux_tc``)
+        models, DeepSeek-V3's paper value 0.0001 (section 4.2: the sequence-wise loss is only a safeguard next
+        to the bias update; the released config.json's ``aux_loss_alpha: 0.001`` is a field V3's own code
+        never reads), and for V2-style routers their config's ``aux_loss_alpha`` (0.001 V2-Lite, 0.003 V2)."""
+        if self.balance_alpha is not None:
+            return self.balance_alpha
+        return V3_SEQUENCE_BALANCE_ALPHA if config.topk_method == "noaux_tc" else config.aux_loss_alpha
+
     def model_options(self) -> ModelOptions:
         """fp32: everything fp32. bf16: fp32 master weights, bf16 compute. fp8: bf16 compute with DeepSeek's
         E4M3 tile/block recipe on every linear layer's GEMMs."""
         dtype = "float32" if self.precision == "fp32" else "bfloat16"
         matmul = "fp8" if self.precision == "fp8" else "default"
-        return ModelOptions(dtype=dtype, param_dtype="float32", remat=self.remat, matmul=matmul)
-
-
-def _mesh_context(mesh):
-    """Make ``mesh`` the ambient mesh while tracing, so the layers' activation constraints apply."""
-    setter = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh", None)
-    return setter(mesh) if setter is not None else contextlib.nullcontext()
+        return ModelOptions(dtype=dtype, param_dtype="float32", remat=self.remat, matmul=matmul,
+                            moe_dispatch=self.moe_dispatch, capacity_factor=self.capacity_factor)
 
 
 class Trainer:
@@ -85,10 +93,11 @@ class Trainer:
         self.schedule = learning_rate_schedule(tc.learning_rate, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
         self.optimizer = make_optimizer(self.schedule, weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2,
                                         eps=tc.eps, clip_norm=tc.clip_norm, bf16_moments=tc.bf16_moments)
-        self.alpha = config.aux_loss_alpha if tc.balance_alpha is None else tc.balance_alpha
+        self.alpha = tc.balance_alpha_for(config)
         dummy = jnp.zeros((1, 2), jnp.int32)
         boxed = jax.eval_shape(self.model.init, jax.random.PRNGKey(0), dummy)["params"]
-        self.param_shardings = param_shardings(boxed, mesh)
+        self.rules = logical_rules(tc.fsdp_over_data)
+        self.param_shardings = param_shardings(boxed, mesh, self.rules)
         self._dummy = dummy
         self.batch_sharding = batch_sharding(mesh)
         self._step = None
@@ -135,57 +144,70 @@ class Trainer:
         return jax.tree_util.tree_map_with_path(pick, tree)
 
     # ----- the step ---------------------------------------------------------------------------------
-    def _loss(self, params, batch):
+    def _loss(self, params, batch, norm=None):
+        """The total loss of (a micro-batch of) the batch; ``norm`` (``losses.loss_normalizers`` of the whole
+        global batch, default this batch's) holds the counts every sum is divided by, so micro-batch losses
+        add up to the batch's."""
         c, tc = self.config, self.tc
+        if norm is None:
+            norm = losses.loss_normalizers(batch, c.num_nextn_predict_layers)
         mtp_on = c.num_nextn_predict_layers > 0 and tc.mtp_weight > 0
-        with nn.logical_axis_rules(LOGICAL_RULES):
+        with nn.logical_axis_rules(self.rules):
             logits, aux = self.model.apply(
                 {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
                 return_mtp=mtp_on, return_router_stats=True,
             )
         mask = batch["loss_mask"]
+        n_tokens = jnp.maximum(norm["tokens"], 1.0)
         ce_sum, n = losses.cross_entropy(logits, batch["targets"], mask)
-        ce = ce_sum / jnp.maximum(n, 1.0)
+        ce = ce_sum / n_tokens
         mtp = losses.mtp_loss(aux.get("mtp_logits", []), batch["targets"], mask, batch["segment_ids"],
-                              tc.mtp_weight) if mtp_on else jnp.zeros((), jnp.float32)
+                              tc.mtp_weight, norm["mtp_tokens"]) if mtp_on else jnp.zeros((), jnp.float32)
         stats = aux["router_stats"]
         mtp_stats = aux.get("mtp_router_stats", {})
-        balance = losses.balance_loss(stats, c, self.alpha, c.seq_aux)
+        # The expert-level (V2, batch-wise) loss is not a sum over sequences: under accumulation it is each
+        # micro-batch's own, averaged over the micro-batches.
+        per_micro = 1.0 if c.seq_aux else 1.0 / norm.get("micro_batches", 1)
+        balance = per_micro * losses.balance_loss(stats, c, self.alpha, c.seq_aux, norm["sequences"])
         if mtp_stats:
-            balance = balance + losses.balance_loss(mtp_stats, c, self.alpha, c.seq_aux)
+            balance = balance + per_micro * losses.balance_loss(mtp_stats, c, self.alpha, c.seq_aux,
+                                                                norm["mtp_sequences"])
         z = jnp.zeros((), jnp.float32)
         if tc.z_loss_weight:
             z_sum, _ = losses.z_loss(logits, mask)
-            z = tc.z_loss_weight * z_sum / jnp.maximum(n, 1.0)
+            z = tc.z_loss_weight * z_sum / n_tokens
         total = ce + mtp + balance + z
         counts = {
             "moe": stats["counts"].sum(1) if stats else jnp.zeros((0, 1)),
             "mtp": mtp_stats["counts"].sum(1) if mtp_stats else jnp.zeros((0, 1)),
         }
+        dropped = sum((s["dropped"].sum() for s in (stats, mtp_stats) if s), jnp.zeros((), jnp.int32))
         parts = {"loss": ce, "mtp_loss": mtp, "balance_loss": balance, "z_loss": z, "total_loss": total,
-                 "tokens": n}
+                 "tokens": n, "input_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),
+                 "moe_dropped": dropped.astype(jnp.float32)}
         return total, (parts, counts)
 
     def _grads(self, params, batch):
-        """Gradients averaged over ``grad_accum`` micro-batches (a scan), with summed router counts."""
+        """Gradients of the global batch's loss, summed over ``grad_accum`` micro-batches (a scan); every term
+        divides by the global batch's counts, so this equals one big batch whatever the padding."""
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        norm = losses.loss_normalizers(batch, self.config.num_nextn_predict_layers)
         k = self.tc.grad_accum
+        norm["micro_batches"] = k
         if k == 1:
-            (_, aux), grads = grad_fn(params, batch)
+            (_, aux), grads = grad_fn(params, batch, norm)
             return grads, aux
         micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
 
         def body(acc, mb):
-            (_, aux), g = grad_fn(params, mb)
+            (_, aux), g = grad_fn(params, mb, norm)
             return jax.tree.map(jnp.add, acc, (g, aux)), None
 
         zero_g = jax.tree.map(jnp.zeros_like, params)
-        zero_aux = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro))[0][1])
+        zero_aux = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), norm)[0][1])
         zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_aux)
         (grads, aux), _ = jax.lax.scan(body, (zero_g, zero_aux), micro)
-        parts, counts = aux
-        parts = {name: (v if name == "tokens" else v / k) for name, v in parts.items()}
-        return jax.tree.map(lambda g: g / k, grads), (parts, counts)
+        return grads, aux
 
     def _update_biases(self, params, counts):
         """The aux-loss-free bias update from the global batch's expert loads, after the optimizer step."""
@@ -236,7 +258,7 @@ class Trainer:
         return self._step
 
     def run_step(self, state, batch):
-        with _mesh_context(self.mesh):
+        with mesh_context(self.mesh):
             return self.step_fn(state)(state, batch)
 
     def put_batch(self, local_batch: dict) -> dict:
@@ -253,32 +275,33 @@ class Trainer:
     # ----- accounting -------------------------------------------------------------------------------
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 x active params (routed experts at K/E) + causal attention."""
-        c = self.config
-        shapes = jax.eval_shape(lambda: nn.meta.unbox(self.model.init(jax.random.PRNGKey(0), self._dummy)))["params"]
-        active = 0.0
-        for path, x in jax.tree_util.tree_leaves_with_path(shapes):
-            keys = [str(getattr(p, "key", p)) for p in path]
-            n = float(np.prod(x.shape))
-            if keys[0] == "embed_tokens" or keys[0].startswith("mtp_") and self.tc.mtp_weight == 0:
-                continue
-            if "experts" in keys and "shared_experts" not in keys:
-                n *= c.num_experts_per_tok / c.n_routed_experts
-            active += n
-        n_layers = c.num_hidden_layers + c.num_nextn_predict_layers
-        attn = 6.0 * n_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * self.tc.seq_len / 2
-        return 6.0 * active + attn
+        from .info import flops_per_token
+
+        mtp = self.config.num_nextn_predict_layers > 0 and self.tc.mtp_weight > 0
+        return flops_per_token(self.config, self.tc.seq_len / 2, train=True, mtp=mtp)
 
 
-# Dense bf16 peak FLOP/s per device, for the MFU estimate (None: unknown, MFU not reported).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5": 459e12, "TPU v4": 275e12}
+# Dense bf16 peak FLOP/s per chip from the vendors' data sheets, for the MFU estimate, matched in order against
+# the lower-cased ``device_kind`` (the first match wins, so the variants come before their family).
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("tpu v6 lite", 918e12), ("tpu v6e", 918e12),      # Trillium
+    ("tpu v5 lite", 197e12), ("tpu v5e", 197e12),      # v5e reports itself as "TPU v5 lite"
+    ("tpu v5p", 459e12), ("tpu v5", 459e12),           # v5p reports itself as "TPU v5"
+    ("tpu v4", 275e12),
+    ("h100 pcie", 756e12), ("h100 nvl", 835e12), ("h100", 989e12),   # plain "H100 80GB HBM3" is the SXM part
+    ("h200", 989e12), ("gh200", 989e12),
+    ("a100", 312e12),
+)
+
+
+def peak_flops(device_kind: str) -> Optional[float]:
+    """Dense bf16 peak FLOP/s of one chip of ``device_kind`` (None: unknown, MFU not reported)."""
+    kind = device_kind.lower()
+    return next((flops for name, flops in PEAK_FLOPS if name in kind), None)
 
 
 def peak_flops_per_device() -> Optional[float]:
-    kind = jax.devices()[0].device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
+    return peak_flops(jax.devices()[0].device_kind)
 
 
 # ----- checkpoints --------------------------------------------------------------------------------
@@ -340,7 +363,8 @@ def mfu(flops_per_token: float, tokens_per_s: float) -> Optional[float]:
 
 # ----- the loop -----------------------------------------------------------------------------------
 def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Optional[str] = None,
-        data: Optional[str] = None, tokenizer=None, save_every: int = 100, keep: int = 3, resume: bool = True,
+        data: Optional[str] = None, tokenizer=None, eos_id: Optional[int] = None, save_every: int = 100,
+        keep: int = 3, resume: bool = True,
         progress: bool = True, async_save: bool = True, stop_after: Optional[int] = None) -> list[dict]:
     """Train (or resume) in ``workdir``: checkpoints in ``workdir/checkpoints``, metrics in
     ``workdir/metrics.jsonl`` and TensorBoard events in ``workdir/tb``, the loss curve in ``workdir/loss.png``.
@@ -354,7 +378,7 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     mesh = make_mesh(mesh_spec)
     trainer = Trainer(config, tc, mesh)
     dataset = make_dataset(data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
-                           process_index=jax.process_index(), process_count=jax.process_count())
+                           eos_id=eos_id, process_index=jax.process_index(), process_count=jax.process_count())
     if dataset.vocab_size > config.vocab_size:
         raise ValueError(f"the data's vocabulary has {dataset.vocab_size} ids but the model's vocab_size is "
                          f"{config.vocab_size}; set vocab_size >= {dataset.vocab_size}")
@@ -381,7 +405,6 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(os.path.join(workdir, "tb"))
     flops = trainer.flops_per_token()
-    tokens_per_step = tc.batch_size * tc.seq_len
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     records = []
     bar = tqdm(range(start, end), initial=start, total=tc.steps, desc="train", disable=not (progress and main),
@@ -394,8 +417,11 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
             m = metrics_to_host(metrics)
             t = time.perf_counter()
             m["step"] = step + 1
-            m["tokens_per_s"] = tokens_per_step / max(t - t_last, 1e-9)
-            m["mfu"] = mfu(flops, m["tokens_per_s"])
+            # Real (non-padding) tokens over the step's wall time; the first step of a process compiles, so
+            # it has no rate.
+            first = step == start
+            m["tokens_per_s"] = None if first else m["input_tokens"] / max(t - t_last, 1e-9)
+            m["mfu"] = None if first else mfu(flops, m["tokens_per_s"])
             t_last = t
             records.append(m)
             if main:
@@ -404,7 +430,8 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
                 for k, v in m.items():
                     if isinstance(v, float):
                         writer.add_scalar(f"train/{k}", v, step + 1)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_loss']:.3f}",
+                                tok_s="-" if first else f"{m['tokens_per_s']:.0f}")
             if not math.isfinite(m["total_loss"]):
                 raise FloatingPointError(f"step {step + 1}: loss is {m['total_loss']}")
             ckpt.save(step + 1, state, {"data": dataset.state(), "seed": tc.seed, "step": step + 1},
@@ -416,6 +443,47 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     if main:
         plot_loss_curve(_read_history(metrics_path), os.path.join(workdir, "loss.png"))
     return records
+
+
+def evaluate_arithmetic(config: ModelConfig, params, *, seed: int = 12345, batches: int = 4, batch_size: int = 32,
+                        seq_len: int = 128, samples: int = 6, options: ModelOptions = ModelOptions()) -> dict:
+    """How well a model trained on the built-in data does arithmetic, on documents drawn with another seed.
+
+    ``exact``: the fraction of held-out answers that greedy decoding gets entirely right (every digit and the
+    line end; ``data.arithmetic_exact_accuracy`` over ``batches`` batches, ``answers`` of them scored).
+    ``samples``: a few ``(question, model's greedy answer, right answer)`` strings, each question asked alone
+    after BOS.
+    """
+    from .data import BOS_ID, _CHAR_TO_ID, _NEWLINE_ID, arithmetic_exact_accuracy, arithmetic_text, decode, \
+        make_dataset
+
+    model = Transformer(config, options)
+    apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+    held_out = make_dataset(None, seq_len=seq_len, batch_size=batch_size, seed=seed)
+    right = scored = 0
+    for _ in range(batches):
+        b = next(held_out)
+        acc, n = arithmetic_exact_accuracy(apply(params, b["inputs"], b["positions"], b["segment_ids"]), b)
+        right, scored = right + (acc * n if n else 0), scored + n
+    lines = [line for doc in arithmetic_text(seed + 1, num_documents=samples) for line in doc.splitlines()]
+    lines = lines[:samples]
+    questions = [line[: line.index("=") + 1] for line in lines]
+    width = max(len(q) for q in questions) + 1 + 5  # BOS, the question, an answer of up to 4 digits and "\n"
+    tokens = np.zeros((len(questions), width), np.int32)
+    for i, q in enumerate(questions):
+        tokens[i, : len(q) + 1] = [BOS_ID] + [_CHAR_TO_ID[ch] for ch in q]
+    at = np.array([len(q) + 1 for q in questions])
+    done = np.zeros(len(questions), bool)
+    for _ in range(5):  # greedy, one fixed-shape forward per new character (causal: padding is never seen)
+        logits = np.asarray(apply(params, jnp.asarray(tokens)))
+        nxt = logits[np.arange(len(questions)), at - 1].argmax(-1)
+        for i in np.flatnonzero(~done & (at < width)):
+            tokens[i, at[i]] = nxt[i]
+            done[i] = nxt[i] == _NEWLINE_ID
+            at[i] += 1
+    answers = [decode(tokens[i, len(q) + 1: at[i]]).rstrip("\n") for i, q in enumerate(questions)]
+    return {"exact": right / max(scored, 1), "answers": scored,
+            "samples": [(q, a, line[len(q):]) for q, a, line in zip(questions, answers, lines)]}
 
 
 def _read_history(path: str, upto: Optional[int] = None) -> list[dict]:

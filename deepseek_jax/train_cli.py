@@ -21,6 +21,29 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _data_tokenizer(data, tokenizer_file):
+    """The ``tokenizers.Tokenizer`` that text data is encoded with (``tokenizer_file``, else the DeepSeek
+    tokenizer), or None for the built-in data and for sources that are all pre-tokenized ``.npy`` (unless a
+    tokenizer is given: its EOS then splits 1-D files)."""
+    if data in (None, "arithmetic"):
+        return None
+    from .data import expand_source
+
+    if tokenizer_file is None and all(p.endswith(".npy") for p in expand_source(data)):
+        return None
+    from tokenizers import Tokenizer
+
+    from .tokenizer import default_tokenizer_path
+
+    path = tokenizer_file if tokenizer_file else str(default_tokenizer_path())
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers error does not name the file
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+
+
 def _run(args) -> int:
     from .sharding import initialize_distributed
 
@@ -31,16 +54,11 @@ def _run(args) -> int:
     from .train import TrainConfig, fit
 
     config = ModelConfig.from_pretrained(args.config) if args.config else presets[args.preset]
-    tokenizer = None
-    if args.data and args.data != "arithmetic" and not args.data.endswith(".npy"):
-        from .tokenizer import load_tokenizer
-
-        if args.tokenizer and os.path.isfile(args.tokenizer):
-            from tokenizers import Tokenizer
-
-            tokenizer = Tokenizer.from_file(args.tokenizer)
-        else:
-            tokenizer = load_tokenizer(args.tokenizer)
+    try:
+        tokenizer = _data_tokenizer(args.data, args.tokenizer)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     overrides = _parse_overrides(args.set)
     if args.data in (None, "arithmetic"):  # the built-in vocabulary's BOS / EOS, for generation later
         from .data import BOS_ID, EOS_ID
@@ -60,7 +78,12 @@ def _run(args) -> int:
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr,
                      warmup_steps=args.warmup, grad_accum=args.grad_accum, precision=args.precision,
                      remat=args.remat, seed=args.seed, mtp_weight=args.mtp_weight,
-                     bias_update_rate=args.bias_update_rate, bf16_moments=args.bf16_moments)
+                     bias_update_rate=args.bias_update_rate, bf16_moments=args.bf16_moments,
+                     balance_alpha=args.balance_alpha, fsdp_over_data=args.fsdp_over_data,
+                     capacity_factor=args.capacity_factor)
+    # Pre-tokenized 1-D .npy data is split into documents at EOS: --eos-id, else the tokenizer's, else the
+    # model config's.
+    eos_id = args.eos_id if args.eos_id is not None else (config.eos_token_id if tokenizer is None else None)
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, "config.json"), "w") as f:
         json.dump(config.to_hf_dict(), f, indent=2)
@@ -68,7 +91,7 @@ def _run(args) -> int:
         json.dump(dataclasses.asdict(tc), f, indent=2)
     try:
         records = fit(config, tc, args.workdir, mesh_spec=args.mesh, data=args.data, tokenizer=tokenizer,
-                      save_every=args.save_every, keep=args.keep, resume=not args.no_resume)
+                      eos_id=eos_id, save_every=args.save_every, keep=args.keep, resume=not args.no_resume)
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -77,7 +100,24 @@ def _run(args) -> int:
         print(f"step {first['step']}: loss {first['loss']:.4f} -> step {last['step']}: loss {last['loss']:.4f}; "
               f"metrics in {os.path.join(args.workdir, 'metrics.jsonl')}, curve in "
               f"{os.path.join(args.workdir, 'loss.png')}")
+    import jax
+
+    if args.data in (None, "arithmetic") and jax.process_index() == 0:
+        _report_arithmetic(args.workdir)
     return 0
+
+
+def _report_arithmetic(workdir: str) -> None:
+    """What the model learned: exact greedy answers on held-out sums, and a few of them."""
+    from .train import evaluate_arithmetic, load_train_checkpoint
+
+    config, params = load_train_checkpoint(workdir)
+    report = evaluate_arithmetic(config, params)
+    print(f"held-out arithmetic: {report['exact']:.1%} of {report['answers']} answers exactly right "
+          f"(greedy decoding)")
+    for question, answer, truth in report["samples"]:
+        mark = "ok" if answer == truth else f"wrong, {truth}"
+        print(f"  {question}{answer}   ({mark})")
 
 
 def register(sub) -> None:
@@ -88,7 +128,10 @@ def register(sub) -> None:
                    help="config override, e.g. --set num_hidden_layers=4 (repeatable)")
     p.add_argument("--data", default=None,
                    help="'arithmetic' (default), or .txt/.jsonl/.npy files, a directory or a glob")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the DeepSeek tokenizer)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (or a directory with one) for text data (default: the DeepSeek tokenizer)")
+    p.add_argument("--eos-id", type=int, default=None,
+                   help="the id that ends each document of a 1-D .npy (default: the model config's eos_token_id)")
     p.add_argument("--workdir", default="runs/tiny-v3")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
@@ -100,8 +143,15 @@ def register(sub) -> None:
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="none")
     p.add_argument("--mtp-weight", type=float, default=0.3)
     p.add_argument("--bias-update-rate", type=float, default=0.001)
+    p.add_argument("--balance-alpha", type=float, default=None,
+                   help="weight of the balance loss (default: 0.0001 for aux-loss-free noaux_tc models, as in the "
+                        "DeepSeek-V3 paper; the config's aux_loss_alpha for V2 routers)")
     p.add_argument("--bf16-moments", action="store_true")
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,expert=2 (default: all devices on data)")
+    p.add_argument("--fsdp-over-data", action="store_true",
+                   help="shard weights and optimizer state over data too (ZeRO-3), not only fsdp x expert")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="expert parallelism: drop rows past this capacity per peer (default: dropless)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--keep", type=int, default=3)
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the workdir has checkpoints")

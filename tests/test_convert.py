@@ -212,7 +212,8 @@ def test_restore_onto_mesh_reads_shards(v3_converted):
         e = p["moe_layers"]["mlp"]["experts"]["gate_proj"]
         assert e.sharding.spec[1] == "expert", e.sharding
         assert len(e.addressable_shards) == 8 and e.addressable_shards[0].data.shape[1] == 8
-        assert p["embed_tokens"]["embedding"].sharding.spec[0] == "tensor"
+        # FSDP over the whole mesh: the vocab dim over tensor x fsdp x expert.
+        assert p["embed_tokens"]["embedding"].sharding.spec[0] == ("tensor", "fsdp", "expert")
         for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
             assert np.array_equal(np.asarray(a), np.asarray(b))
         print("OK")

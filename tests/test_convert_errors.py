@@ -224,3 +224,37 @@ def test_real_sigint_mid_conversion(tmp_path):
     assert p.returncode == 130, err[-2000:]
     assert [l for l in err.splitlines() if l.strip()] == ["interrupted"]
     assert os.listdir(out) == []
+
+
+def test_force_keeps_the_old_output_until_the_new_one_is_in_place(base, tmp_path, monkeypatch, capsys):
+    """``--force`` over an existing output: if putting the new output in place fails, the old one is still
+    there, whole; when it succeeds, the new output replaces it and nothing else is left beside it."""
+    import deepseek_jax.convert.convert as conv
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = str(out / "dst")
+    assert main(["convert", base, dst, "--no-progress"]) == 0
+    before = sorted(os.listdir(dst))
+    marker = os.path.join(dst, "old-output-marker")
+    open(marker, "w").close()
+
+    real_rename = os.rename
+
+    def failing_rename(a, b):
+        if os.path.basename(str(a)).startswith(".dst.tmp-") and not str(a).endswith(".replaced") and str(b) == dst:
+            raise OSError("disk full (injected)")
+        return real_rename(a, b)
+
+    monkeypatch.setattr(conv.os, "rename", failing_rename)
+    assert main(["convert", base, dst, "--no-progress", "--force"]) == 1
+    assert "disk full" in capsys.readouterr().err
+    assert os.listdir(out) == ["dst"] and os.path.exists(marker)
+    config, params = dsj.load_pretrained(dst)  # still a whole, loadable checkpoint
+    assert config.num_hidden_layers == dsj.presets["tiny-v3"].num_hidden_layers
+
+    monkeypatch.setattr(conv.os, "rename", real_rename)
+    assert main(["convert", base, dst, "--no-progress", "--force"]) == 0
+    assert os.listdir(out) == ["dst"] and not os.path.exists(marker)
+    assert sorted(os.listdir(dst)) == before
+    dsj.load_pretrained(dst)

@@ -148,7 +148,7 @@ class _CharTokenizer:
 
 
 def _documents(corpus):
-    return [corpus.tokens[a:b].tolist() for a, b in zip(corpus.starts[:-1], corpus.starts[1:])]
+    return [corpus.read(a, b - a).tolist() for a, b in zip(corpus.starts[:-1], corpus.starts[1:])]
 
 
 def _chars(text):
@@ -206,6 +206,67 @@ def test_npy_one_and_two_dimensional(tmp_path):
     np.save(rows, np.array([[1, 2], [3, 400]]))
     with pytest.raises(D.DataError, match="rows.npy: token id 400 at flat index 3 is outside"):
         D.load_corpus(rows, tokenizer=_CharTokenizer())
+
+
+def test_several_npy_files_stay_memory_mapped(tmp_path):
+    """Two 1-D files: documents split at EOS in each, the token arrays kept as the files' memory maps (never
+    concatenated into RAM), and the batches equal those of one in-memory array holding both."""
+    a, b = np.array([5, 6, 2, 7, 2], np.int32), np.array([8, 9, 9, 2, 4, 2], np.int32)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    corpus, _ = D.load_corpus(tmp_path, eos_id=2)
+    assert len(corpus.parts) == 2 and all(isinstance(p, np.memmap) for p in corpus.parts)
+    assert _documents(corpus) == [[5, 6, 2], [7, 2], [8, 9, 9, 2], [4, 2]]
+    whole = D.Corpus.from_array(np.concatenate([a, b]), corpus.starts)
+    for shuffle in (False, True):
+        got = D.Dataset(corpus, seq_len=3, batch_size=3, shuffle=shuffle, seed=1)
+        want = D.Dataset(whole, seq_len=3, batch_size=3, shuffle=shuffle, seed=1)
+        for _ in range(4):
+            _assert_same([next(got)], [next(want)])
+
+
+@pytest.mark.slow
+def test_train_cli_on_1d_npy_files_and_text(tmp_path, capsys):
+    """`deepseek-jax train --data DIR` on pre-tokenized 1-D files, split at `--eos-id`, with `--balance-alpha`;
+    then on a .jsonl file with a tokenizer."""
+    from deepseek_jax.cli import main
+
+    docs = [D.encode(t) for t in D.arithmetic_text(seed=5, num_documents=40)]  # BOS ... EOS (2)
+    flat = np.concatenate([np.asarray(d, np.uint16) for d in docs])
+    half = len(flat) // 2
+    half = int(np.flatnonzero(flat[:half] == D.EOS_ID)[-1]) + 1
+    data = tmp_path / "tokens"
+    data.mkdir()
+    np.save(data / "part0.npy", flat[:half])
+    np.save(data / "part1.npy", flat[half:])
+    work = tmp_path / "run"
+    rc = main(["train", "--data", str(data), "--eos-id", str(D.EOS_ID), "--workdir", str(work), "--steps", "2",
+               "--batch-size", "4", "--seq-len", "32", "--set", "num_hidden_layers=2", "--set", "vocab_size=32",
+               "--balance-alpha", "0.02", "--no-resume"])
+    assert rc == 0, capsys.readouterr().err
+    with open(work / "train_config.json") as f:
+        assert json.load(f)["balance_alpha"] == 0.02
+    with open(work / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
+    with pytest.raises(D.DataError, match="part0.npy: a 1-D array needs an EOS id"):
+        D.load_corpus(data)  # the library call names what is missing
+
+    # Text data goes through a `tokenizers.Tokenizer`: --tokenizer (here the arithmetic one), else DeepSeek's.
+    from deepseek_jax.train_cli import _data_tokenizer
+
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                 for t in D.arithmetic_text(seed=6, num_documents=40)))
+    D.arithmetic_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    text_run = tmp_path / "text-run"
+    rc = main(["train", "--data", str(tmp_path / "text.jsonl"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+               "--workdir", str(text_run), "--steps", "2", "--batch-size", "4", "--seq-len", "32", "--set",
+               "num_hidden_layers=2", "--set", "vocab_size=32", "--no-resume"])
+    assert rc == 0, capsys.readouterr().err
+    with open(text_run / "metrics.jsonl") as f:
+        assert len(f.readlines()) == 2
+    assert _data_tokenizer(str(tmp_path / "text.jsonl"), None).get_vocab_size() == 129280
+    assert _data_tokenizer(str(data), None) is None  # all pre-tokenized
 
 
 # ----- the DeepSeek tokenizer ----------------------------------------------------------------------------

@@ -11,7 +11,11 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# Expert parallelism in prefill and decode: rows by all-to-all where the sequences split over `expert`
+# (expert=4,data=2: 4 sequences over 4 expert devices), a psum over `expert` where they do not (expert=8).
+MESHES = ["data=2,fsdp=2,tensor=2", "expert=2,data=4", "expert=4,data=2", "expert=8"]
 SCRIPT = r"""
+MESHES = """ + repr(MESHES) + r"""
 import json, jax, jax.numpy as jnp, numpy as np, flax.linen as nn
 import deepseek_jax as dsj
 from deepseek_jax import kvcache
@@ -22,8 +26,7 @@ params = nn.meta.unbox(jax.jit(dsj.Transformer(config).init)(jax.random.PRNGKey(
 rng = np.random.RandomState(0)
 prompts = [rng.randint(3, config.vocab_size, n).tolist() for n in (5, 9, 3, 12)]
 out = {}
-for name, mesh in (("one", None), ("data=2,fsdp=2,tensor=2", make_mesh("data=2,fsdp=2,tensor=2")),
-                   ("expert=2,data=4", make_mesh("expert=2,data=4"))):
+for name, mesh in [("one", None)] + [(m, make_mesh(m)) for m in MESHES]:
     res = {}
     for spec in (False, True):
         r = dsj.generate(config, params, prompts, max_new_tokens=6, eos_token_id=None, speculative=spec, mesh=mesh)
@@ -47,7 +50,7 @@ def test_sharded_generation_equals_one_device():
                           cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
-    for mesh in ("data=2,fsdp=2,tensor=2", "expert=2,data=4"):
+    for mesh in MESHES:
         assert out[mesh] == out["one"], mesh  # greedy, speculative greedy and seeded sampling, token for token
     # The cache is split over the batch axes: [layers, batch, slots, rank] and the MTP's [batch, slots, rope].
     assert out["cache_specs"] == [[None, ["data", "fsdp"], None, None], [["data", "fsdp"], None, None]]

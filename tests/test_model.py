@@ -126,17 +126,19 @@ def test_jit_equals_no_jit(model_params):
 
 
 def test_moe_dispatch_modes_agree(model_params, baseline_grads):
-    """Blocked (sorted, sparse), ragged_dot and every-expert-on-every-token give the same output."""
+    """Blocked (sorted, sparse), ragged_dot, per-row weight gathers (small-batch decode) and every expert on every
+    token give the same output."""
     _, params = model_params
     tokens = _tokens(t=10)
     options = {
         "dense": dsj.ModelOptions(moe_dispatch="dense"),
         "ragged": dsj.ModelOptions(moe_dispatch="ragged"),
         "blocked": dsj.ModelOptions(moe_dispatch="blocked", moe_block_size=4),  # several blocks per expert
+        "gather": dsj.ModelOptions(moe_dispatch="gather"),
     }
     outs = {k: np.asarray(jax.jit(dsj.Transformer(CONFIG, o).apply)({"params": params}, tokens))
             for k, o in options.items()}
-    for mode in ("blocked", "ragged"):
+    for mode in ("blocked", "ragged", "gather"):
         np.testing.assert_allclose(outs[mode], outs["dense"], atol=2e-5, err_msg=mode)
     # The grads agree too (the blocked scan's per-block weight gathers transpose correctly); the baseline
     # (default options) runs the blocked dispatch with the automatic block size.
@@ -147,8 +149,11 @@ def test_moe_dispatch_modes_agree(model_params, baseline_grads):
 
 def test_blocked_dispatch_work_is_bounded():
     """Rows computed by the blocked dispatch: at most N*K + E*(block-1), independent of E*N."""
-    from deepseek_jax.moe import dispatch_blocked
+    from deepseek_jax.expert_parallel import dispatch_local
     from deepseek_jax.linear import MatmulRecipe
+
+    def dispatch_blocked(recipe, *args, block_size):
+        return dispatch_local(recipe, *args, impl="blocked", block_size=block_size)
 
     n, d, i, e, k, m = 40, 8, 4, 32, 2, 4
     rng = np.random.RandomState(0)
@@ -181,6 +186,40 @@ def test_packed_documents_equal_separate_runs(model_params):
     out = model.apply({"params": params}, packed, positions, segments)
     np.testing.assert_allclose(np.asarray(out[:, :5]), np.asarray(model.apply({"params": params}, a)), atol=1e-5)
     np.testing.assert_allclose(np.asarray(out[:, 5:12]), np.asarray(model.apply({"params": params}, b)), atol=1e-5)
+
+
+def test_packed_documents_mtp_equal_separate_runs(model_params):
+    """MTP rows pair position i's hidden state with token i+1: the row straddling two packed documents must
+    belong to neither, so document B's MTP logits and loss are those of B alone."""
+    from deepseek_jax import losses
+
+    model, params = model_params
+    a, b = _tokens(b=1, t=5, seed=1), _tokens(b=1, t=7, seed=2)
+    packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)
+    segments = jnp.asarray([[1] * 5 + [2] * 7 + [0] * 3])
+    positions = jnp.asarray([list(range(5)) + list(range(7)) + [0] * 3])
+    _, aux = model.apply({"params": params}, packed, positions, segments, return_mtp=True)
+    mtp = np.asarray(aux["mtp_logits"][0])  # row i predicts token i + 2
+    alone = {}
+    for name, doc in (("a", a), ("b", b)):
+        alone[name] = np.asarray(model.apply({"params": params}, doc, return_mtp=True)[1]["mtp_logits"][0])
+    np.testing.assert_allclose(mtp[:, :4], alone["a"], atol=1e-5)
+    np.testing.assert_allclose(mtp[:, 5:11], alone["b"], atol=1e-5)
+    # The loss: packed targets (next tokens, boundary and padding masked) against the sum of separate runs.
+    targets = jnp.concatenate([packed[:, 1:], jnp.zeros((1, 1), jnp.int32)], axis=1)
+    mask = ((segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] > 0)).astype(jnp.float32)
+    mask = jnp.concatenate([mask, jnp.zeros((1, 1))], axis=1)
+    packed_loss = losses.mtp_loss([jnp.asarray(mtp)], targets, mask, segments, 1.0)
+    sums = []
+    for doc in (a, b):
+        t = doc.shape[1]
+        logits = jnp.asarray(alone["a" if t == 5 else "b"])
+        tgt = jnp.concatenate([doc[:, 1:], jnp.zeros((1, 1), jnp.int32)], axis=1)
+        m = jnp.concatenate([jnp.ones((1, t - 1)), jnp.zeros((1, 1))], axis=1)
+        tk, mk = losses.mtp_targets(tgt, m, jnp.ones((1, t), jnp.int32), 1)
+        sums.append(losses.cross_entropy(logits, tk, mk))
+    expected = sum(float(s) for s, _ in sums) / sum(float(n) for _, n in sums)
+    assert float(packed_loss) == pytest.approx(expected, rel=1e-5)
 
 
 def test_router_stats_and_routing_intermediates(model_params):

@@ -28,6 +28,15 @@ VARIANTS = {
     "v2-group-limited": (TINY_V2.replace(routed_scaling_factor=16.0), 0.0),
     # V2-Lite style greedy routing with q-LoRA.
     "v2-greedy-qlora": (TINY_V2.replace(topk_method="greedy", n_group=1, topk_group=1, q_lora_rank=24), 0.0),
+    # YaRN without mscale / mscale_all_dim (plain softmax scale, cos/sin times mscale(factor)), rope on the two
+    # halves (rope_interleave false), top-1 routing with norm_topk_prob (weight 1 * routed_scaling_factor).
+    "v3-bare-yarn-halves-top1": (TINY_V3.replace(rope_scaling=dsj.RopeScaling(factor=4.0,
+                                                                               original_max_position_embeddings=64),
+                                                 rope_interleave=False, num_experts_per_tok=1), 0.3),
+    # YaRN with an explicit attention_factor (overrides the mscale ratio for cos/sin) and mscale_all_dim 0.8.
+    "v3-yarn-attention-factor": (TINY_V3.replace(rope_scaling=dsj.RopeScaling(
+        factor=8.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.8, attention_factor=1.3,
+        beta_fast=16.0, beta_slow=2.0)), 0.3),
 }
 
 
@@ -80,6 +89,33 @@ def test_router_matches_transformers(converted):
         _, idx_unbiased = select_experts(scores, None, config)
         changed = np.mean(np.sort(np.asarray(idx_unbiased), 1) != np.sort(np.asarray(idx), 1))
         assert changed > 0.1, "the correction bias must be large enough to change expert choices"
+
+
+def test_softmax_scale_and_rope_factor_match_transformers():
+    """The YaRN edge cases by their numbers: V3's scale 0.13523378; without mscale_all_dim, the plain
+    qk_head_dim**-0.5 (0.0722 for V3's dims, where a default mscale_all_dim of 1 would give 0.1352); the cos/sin
+    factor from attention_factor, the mscale ratio, or mscale(factor)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+    from deepseek_jax.rope import rope_attention_factor, rope_inv_freq
+    from hf_reference import hf_config
+
+    v3 = dsj.presets["deepseek-v3"]
+    assert v3.softmax_scale == pytest.approx(0.13523378, rel=1e-7)
+    bare = v3.replace(rope_scaling=dsj.RopeScaling(factor=40.0, original_max_position_embeddings=4096))
+    assert bare.softmax_scale == pytest.approx(192**-0.5) == pytest.approx(0.0722, abs=1e-4)
+    cases = [v3, bare, *(c for c, _ in VARIANTS.values() if c.model_type == "deepseek_v3")]
+    for config in cases:
+        hf = hf_config(config.replace(num_hidden_layers=1, first_k_dense_replace=1))
+        assert config.softmax_scale == pytest.approx(DeepseekV3Attention(hf, 0).scaling, rel=1e-7), config
+        rotary = DeepseekV3RotaryEmbedding(hf)
+        assert rope_attention_factor(config) == pytest.approx(rotary.attention_scaling, rel=1e-7), config
+        np.testing.assert_allclose(rope_inv_freq(config), rotary.inv_freq.numpy(), rtol=1e-6)
+
+
+def test_rope_interleave_false_is_refused_for_v2():
+    with pytest.raises(dsj.ConfigError, match="rope_interleave"):
+        TINY_V2.replace(rope_interleave=False)
 
 
 def test_mtp_matches_transformers_mtp_model(tmp_path):

@@ -109,6 +109,8 @@ def test_step_updates_bias_by_the_rule_and_freezes_it_for_the_optimizer(trainer_
     np.testing.assert_allclose(mtp_bias - params["mtp_0"]["block"]["mlp"]["gate"]["e_score_correction_bias"],
                                -0.01 * np.sign(mtp_load - mtp_load.mean()), atol=1e-7)
     assert float(metrics["balance_loss"]) > 0 and float(metrics["mtp_loss"]) > 0
+    # Throughput counts real tokens: the batch's padding (row 2 from position 12) is not one.
+    assert float(metrics["input_tokens"]) == float((batch(0)["segment_ids"] > 0).sum()) == 8 * 16 - 4
     np.testing.assert_allclose(np.asarray(metrics["expert_load_max_over_mean"]), [load.max() / load.mean()], rtol=1e-5)
 
 
@@ -152,21 +154,48 @@ def test_gradients_match_finite_differences_moe(trainer_and_state):
 
 
 def test_grad_accumulation_equals_one_big_batch(trainer_and_state):
+    """Packed, unevenly padded micro-batches: every loss term divides by the global batch's counts, so the
+    accumulated loss and gradient are the big batch's (averaging micro-batch means would weight each micro-batch's
+    tokens by 1 / its own count)."""
     trainer, state = trainer_and_state
     accum = Trainer(CONFIG, TrainConfig(**{**TRAIN.__dict__, "grad_accum": 2}), make_mesh(None))
-    # Unpacked rows, every target counted: both halves count the same tokens and sequences, so the mean of the
-    # micro-batch losses equals the full-batch loss, and so do the gradients.
-    clean = batch(2)
-    clean["segment_ids"][:] = 1
-    clean["positions"][:] = np.arange(clean["positions"].shape[1])
-    clean["loss_mask"][:] = 1.0
-    b = trainer.put_batch(clean)
+    uneven = batch(2)  # rows 1 and 2 packed / padded (see train_helpers)
+    for row in (0, 3):  # more padding in the first micro-batch: it counts far fewer tokens than the second
+        uneven["segment_ids"][row, 5:] = 0
+        uneven["positions"][row, 5:] = 0
+        uneven["loss_mask"][row, 4:] = 0.0
+    first, second = (float(uneven["loss_mask"][i * 4:(i + 1) * 4].sum()) for i in range(2))
+    assert first < 0.75 * second
+    b = trainer.put_batch(uneven)
     g1, (p1, c1) = jax.jit(trainer._grads)(state["params"], b)
     g2, (p2, c2) = jax.jit(accum._grads)(state["params"], b)
     np.testing.assert_allclose(np.asarray(c1["moe"]), np.asarray(c2["moe"]))
-    assert float(p1["total_loss"]) == pytest.approx(float(p2["total_loss"]), rel=1e-6)
+    for name in ("loss", "mtp_loss", "balance_loss", "z_loss", "total_loss", "tokens", "input_tokens"):
+        assert float(p1[name]) == pytest.approx(float(p2[name]), rel=1e-5), name
     for a, b_ in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-4, atol=1e-7)
+
+
+def test_balance_alpha_default_and_override():
+    """noaux_tc models default to the V3 paper's 0.0001, not config.json's aux_loss_alpha (0.001 in the V3
+    release, a field V3's own code never reads); V2 routers use their aux_loss_alpha; an explicit value wins."""
+    v3 = dsj.ModelConfig.from_pretrained(os.path.join(HERE, "fixtures", "deepseek-v3.config.json"))
+    assert v3.aux_loss_alpha == 0.001
+    assert TrainConfig().balance_alpha_for(v3) == 1e-4
+    assert TrainConfig().balance_alpha_for(dsj.presets["deepseek-v2-lite"]) == 0.001
+    assert TrainConfig().balance_alpha_for(dsj.presets["deepseek-v2"]) == 0.003
+    assert TrainConfig(balance_alpha=0.02).balance_alpha_for(v3) == 0.02
+    assert Trainer(CONFIG, TrainConfig(), make_mesh(None)).alpha == 1e-4
+
+
+def test_peak_flops_table():
+    from deepseek_jax.train import peak_flops
+
+    for kind, want in [("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v5p", 459e12),
+                       ("TPU v6 lite", 918e12), ("TPU v4", 275e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                       ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                       ("cpu", None), ("Tesla T4", None)]:
+        assert peak_flops(kind) == want, kind
 
 
 def test_mesh_spec_parsing():
@@ -187,13 +216,15 @@ def _subprocess_env(devices: int) -> dict:
     return env
 
 
+SPECS = ["data=8", "expert=8", "data=2,expert=4", "data=2,fsdp=2,expert=2", "fsdp=2,expert=2,tensor=2"]
 SHARDED_SCRIPT = r"""
 import json, sys, numpy as np, jax
 from train_helpers import run_steps
+SPECS = """ + repr(SPECS) + r"""
 out = {}
 ref_losses, ref_params, _ = run_steps(None, devices=jax.devices()[:1])
 out["ref"] = ref_losses
-for spec in ["data=8", "data=2,fsdp=2,expert=2", "fsdp=2,expert=2,tensor=2"]:
+for spec in SPECS:
     losses, params, state = run_steps(spec)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
     kernel = state["params"]["moe_layers"]["mlp"]["experts"]["gate_proj"]
@@ -214,8 +245,9 @@ def _run_json(script: str, env: dict, timeout: int = 900) -> dict:
 
 @pytest.mark.slow
 def test_sharded_step_on_8_devices_matches_one_device():
+    """Every mesh runs the expert-parallel MoE (all-to-all over `expert` where it is > 1) and equals one device."""
     out = _run_json(SHARDED_SCRIPT, _subprocess_env(8))
-    for spec in ["data=8", "data=2,fsdp=2,expert=2", "fsdp=2,expert=2,tensor=2"]:
+    for spec in SPECS:
         r = out[spec]
         np.testing.assert_allclose(r["losses"], out["ref"], rtol=1e-5, err_msg=spec)
         assert r["max_param_diff"] < 1e-5, (spec, r["max_param_diff"])
@@ -288,6 +320,9 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # It was killed mid-run: on a machine fast enough to finish first, this test would test nothing.
+    killed_at = max(_losses(killed))
+    assert killed_at < 12, f"the run had finished (step {killed_at}) before it was killed"
     # A half-written checkpoint (what a crash mid-save leaves) must not be taken as the latest.
     partial = killed / "checkpoints" / "11.orbax-checkpoint-tmp-1700000000"
     partial.mkdir(parents=True)
@@ -298,6 +333,11 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     np.testing.assert_allclose([resumed[s] for s in range(1, 13)], [reference[s] for s in range(1, 13)],
                                rtol=1e-6)
     assert (killed / "loss.png").exists() and any((killed / "tb").iterdir())
+    # Throughput leaves out the first step of each process (it compiles).
+    with open(killed / "metrics.jsonl") as f:
+        rates = {r["step"]: r["tokens_per_s"] for r in map(json.loads, f)}
+    assert rates[1] is None and rates[killed_at + 1] is None
+    assert all(rates[s] > 0 for s in rates if s not in (1, killed_at + 1))
 
     # The work directory is a checkpoint like any other: load_pretrained reads its latest step, and
     # `deepseek-jax generate` prompts it through the tokenizer.json the trainer wrote.

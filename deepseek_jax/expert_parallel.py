@@ -1,0 +1,225 @@
+"""Expert parallelism: the routed experts under ``jax.shard_map`` (DESIGN.md, "Expert parallelism is explicit").
+
+Routing, the shared experts and the router statistics stay outside, under GSPMD; only the dispatch runs per
+device. Every device holds its own tokens (the batch axes split them) and ``E / EP`` experts (the ``expert``
+axis splits the expert stacks; ``fsdp`` is gathered once per layer and pass before entering, as for any FSDP
+weight, and ``tensor`` splits the expert width, reduced by a ``psum`` at the end). Per layer, on each device:
+
+1. sort its N*K token-expert rows by expert (so by the device that owns the expert);
+2. exchange per-expert counts (a small all-gather over ``expert``): every device learns the layout of what it
+   will receive;
+3. send the rows to the experts' owners: ``ragged_all_to_all`` where the backend has it (TPU, GPU), else a
+   fixed-shape ``all_to_all`` of one slot of ``capacity`` rows per peer (XLA:CPU has no ragged all-to-all);
+4. group the received rows by local expert and run the grouped GEMM (``grouped.grouped_swiglu``);
+5. send the results back the same way, in reverse;
+6. put them back in token order and combine them with the routing weights.
+
+Dropless by default: a peer slot holds the worst case (all of a device's rows). With ``capacity_factor`` c a
+device sends at most ``ceil(c * rows / EP)`` rows to each peer; within its sorted rows for a peer (by expert,
+then by token), the rows past that capacity are dropped: they contribute nothing (their routing weight is not
+renormalized) and are counted in the returned ``dropped``.
+
+When the tokens cannot be split over ``expert`` (a decode step with fewer sequences than devices), every device
+of an expert group holds the same tokens: each runs only the rows routed to its own experts and a ``psum``
+over ``expert`` adds the groups' outputs: no all-to-all, and still each expert weight stays on its device.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from .grouped import grouped_swiglu
+
+
+def _sort_rows(idx: jax.Array, n_experts: int):
+    """The N*K rows sorted by expert: ``order`` (sorted position -> row), per-expert counts, ``rank`` (row ->
+    sorted position)."""
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    counts = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=jnp.int32))
+    return order, counts, rank
+
+
+def combine(y_rows: jax.Array, weights: jax.Array) -> jax.Array:
+    """Weighted sum over each token's K expert outputs ``[N*K, D]`` -> ``[N, D]`` in fp32."""
+    n, k = weights.shape
+    return jnp.einsum("nkd,nk->nd", y_rows.reshape(n, k, -1).astype(jnp.float32), weights)
+
+
+def dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl: str, block_size: Optional[int] = None):
+    """Every expert on this device: sort the rows, grouped GEMM, combine. x ``[N, D]``, weights / idx ``[N, K]``."""
+    k = idx.shape[1]
+    order, counts, rank = _sort_rows(idx, wg.shape[0])
+    y = grouped_swiglu(recipe, x, order // k, counts, wg, wu, wd, impl, block_size)
+    return combine(y[rank], weights)
+
+
+def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_axis: Optional[str], n_experts: int,
+             impl: str, block_size: Optional[int], capacity: int, ragged: bool):
+    """One device's share (see the module docstring). x ``[n, D]``; weights / idx ``[n, K]``; w* ``[E_loc, ...]``.
+    Returns the combined output ``[n, D]`` (fp32) and the number of rows this device dropped."""
+    n, k = idx.shape
+    e_loc = wg.shape[0]
+    ep = n_experts // e_loc
+    me = jax.lax.axis_index(expert_axis)
+    rows = n * k
+    peers = jnp.arange(ep, dtype=jnp.int32)
+
+    # 1. This device's rows sorted by expert, so by destination peer; each peer's chunk capped.
+    order, counts, rank = _sort_rows(idx, n_experts)
+    per_expert = counts.reshape(ep, e_loc)
+    sent = _cap_per_expert(per_expert, capacity)  # [EP, E_loc]: rows sent to each peer, per its local expert
+    send_sizes = sent.sum(1)
+    starts = _exclusive_cumsum(per_expert.sum(1))  # peer j's chunk in the sorted order (before capping)
+    dropped = rows - send_sizes.sum()
+
+    # 2. What everyone sends: all_sent[i, j, e] = rows device i sends to device j for j's local expert e.
+    all_sent = jax.lax.all_gather(sent, expert_axis)  # [EP(src), EP(dst), E_loc]
+    pair = all_sent.sum(2)  # [EP(src), EP(dst)]
+    from_peer = all_sent[:, me]  # [EP(src), E_loc]: what this device receives
+    recv_sizes = from_peer.sum(1)
+
+    # 3. Rows to the experts' owners. Received chunks: source i's at recv_start[i], sorted by local expert.
+    xs = x[order // k]
+    if ragged:
+        recv_start = _exclusive_cumsum(recv_sizes)
+        dst_offsets = jnp.sum(jnp.where(peers[:, None] < me, pair, 0), axis=0)  # after earlier sources' chunks
+        recv = jax.lax.ragged_all_to_all(xs, jnp.zeros((ep * capacity, x.shape[1]), x.dtype), starts, send_sizes,
+                                         dst_offsets, recv_sizes, axis_name=expert_axis)
+    else:
+        slot = jnp.arange(capacity, dtype=jnp.int32)
+        ok = slot[None, :] < send_sizes[:, None]  # [EP, capacity]
+        src = jnp.where(ok, starts[:, None] + slot[None, :], rows)
+        slab = jnp.concatenate([xs, jnp.zeros((1, x.shape[1]), x.dtype)])[src]
+        recv = jax.lax.all_to_all(slab, expert_axis, 0, 0, tiled=True).reshape(ep * capacity, -1)
+        recv_start = peers * capacity
+
+    # 4. Group the received rows by local expert (across sources) and run the grouped GEMM.
+    s = jnp.arange(recv.shape[0], dtype=jnp.int32)
+    src_of = jnp.clip(jnp.searchsorted(recv_start, s, side="right") - 1, 0, ep - 1).astype(jnp.int32)
+    within = s - recv_start[src_of]
+    local_e = jnp.sum(within[:, None] >= jnp.cumsum(from_peer, axis=1)[src_of], axis=1).astype(jnp.int32)
+    local_e = jnp.where(within < recv_sizes[src_of], local_e, e_loc)  # e_loc: an empty slot
+    by_expert = jnp.argsort(local_e, stable=True).astype(jnp.int32)
+    y = grouped_swiglu(recipe, recv, by_expert, from_peer.sum(0).astype(jnp.int32), wg, wu, wd, impl, block_size)
+    y_recv = y[jnp.zeros_like(by_expert).at[by_expert].set(s)]  # back to the received layout
+    if tensor_axis is not None:  # the expert width is split over tensor: partial sums
+        y_recv = jax.lax.psum(y_recv, tensor_axis)
+
+    # 5. Results back to the rows' owners, into a compact layout (each peer's kept rows, peer after peer).
+    compact_start = _exclusive_cumsum(send_sizes)
+    if ragged:
+        # At the expert owner: source i's results go after i's chunks from the owners before this one.
+        back_offsets = jnp.sum(jnp.where(peers[None, :] < me, pair, 0), axis=1)
+        back = jax.lax.ragged_all_to_all(y_recv, jnp.zeros((rows, y_recv.shape[1]), y_recv.dtype), recv_start,
+                                         recv_sizes, back_offsets, send_sizes, axis_name=expert_axis)
+        slot_base = compact_start
+    else:
+        back = jax.lax.all_to_all(y_recv.reshape(ep, capacity, -1), expert_axis, 0, 0, tiled=True)
+        back = back.reshape(ep * capacity, -1)
+        slot_base = peers * capacity
+
+    # 6. Sorted order, then token order; dropped rows give 0; combine with the routing weights.
+    pos = jnp.arange(rows, dtype=jnp.int32)
+    peer = jnp.clip(jnp.searchsorted(starts, pos, side="right") - 1, 0, ep - 1).astype(jnp.int32)
+    slot_in_peer = pos - starts[peer]
+    kept = slot_in_peer < send_sizes[peer]
+    y_sorted = jnp.where(kept[:, None], back[jnp.where(kept, slot_base[peer] + slot_in_peer, 0)], 0)
+    return combine(y_sorted[rank], weights), dropped, from_peer.sum()
+
+
+def _cap_per_expert(per_expert: jax.Array, capacity: int) -> jax.Array:
+    """Rows sent per (peer, local expert) when each peer takes at most ``capacity``: the peer's rows in expert
+    order, the tail past the capacity dropped."""
+    ends = jnp.minimum(jnp.cumsum(per_expert, axis=1), capacity)
+    return jnp.diff(ends, axis=1, prepend=0)
+
+
+def _replicated_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_axis: Optional[str],
+                     n_experts: int, impl: str, block_size: Optional[int]):
+    """Tokens replicated over ``expert``: each device runs its own experts' rows; psum adds the groups."""
+    n, k = idx.shape
+    e_loc = wg.shape[0]
+    me = jax.lax.axis_index(expert_axis)
+    local = idx - me * e_loc
+    mine = (local >= 0) & (local < e_loc)
+    # Rows of other devices' experts get group e_loc: sorted last, in no group, computed by no one here.
+    local = jnp.where(mine, local, e_loc)
+    y = dispatch_local(recipe, x, jnp.where(mine, weights, 0.0), local, wg, wu, wd, impl, block_size)
+    axes = (expert_axis,) + ((tensor_axis,) if tensor_axis else ())
+    return jax.lax.psum(y, axes), jnp.zeros((), jnp.int32), mine.sum()
+
+
+def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, batch: int, token_axes: tuple,
+                             expert_axis: str, tensor_axis: Optional[str], impl: str,
+                             block_size: Optional[int] = None, capacity_factor: Optional[float] = None,
+                             ragged: bool = False, return_rows: bool = False):
+    """The routed experts of ``batch`` sequences flattened into x ``[N, D]`` (weights / idx ``[N, K]``), one
+    device's share each, under ``jax.shard_map`` over ``mesh``.
+
+    ``token_axes``: mesh axes the tokens may be split over, in order (the rules' batch axes); those whose product
+    divides ``batch`` are used. ``expert_axis`` splits the expert stacks (``[E, D, I]`` / ``[E, I, D]``),
+    ``tensor_axis`` their width. With ``expert_axis`` among the token axes, rows travel by all-to-all
+    (``ragged`` selects ``ragged_all_to_all``); otherwise tokens are replicated over it and a ``psum`` combines.
+    Returns the combined output ``[N, D]`` (fp32) and the number of rows dropped over the whole batch (0 unless
+    ``capacity_factor``); with ``return_rows`` also the real rows each device's grouped GEMM processed (padding
+    excluded), one entry per device in mesh order.
+    """
+    from .sharding import _largest_dividing
+
+    sizes = mesh.shape
+    axes = tuple(a for a in token_axes if sizes[a] > 1)
+    split = _largest_dividing(axes, batch, mesh)
+    e = wg.shape[0]
+    ep = sizes[expert_axis] if expert_axis in sizes else 1
+    if e % ep:
+        raise ValueError(f"{e} routed experts do not split over the {ep} devices of mesh axis {expert_axis!r}")
+    tensor = tensor_axis if tensor_axis in sizes and sizes[tensor_axis] > 1 else None
+    if tensor and wg.shape[2] % sizes[tensor]:
+        tensor = None  # the expert width does not split: every tensor device runs the whole expert
+    expert = expert_axis if ep > 1 else None
+    rows_per_device = (x.shape[0] // math.prod(sizes[a] for a in split)) * idx.shape[1]
+    tok = P(split or None, None)
+    w_in = P(expert, None, tensor)
+    w_out = P(expert, tensor, None)
+    if expert is not None and expert in split:
+        capacity = rows_per_device if capacity_factor is None else max(
+            1, min(rows_per_device, math.ceil(capacity_factor * rows_per_device / ep)))
+        body = partial(_ep_body, recipe, expert_axis=expert, tensor_axis=tensor, n_experts=e, impl=impl,
+                       block_size=block_size, capacity=capacity, ragged=ragged)
+    elif expert is not None:
+        body = partial(_replicated_body, recipe, expert_axis=expert, tensor_axis=tensor, n_experts=e, impl=impl,
+                       block_size=block_size)
+    else:
+        body = partial(_local_body, recipe, tensor_axis=tensor, impl=impl, block_size=block_size)
+
+    def run(x, weights, idx, wg, wu, wd):
+        y, dropped, rows = body(x, weights, idx, wg, wu, wd)
+        return y, (jax.lax.psum(dropped, split) if split else dropped), rows.reshape(1)
+
+    # The per-device row counts differ across every axis; they are a diagnostic, so their replication is not
+    # checked (check_vma off only with return_rows).
+    out_specs = (tok, P()) + ((P(tuple(mesh.axis_names)),) if return_rows else ())
+    fn = jax.shard_map(lambda *a: run(*a)[:len(out_specs)], mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
+                       out_specs=out_specs, check_vma=not return_rows)
+    return fn(x, weights, idx, wg, wu, wd)
+
+
+def _local_body(recipe, x, weights, idx, wg, wu, wd, *, tensor_axis: Optional[str], impl: str,
+                block_size: Optional[int]):
+    """Every expert on every device (no expert axis): each device runs its own tokens."""
+    y = dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl, block_size)
+    if tensor_axis is not None:
+        y = jax.lax.psum(y, tensor_axis)
+    return y, jnp.zeros((), jnp.int32), jnp.asarray(idx.size, jnp.int32)

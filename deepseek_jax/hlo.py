@@ -1,0 +1,198 @@
+"""Collectives of an optimized HLO module (``compiled.as_text()``), counted once per execution.
+
+A collective inside a while loop (a scanned layer stack, a blocked dispatch, a gradient-accumulation scan) runs
+once per trip, so it is weighted by the loop's trip count: the ``known_trip_count`` the compiler records in the
+loop's backend config when it has one, else the constant the loop condition compares its counter with (``i < N``
+gives N trips, ``i <= N`` gives N + 1; JAX loops count from 0). Nested loops multiply. A computation reached from
+several places (a body called by two loops) counts for each.
+
+Bytes are the collective's result per device: the gathered array of an all-gather, the reduced one of an
+all-reduce, the scattered shard of a reduce-scatter. An asynchronous ``*-start`` op returns a tuple that also
+holds its operands (and u32 context words for a collective-permute); only its results are counted, and its
+``*-done`` is not counted again. ``/*index=N*/`` comments inside long tuple shapes are dropped first: their ``=``
+would otherwise look like an assignment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+               "collective-permute", "collective-broadcast")
+
+DTYPE_BYTES = {
+    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8,
+    "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16,
+    "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e4m3b11fnuz": 1, "f8e4m3": 1, "f8e3m4": 1,
+    "f8e8m0fnu": 1, "f4e2m1fn": 0.5,
+}
+
+_COMMENT = re.compile(r"/\*.*?\*/")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_INSTR = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_OPCODE = re.compile(r"(?:^|[\s)}])([a-z][a-z0-9\-]*)\(")
+_CALLEES = re.compile(r"\b(calls|to_apply|body|condition)=%?([\w.\-]+)")
+_CALLEE_LISTS = re.compile(r"\b(branch_computations|called_computations)=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+
+
+@dataclasses.dataclass
+class CollectiveStats:
+    """One kind of collective: how many times it runs per step and the bytes its results hold, per device."""
+
+    count: int = 0
+    bytes: float = 0.0
+
+
+@dataclasses.dataclass
+class _Instruction:
+    name: str
+    shape: str
+    opcode: str
+    rest: str
+
+
+def _array_bytes(shape: str) -> list[float]:
+    """Bytes of each array in a shape string (a tuple gives several)."""
+    out = []
+    for dtype, dims in _ARRAY.findall(shape):
+        if dtype not in DTYPE_BYTES:
+            continue
+        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        out.append(n * DTYPE_BYTES[dtype])
+    return out
+
+
+def _split_instruction(body: str) -> tuple[str, str, str]:
+    """``SHAPE opcode(operands), attrs`` -> (shape, opcode, rest). The shape may be a nested tuple."""
+    depth, i = 0, 0
+    if body.startswith("("):
+        for i, ch in enumerate(body):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                break
+        shape, tail = body[: i + 1], body[i + 1:]
+    else:
+        shape, _, tail = body.partition(" ")
+        tail = " " + tail
+    m = _OPCODE.search(tail)
+    return shape, (m.group(1) if m else ""), (tail[m.end():] if m else tail)
+
+
+def parse_computations(hlo_text: str) -> tuple[dict[str, list[_Instruction]], str]:
+    """``{computation name: instructions}`` and the entry computation's name."""
+    comps: dict[str, list[_Instruction]] = {}
+    entry, current = None, None
+    for raw in hlo_text.splitlines():
+        line = _COMMENT.sub("", raw)
+        if not line.strip():
+            continue
+        if not line.startswith((" ", "\t")):
+            m = _HEADER.match(line)
+            if m:
+                current = m.group(1)
+                comps[current] = []
+                if line.startswith("ENTRY"):
+                    entry = current
+            elif line.startswith("}"):
+                current = None
+            continue
+        if current is None:
+            continue
+        m = _INSTR.match(line)
+        if m:
+            shape, opcode, rest = _split_instruction(m.group(2))
+            comps[current].append(_Instruction(m.group(1), shape, opcode, rest))
+    if entry is None:
+        raise ValueError("HLO text has no ENTRY computation")
+    return comps, entry
+
+
+def _trip_count(instr: _Instruction, comps: dict[str, list[_Instruction]]) -> int:
+    m = _TRIP.search(instr.rest)
+    if m:
+        return int(m.group(1))
+    cond = dict((k, v) for k, v in _CALLEES.findall(instr.rest)).get("condition")
+    consts: dict[str, int] = {}
+    for ins in comps.get(cond, []):
+        value = ins.rest.split(")")[0].strip()
+        if ins.opcode == "constant" and re.fullmatch(r"[su](32|64)\[\]", ins.shape.split("{")[0]) and \
+                re.fullmatch(r"-?\d+", value):
+            consts[ins.name] = int(value)
+    for ins in comps.get(cond, []):
+        if ins.opcode != "compare":
+            continue
+        operands = re.findall(r"%?([\w.\-]+)", ins.rest.split(")")[0])
+        bound = next((consts[o] for o in operands if o in consts), None)
+        direction = re.search(r"direction=(\w+)", ins.rest)
+        if bound is not None and direction:
+            return max(bound + (direction.group(1) in ("LE", "GE")), 0)
+    return 1  # unknown: count the body once
+
+
+def execution_counts(comps: dict[str, list[_Instruction]], entry: str) -> dict[str, int]:
+    """How many times each computation runs per execution of ``entry`` (loop bodies times their trips)."""
+    counts: dict[str, int] = defaultdict(int)
+    counts[entry] = 1
+    # Callers come before callees in a topological order; walk it from the entry.
+    order, seen = [], set()
+
+    def visit(name: str) -> None:
+        if name in seen or name not in comps:
+            return
+        seen.add(name)
+        for callee, _ in _callees(comps[name], comps):
+            visit(callee)
+        order.append(name)
+
+    visit(entry)
+    for name in reversed(order):
+        for callee, times in _callees(comps[name], comps):
+            counts[callee] += counts[name] * times
+    return dict(counts)
+
+
+def _callees(instructions: list[_Instruction], comps) -> list[tuple[str, int]]:
+    out = []
+    for ins in instructions:
+        trips = _trip_count(ins, comps) if ins.opcode == "while" else 1
+        for kind, callee in _CALLEES.findall(ins.rest):
+            out.append((callee, trips + 1 if kind == "condition" else trips))
+        for _, names in _CALLEE_LISTS.findall(ins.rest):
+            out += [(n.strip().lstrip("%"), 1) for n in names.split(",") if n.strip()]
+    return out
+
+
+def _result_bytes(ins: _Instruction, kind: str) -> float:
+    sizes = _array_bytes(ins.shape)
+    if not ins.opcode.endswith("-start") or not ins.shape.startswith("("):
+        return float(sum(sizes))
+    # (operands..., results..., context words): drop the scalar context, keep the results.
+    arrays = [s for s, (dt, dims) in zip(sizes, _ARRAY.findall(ins.shape)) if dims or dt not in ("u32", "s32")]
+    if kind == "all-reduce" or len(arrays) % 2:
+        return float(sum(arrays))
+    return float(sum(arrays[len(arrays) // 2:]))
+
+
+def count_collectives(hlo_text: str) -> dict[str, CollectiveStats]:
+    """``{kind: CollectiveStats}`` for the collectives of an optimized HLO module, loops weighted by trips."""
+    comps, entry = parse_computations(hlo_text)
+    runs = execution_counts(comps, entry)
+    out: dict[str, CollectiveStats] = {}
+    for name, instructions in comps.items():
+        times = runs.get(name, 0)
+        if not times:
+            continue
+        for ins in instructions:
+            op = ins.opcode[: -len("-start")] if ins.opcode.endswith("-start") else ins.opcode
+            if op not in COLLECTIVES:
+                continue
+            st = out.setdefault(op, CollectiveStats())
+            st.count += times
+            st.bytes += times * _result_bytes(ins, op)
+    return out
