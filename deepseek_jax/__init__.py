@@ -4,12 +4,13 @@ from .block import Block
 from .checkpoint import load_pretrained
 from .config import ConfigError, ModelConfig, RopeScaling, presets
 from .generation import generate
-from .model import Transformer, attention_mask
+from .model import Transformer, attention_layout, attention_mask
 from .options import ModelOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Block", "ConfigError", "ModelConfig", "ModelOptions", "RopeScaling", "Transformer", "attention_mask",
+    "Block", "ConfigError", "ModelConfig", "ModelOptions", "RopeScaling", "Transformer", "attention_layout",
+    "attention_mask",
     "generate", "load_pretrained", "presets",
 ]

@@ -6,18 +6,20 @@ import flax.linen as nn
 import jax
 
 from . import kvcache
+from .attention import Layout
 from .config import ModelConfig
 from .mla import MLA
 from .mlp import MLP
 from .moe import MoE
 from .norm import RMSNorm
 from .options import ModelOptions
+from .sharding import constrain
 
 ACT = ("act_batch", "act_length", "act_embed")
 
 
 class Block(nn.Module):
-    """One decoder layer. ``__call__(h, cos, sin, mask, valid) -> (h, router_stats or None)``.
+    """One decoder layer. ``__call__(h, cos, sin, layout, valid) -> (h, router_stats or None)``.
 
     The signature is ``nn.scan``-shaped: the hidden state is the carry, the rest are broadcast.
     """
@@ -27,25 +29,26 @@ class Block(nn.Module):
     moe: bool
 
     @nn.compact
-    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, valid: jax.Array):
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, layout: Layout, valid: jax.Array):
         c, o = self.config, self.options
-        h = nn.with_logical_constraint(h, ACT)
+        h = constrain(h, ACT)
         x = RMSNorm(c.rms_norm_eps, "embed", o, name="input_layernorm")(h)
-        h = h + MLA(c, o, name="self_attn")(x, cos, sin, mask)
+        h = h + MLA(c, o, name="self_attn")(x, cos, sin, layout)
         x = RMSNorm(c.rms_norm_eps, "embed", o, name="post_attention_layernorm")(h)
         if self.moe:
             y, stats = MoE(c, o, name="mlp")(x, valid)
         else:
             y, stats = MLP(c.intermediate_size, o, c.initializer_range, name="mlp")(x), None
-        return nn.with_logical_constraint(h + y, ACT), stats
+        return constrain(h + y, ACT), stats
 
 
 class CachedBlock(nn.Module):
     """The same layer (same parameter names as ``Block``) for inference over a latent KV cache.
 
-    ``attn``: "full" (prefill: the full MLA path over the prompt; ``masks`` is ``[B,T,T]``), "absorbed" or
-    "naive" (decode over the cache; ``masks`` is ``[B,T,S+T]``, see ``decode.cache_visibility``).
-    ``__call__(h, layer_cache, cos, sin, masks, valid) -> (h, (c_kv, k_pe) of the new tokens)``; layer_cache
+    ``attn``: "full" (prefill: the full MLA path over the prompt; ``layout`` over its T tokens), "absorbed" or
+    "naive" (decode over the cache; ``layout``'s keys are the S slots then the T new tokens, see
+    ``decode.cache_layout``).
+    ``__call__(h, layer_cache, cos, sin, layout, valid) -> (h, (c_kv, k_pe) of the new tokens)``; layer_cache
     is this layer's cache entry (``kvcache`` layout, ``[B,S,.]`` leaves), or None for "full".
     """
 
@@ -55,16 +58,18 @@ class CachedBlock(nn.Module):
     attn: str = "absorbed"
 
     @nn.compact
-    def __call__(self, h: jax.Array, layer_cache, cos: jax.Array, sin: jax.Array, masks: jax.Array,
+    def __call__(self, h: jax.Array, layer_cache, cos: jax.Array, sin: jax.Array, layout: Layout,
                  valid: jax.Array):
         c, o = self.config, self.options
+        if self.attn == "full":  # a whole prompt: split like training activations (batch; context when long)
+            h = constrain(h, ACT)
         x = RMSNorm(c.rms_norm_eps, "embed", o, name="input_layernorm")(h)
         mla = MLA(c, o, name="self_attn")
         if self.attn == "full":
-            a, c_kv, k_pe = mla.prefill(x, cos, sin, masks)
+            a, c_kv, k_pe = mla.prefill(x, cos, sin, layout)
         else:
             c_cache, pe_cache = kvcache.read(layer_cache, o.compute_dtype)
-            a, c_kv, k_pe = mla.decode(x, cos, sin, c_cache, pe_cache, masks, absorb=self.attn == "absorbed")
+            a, c_kv, k_pe = mla.decode(x, cos, sin, c_cache, pe_cache, layout, absorb=self.attn == "absorbed")
         h = h + a
         x = RMSNorm(c.rms_norm_eps, "embed", o, name="post_attention_layernorm")(h)
         if self.moe:

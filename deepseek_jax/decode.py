@@ -12,6 +12,7 @@ params by the training rules and the cache over the batch axes; these steps foll
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -21,7 +22,8 @@ from . import kvcache
 from .block import CachedBlock
 from .config import ModelConfig
 from .linear import Embed, Linear
-from .model import attention_mask
+from .attention import Layout, visible
+from .model import attention_layout
 from .mtp import CachedMTPModule
 from .norm import RMSNorm
 from .options import ModelOptions
@@ -43,11 +45,11 @@ def _cached_stack(options: ModelOptions, length: int):
 
 
 class CachedTransformer(nn.Module):
-    """``apply({"params": p}, tokens, positions, cache, masks, valid, ...) -> (logits, hidden, latents)``.
+    """``apply({"params": p}, tokens, positions, cache, layout, valid, ...) -> (logits, hidden, latents)``.
 
     part: "main" (embed, layer stacks, final norm, head) or "mtp_{k}" (MTP module k on ``h_prev``, then head).
-    attn: "full" (prefill, ``masks [B,T,T]``, ``cache`` None) or "absorbed" / "naive" (``masks [B,T,S+T]``
-    over the cached slots and new tokens, see ``cache_visibility``). ``out_index [B,G]`` picks the positions
+    attn: "full" (prefill over T tokens, ``cache`` None) or "absorbed" / "naive" (``layout``'s keys are the
+    cached slots then the new tokens, see ``cache_layout``). ``out_index [B,G]`` picks the positions
     to compute logits for (default all).
     Returns logits ``[B,G or T,vocab]`` fp32, the final-normed hidden ``[B,T,D]``, and the new tokens'
     latents per cache entry (``{name: (c_kv, k_pe)}``, layer-stacked for the runs).
@@ -59,7 +61,7 @@ class CachedTransformer(nn.Module):
     part: str = "main"
 
     @nn.compact
-    def __call__(self, tokens, positions, cache, masks, valid, h_prev=None, out_index=None):
+    def __call__(self, tokens, positions, cache, layout, valid, h_prev=None, out_index=None):
         c, o = self.config, self.options
         embed = Embed(c.vocab_size, c.hidden_size, o, c.initializer_range, name="embed_tokens")
         head = Linear((c.vocab_size,), ("embed", "vocab"), o, init_std=c.initializer_range, high_precision=True,
@@ -70,11 +72,11 @@ class CachedTransformer(nn.Module):
         if self.part == "main":
             for name, _, length in c.layer_runs:
                 stack = _cached_stack(o, length)(c, o, moe=name.startswith("moe"), attn=self.attn, name=name)
-                h, latents[name] = stack(h, None if cache is None else cache[name], cos, sin, masks, valid)
+                h, latents[name] = stack(h, None if cache is None else cache[name], cos, sin, layout, valid)
             h = RMSNorm(c.rms_norm_eps, "embed", o, name="norm")(h)
         else:
             mtp = CachedMTPModule(c, o, attn=self.attn, name=self.part)
-            h, latents[self.part] = mtp(h_prev, h, None if cache is None else cache[self.part], cos, sin, masks,
+            h, latents[self.part] = mtp(h_prev, h, None if cache is None else cache[self.part], cos, sin, layout,
                                         valid)
         picked = h if out_index is None else jnp.take_along_axis(h, out_index[..., None], axis=1)
         return head(picked), h, latents
@@ -88,33 +90,48 @@ def _cache_len(cache: kvcache.Cache) -> int:
     return jax.tree.leaves(cache["main"])[0].shape[2]
 
 
+def cache_layout(positions: jax.Array, max_len: int, first_slot: int = 0) -> Layout:
+    """Who sees whom when new tokens at consecutive ``positions [B,T]`` attend to a cache of ``max_len`` slots
+    followed by themselves: cached slots before the first new token (and from ``first_slot`` on; slots at or
+    after the first new token may hold stale values: padding, rejected drafts), then the new tokens causally
+    (those at positions >= ``first_slot``). Slot s holds position s."""
+    b = positions.shape[0]
+    slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
+    cached = (slots < positions[:, :1]) & (slots >= first_slot)
+    new = positions >= first_slot
+    k_index = jnp.concatenate([slots, positions], axis=1)
+    k_segment = jnp.concatenate([cached, new], axis=1).astype(jnp.int32)
+    return Layout(positions, jnp.ones_like(positions), k_index, k_segment)
+
+
 def cache_visibility(positions: jax.Array, max_len: int, first_slot: int = 0) -> jax.Array:
-    """``[B,T,S+T]``: the keys (S cached slots, then the T new tokens) that new tokens at consecutive
-    ``positions [B,T]`` may attend to.
-
-    Cached slots before the first new token (and from ``first_slot`` on; slots at or after it may hold stale
-    values: padding, rejected drafts), then the new tokens causally (those at positions >= ``first_slot``).
-    """
-    s = jnp.arange(max_len)[None, None, :]
-    cached = (s < positions[:, :1, None]) & (s >= first_slot)
-    t = positions.shape[1]
-    new = jnp.tril(jnp.ones((t, t), jnp.bool_))[None] & (positions >= first_slot)[:, None, :]
-    return jnp.concatenate([jnp.broadcast_to(cached, (*positions.shape, max_len)), new], axis=-1)
+    """``[B,T,S+T]``: the keys (S cached slots, then the T new tokens) each new token sees (``cache_layout``)."""
+    return visible(cache_layout(positions, max_len, first_slot))
 
 
-def prefill_core(params, cache, tokens, lengths, *, config, options, mtp: bool = False):
-    """Full-path prefill of right-padded prompts ``tokens [B,T]`` with ``lengths [B]``.
+PREFILL_CHUNK = 2048  # prompts longer than this are prefilled in chunks of this many tokens
+
+
+def prefill_core(params, cache, tokens, lengths, *, config, options, mtp: bool = False,
+                 chunk: Optional[int] = PREFILL_CHUNK):
+    """Prefill of right-padded prompts ``tokens [B,T]`` with ``lengths [B]``.
 
     Writes slots 0..T-1 of the main cache (slots past a prompt's length hold padding, never attended to)
     and, with ``mtp``, the first MTP module's cache (its row at position p pairs h_{p-1} with token p).
-    Returns ``(cache, logits [B,V] at each prompt's last token, hidden [B,T,D])``.
+    Up to ``chunk`` tokens the whole prompt runs the full MLA path at once; a longer prompt (T a multiple of
+    ``chunk``) is prefilled ``chunk`` tokens at a time (``lax.scan``), each chunk attending to the cache written
+    so far plus itself on the absorbed path, so peak memory follows the chunk, not the prompt.
+    Returns ``(cache, logits [B,V] at each prompt's last token, hidden [B,2,D] at its last two positions)``.
     """
     b, t = tokens.shape
+    if chunk is not None and t > chunk:
+        return _prefill_chunked(params, cache, tokens, lengths, config=config, options=options, mtp=mtp,
+                                chunk=chunk)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     seg = (positions < lengths[:, None]).astype(jnp.int32)
     model = CachedTransformer(config, options, attn="full")
     logits, hidden, latents = model.apply(
-        {"params": params}, tokens, positions, None, attention_mask(seg), seg > 0,
+        {"params": params}, tokens, positions, None, attention_layout(seg), seg > 0,
         out_index=(lengths - 1)[:, None])
     cache = dict(cache)
     cache["main"] = _write_all(cache["main"], latents, positions)
@@ -122,43 +139,79 @@ def prefill_core(params, cache, tokens, lengths, *, config, options, mtp: bool =
         h_prev = jnp.concatenate([jnp.zeros_like(hidden[:, :1]), hidden[:, :-1]], axis=1)
         seg_m = seg.at[:, 0].set(0)  # no MTP row at position 0
         _, _, lat = CachedTransformer(config, options, attn="full", part="mtp_0").apply(
-            {"params": params}, tokens, positions, None, attention_mask(seg_m), seg_m > 0, h_prev=h_prev,
+            {"params": params}, tokens, positions, None, attention_layout(seg_m), seg_m > 0, h_prev=h_prev,
             out_index=jnp.zeros((b, 1), jnp.int32))
         cache["mtp"] = _write_all(cache["mtp"], lat, positions)
-    return cache, logits[:, 0], hidden
+    return cache, logits[:, 0], jnp.take_along_axis(hidden, _last_two(lengths)[..., None], axis=1)
 
 
-def decode_core(params, cache, tokens, positions, *, config, options, absorb: bool = True):
+def _last_two(lengths: jax.Array) -> jax.Array:
+    """``[B,2]``: each prompt's last two positions (the first twice for a one-token prompt)."""
+    return jnp.stack([jnp.maximum(lengths - 2, 0), lengths - 1], axis=1)
+
+
+def _prefill_chunked(params, cache, tokens, lengths, *, config, options, mtp, chunk):
+    b, t = tokens.shape
+    if t % chunk:
+        raise ValueError(f"a chunked prefill needs a prompt length that is a multiple of the chunk, got {t} "
+                         f"and {chunk}")
+    n = t // chunk
+    wanted = jnp.concatenate([_last_two(lengths), (lengths - 1)[:, None]], axis=1)  # hidden x2, logits
+
+    def one_chunk(carry, c):
+        cache, h_last = carry
+        tok = jax.lax.dynamic_slice_in_dim(tokens, c * chunk, chunk, axis=1)
+        pos = c * chunk + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+        cache, logits, hidden = decode_core(params, cache, tok, pos, config=config, options=options,
+                                            out_index=jnp.clip(wanted[:, 2:] - c * chunk, 0, chunk - 1))
+        if mtp:  # row p pairs h_{p-1} (from the previous chunk for its first row) with token p
+            h_prev = jnp.concatenate([h_last, hidden[:, :-1]], axis=1)
+            cache, _, _ = mtp_core(params, cache, h_prev, tok, pos, config=config, options=options,
+                                   out_index=jnp.zeros((b, 1), jnp.int32))
+        h_sel = jnp.take_along_axis(hidden, jnp.clip(wanted[:, :2] - c * chunk, 0, chunk - 1)[..., None], axis=1)
+        return (cache, hidden[:, -1:]), (logits[:, 0], h_sel)
+
+    h0 = jnp.zeros((b, 1, config.hidden_size), options.compute_dtype)
+    (cache, _), (logits, h_sel) = jax.lax.scan(one_chunk, (cache, h0), jnp.arange(n))
+    # Each wanted position is taken from the chunk that holds it.
+    owner = wanted // chunk  # [B,3]
+    batch = jnp.arange(b)
+    h2 = jnp.stack([h_sel[owner[:, i], batch, i] for i in range(2)], axis=1)
+    return cache, logits[owner[:, 2], batch], h2
+
+
+def decode_core(params, cache, tokens, positions, *, config, options, absorb: bool = True, out_index=None):
     """T new tokens per sequence ``tokens [B,T]`` at consecutive ``positions [B,T]`` over the cache.
 
-    Returns ``(cache with their latents written, logits [B,T,V], hidden [B,T,D])``.
+    Returns ``(cache with their latents written, logits [B,T,V] (or at ``out_index [B,G]`` only), hidden
+    [B,T,D])``.
     """
-    vis = cache_visibility(positions, _cache_len(cache))
+    layout = cache_layout(positions, _cache_len(cache))
     model = CachedTransformer(config, options, attn="absorbed" if absorb else "naive")
-    logits, hidden, latents = model.apply({"params": params}, tokens, positions, cache["main"], vis,
-                                          jnp.ones(tokens.shape, jnp.bool_))
+    logits, hidden, latents = model.apply({"params": params}, tokens, positions, cache["main"], layout,
+                                          jnp.ones(tokens.shape, jnp.bool_), out_index=out_index)
     cache = dict(cache)
     cache["main"] = _write_all(cache["main"], latents, positions)
     return cache, logits, hidden
 
 
-def mtp_core(params, cache, h_prev, tokens, positions, *, config, options, depth: int = 0):
+def mtp_core(params, cache, h_prev, tokens, positions, *, config, options, depth: int = 0, out_index=None):
     """MTP module ``depth`` on rows pairing ``h_prev [B,T,D]`` (positions p-1) with ``tokens [B,T]`` (p).
 
     Returns ``(cache, logits [B,T,V] for the tokens at p+1, hidden [B,T,D])``.
     """
     name = f"mtp_{depth}"
-    vis = cache_visibility(positions, _cache_len(cache), first_slot=depth + 1)
+    layout = cache_layout(positions, _cache_len(cache), first_slot=depth + 1)
     model = CachedTransformer(config, options, attn="absorbed", part=name)
-    logits, hidden, latents = model.apply({"params": params}, tokens, positions, cache["mtp"], vis,
-                                          jnp.ones(tokens.shape, jnp.bool_), h_prev=h_prev)
+    logits, hidden, latents = model.apply({"params": params}, tokens, positions, cache["mtp"], layout,
+                                          jnp.ones(tokens.shape, jnp.bool_), h_prev=h_prev, out_index=out_index)
     cache = dict(cache)
     cache["mtp"] = {**cache["mtp"], name: kvcache.write(cache["mtp"][name], *latents[name], positions)}
     return cache, logits, hidden
 
 
 _STATIC = ("config", "options")
-prefill = jax.jit(prefill_core, static_argnames=_STATIC + ("mtp",), donate_argnames=("cache",))
+prefill = jax.jit(prefill_core, static_argnames=_STATIC + ("mtp", "chunk"), donate_argnames=("cache",))
 decode_step = jax.jit(decode_core, static_argnames=_STATIC + ("absorb",), donate_argnames=("cache",))
 mtp_step = jax.jit(mtp_core, static_argnames=_STATIC + ("depth",), donate_argnames=("cache",))
 
@@ -184,7 +237,7 @@ def _prefill_logits(params, tokens, *, config, options):
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     seg = jnp.ones((b, t), jnp.int32)
     model = CachedTransformer(config, options, attn="full")
-    return model.apply({"params": params}, tokens, pos, None, attention_mask(seg), seg > 0)[0]
+    return model.apply({"params": params}, tokens, pos, None, attention_layout(seg), seg > 0)[0]
 
 
 def decode_all_positions(params, tokens, *, config, options=ModelOptions(), cache_dtype="float32",
@@ -212,6 +265,6 @@ def decode_all_positions(params, tokens, *, config, options=ModelOptions(), cach
 
 
 __all__ = [
-    "CachedTransformer", "bucket_length", "cache_length", "cache_visibility", "decode_all_positions",
+    "CachedTransformer", "bucket_length", "cache_layout", "cache_length", "cache_visibility", "decode_all_positions",
     "decode_core", "decode_step", "mtp_core", "mtp_step", "prefill", "prefill_core",
 ]

@@ -161,26 +161,23 @@ def _replicated_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, t
     return jax.lax.psum(y, axes), jnp.zeros((), jnp.int32), mine.sum()
 
 
-def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, batch: int, token_axes: tuple,
-                             expert_axis: str, tensor_axis: Optional[str], impl: str,
+def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token_axes: tuple,
+                             expert_axis: Optional[str], tensor_axis: Optional[str], impl: str,
                              block_size: Optional[int] = None, capacity_factor: Optional[float] = None,
                              ragged: bool = False, return_rows: bool = False):
-    """The routed experts of ``batch`` sequences flattened into x ``[N, D]`` (weights / idx ``[N, K]``), one
-    device's share each, under ``jax.shard_map`` over ``mesh``.
+    """The routed experts of the tokens x ``[N, D]`` (weights / idx ``[N, K]``), one device's share each, under
+    ``jax.shard_map`` over ``mesh``.
 
-    ``token_axes``: mesh axes the tokens may be split over, in order (the rules' batch axes); those whose product
-    divides ``batch`` are used. ``expert_axis`` splits the expert stacks (``[E, D, I]`` / ``[E, I, D]``),
+    ``token_axes``: the mesh axes N is split over, in order (as the activations are: the batch axes that divide
+    the sequences, then the context axis). ``expert_axis`` splits the expert stacks (``[E, D, I]`` / ``[E, I, D]``),
     ``tensor_axis`` their width. With ``expert_axis`` among the token axes, rows travel by all-to-all
     (``ragged`` selects ``ragged_all_to_all``); otherwise tokens are replicated over it and a ``psum`` combines.
     Returns the combined output ``[N, D]`` (fp32) and the number of rows dropped over the whole batch (0 unless
     ``capacity_factor``); with ``return_rows`` also the real rows each device's grouped GEMM processed (padding
     excluded), one entry per device in mesh order.
     """
-    from .sharding import _largest_dividing
-
     sizes = mesh.shape
-    axes = tuple(a for a in token_axes if sizes[a] > 1)
-    split = _largest_dividing(axes, batch, mesh)
+    split = tuple(token_axes)
     e = wg.shape[0]
     ep = sizes[expert_axis] if expert_axis in sizes else 1
     if e % ep:

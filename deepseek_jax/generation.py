@@ -25,7 +25,7 @@ import numpy as np
 
 from . import kvcache
 from .config import ModelConfig
-from .decode import bucket_length, cache_length, decode_core, mtp_core, prefill_core
+from .decode import PREFILL_CHUNK, bucket_length, cache_length, decode_core, mtp_core, prefill_core
 from .options import ModelOptions
 from .sampling import SamplingParams, mark_seen, sample, speculative_accept, target_probs
 from .sharding import mesh_context
@@ -43,11 +43,10 @@ def _prompt_seen(tokens: jax.Array, lengths: jax.Array, vocab_size: int) -> jax.
     return hit.at[jnp.arange(tokens.shape[0])[:, None], tokens].max(valid)
 
 
-def _prefill_sample(params, cache, tokens, lengths, seen, rng, *, config, options, sampling, mtp):
-    cache, logits, hidden = prefill_core(params, cache, tokens, lengths, config=config, options=options, mtp=mtp)
+def _prefill_sample(params, cache, tokens, lengths, seen, rng, *, config, options, sampling, mtp, chunk):
+    cache, logits, h2 = prefill_core(params, cache, tokens, lengths, config=config, options=options, mtp=mtp,
+                                     chunk=chunk)
     first = sample(rng, logits, seen, sampling)
-    last2 = jnp.stack([jnp.maximum(lengths - 2, 0), lengths - 1], axis=1)
-    h2 = jnp.take_along_axis(hidden, last2[..., None], axis=1)  # h of the last two prompt positions
     t_prev = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
     return cache, first, mark_seen(seen, first), h2, t_prev
 
@@ -95,7 +94,8 @@ def _speculative_step(params, cache, n, t_prev, x, h2, seen, rng, *, config, opt
     return cache, state, jnp.stack([first, bonus], axis=1), accepted
 
 
-_prefill_sample_jit = jax.jit(_prefill_sample, static_argnames=_STATIC + ("mtp",), donate_argnames=("cache",))
+_prefill_sample_jit = jax.jit(_prefill_sample, static_argnames=_STATIC + ("mtp", "chunk"),
+                              donate_argnames=("cache",))
 _decode_sample_jit = jax.jit(_decode_sample, static_argnames=_STATIC + ("absorb",), donate_argnames=("cache",))
 _speculative_step_jit = jax.jit(_speculative_step, static_argnames=_STATIC, donate_argnames=("cache",))
 
@@ -215,6 +215,7 @@ def stream(
     min_bucket: int = 16,
     stats: Optional[dict] = None,
     mesh=None,
+    prefill_chunk: Optional[int] = PREFILL_CHUNK,
 ) -> Iterator[TokenEvent]:
     """Yield ``TokenEvent``s as tokens are generated (see ``generate`` for the arguments).
 
@@ -222,6 +223,8 @@ def stream(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens = {max_new_tokens}: expected >= 1")
+    if prefill_chunk is not None and (prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1)):
+        raise ValueError(f"prefill_chunk = {prefill_chunk}: expected a power of two (or None)")
     if speculative and config.num_nextn_predict_layers < 1:
         raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1); this "
                          f"{config.model_type} config has none (or the checkpoint carried no MTP weights)")
@@ -272,7 +275,8 @@ def stream(
     rng, key = jax.random.split(rng)
     with mesh_context(mesh):
         cache, tok, seen, h2, t_prev = _prefill_sample_jit(params, cache, jnp.asarray(tokens), jnp.asarray(lengths),
-                                                           seen, key, mtp=speculative, **statics)
+                                                           seen, key, mtp=speculative, chunk=prefill_chunk,
+                                                           **statics)
     first = np.asarray(tok)
     st["prefill_s"] = time.perf_counter() - t0
     for i in range(b):
@@ -347,6 +351,7 @@ def generate(
     absorb: bool = True,
     min_bucket: int = 16,
     mesh=None,
+    prefill_chunk: Optional[int] = PREFILL_CHUNK,
 ) -> GenerationResult:
     """Generate continuations of a batch of prompts.
 
@@ -360,12 +365,14 @@ def generate(
     absorb: decode with the absorbed MLA path (False: expand the cache every step; for comparison).
     mesh: a ``jax.sharding.Mesh`` (``deepseek_jax.sharding.make_mesh``): params sharded by the logical rules,
         the cache and per-sequence state over the batch axes; the jitted prefill and decode steps run sharded.
+    prefill_chunk: prompts longer than this many tokens (a power of two) are prefilled this many at a time,
+        each chunk attending to the cache so far (None: the whole prompt at once).
     """
     stats: dict = {}
     for event in stream(config, params, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                         eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
                         speculative=speculative, cache_dtype=cache_dtype, options=options, absorb=absorb,
-                        min_bucket=min_bucket, stats=stats, mesh=mesh):
+                        min_bucket=min_bucket, stats=stats, mesh=mesh, prefill_chunk=prefill_chunk):
         if on_token is not None:
             on_token(event)
     tokens, texts, reasons = stats.pop("tokens"), stats.pop("texts"), stats.pop("finish_reasons")

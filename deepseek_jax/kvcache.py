@@ -120,7 +120,7 @@ def cache_shardings(cache: Cache, mesh) -> Cache:
 
     def one(path, x):
         in_mtp = jax.tree_util.keystr(path).startswith("['mtp']")
-        names = ([] if in_mtp else ["layers"]) + ["act_batch", "act_length"]
+        names = ([] if in_mtp else ["layers"]) + ["act_batch", None]  # slots stay whole
         names += [None] * (x.ndim - len(names))
         return logical_sharding(names, x.shape, mesh)
 

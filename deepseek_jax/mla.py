@@ -10,7 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .attention import Layout, attention
 from .config import ModelConfig
+from .context_parallel import attend, context_size, gather_latent
 from .linear import Linear
 from .norm import RMSNorm
 from .options import ModelOptions
@@ -18,17 +20,6 @@ from .rope import apply_rope
 
 # The q/kv latent norms are built with the reference's default eps (1e-6), not config.rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
-
-
-def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """softmax(q k^T * scale) v with fp32 scores and softmax.
-
-    q ``[B,T,H,Dk]``, k ``[B,S,H,Dk]``, v ``[B,S,H,Dv]``, mask ``[B,T,S]`` (True = may attend) -> ``[B,T,H,Dv]``.
-    """
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
 class MLA(nn.Module):
@@ -69,38 +60,55 @@ class MLA(nn.Module):
         k_pe = apply_rope(kv[..., None, r:], cos, sin, self.config.rope_interleave)[..., 0, :]
         return c_kv, k_pe
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: Layout) -> jax.Array:
         """The full (non-absorbed) path: expand the latent to per-head keys and values."""
-        return self.prefill(x, cos, sin, mask)[0]
+        return self.prefill(x, cos, sin, layout)[0]
 
-    def _expanded_attention(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Expand latents ``[B,S,R]``, ``[B,S,P]`` to per-head keys/values and attend; -> ``[B,T,D]``."""
+    def _attend(self, q, k, v, layout: Layout):
+        o = self.options
+        return attention(q, k, v, layout, self.config.softmax_scale, o.attention, o.attention_block,
+                         o.target_platform())
+
+    def _expand(self, c_kv, k_pe):
+        """Latents ``[B,S,R]``, ``[B,S,P]`` -> per-head keys ``[B,S,H,N+P]`` and values ``[B,S,H,V]``."""
         c = self.config
         kv = self.kv_b_proj(c_kv)  # [B,S,H,N+V]
         k_nope, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
         k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:-1], c.qk_rope_head_dim))
-        q = jnp.concatenate([q_nope, q_pe], axis=-1)
-        k = jnp.concatenate([k_nope, k_pe.astype(k_nope.dtype)], axis=-1)
-        out = attention_core(q, k, v, mask, c.softmax_scale)
-        return self.o_proj(out)
+        return jnp.concatenate([k_nope, k_pe.astype(k_nope.dtype)], axis=-1), v
 
-    def prefill(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array):
+    def _expanded_attention(self, q_nope, q_pe, c_kv, k_pe, layout: Layout):
+        """Expand latents to per-head keys/values and attend; -> ``[B,T,D]``."""
+        k, v = self._expand(c_kv, k_pe)
+        return self.o_proj(self._attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, layout))
+
+    def prefill(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: Layout):
         """The full path over a whole prompt; also returns the latents to cache.
 
-        x ``[B,T,D]``, mask ``[B,T,T]`` -> output ``[B,T,D]``, c_kv ``[B,T,R]``, k_pe ``[B,T,P]``.
+        x ``[B,T,D]``; ``layout`` says which token sees which (``attention.Layout``) -> output ``[B,T,D]``,
+        c_kv ``[B,T,R]``, k_pe ``[B,T,P]``. Under a mesh with a context axis (T split over it), the latents are
+        all-gathered over it and each device attends with its own queries (``context_parallel``).
         """
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
-        return self._expanded_attention(q_nope, q_pe, c_kv, k_pe, mask), c_kv, k_pe
+        if context_size(x.shape[1]) == 1:
+            return self._expanded_attention(q_nope, q_pe, c_kv, k_pe, layout), c_kv, k_pe
+        k, v = self._expand(gather_latent(c_kv), gather_latent(k_pe))
+        keys = Layout(layout.q_index, layout.q_segment, gather_latent(layout.k_index), gather_latent(layout.k_segment))
+        o = self.options
+        out = attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, keys, self.config.softmax_scale, o.attention,
+                     o.attention_block, o.target_platform())
+        return self.o_proj(out), c_kv, k_pe
 
-    def decode(self, x, cos, sin, c_kv_cache, k_pe_cache, mask, absorb: bool = True):
-        """T new tokens attending to a latent cache plus themselves (decode, speculative verification).
+    def decode(self, x, cos, sin, c_kv_cache, k_pe_cache, layout: Layout, absorb: bool = True):
+        """T new tokens attending to a latent cache plus themselves (decode, speculative verification, chunks of
+        a long prompt).
 
-        x ``[B,T,D]``; c_kv_cache ``[B,S,R]``, k_pe_cache ``[B,S,P]``; mask ``[B,T,S+T]`` says which cached
-        slots and which of the new tokens each new token sees (keys are the cache followed by the new tokens).
+        x ``[B,T,D]``; c_kv_cache ``[B,S,R]``, k_pe_cache ``[B,S,P]``; ``layout``'s keys are the S cached slots
+        followed by the T new tokens (``decode.cache_layout``).
         ``absorb`` (REFERENCE.md section 1) folds ``kv_b_proj`` into the query and the output, so attention
-        runs in the R-dim latent space and the cache is never expanded; ``absorb=False`` expands it (the naive
-        path, for comparison).
+        runs in the R-dim latent space against one shared "head" (the cache itself) and the cache is never
+        expanded; ``absorb=False`` expands it (the naive path, for comparison).
         Returns output ``[B,T,D]`` and the new tokens' c_kv ``[B,T,R]``, k_pe ``[B,T,P]``.
         """
         c = self.config
@@ -109,15 +117,13 @@ class MLA(nn.Module):
         c_all = jnp.concatenate([c_kv_cache.astype(c_new.dtype), c_new], axis=1)  # [B,S+T,R]
         pe_all = jnp.concatenate([k_pe_cache.astype(pe_new.dtype), pe_new], axis=1)  # [B,S+T,P]
         if not absorb:
-            return self._expanded_attention(q_nope, q_pe, c_all, pe_all, mask), c_new, pe_new
+            return self._expanded_attention(q_nope, q_pe, c_all, pe_all, layout), c_new, pe_new
         w = self.variables["params"]["kv_b_proj"]["kernel"]  # [R,H,N+V]
         w_k, w_v = w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:]
         q_abs = _einsum("bthn,rhn->bthr", q_nope, w_k, c_all.dtype)
-        scores = (_einsum("bthr,bsr->bhts", q_abs, c_all, jnp.float32)
-                  + _einsum("bthp,bsp->bhts", q_pe, pe_all, jnp.float32)) * c.softmax_scale
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(c_all.dtype)
-        o_lat = _einsum("bhts,bsr->bthr", probs, c_all, c_all.dtype)  # [B,T,H,R]
+        q = jnp.concatenate([q_abs, q_pe.astype(q_abs.dtype)], axis=-1)  # [B,T,H,R+P]
+        k = jnp.concatenate([c_all, pe_all], axis=-1)[:, :, None, :]  # [B,S+T,1,R+P]
+        o_lat = self._attend(q, k, c_all[:, :, None, :], layout)  # [B,T,H,R]
         out = _einsum("bthr,rhv->bthv", o_lat, w_v, c_all.dtype)  # [B,T,H,V]
         return self.o_proj(out), c_new, pe_new
 

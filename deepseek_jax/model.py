@@ -7,9 +7,12 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from .attention import Layout, visible
 from .block import Block
 from .config import ModelConfig
+from .context_parallel import context_size, permute, zigzag_order
 from .linear import Embed, Linear
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -17,12 +20,17 @@ from .options import ModelOptions, remat_policy
 from .rope import rope_cos_sin
 
 
+def attention_layout(segment_ids: jax.Array, index: Optional[jax.Array] = None) -> Layout:
+    """Who sees whom in a row of T tokens: causal (by ``index``, the tokens' places in the row, default
+    ``0..T-1``), packed documents kept apart by ``segment_ids``, segment 0 (padding) seen by no one."""
+    if index is None:
+        index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
+    return Layout(index, segment_ids, index, segment_ids)
+
+
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
     """``[B, T, T]`` causal mask that also keeps packed documents apart; segment id 0 marks padding."""
-    t = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return causal[None] & same & (segment_ids > 0)[:, None, :]
+    return visible(attention_layout(segment_ids))
 
 
 def mtp_segment_ids(segment_ids: jax.Array, depth: int) -> jax.Array:
@@ -87,14 +95,24 @@ class Transformer(nn.Module):
                       name="lm_head")
 
         h = embed(tokens)
-        cos, sin = rope_cos_sin(positions, c)
-        mask, valid = attention_mask(segment_ids), segment_ids > 0
+        layout = attention_layout(segment_ids)
+        ctx = context_size(t)
+        if ctx > 1:  # context parallelism: the layer stacks run in zig-zag order (context_parallel.py)
+            order = zigzag_order(t, ctx)
+            h, pos_z, seg_z = (permute(x, order) for x in (h, positions, segment_ids))
+            layout = attention_layout(seg_z, permute(layout.q_index, order))
+        else:
+            pos_z, seg_z = positions, segment_ids
+        cos, sin = rope_cos_sin(pos_z, c)
+        valid = seg_z > 0
         moe_stats = []
         for name, _, length in c.layer_runs:
             is_moe = name.startswith("moe")
-            h, stats = _stack(o, length)(c, o, moe=is_moe, name=name)(h, cos, sin, mask, valid)
+            h, stats = _stack(o, length)(c, o, moe=is_moe, name=name)(h, cos, sin, layout, valid)
             if is_moe:
                 moe_stats.append(stats)
+        if ctx > 1:
+            h = permute(h, np.argsort(order))
         h = RMSNorm(c.rms_norm_eps, "embed", o, name="norm")(h)
         logits = head(h)
 
@@ -107,16 +125,18 @@ class Transformer(nn.Module):
         if return_router_stats:
             aux["router_stats"] = _concat_stats(moe_stats)
         if want_mtp:
+            # Depth k's row i pairs h_prev[i] with token i + k. The rows are kept T long (the last k are padding,
+            # segment 0) so that every depth has the main model's shapes (and splits like it over a mesh).
             mtp_logits, mtp_stats, h_prev = [], [], h
             for k in range(1, c.num_nextn_predict_layers + 1):
                 if t <= k:
                     raise ValueError(f"MTP depth {k} needs sequences longer than {k} tokens, got T={t}")
-                seg_k = mtp_segment_ids(segment_ids, k)
-                cos_k, sin_k = rope_cos_sin(positions[:, k:], c)
+                seg_k = _shift(mtp_segment_ids(segment_ids, k), k)
+                cos_k, sin_k = rope_cos_sin(_shift(positions[:, k:], k), c)
                 h_prev, stats = MTPModule(c, o, name=f"mtp_{k - 1}")(
-                    h_prev[:, : t - k], embed(tokens[:, k:]), cos_k, sin_k, attention_mask(seg_k), seg_k > 0
+                    h_prev, embed(_shift(tokens[:, k:], k)), cos_k, sin_k, attention_layout(seg_k), seg_k > 0
                 )
-                mtp_logits.append(head(h_prev))
+                mtp_logits.append(head(h_prev[:, : t - k]))
                 mtp_stats.append(stats)
             aux["mtp_logits"] = mtp_logits
             if return_router_stats and c.n_routed_experts > 0:
@@ -124,6 +144,11 @@ class Transformer(nn.Module):
         if self.is_initializing() and not (return_mtp or return_router_stats or return_hidden):
             return logits
         return logits, aux
+
+
+def _shift(x: jax.Array, k: int) -> jax.Array:
+    """``[B, T-k, ...]`` -> ``[B, T, ...]``, zero-padded at the end."""
+    return jnp.pad(x, [(0, 0), (0, k)] + [(0, 0)] * (x.ndim - 2))
 
 
 def _concat_stats(stats: list[dict]) -> dict:

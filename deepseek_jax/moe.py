@@ -5,7 +5,6 @@ N tokens (batch and length flattened), D model width, E routed experts, K expert
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
@@ -18,7 +17,8 @@ from .expert_parallel import dispatch_local, expert_parallel_dispatch
 from .linear import MatmulRecipe, contract_last, matmul_recipe
 from .mlp import MLP
 from .options import ModelOptions
-from .sharding import LOGICAL_RULES
+from .context_parallel import current_mesh
+from .sharding import LOGICAL_RULES, _largest_dividing
 
 
 # ----- routing ------------------------------------------------------------------------------------
@@ -102,12 +102,6 @@ class Router(nn.Module):
 
 
 # ----- the routed experts -------------------------------------------------------------------------
-def _current_mesh():
-    """The mesh the step is being traced under (``jax.set_mesh``), or None on a single device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh is None or mesh.empty or mesh.size == 1 else mesh
-
-
 def _axis(rules: dict, name: str) -> tuple[str, ...]:
     axes = rules.get(name)
     return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
@@ -128,6 +122,7 @@ class Experts(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array, batch: int):
+        """x ``[N, D]`` with ``N = batch x length`` tokens (sequence-major); weights / idx ``[N, K]``."""
         c, o = self.config, self.options
         e, d, i = c.n_routed_experts, x.shape[-1], c.moe_intermediate_size
 
@@ -139,23 +134,28 @@ class Experts(nn.Module):
         wu = param("up_proj", (e, d, i), ("expert", "embed", "moe_mlp"))
         wd = param("down_proj", (e, i, d), ("expert", "moe_mlp", "embed"))
         recipe = matmul_recipe(o)
-        mesh = _current_mesh()
+        mesh = current_mesh()
         if mesh is None:
             impl = o.grouped_impl(idx.size, e)
             return dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl, o.moe_block_size), jnp.zeros((), jnp.int32)
         rules = dict(nn.get_logical_axis_rules() or LOGICAL_RULES)
+        sizes = mesh.shape
         expert_axes = _axis(rules, "expert")
         tensor_axes = _axis(rules, "moe_mlp")
-        ep = mesh.shape[expert_axes[0]] if expert_axes else 1
-        token_axes = _axis(rules, "act_batch")
-        n_split = max((math.prod(mesh.shape[a] for a in sub) for r in range(len(token_axes) + 1)
-                       for sub in itertools.combinations(token_axes, r)
-                       if batch % math.prod(mesh.shape[a] for a in sub) == 0), default=1)
+        ep = sizes[expert_axes[0]] if expert_axes else 1
+        # The tokens are split as the activations are: sequences over the batch axes that divide them, and
+        # (context parallelism) each sequence over the context axis.
+        length = x.shape[0] // batch
+        split = _largest_dividing(tuple(a for a in _axis(rules, "act_batch") if sizes[a] > 1), batch, mesh)
+        ctx = tuple(a for a in _axis(rules, "act_length") if sizes[a] > 1)
+        if ctx and length % math.prod(sizes[a] for a in ctx) == 0:
+            split += ctx
         # Rows a device's grouped GEMM sees: its own tokens' rows, times EP when they arrive from its peers.
-        rows = idx.size // n_split * (ep if expert_axes and expert_axes[0] in token_axes else 1)
+        n_split = math.prod(sizes[a] for a in split)
+        rows = idx.size // n_split * (ep if expert_axes and expert_axes[0] in split else 1)
         impl = o.grouped_impl(rows, e // ep)
         return expert_parallel_dispatch(
-            recipe, x, weights, idx, wg, wu, wd, mesh=mesh, batch=batch, token_axes=token_axes,
+            recipe, x, weights, idx, wg, wu, wd, mesh=mesh, token_axes=split,
             expert_axis=expert_axes[0] if expert_axes else None, tensor_axis=tensor_axes[0] if tensor_axes else None,
             impl=impl, block_size=o.moe_block_size, capacity_factor=o.capacity_factor,
             ragged=o.target_platform() in ("tpu", "gpu"))

@@ -24,7 +24,7 @@ class MTPModule(nn.Module):
     options: ModelOptions
 
     @nn.compact
-    def __call__(self, h_prev, emb, cos, sin, mask, valid):
+    def __call__(self, h_prev, emb, cos, sin, layout, valid):
         """h_prev, emb ``[B, T', D]`` aligned (emb is of the token k places ahead) -> normed hidden, stats."""
         c, o = self.config, self.options
         e = RMSNorm(c.rms_norm_eps, "embed", o, name="enorm")(emb)
@@ -32,7 +32,7 @@ class MTPModule(nn.Module):
         x = Linear((c.hidden_size,), ("mtp_concat", "embed"), o, init_std=c.initializer_range, name="eh_proj")(
             jnp.concatenate([e, h], axis=-1)
         )
-        x, stats = Block(c, o, moe=c.n_routed_experts > 0, name="block")(x, cos, sin, mask, valid)
+        x, stats = Block(c, o, moe=c.n_routed_experts > 0, name="block")(x, cos, sin, layout, valid)
         return RMSNorm(c.rms_norm_eps, "embed", o, name="shared_head_norm")(x), stats
 
 
@@ -48,7 +48,7 @@ class CachedMTPModule(nn.Module):
     attn: str = "absorbed"
 
     @nn.compact
-    def __call__(self, h_prev, emb, layer_cache, cos, sin, masks, valid):
+    def __call__(self, h_prev, emb, layer_cache, cos, sin, layout, valid):
         c, o = self.config, self.options
         e = RMSNorm(c.rms_norm_eps, "embed", o, name="enorm")(emb)
         h = RMSNorm(c.rms_norm_eps, "embed", o, name="hnorm")(h_prev)
@@ -56,5 +56,5 @@ class CachedMTPModule(nn.Module):
             jnp.concatenate([e, h], axis=-1)
         )
         x, latents = CachedBlock(c, o, moe=c.n_routed_experts > 0, attn=self.attn, name="block")(
-            x, layer_cache, cos, sin, masks, valid)
+            x, layer_cache, cos, sin, layout, valid)
         return RMSNorm(c.rms_norm_eps, "embed", o, name="shared_head_norm")(x), latents

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCHES = ("auto", "blocked", "ragged", "gather", "dense")
+ATTENTIONS = ("auto", "blockwise", "naive")
 PLATFORMS = (None, "cpu", "gpu", "tpu")
 MATMUL_RECIPES = ("default", "fp8")
 
@@ -36,7 +37,11 @@ class ModelOptions:
         statistics' ``dropped``.
     platform: the backend the step is compiled for ("cpu", "gpu", "tpu"); None: JAX's default backend.
         ``deepseek-jax plan`` sets it when it compiles for a TPU topology from another machine.
-    matmul: the recipe behind the one dot_general hook ("default", or "fp8" once that lands).
+    matmul: the recipe behind the one dot_general hook ("default" or "fp8").
+    attention: the attention core (``attention.py``): "blockwise" (online softmax with its own backward, O(T x
+        block) memory), "naive" (the whole score matrix: the reference), "auto" (blockwise whenever the queries
+        or keys span more than ``attention_block``).
+    attention_block: query / key block of the blockwise core.
     """
 
     dtype: str = "float32"
@@ -48,9 +53,12 @@ class ModelOptions:
     capacity_factor: Optional[float] = None
     platform: Optional[str] = None
     matmul: str = "default"
+    attention: str = "auto"
+    attention_block: int = 512
 
     def __post_init__(self):
-        for name, allowed in (("remat", REMAT_POLICIES), ("moe_dispatch", MOE_DISPATCHES), ("matmul", MATMUL_RECIPES)):
+        for name, allowed in (("remat", REMAT_POLICIES), ("moe_dispatch", MOE_DISPATCHES), ("matmul", MATMUL_RECIPES),
+                              ("attention", ATTENTIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelOptions.{name} = {getattr(self, name)!r}: expected one of {allowed}")
         for name in ("dtype", "param_dtype"):
@@ -60,6 +68,8 @@ class ModelOptions:
                 raise ValueError(f"ModelOptions.{name} = {getattr(self, name)!r}: not a dtype") from None
         if self.scan_unroll < 1:
             raise ValueError(f"ModelOptions.scan_unroll = {self.scan_unroll}: expected >= 1")
+        if self.attention_block < 1:
+            raise ValueError(f"ModelOptions.attention_block = {self.attention_block}: expected >= 1")
         if self.moe_block_size is not None and self.moe_block_size < 1:
             raise ValueError(f"ModelOptions.moe_block_size = {self.moe_block_size}: expected >= 1")
         if self.capacity_factor is not None and not self.capacity_factor > 0:

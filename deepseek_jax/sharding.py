@@ -5,9 +5,10 @@ names mesh axes. ``LOGICAL_RULES`` says where each name goes; ``param_shardings`
 and shapes into ``NamedSharding``s.
 
 Weights are FSDP-sharded over the whole mesh: the expert stacks put their expert dim on ``expert`` (so expert
-weights never cross that axis) and their model dim on ``fsdp``; every other weight puts its first shardable dim
-(``embed``, ``vocab``, ``q_lora``, ``kv_lora``, the MLP width) on ``fsdp x expert`` (``x data`` with
-``logical_rules(fsdp_over_data=True)``, ZeRO-3 style), and heads / MLP widths on ``tensor``. A weight's dims take
+weights never cross that axis) and their model dim on ``fsdp x context``; every other weight puts its first
+shardable dim (``embed``, ``vocab``, ``q_lora``, ``kv_lora``, the MLP width) on ``fsdp x expert x context``
+(``x data`` with ``logical_rules(fsdp_over_data=True)``, ZeRO-3 style), and heads / MLP widths on ``tensor``.
+Activations split the batch over ``data x fsdp x expert`` and the sequence over ``context``. A weight's dims take
 axes in order and an axis is used once per weight, so each weight ends up split over every axis that divides it.
 A dim that its axes' product does not divide is sharded over the largest product of them that does (with a
 warning), not silently replicated.
@@ -27,9 +28,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp", "expert")  # the global batch is split over every non-tensor axis
-FSDP_AXES = ("fsdp", "expert")  # non-expert weights: FSDP over these (and data, when asked)
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the global batch is split over these
+CONTEXT_AXES = ("context",)  # the sequence (context parallelism, context_parallel.py)
+FSDP_AXES = ("fsdp", "expert", "context")  # non-expert weights: FSDP over these (and data, when asked)
 
 
 def logical_rules(fsdp_over_data: bool = False) -> tuple[tuple[str, Any], ...]:
@@ -37,7 +39,7 @@ def logical_rules(fsdp_over_data: bool = False) -> tuple[tuple[str, Any], ...]:
     fsdp = (("data",) if fsdp_over_data else ()) + FSDP_AXES
     return (
         ("act_batch", BATCH_AXES),
-        ("act_length", None),
+        ("act_length", CONTEXT_AXES),
         ("act_embed", None),
         ("layers", None),
         ("expert", "expert"),
@@ -130,6 +132,16 @@ def _mesh_axes_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh, r
     return PartitionSpec(*out)
 
 
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+    """``x`` constrained to the sharding its logical ``names`` get under the mesh and rules in effect (a dim its
+    axes do not divide takes the largest product that does); unchanged outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return x
+    rules = nn.get_logical_axis_rules() or LOGICAL_RULES
+    return jax.lax.with_sharding_constraint(x, _mesh_axes_for(names, x.shape, mesh, rules))
+
+
 def logical_sharding(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES):
     """A ``NamedSharding`` for one array from its logical axis names and shape."""
     return NamedSharding(mesh, _mesh_axes_for(names, shape, mesh, rules))
@@ -145,19 +157,27 @@ def param_shardings(boxed_abstract_params, mesh: Mesh, rules=LOGICAL_RULES):
     )
 
 
-def mesh_context(mesh):
-    """Make ``mesh`` the ambient mesh while a step is traced: the layers' activation constraints apply and the
-    MoE runs expert-parallel under it (``moe.Experts``). A no-op for ``None``."""
+@contextlib.contextmanager
+def mesh_context(mesh, rules=None):
+    """Make ``mesh`` the ambient mesh while a step is traced, with the logical rules (``rules``, default
+    ``LOGICAL_RULES``): the layers' activation constraints apply, the MoE runs expert-parallel and attention
+    context-parallel under it. A no-op for ``None``."""
     if mesh is None:
-        return contextlib.nullcontext()
+        yield
+        return
     setter = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh", None)
-    return setter(mesh) if setter is not None else contextlib.nullcontext()
+    with (setter(mesh) if setter is not None else contextlib.nullcontext()), \
+            nn.logical_axis_rules(rules if rules is not None else LOGICAL_RULES):
+        yield
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batch-major arrays: dim 0 over the batch axes, the rest replicated."""
+    """Batch-major ``[B, T, ...]`` arrays: dim 0 over the batch axes, dim 1 over the context axis (context
+    parallelism), the rest replicated."""
     axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
-    return NamedSharding(mesh, PartitionSpec(axes if axes else None, *([None] * (ndim - 1))))
+    ctx = tuple(a for a in CONTEXT_AXES if mesh.shape[a] > 1)
+    rest = [ctx or None] + [None] * (ndim - 2) if ndim >= 2 else []
+    return NamedSharding(mesh, PartitionSpec(axes if axes else None, *rest))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -258,7 +258,7 @@ class Trainer:
         return self._step
 
     def run_step(self, state, batch):
-        with mesh_context(self.mesh):
+        with mesh_context(self.mesh, self.rules):
             return self.step_fn(state)(state, batch)
 
     def put_batch(self, local_batch: dict) -> dict:

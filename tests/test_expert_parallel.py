@@ -19,7 +19,10 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from deepseek_jax.expert_parallel import dispatch_local, expert_parallel_dispatch
 from deepseek_jax.linear import MatmulRecipe
-from deepseek_jax.sharding import make_mesh
+from deepseek_jax.sharding import _largest_dividing, make_mesh
+
+def split(mesh, batch):  # the batch axes the tokens are split over, as the MoE module picks them
+    return _largest_dividing(tuple(a for a in ("data", "fsdp", "expert") if mesh.shape[a] > 1), batch, mesh)
 
 recipe = MatmulRecipe(jnp.float32)
 E, D, I, K, B, T = 16, 32, 24, 4, 8, 6
@@ -46,8 +49,8 @@ for spec in ["expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2"]:
     res = {}
     for impl in ["blocked", "gather"]:
         def ep(x, w, wg, wu, wd, impl=impl):
-            return expert_parallel_dispatch(recipe, x, w, put(idx, tok), wg, wu, wd, mesh=mesh, batch=B,
-                                            token_axes=("data", "fsdp", "expert"), expert_axis="expert",
+            return expert_parallel_dispatch(recipe, x, w, put(idx, tok), wg, wu, wd, mesh=mesh,
+                                            token_axes=split(mesh, B), expert_axis="expert",
                                             tensor_axis="tensor", impl=impl, block_size=4)[0]
         with jax.set_mesh(mesh):
             y = np.asarray(jax.jit(ep)(*args))
@@ -63,7 +66,7 @@ bal = jnp.asarray((np.arange(B * T * K).reshape(B * T, K) * 5) % E, jnp.int32)
 assert np.all(np.bincount(np.asarray(bal).ravel(), minlength=E) == B * T * K // E)
 with jax.set_mesh(mesh):
     _, dropped, rows = jax.jit(lambda x, w: expert_parallel_dispatch(
-        recipe, x, w, bal, wg, wu, wd, mesh=mesh, batch=B, token_axes=("data", "fsdp", "expert"),
+        recipe, x, w, bal, wg, wu, wd, mesh=mesh, token_axes=split(mesh, B),
         expert_axis="expert", tensor_axis="tensor", impl="blocked", return_rows=True))(x, w)
 out["balanced_rows"] = np.asarray(rows).tolist()
 
@@ -72,7 +75,7 @@ out["balanced_rows"] = np.asarray(rows).tolist()
 cf = 0.5
 with jax.set_mesh(mesh):
     y_cf, dropped = jax.jit(lambda x, w: expert_parallel_dispatch(
-        recipe, x, w, idx, wg, wu, wd, mesh=mesh, batch=B, token_axes=("data", "fsdp", "expert"),
+        recipe, x, w, idx, wg, wu, wd, mesh=mesh, token_axes=split(mesh, B),
         expert_axis="expert", tensor_axis="tensor", impl="blocked", capacity_factor=cf))(x, w)
 n_loc, e_loc = B * T // 8, E // 8
 cap = math.ceil(cf * n_loc * K / 8)
@@ -96,7 +99,7 @@ small = {}
 for impl in ["gather", "blocked"]:
     with jax.set_mesh(mesh):
         y1 = jax.jit(lambda x, w, impl=impl: expert_parallel_dispatch(
-            recipe, x, w, i1, wg, wu, wd, mesh=mesh, batch=1, token_axes=("data", "fsdp", "expert"),
+            recipe, x, w, i1, wg, wu, wd, mesh=mesh, token_axes=split(mesh, 1),
             expert_axis="expert", tensor_axis="tensor", impl=impl)[0])(x1, w1)
     small[impl] = float(np.abs(np.asarray(y1) - one).max())
 small["local_gather"] = float(np.abs(np.asarray(dispatch_local(recipe, x1, w1, i1, wg, wu, wd, "gather")) - one).max())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import deepseek_jax as dsj
-from deepseek_jax.model import attention_mask
+from deepseek_jax.model import attention_layout
 from deepseek_jax.moe import router_scores, select_experts
 from deepseek_jax.rope import rope_cos_sin
 
@@ -79,7 +79,7 @@ def test_scan_equals_a_plain_loop_over_blocks(model_params):
         block = dsj.Block(CONFIG, dsj.ModelOptions(), moe=name.startswith("moe"))
         for i in range(length):
             layer = jax.tree.map(lambda x: x[i], params[name])
-            h, _ = block.apply({"params": layer}, h, cos, sin, attention_mask(seg), seg > 0)
+            h, _ = block.apply({"params": layer}, h, cos, sin, attention_layout(seg), seg > 0)
     from deepseek_jax.norm import rms_norm
     h = rms_norm(h, params["norm"]["scale"], CONFIG.rms_norm_eps)
     logits = h @ params["lm_head"]["kernel"]

@@ -1,0 +1,228 @@
+"""Attention cores for MLA's shapes: the naive reference and blockwise (online-softmax) attention with its own
+backward pass, so memory is O(T x block), not O(T^2).
+
+Shapes: B batch, T queries, S keys, H query heads, Hk key/value heads (H for the full MLA path; 1 for the
+absorbed path, whose single "head" is the shared latent), Dk q/k head dim (nope + rope), Dv value head dim.
+q ``[B,T,H,Dk]``, k ``[B,S,Hk,Dk]``, v ``[B,S,Hk,Dv]`` -> ``[B,T,H,Dv]``.
+
+Which key a query sees (``visible``): the same segment (packed documents; segment 0 is padding, seen by no one)
+and a key index not after the query's (causal). Indices are the tokens' places in their row's original order
+(``0..T-1`` for a training row, the cache slots for decoding), so a row may be held in any permuted order (the
+zig-zag order of context parallelism) and attention does not change. A query that sees no key (padding) gives 0.
+
+Blockwise attention follows FlashAttention's recipe in plain jnp: the forward pass runs over key blocks with a
+running max and sum and saves only the output and the per-row log-sum-exp; the backward pass (``custom_vjp``)
+recomputes each block's probabilities from them and uses ``di = sum(o * do)``. A (query block, key block) pair
+that cannot hold a visible pair (every key index after every query index) is skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLS = ("auto", "blockwise", "naive")
+DEFAULT_BLOCK = 512
+_EMPTY = -1e30  # masked score: finite, so a fully masked block gives exp(0) = 1 that the mask then zeroes
+
+
+class Layout(NamedTuple):
+    """Per-token indices and segment ids of queries (``[B,T]``) and keys (``[B,S]``)."""
+
+    q_index: jax.Array
+    q_segment: jax.Array
+    k_index: jax.Array
+    k_segment: jax.Array
+
+
+def visible(layout: Layout) -> jax.Array:
+    """``[B,T,S]``: key s is visible to query t."""
+    q_i, q_s, k_i, k_s = layout
+    same = q_s[:, :, None] == k_s[:, None, :]
+    return same & (k_s > 0)[:, None, :] & (k_i[:, None, :] <= q_i[:, :, None])
+
+
+def _group(q: jax.Array, hk: int) -> jax.Array:
+    """``[B,T,H,D]`` -> ``[B,T,Hk,G,D]``: query heads grouped by the key head they share."""
+    b, t, h, d = q.shape
+    return q.reshape(b, t, hk, h // hk, d)
+
+
+def _qk(q, k):
+    """Scores ``[B,H,T,S]`` (fp32) of q ``[B,T,H,D]`` against k ``[B,S,Hk,D]``: as plain per-head (Hk = H) or
+    shared-head (Hk = 1) einsums where they apply (XLA:CPU runs them faster than the grouped form)."""
+    b, t, h, _ = q.shape
+    hk = k.shape[2]
+    if hk == h:
+        return jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    if hk == 1:
+        return jnp.einsum("bthd,bsd->bhts", q, k[:, :, 0], preferred_element_type=jnp.float32)
+    s = jnp.einsum("btkgd,bskd->bkgts", _group(q, hk), k, preferred_element_type=jnp.float32)
+    return s.reshape(b, h, t, k.shape[1])
+
+
+def _pv(p, v):
+    """``p [B,H,T,S]`` times v ``[B,S,Hk,D]`` -> ``[B,T,H,D]`` (fp32)."""
+    b, h, t, s = p.shape
+    hk = v.shape[2]
+    if hk == h:
+        return jnp.einsum("bhts,bshd->bthd", p, v, preferred_element_type=jnp.float32)
+    if hk == 1:
+        return jnp.einsum("bhts,bsd->bthd", p, v[:, :, 0], preferred_element_type=jnp.float32)
+    o = jnp.einsum("bkgts,bskd->btkgd", p.reshape(b, hk, h // hk, t, s), v, preferred_element_type=jnp.float32)
+    return o.reshape(b, t, h, v.shape[-1])
+
+
+def naive_attention(q, k, v, layout: Layout, scale: float) -> jax.Array:
+    """softmax(q k^T * scale) v with fp32 scores and softmax over the whole ``[T, S]``: the reference."""
+    mask = visible(layout)[:, None]
+    scores = jnp.where(mask, _qk(q, k) * scale, _EMPTY)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(mask, probs, 0.0).astype(v.dtype)  # a row that sees nothing gives 0
+    return _pv(probs, v).astype(v.dtype)
+
+
+def blockwise_attention(q, k, v, layout: Layout, scale: float, block_q: int = DEFAULT_BLOCK,
+                        block_k: int = DEFAULT_BLOCK) -> jax.Array:
+    """The same as ``naive_attention`` with O(T x block) memory in the forward and the backward pass."""
+    b, t, h, _ = q.shape
+    s, hk = k.shape[1], k.shape[2]
+    bq, bk = min(block_q, t), min(block_k, s)
+    pt, ps = -t % bq, -s % bk
+    # Padding queries and keys get segment 0: no one sees them and they see no one.
+    q_p = jnp.pad(_group(q, hk), ((0, 0), (0, pt), (0, 0), (0, 0), (0, 0)))
+    k_p = jnp.pad(k, ((0, 0), (0, ps), (0, 0), (0, 0)))
+    v_p = jnp.pad(v, ((0, 0), (0, ps), (0, 0), (0, 0)))
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n)))  # noqa: E731
+    lay = Layout(pad(layout.q_index, pt), pad(layout.q_segment, pt), pad(layout.k_index, ps),
+                 pad(layout.k_segment, ps))
+    out = _flash(q_p, k_p, v_p, lay, scale, bq, bk)
+    return out[:, :t].reshape(b, t, h, v.shape[-1])
+
+
+# ----- the blockwise kernel: q [B,T,Hk,G,Dk] (T a multiple of bq), k/v [B,S,Hk,D] (S a multiple of bk) -----------
+def _blocks(x: jax.Array, size: int, axis: int = 1) -> jax.Array:
+    """Split ``axis`` into ``[n, size]`` and move n to the front."""
+    shape = x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _live(lay: Layout, bq: int, bk: int) -> jax.Array:
+    """``[nq, nk]``: a (query block, key block) pair may hold a visible pair (a key index not after every
+    query index, in the whole batch)."""
+    q_max = _blocks(lay.q_index, bq).max(axis=(1, 2))
+    k_min = _blocks(jnp.where(lay.k_segment > 0, lay.k_index, jnp.iinfo(jnp.int32).max), bk).min(axis=(1, 2))
+    return k_min[None, :] <= q_max[:, None]
+
+
+def _block_scores(qb, kb, lq, lk, scale):
+    """Scores ``[B,Hk,G,bq,bk]`` in fp32 and the mask ``[B,1,1,bq,bk]`` of one block pair."""
+    s = jnp.einsum("btkgd,bskd->bkgts", qb, kb, preferred_element_type=jnp.float32) * scale
+    mask = visible(Layout(*lq, *lk))[:, None, None]
+    return jnp.where(mask, s, _EMPTY), mask
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, k, v, lay: Layout, scale: float, bq: int, bk: int):
+    return _flash_fwd(q, k, v, lay, scale, bq, bk)[0]
+
+
+def _flash_fwd(q, k, v, lay, scale, bq, bk):
+    b, t, hk, g, _ = q.shape
+    dv = v.shape[-1]
+    qs, ks, vs = _blocks(q, bq), _blocks(k, bk), _blocks(v, bk)
+    lqs = (_blocks(lay.q_index, bq), _blocks(lay.q_segment, bq))
+    lks = (_blocks(lay.k_index, bk), _blocks(lay.k_segment, bk))
+    live = _live(lay, bq, bk)
+
+    def q_block(i):
+        qb, lq = qs[i], (lqs[0][i], lqs[1][i])
+
+        def k_block(j, carry):
+            m, l, acc = carry
+
+            def step():
+                s, mask = _block_scores(qb, ks[j], lq, (lks[0][j], lks[1][j]), scale)
+                m_new = jnp.maximum(m, s.max(-1))
+                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+                alpha = jnp.exp(m - m_new)
+                pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), vs[j], preferred_element_type=jnp.float32)
+                return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+            return jax.lax.cond(live[i, j], step, lambda: (m, l, acc))
+
+        init = (jnp.full((b, hk, g, bq), _EMPTY, jnp.float32), jnp.zeros((b, hk, g, bq), jnp.float32),
+                jnp.zeros((b, hk, g, bq, dv), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, ks.shape[0], k_block, init)
+        seen = l > 0
+        o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)  # inf: p = 0 in the backward
+        return jnp.moveaxis(o, 3, 1).astype(v.dtype), lse  # [B,bq,Hk,G,Dv], [B,Hk,G,bq]
+
+    o, lse = jax.lax.map(q_block, jnp.arange(qs.shape[0]))
+    out = jnp.moveaxis(o, 0, 1).reshape(b, t, hk, g, dv)
+    return out, (q, k, v, lay, out, lse)
+
+
+def _flash_bwd(scale, bq, bk, res, do):
+    q, k, v, lay, out, lse = res
+    qs, ks, vs = _blocks(q, bq), _blocks(k, bk), _blocks(v, bk)
+    dos, os_ = _blocks(do, bq), _blocks(out, bq)
+    lqs = (_blocks(lay.q_index, bq), _blocks(lay.q_segment, bq))
+    lks = (_blocks(lay.k_index, bk), _blocks(lay.k_segment, bk))
+    live = _live(lay, bq, bk)
+    # di = rowsum(o * do), per query block: [nq, B, Hk, G, bq]
+    di = jnp.einsum("nbtkgd,nbtkgd->nbkgt", os_.astype(jnp.float32), dos.astype(jnp.float32))
+
+    def k_block(j, grads):
+        dq, dk_all, dv_all = grads
+        kb, vb, lk = ks[j], vs[j], (lks[0][j], lks[1][j])
+
+        def q_block(i, carry):
+            dk, dv, dq = carry
+
+            def step():
+                qb, dob = qs[i], dos[i]
+                s, mask = _block_scores(qb, kb, (lqs[0][i], lqs[1][i]), lk, scale)
+                p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)  # [B,Hk,G,bq,bk]
+                dv_ = dv + jnp.einsum("bkgts,btkgd->bskd", p.astype(do.dtype), dob, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("btkgd,bskd->bkgts", dob, vb, preferred_element_type=jnp.float32)
+                ds = p * (dp - di[i][..., None]) * scale
+                dk_ = dk + jnp.einsum("bkgts,btkgd->bskd", ds.astype(q.dtype), qb, preferred_element_type=jnp.float32)
+                dq_i = jnp.einsum("bkgts,bskd->btkgd", ds.astype(k.dtype), kb, preferred_element_type=jnp.float32)
+                return dk_, dv_, dq.at[i].add(dq_i)
+
+            return jax.lax.cond(live[i, j], step, lambda: (dk, dv, dq))
+
+        zero_k = jnp.zeros(kb.shape, jnp.float32)
+        dk, dv, dq = jax.lax.fori_loop(0, qs.shape[0], q_block, (zero_k, jnp.zeros(vb.shape, jnp.float32), dq))
+        return dq, dk_all.at[j].set(dk), dv_all.at[j].set(dv)
+
+    init = (jnp.zeros(qs.shape, jnp.float32), jnp.zeros(ks.shape, jnp.float32), jnp.zeros(vs.shape, jnp.float32))
+    dqs, dks, dvs = jax.lax.fori_loop(0, ks.shape[0], k_block, init)
+    dq = jnp.moveaxis(dqs, 0, 1).reshape(q.shape)
+    dk = jnp.moveaxis(dks, 0, 1).reshape(k.shape)
+    dv = jnp.moveaxis(dvs, 0, 1).reshape(v.shape)
+    zeros = Layout(*(jnp.zeros(x.shape, jax.dtypes.float0) for x in lay))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def attention(q, k, v, layout: Layout, scale: float, impl: str = "auto", block: int = DEFAULT_BLOCK,
+              platform: str = "cpu") -> jax.Array:
+    """The attention core: ``impl`` "naive", "blockwise", or "auto" (blockwise whenever the queries or keys span
+    more than one block). On CPU low-precision inputs are computed in fp32 (XLA:CPU has no bf16 x bf16 -> fp32
+    dot for some of these shapes, and no fast bf16 one), the output cast back."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r}: expected one of {ATTENTION_IMPLS}")
+    dtype = v.dtype
+    if platform == "cpu" and dtype != jnp.float32:
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    if impl == "naive" or (impl == "auto" and max(q.shape[1], k.shape[1]) <= block):
+        return naive_attention(q, k, v, layout, scale).astype(dtype)
+    return blockwise_attention(q, k, v, layout, scale, block, block).astype(dtype)

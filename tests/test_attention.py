@@ -1,0 +1,112 @@
+"""deepseek_jax.attention: blockwise attention against the naive reference, in values and gradients; the model
+with blockwise attention against the naive model."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deepseek_jax as dsj
+from deepseek_jax.attention import Layout, blockwise_attention, naive_attention, visible
+
+
+def _case(b=3, t=37, s=None, h=4, hk=4, dk=24, dv=16, seed=0):
+    """Packed segments, a padded tail, a row that is padding throughout, an odd length."""
+    rng = np.random.RandomState(seed)
+    s = t if s is None else s
+    q = jnp.asarray(rng.normal(size=(b, t, h, dk)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, s, hk, dk)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, s, hk, dv)), jnp.float32)
+    seg = np.ones((b, t), np.int32)
+    seg[0, 20:] = 2  # two packed documents
+    seg[1, 30:] = 0  # padding at the end...
+    seg[1, :3] = 0  # ...and at the start
+    seg[2, :] = 0  # a fully padded row
+    idx = np.tile(np.arange(t), (b, 1))
+    return q, k, v, Layout(jnp.asarray(idx), jnp.asarray(seg), jnp.asarray(idx), jnp.asarray(seg)), rng
+
+
+@pytest.mark.parametrize("blocks", [(8, 16), (16, 8), (5, 7), (64, 64)])
+def test_blockwise_equals_naive_in_values_and_gradients(blocks):
+    q, k, v, lay, rng = _case()
+    cot = jnp.asarray(rng.normal(size=(*q.shape[:3], v.shape[-1])), jnp.float32)
+    scale = 0.2
+    naive = lambda *a: naive_attention(*a, lay, scale)  # noqa: E731
+    block = lambda *a: blockwise_attention(*a, lay, scale, *blocks)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(jax.jit(block)(q, k, v)), np.asarray(naive(q, k, v)), atol=1e-5)
+    g_naive = jax.grad(lambda *a: (naive(*a) * cot).sum(), argnums=(0, 1, 2))(q, k, v)
+    g_block = jax.jit(jax.grad(lambda *a: (block(*a) * cot).sum(), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g_block, g_naive):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    # The padded row outputs zeros and passes no gradient.
+    out = np.asarray(jax.jit(block)(q, k, v))
+    assert np.all(out[2] == 0) and np.all(out[1, :3] == 0)
+    assert np.all(np.asarray(g_block[0])[2] == 0)
+
+
+def test_shared_latent_head_and_cache_keys():
+    """The absorbed decode's shape: one key/value head shared by every query head, queries at positions 20..27
+    attending to 20 cached slots (the first 2 stale) then themselves."""
+    from deepseek_jax.decode import cache_layout, cache_visibility
+
+    rng = np.random.RandomState(1)
+    b, t, s, h = 2, 8, 24, 4
+    q = jnp.asarray(rng.normal(size=(b, t, h, 12)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, s + t, 1, 12)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, s + t, 1, 10)), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(20, 28, dtype=jnp.int32), (b, t))
+    lay = cache_layout(positions, s, first_slot=2)
+    np.testing.assert_array_equal(np.asarray(visible(lay)), np.asarray(cache_visibility(positions, s, 2)))
+    m = np.asarray(visible(lay))[0]
+    assert not m[:, :2].any() and m[:, 2:20].all() and not m[:, 20:s].any()  # stale and unwritten slots unseen
+    assert np.array_equal(m[:, s:], np.tril(np.ones((t, t), bool)))
+    want = naive_attention(q, k, v, lay, 0.3)
+    got = jax.jit(lambda q, k, v: blockwise_attention(q, k, v, lay, 0.3, 4, 8))(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def _loss_fn(config, options, tokens, segments):
+    model = dsj.Transformer(config, options)
+
+    def loss(p):
+        logits, aux = model.apply({"params": p}, tokens, None, segments, return_mtp=True, return_hidden=True)
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        ce = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+        mtp = sum(jax.nn.logsumexp(m).mean() for m in aux.get("mtp_logits", []))
+        return ce + 0.1 * mtp, logits
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+@pytest.mark.parametrize("preset", ["tiny-v3", "tiny-v2"])
+def test_model_with_blockwise_attention_equals_naive(preset):
+    config = dsj.presets[preset]
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, config.vocab_size, (2, 21)))
+    segments = jnp.asarray([[1] * 12 + [2] * 9, [1] * 17 + [0] * 4])
+    params = nn.meta.unbox(jax.jit(dsj.Transformer(config).init)(jax.random.PRNGKey(0), tokens)["params"])
+    runs = {}
+    for name, options in (("naive", dsj.ModelOptions(attention="naive")),
+                          ("blockwise", dsj.ModelOptions(attention="blockwise", attention_block=8))):
+        (value, logits), grads = _loss_fn(config, options, tokens, segments)(params)
+        runs[name] = (value, logits, grads)
+    (v0, l0, g0), (v1, l1, g1) = runs["naive"], runs["blockwise"]
+    np.testing.assert_allclose(np.asarray(l1), np.asarray(l0), atol=1e-5)
+    assert float(v1) == pytest.approx(float(v0), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_auto_picks_blockwise_past_one_block():
+    """A long sequence never builds the [T, T] score matrix under the default options."""
+    config = dsj.presets["tiny-v3"].replace(num_hidden_layers=1, first_k_dense_replace=1,
+                                            num_nextn_predict_layers=0)
+    model = dsj.Transformer(config)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    for t, blockwise in ((512, False), (2048, True)):
+        jaxpr = str(jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(nn.meta.unbox(params),
+                                                                              jnp.zeros((1, t), jnp.int32)))
+        full_scores = f"f32[1,4,{t},{t}]"  # [B, H, T, S]
+        assert (full_scores in jaxpr) is not blockwise, t
