@@ -142,12 +142,12 @@ class Experts(nn.Module):
         sizes = mesh.shape
         expert_axes = _axis(rules, "expert")
         tensor_axes = _axis(rules, "moe_mlp")
-        ep = sizes[expert_axes[0]] if expert_axes else 1
+        ep = sizes.get(expert_axes[0], 1) if expert_axes else 1
         # The tokens are split as the activations are: sequences over the batch axes that divide them, and
         # (context parallelism) each sequence over the context axis.
         length = x.shape[0] // batch
-        split = _largest_dividing(tuple(a for a in _axis(rules, "act_batch") if sizes[a] > 1), batch, mesh)
-        ctx = tuple(a for a in _axis(rules, "act_length") if sizes[a] > 1)
+        split = _largest_dividing(tuple(a for a in _axis(rules, "act_batch") if sizes.get(a, 1) > 1), batch, mesh)
+        ctx = tuple(a for a in _axis(rules, "act_length") if sizes.get(a, 1) > 1)
         if ctx and length % math.prod(sizes[a] for a in ctx) == 0:
             split += ctx
         # Rows a device's grouped GEMM sees: its own tokens' rows, times EP when they arrive from its peers.

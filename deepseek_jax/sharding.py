@@ -116,7 +116,7 @@ def _mesh_axes_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh, r
             out.append(None)
             continue
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
         chosen = _largest_dividing(axes, dim, mesh)
         if chosen != axes and not name.startswith("act_") and (name, dim, axes) not in _WARNED:
             _WARNED.add((name, dim, axes))
@@ -174,8 +174,8 @@ def mesh_context(mesh, rules=None):
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Batch-major ``[B, T, ...]`` arrays: dim 0 over the batch axes, dim 1 over the context axis (context
     parallelism), the rest replicated."""
-    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
-    ctx = tuple(a for a in CONTEXT_AXES if mesh.shape[a] > 1)
+    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    ctx = tuple(a for a in CONTEXT_AXES if mesh.shape.get(a, 1) > 1)
     rest = [ctx or None] + [None] * (ndim - 2) if ndim >= 2 else []
     return NamedSharding(mesh, PartitionSpec(axes if axes else None, *rest))
 
