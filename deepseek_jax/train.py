@@ -56,6 +56,7 @@ class TrainConfig:
     fsdp_over_data: bool = False  # shard weights and optimizer state over `data` too (ZeRO-3), not just fsdp x expert
     precision: str = "fp32"
     remat: str = "none"
+    max_bad_steps: int = 5  # consecutive non-finite steps (each skipped) that stop the run
     moe_dispatch: str = "auto"  # ModelOptions.moe_dispatch
     capacity_factor: Optional[float] = None  # ModelOptions.capacity_factor (None: dropless)
     seed: int = 0
@@ -239,8 +240,14 @@ class Trainer:
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         params = self._update_biases(params, counts)
+        grad_norm = optax.global_norm(grads)
+        # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
+        ok = jnp.isfinite(parts["total_loss"]) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (params, opt_state),
+                                         (state["params"], state["opt_state"]))
         metrics = dict(parts)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+        metrics["grad_norm"] = grad_norm
         metrics["lr"] = self.schedule(state["step"])
         if counts["moe"].shape[0]:
             load = counts["moe"]
@@ -411,6 +418,7 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
                dynamic_ncols=True)
     try:
         t_last = time.perf_counter()
+        bad_run = 0
         for step in bar:
             batch = trainer.put_batch(next(dataset))
             state, metrics = trainer.run_step(state, batch)
@@ -432,8 +440,13 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
                         writer.add_scalar(f"train/{k}", v, step + 1)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_loss']:.3f}",
                                 tok_s="-" if first else f"{m['tokens_per_s']:.0f}")
-            if not math.isfinite(m["total_loss"]):
-                raise FloatingPointError(f"step {step + 1}: loss is {m['total_loss']}")
+            bad_run = bad_run + 1 if m["skipped"] else 0
+            if bad_run >= tc.max_bad_steps:
+                raise FloatingPointError(
+                    f"step {step + 1}: {bad_run} steps in a row had a non-finite loss or gradient (loss "
+                    f"{m['total_loss']}, grad norm {m['grad_norm']}); their updates were skipped and the run "
+                    f"stops. The last good checkpoint is step {ckpt.latest_step()} in "
+                    f"{os.path.join(workdir, 'checkpoints')}")
             ckpt.save(step + 1, state, {"data": dataset.state(), "seed": tc.seed, "step": step + 1},
                       force=(step + 1 == tc.steps))
     finally:

@@ -95,6 +95,9 @@ def _run(args) -> int:
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if records:
         first, last = records[0], records[-1]
         print(f"step {first['step']}: loss {first['loss']:.4f} -> step {last['step']}: loss {last['loss']:.4f}; "
@@ -122,7 +125,8 @@ def _report_arithmetic(workdir: str) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model (built-in arithmetic data by default)")
-    p.add_argument("--preset", default="tiny-v3", help="a preset name (default tiny-v3)")
+    p.add_argument("--preset", default="tiny-v3-arith",
+                   help="a preset name (default tiny-v3-arith: tiny-v3 with 8 wider experts and a 32-id vocabulary)")
     p.add_argument("--config", help="a config.json (or a directory with one) instead of a preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set num_hidden_layers=4 (repeatable)")
@@ -133,10 +137,10 @@ def register(sub) -> None:
     p.add_argument("--eos-id", type=int, default=None,
                    help="the id that ends each document of a 1-D .npy (default: the model config's eos_token_id)")
     p.add_argument("--workdir", default="runs/tiny-v3")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32")

@@ -305,6 +305,9 @@ def test_arithmetic_answers_are_correct():
         a, op, b, c = re.fullmatch(r"(\d+)([-+*])(\d+)=(\d+)", line).groups()
         assert ops[op](int(a), int(b)) == int(c), line
     assert {line[len(re.match(r"\d+", line).group()):][0] for line in lines} == {"+", "-", "*"}
+    operands = [re.fullmatch(r"(\d+)([-+*])(\d+)=\d+", line).groups() for line in lines]
+    assert all(10 <= int(a) <= 99 and 10 <= int(b) <= 99 for a, op, b in operands if op in "+-")
+    assert all(0 <= int(a) <= 12 and 0 <= int(b) <= 12 for a, op, b in operands if op == "*")
     ids = D.encode(docs[0])
     assert ids[0] == D.BOS_ID and ids[-1] == D.EOS_ID and max(ids) < D.ARITHMETIC_VOCAB_SIZE <= 512
     assert D.decode(ids) == docs[0]

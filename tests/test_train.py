@@ -188,6 +188,49 @@ def test_balance_alpha_default_and_override():
     assert Trainer(CONFIG, TrainConfig(), make_mesh(None)).alpha == 1e-4
 
 
+def test_non_finite_step_is_skipped_and_counted(trainer_and_state):
+    """A step whose loss is NaN (here: a NaN in the loss mask) changes nothing, not even the correction bias,
+    and says so in its metrics; the next good step trains as usual."""
+    trainer, state = trainer_and_state
+    before = jax.tree.map(np.asarray, state)
+    poisoned = batch(0)
+    poisoned["loss_mask"][0, 3] = np.nan
+    step = trainer.step_fn(state)
+    new_state, metrics = step(jax.tree.map(jnp.copy, state), trainer.put_batch(poisoned))
+    assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["total_loss"]))
+    for key in ("params", "opt_state"):
+        for a, b in zip(jax.tree.leaves(new_state[key]), jax.tree.leaves(before[key])):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    assert int(new_state["step"]) == int(before["step"]) + 1
+    new_state, metrics = step(new_state, trainer.put_batch(batch(0)))
+    assert float(metrics["skipped"]) == 0.0
+    # The good step after the skipped one does exactly what it does on a fresh state (which moves the bias).
+    fresh, _ = step(jax.tree.map(jnp.array, before), trainer.put_batch(batch(0)))
+    for key in ("params", "opt_state"):
+        for a, b in zip(jax.tree.leaves(new_state[key]), jax.tree.leaves(fresh[key])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    bias = lambda p: np.asarray(p["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"])  # noqa: E731
+    assert not np.array_equal(bias(new_state["params"]), bias(before["params"]))
+
+
+@pytest.mark.slow
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
+    put = Trainer.put_batch
+
+    def poisoned(self, local):
+        local = dict(local, loss_mask=np.full_like(local["loss_mask"], np.nan))
+        return put(self, local)
+
+    from deepseek_jax.train import fit
+
+    tc = TrainConfig(**{**TRAIN.__dict__, "steps": 6, "max_bad_steps": 2})
+    monkeypatch.setattr(Trainer, "put_batch", poisoned)
+    with pytest.raises(FloatingPointError, match="2 steps in a row had a non-finite loss"):
+        fit(CONFIG, tc, str(tmp_path), save_every=1, progress=False, async_save=False)
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(l)["skipped"] for l in f] == [1.0, 1.0]
+
+
 def test_peak_flops_table():
     from deepseek_jax.train import peak_flops
 
@@ -199,9 +242,11 @@ def test_peak_flops_table():
 
 
 def test_mesh_spec_parsing():
-    assert parse_mesh_spec("data=2,fsdp=2,expert=2", 8) == {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
-    assert parse_mesh_spec("fsdp=-1,tensor=2", 8) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
-    assert parse_mesh_spec(None, 4) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}
+    assert parse_mesh_spec("data=2,fsdp=2,expert=2", 8) == {"data": 2, "fsdp": 2, "expert": 2, "context": 1,
+                                                            "tensor": 1}
+    assert parse_mesh_spec("fsdp=-1,tensor=2", 8) == {"data": 1, "fsdp": 4, "expert": 1, "context": 1, "tensor": 2}
+    assert parse_mesh_spec("context=-1", 8) == {"data": 1, "fsdp": 1, "expert": 1, "context": 8, "tensor": 1}
+    assert parse_mesh_spec(None, 4) == {"data": 4, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1}
     with pytest.raises(ValueError, match="needs 4 devices, but there are 8"):
         parse_mesh_spec("data=4", 8)
     with pytest.raises(ValueError, match="axis=size"):
@@ -323,6 +368,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     # It was killed mid-run: on a machine fast enough to finish first, this test would test nothing.
     killed_at = max(_losses(killed))
     assert killed_at < 12, f"the run had finished (step {killed_at}) before it was killed"
+    resumed_from = max(int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit())
     # A half-written checkpoint (what a crash mid-save leaves) must not be taken as the latest.
     partial = killed / "checkpoints" / "11.orbax-checkpoint-tmp-1700000000"
     partial.mkdir(parents=True)
@@ -336,8 +382,8 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     # Throughput leaves out the first step of each process (it compiles).
     with open(killed / "metrics.jsonl") as f:
         rates = {r["step"]: r["tokens_per_s"] for r in map(json.loads, f)}
-    assert rates[1] is None and rates[killed_at + 1] is None
-    assert all(rates[s] > 0 for s in rates if s not in (1, killed_at + 1))
+    firsts = {1, resumed_from + 1}  # the history was cut back to the checkpoint it resumed from
+    assert all((rates[s] is None) == (s in firsts) for s in rates), (rates, resumed_from)
 
     # The work directory is a checkpoint like any other: load_pretrained reads its latest step, and
     # `deepseek-jax generate` prompts it through the tokenizer.json the trainer wrote.

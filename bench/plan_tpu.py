@@ -1,0 +1,65 @@
+"""Per-chip memory and collectives of DeepSeek-V3 steps compiled for TPU topologies we do not have.
+
+    pip install -e ".[tpu]"          # libtpu: the real TPU compiler, running on this CPU
+    JAX_PLATFORMS=cpu python bench/plan_tpu.py --case v3x4 --seq 1024 4096
+    JAX_PLATFORMS=cpu python bench/plan_tpu.py --case v3-full --seq 4096 --steps train
+
+Cases (the yardstick of the scale issues, bench/RESULTS.md):
+  v3x4     DeepSeek-V3 cut to 4 layers (3 dense + 1 MoE) plus its MTP module, v5p:4x4x4 (64 chips),
+           mesh fsdp=8,expert=8, global batch 64 sequences, bf16 compute, fp32 master weights and Adam moments,
+           full remat. MaxText 0.2.5 compiled the same (issue 10): 23.7 GB at 64 x 1024, 45.1 GB at 64 x 4096.
+  v3-full  the whole 671B model (61 layers + MTP) on v5p:8x8x8 (512 chips), mesh fsdp=64,expert=8.
+
+Each (case, sequence length) is compiled by ``deepseek_jax.plan.plan`` and printed as its table plus one JSON
+line (``--json FILE`` appends them to a file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import deepseek_jax as dsj  # noqa: E402
+from deepseek_jax.plan import plan  # noqa: E402
+
+CASES = {
+    "v3x4": dict(overrides={"num_hidden_layers": 4}, topology="v5p:4x4x4", mesh="fsdp=8,expert=8", batch=64),
+    "v3-full": dict(overrides={}, topology="v5p:8x8x8", mesh="fsdp=64,expert=8", batch=512),
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", choices=sorted(CASES), default="v3x4")
+    p.add_argument("--seq", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--steps", default="train", help="comma-separated: train,prefill,decode")
+    p.add_argument("--batch", type=int, default=None, help="override the case's global batch")
+    p.add_argument("--mesh", default=None, help="override the case's mesh")
+    p.add_argument("--topology", default=None, help="override the case's topology")
+    p.add_argument("--cache-len", type=int, default=None)
+    p.add_argument("--json", default=None, help="append the figures, one JSON object per line")
+    args = p.parse_args()
+    case = CASES[args.case]
+    config = dsj.presets["deepseek-v3"].replace(**case["overrides"])
+    for seq in args.seq:
+        t0 = time.time()
+        result = plan(config, mesh=args.mesh or case["mesh"], batch=args.batch or case["batch"], seq_len=seq,
+                      cache_len=args.cache_len, topology=args.topology or case["topology"], precision="bf16",
+                      remat="full", steps=args.steps.split(","), model_name=f"deepseek-v3 ({args.case})")
+        print(result.table())
+        print(f"[{time.time() - t0:.0f} s]\n")
+        record = {"case": args.case, "seq": seq, **result.to_dict()}
+        print("JSON " + json.dumps(record))
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
