@@ -24,6 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .grouped import _varying_axes, _vary
+
 ATTENTION_IMPLS = ("auto", "blockwise", "naive")
 DEFAULT_BLOCK = 512
 _EMPTY = -1e30  # masked score: finite, so a fully masked block gives exp(0) = 1 that the mask then zeroes
@@ -137,6 +139,7 @@ def _flash_fwd(q, k, v, lay, scale, bq, bk):
     lqs = (_blocks(lay.q_index, bq), _blocks(lay.q_segment, bq))
     lks = (_blocks(lay.k_index, bk), _blocks(lay.k_segment, bk))
     live = _live(lay, bq, bk)
+    axes = _varying_axes(q, k, v, *lay)  # under shard_map, the loop carries vary like the step's results
 
     def q_block(i):
         qb, lq = qs[i], (lqs[0][i], lqs[1][i])
@@ -154,8 +157,9 @@ def _flash_fwd(q, k, v, lay, scale, bq, bk):
 
             return jax.lax.cond(live[i, j], step, lambda: (m, l, acc))
 
-        init = (jnp.full((b, hk, g, bq), _EMPTY, jnp.float32), jnp.zeros((b, hk, g, bq), jnp.float32),
-                jnp.zeros((b, hk, g, bq, dv), jnp.float32))
+        init = tuple(_vary(x, axes) for x in (jnp.full((b, hk, g, bq), _EMPTY, jnp.float32),
+                                              jnp.zeros((b, hk, g, bq), jnp.float32),
+                                              jnp.zeros((b, hk, g, bq, dv), jnp.float32)))
         m, l, acc = jax.lax.fori_loop(0, ks.shape[0], k_block, init)
         seen = l > 0
         o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
@@ -174,6 +178,7 @@ def _flash_bwd(scale, bq, bk, res, do):
     lqs = (_blocks(lay.q_index, bq), _blocks(lay.q_segment, bq))
     lks = (_blocks(lay.k_index, bk), _blocks(lay.k_segment, bk))
     live = _live(lay, bq, bk)
+    axes = _varying_axes(q, k, v, *lay, out, lse, do)
     # di = rowsum(o * do), per query block: [nq, B, Hk, G, bq]
     di = jnp.einsum("nbtkgd,nbtkgd->nbkgt", os_.astype(jnp.float32), dos.astype(jnp.float32))
 
@@ -197,17 +202,22 @@ def _flash_bwd(scale, bq, bk, res, do):
 
             return jax.lax.cond(live[i, j], step, lambda: (dk, dv, dq))
 
-        zero_k = jnp.zeros(kb.shape, jnp.float32)
-        dk, dv, dq = jax.lax.fori_loop(0, qs.shape[0], q_block, (zero_k, jnp.zeros(vb.shape, jnp.float32), dq))
+        zero_k, zero_v = (_vary(jnp.zeros(x.shape, jnp.float32), axes) for x in (kb, vb))
+        dk, dv, dq = jax.lax.fori_loop(0, qs.shape[0], q_block, (zero_k, zero_v, dq))
         return dq, dk_all.at[j].set(dk), dv_all.at[j].set(dv)
 
-    init = (jnp.zeros(qs.shape, jnp.float32), jnp.zeros(ks.shape, jnp.float32), jnp.zeros(vs.shape, jnp.float32))
+    init = tuple(_vary(jnp.zeros(x.shape, jnp.float32), axes) for x in (qs, ks, vs))
     dqs, dks, dvs = jax.lax.fori_loop(0, ks.shape[0], k_block, init)
-    dq = jnp.moveaxis(dqs, 0, 1).reshape(q.shape)
-    dk = jnp.moveaxis(dks, 0, 1).reshape(k.shape)
-    dv = jnp.moveaxis(dvs, 0, 1).reshape(v.shape)
+    dq, dk, dv = (_sum_to_vma(jnp.moveaxis(d, 0, 1).reshape(x.shape), x) for d, x in ((dqs, q), (dks, k), (dvs, v)))
     zeros = Layout(*(jnp.zeros(x.shape, jax.dtypes.float0) for x in lay))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros
+
+
+def _sum_to_vma(grad: jax.Array, primal: jax.Array) -> jax.Array:
+    """Under ``shard_map``, the cotangent of an input that is the same on every device of an axis (keys and values
+    whole on each context shard) is the sum of each device's part over that axis."""
+    extra = tuple(sorted(_varying_axes(grad) - _varying_axes(primal)))
+    return jax.lax.psum(grad, extra) if extra else grad
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -230,6 +230,11 @@ def _compile(name: str, jitted, args: tuple, state_bytes: int, flops: float, tok
             return step
         raise PlanError(f"{name} step: {first}") from None
     mem = compiled.memory_analysis()
+    dump = os.environ.get("DEEPSEEK_JAX_PLAN_HLO_DIR")
+    if dump:  # the optimized HLO of each step, for reading where the bytes go
+        os.makedirs(dump, exist_ok=True)
+        with open(os.path.join(dump, f"{name}.hlo.txt"), "w") as f:
+            f.write(compiled.as_text())
     return StepPlan(
         name, compiled=True, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),

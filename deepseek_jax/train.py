@@ -59,6 +59,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps (each skipped) that stop the run
     moe_dispatch: str = "auto"  # ModelOptions.moe_dispatch
     capacity_factor: Optional[float] = None  # ModelOptions.capacity_factor (None: dropless)
+    attention: str = "auto"  # ModelOptions.attention
+    attention_block: int = 512  # ModelOptions.attention_block
     seed: int = 0
 
     def __post_init__(self):
@@ -82,7 +84,8 @@ class TrainConfig:
         dtype = "float32" if self.precision == "fp32" else "bfloat16"
         matmul = "fp8" if self.precision == "fp8" else "default"
         return ModelOptions(dtype=dtype, param_dtype="float32", remat=self.remat, matmul=matmul,
-                            moe_dispatch=self.moe_dispatch, capacity_factor=self.capacity_factor)
+                            moe_dispatch=self.moe_dispatch, capacity_factor=self.capacity_factor,
+                            attention=self.attention, attention_block=self.attention_block)
 
 
 class Trainer:
