@@ -35,6 +35,7 @@ _SPECIAL_NAMES = {PAD_ID: "<pad>", BOS_ID: "<bos>", EOS_ID: "<eos>"}
 _EQUALS_ID, _NEWLINE_ID = _CHAR_TO_ID["="], _CHAR_TO_ID["\n"]
 
 DEFAULT_ARITHMETIC_DOCUMENTS = 20_000
+ARITHMETIC_LOSSES = ("all", "answers")
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".npy")
 
 
@@ -405,7 +406,8 @@ class Dataset:
     def __init__(self, corpus: Corpus, *, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True,
                  process_index: int = 0, process_count: int = 1, vocab_size: Optional[int] = None,
                  special: SpecialIds = SpecialIds(BOS_ID, EOS_ID, PAD_ID),
-                 decode: Optional[Callable[..., str]] = None):
+                 decode: Optional[Callable[..., str]] = None,
+                 loss_filter: Optional[Callable[[dict], np.ndarray]] = None):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("process_count", process_count)):
             if not (isinstance(value, (int, np.integer)) and value >= 1):
                 raise DataError(f"{name}={value!r}: expected a positive integer")
@@ -423,6 +425,7 @@ class Dataset:
         self.special = special
         self.vocab_size = int(vocab_size) if vocab_size is not None else corpus.max_token() + 1
         self.decode = decode
+        self.loss_filter = loss_filter  # batch -> [B, T] bool: the targets that count in the loss
         self._lengths = np.diff(corpus.starts)
         self._epoch, self._row = 0, 0
         self._plans: dict[int, _EpochPlan] = {}
@@ -477,13 +480,16 @@ class Dataset:
             if self._row == self.rows_in_epoch(self._epoch):
                 self._epoch, self._row = self._epoch + 1, 0
         seg = np.stack([r[2] for r in rows])
-        return {
+        batch = {
             "inputs": np.stack([r[0][:-1] for r in rows]),
             "targets": np.stack([r[0][1:] for r in rows]),
             "positions": np.stack([r[1][:-1] for r in rows]),
             "segment_ids": seg[:, :-1],
             "loss_mask": ((seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] > 0)).astype(np.float32),
         }
+        if self.loss_filter is not None:
+            batch["loss_mask"] = batch["loss_mask"] * self.loss_filter(batch).astype(np.float32)
+        return batch
 
     def _plan(self, epoch: int) -> _EpochPlan:
         if epoch not in self._plans:
@@ -526,11 +532,13 @@ class Dataset:
 def make_dataset(source: Union[str, os.PathLike, None] = None, *, seq_len: int, batch_size: int, seed: int = 0,
                  tokenizer=None, process_index: int = 0, process_count: int = 1, shuffle: bool = True,
                  eos_id: Optional[int] = None, text_field: str = "text", txt_documents: str = "paragraphs",
-                 arithmetic_documents: int = DEFAULT_ARITHMETIC_DOCUMENTS) -> Dataset:
+                 arithmetic_documents: int = DEFAULT_ARITHMETIC_DOCUMENTS, arithmetic_loss: str = "all") -> Dataset:
     """The training data iterator for ``source``:
 
     ``None`` or ``"arithmetic"``: the built-in arithmetic language (``arithmetic_documents`` documents made
-    from ``seed``; vocabulary of ``ARITHMETIC_VOCAB_SIZE`` ids, ``decode`` for humans).
+    from ``seed``; vocabulary of ``ARITHMETIC_VOCAB_SIZE`` ids, ``decode`` for humans). ``arithmetic_loss``:
+    "all" (every next token counts in the loss) or "answers" (only the answer characters, as in supervised
+    fine-tuning: the operands are random, so predicting them only adds noise to the gradient).
     A path, directory or glob of ``.txt`` (documents split by blank lines, or ``txt_documents="file"``),
     ``.jsonl`` (``text_field`` of each line) and ``.npy`` (pre-tokenized) files. Text needs ``tokenizer`` (a
     ``tokenizers.Tokenizer``); BOS/EOS come from its special tokens. ``dataset.vocab_size`` is the
@@ -541,8 +549,11 @@ def make_dataset(source: Union[str, os.PathLike, None] = None, *, seq_len: int, 
     if source is None or os.fspath(source) == "arithmetic":
         if tokenizer is not None:
             raise DataError("the arithmetic data has its own character vocabulary; pass tokenizer=None with it")
+        if arithmetic_loss not in ARITHMETIC_LOSSES:
+            raise DataError(f"arithmetic_loss={arithmetic_loss!r}: expected one of {ARITHMETIC_LOSSES}")
         corpus = Corpus.from_documents([encode(t) for t in arithmetic_text(seed, arithmetic_documents)])
-        return Dataset(corpus, vocab_size=ARITHMETIC_VOCAB_SIZE, decode=decode, **common)
+        return Dataset(corpus, vocab_size=ARITHMETIC_VOCAB_SIZE, decode=decode, **common,
+                       loss_filter=arithmetic_answer_mask if arithmetic_loss == "answers" else None)
     corpus, special = load_corpus(source, tokenizer=tokenizer, eos_id=eos_id, text_field=text_field,
                                   txt_documents=txt_documents)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True) if tokenizer is not None else None

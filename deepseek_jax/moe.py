@@ -133,6 +133,10 @@ class Experts(nn.Module):
         wg = param("gate_proj", (e, d, i), ("expert", "embed", "moe_mlp"))
         wu = param("up_proj", (e, d, i), ("expert", "embed", "moe_mlp"))
         wd = param("down_proj", (e, i, d), ("expert", "moe_mlp", "embed"))
+        # The compute-dtype copy is what enters the dispatch: under FSDP the per-layer gather of the local experts
+        # (and the reduce-scatter of their gradient) moves bf16, not the fp32 master weights. The recipes cast
+        # to the compute dtype anyway, so the numbers do not change.
+        wg, wu, wd = (w.astype(o.compute_dtype) for w in (wg, wu, wd))
         recipe = matmul_recipe(o)
         mesh = current_mesh()
         if mesh is None:

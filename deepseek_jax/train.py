@@ -373,12 +373,14 @@ def mfu(flops_per_token: float, tokens_per_s: float) -> Optional[float]:
 
 # ----- the loop -----------------------------------------------------------------------------------
 def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Optional[str] = None,
-        data: Optional[str] = None, tokenizer=None, eos_id: Optional[int] = None, save_every: int = 100,
+        data: Optional[str] = None, tokenizer=None, eos_id: Optional[int] = None, arithmetic_loss: str = "all",
+        save_every: int = 100,
         keep: int = 3, resume: bool = True,
         progress: bool = True, async_save: bool = True, stop_after: Optional[int] = None) -> list[dict]:
     """Train (or resume) in ``workdir``: checkpoints in ``workdir/checkpoints``, metrics in
     ``workdir/metrics.jsonl`` and TensorBoard events in ``workdir/tb``, the loss curve in ``workdir/loss.png``.
-    Returns this call's per-step metric records. ``stop_after`` ends early after that many steps (tests)."""
+    Returns this call's per-step metric records. ``stop_after`` ends early after that many steps (tests).
+    ``arithmetic_loss``: on the built-in data, "all" tokens or only the "answers" count in the loss."""
     from tqdm import tqdm
 
     from .data import make_dataset
@@ -388,7 +390,8 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     mesh = make_mesh(mesh_spec)
     trainer = Trainer(config, tc, mesh)
     dataset = make_dataset(data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
-                           eos_id=eos_id, process_index=jax.process_index(), process_count=jax.process_count())
+                           eos_id=eos_id, process_index=jax.process_index(), process_count=jax.process_count(),
+                           arithmetic_loss=arithmetic_loss)
     if dataset.vocab_size > config.vocab_size:
         raise ValueError(f"the data's vocabulary has {dataset.vocab_size} ids but the model's vocab_size is "
                          f"{config.vocab_size}; set vocab_size >= {dataset.vocab_size}")

@@ -91,7 +91,8 @@ def _run(args) -> int:
         json.dump(dataclasses.asdict(tc), f, indent=2)
     try:
         records = fit(config, tc, args.workdir, mesh_spec=args.mesh, data=args.data, tokenizer=tokenizer,
-                      eos_id=eos_id, save_every=args.save_every, keep=args.keep, resume=not args.no_resume)
+                      eos_id=eos_id, arithmetic_loss=args.arithmetic_loss, save_every=args.save_every,
+                      keep=args.keep, resume=not args.no_resume)
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -132,6 +133,8 @@ def register(sub) -> None:
                    help="config override, e.g. --set num_hidden_layers=4 (repeatable)")
     p.add_argument("--data", default=None,
                    help="'arithmetic' (default), or .txt/.jsonl/.npy files, a directory or a glob")
+    p.add_argument("--arithmetic-loss", choices=("answers", "all"), default="answers",
+                   help="built-in data: the loss on the answer characters only (default) or on every token")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json (or a directory with one) for text data (default: the DeepSeek tokenizer)")
     p.add_argument("--eos-id", type=int, default=None,

@@ -344,3 +344,27 @@ def test_make_dataset_arithmetic_defaults():
     assert b["inputs"].max() < ds.vocab_size and 0.0 <= D.arithmetic_accuracy(b["inputs"], b) < 1.0
     with pytest.raises(D.DataError, match="own character vocabulary"):
         D.make_dataset(None, seq_len=32, batch_size=2, tokenizer=_CharTokenizer())
+
+
+def test_arithmetic_loss_on_answers_only():
+    """arithmetic_loss="answers": the same batches, with only the targets after "=" up to and including the
+    line's newline in the loss (checked by walking each row's text)."""
+    kw = dict(seq_len=48, batch_size=4, seed=3)
+    every, answers = next(D.make_dataset(None, **kw)), next(D.make_dataset(None, arithmetic_loss="answers", **kw))
+    for key in ("inputs", "targets", "positions", "segment_ids"):
+        np.testing.assert_array_equal(every[key], answers[key])
+    for row in range(4):
+        inputs = D.decode(every["inputs"][row], skip_special_tokens=False)
+        expected, in_answer = [], False
+        for i, tok in enumerate(every["inputs"][row]):
+            ch = D.decode([tok], skip_special_tokens=False)
+            seg = every["segment_ids"][row]
+            if ch in ("\n", "<bos>", "<eos>", "<pad>") or (i and seg[i] != seg[i - 1]):
+                in_answer = False
+            if ch == "=":
+                in_answer = True
+            expected.append(in_answer and every["loss_mask"][row, i] > 0)
+        assert answers["loss_mask"][row].tolist() == [float(e) for e in expected], inputs
+    assert 0 < answers["loss_mask"].sum() < every["loss_mask"].sum() / 2
+    with pytest.raises(D.DataError, match="arithmetic_loss"):
+        D.make_dataset(None, arithmetic_loss="operands", **kw)
