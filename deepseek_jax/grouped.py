@@ -123,9 +123,13 @@ def _blocked(recipe, x, order, group_sizes, group, starts, valid, wg, wu, wd, bl
 
     out_dtype = recipe.out_dtype
 
+    # Rematerialized per block: the backward slices the block's expert weights again instead of the scan saving
+    # every block's [D, I] slices as residuals (n_blocks x an expert stack).
+    block_swiglu = jax.checkpoint(lambda xb, e: swiglu(recipe, xb, wg[e], wu[e], wd[e]).astype(out_dtype))
+
     def one_block(_, inp):
         xb, e, live = inp
-        y = jax.lax.cond(live, lambda: swiglu(recipe, xb, wg[e], wu[e], wd[e]).astype(out_dtype),
+        y = jax.lax.cond(live, lambda: block_swiglu(xb, e),
                          lambda: _vary(jnp.zeros((b, x.shape[1]), out_dtype), _varying_axes(xb, wg, wu, wd)))
         return None, y
 
