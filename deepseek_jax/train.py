@@ -95,8 +95,8 @@ class Trainer:
         self.config, self.tc, self.mesh = config, tc, mesh
         # The backend the step compiles for picks the MoE dispatch (ragged on TPU): the mesh's, not JAX's
         # default backend (`deepseek-jax plan` compiles TPU meshes on a CPU machine).
-        self.model = Transformer(config, dataclasses.replace(tc.model_options(),
-                                                             platform=mesh.devices.flat[0].platform))
+        platform = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else None
+        self.model = Transformer(config, dataclasses.replace(tc.model_options(), platform=platform))
         self.schedule = learning_rate_schedule(tc.learning_rate, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
         self.optimizer = make_optimizer(self.schedule, weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2,
                                         eps=tc.eps, clip_norm=tc.clip_norm, bf16_moments=tc.bf16_moments)
