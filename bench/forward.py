@@ -43,12 +43,19 @@ def _time(fn, repeats):
     return best
 
 
-def bench(name, config, batch, length, repeats=3):
+def reference_and_ours(config):
+    """transformers' model with random weights, and the same weights loaded by us from its saved checkpoint:
+    ``(reference, our config, our params)``."""
     ref = hf_model(config, seed=0, bias_scale=0.05)
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref.save_pretrained(d)
         cfg, params = dsj.load_pretrained(d)
+    return ref, cfg, params
+
+
+def bench(name, config, batch, length, repeats=3):
+    ref, cfg, params = reference_and_ours(config)
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, (batch, length))
     model = dsj.Transformer(cfg)
     fwd = jax.jit(lambda p, t: model.apply({"params": p}, t))

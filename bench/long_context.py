@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
-import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import deepseek_jax as dsj  # noqa: E402
 from deepseek_jax import decode, kvcache  # noqa: E402
+from forward import _time  # noqa: E402
 
 RAM_BUDGET = 12e9  # run (not only compile) what needs less than this
 
@@ -38,14 +36,6 @@ def _bytes(compiled) -> int:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
 
-def _best(fn, repeats=2):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def prefill_case(config, params, t: int, attention: str, chunk):
@@ -58,7 +48,7 @@ def prefill_case(config, params, t: int, attention: str, chunk):
     need = _bytes(compiled)
     rate = None
     if need < RAM_BUDGET:
-        rate = t / _best(lambda: jax.block_until_ready(compiled(params, cache, tokens, lengths)))
+        rate = t / _time(lambda: jax.block_until_ready(compiled(params, cache, tokens, lengths)), 2)
     return need, rate
 
 
@@ -91,16 +81,10 @@ def part1(lengths):
 
 def part2(t: int = 4096):
     import torch
-    from forward import BENCH_100M
-    from hf_reference import hf_model
+    from forward import BENCH_100M, reference_and_ours
 
-    config = BENCH_100M.replace(max_position_embeddings=8192)
-    ref = hf_model(config, seed=0, bias_scale=0.05)
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref.save_pretrained(d)
-        cfg, params = dsj.load_pretrained(d)
-    tokens = np.random.RandomState(0).randint(0, config.vocab_size, (1, t))
+    ref, cfg, params = reference_and_ours(BENCH_100M.replace(max_position_embeddings=8192))
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, t))
     options = dsj.ModelOptions()
     cache = kvcache.init_cache(cfg, 1, t, mtp=False)
     fn = jax.jit(lambda p, c, x, n: decode.prefill_core(p, c, x, n, config=cfg, options=options))
@@ -109,8 +93,8 @@ def part2(t: int = 4096):
     tok_t = torch.as_tensor(tokens)
     with torch.no_grad():
         expected = ref(tok_t, use_cache=True).logits[:, -1].numpy()
-        theirs = _best(lambda: ref(tok_t, use_cache=True))
-    ours = _best(lambda: jax.block_until_ready(fn(*args)))
+        theirs = _time(lambda: ref(tok_t, use_cache=True), 2)
+    ours = _time(lambda: jax.block_until_ready(fn(*args)), 2)
     diff = float(np.abs(np.asarray(logits) - expected).max())
     print(f"\n~100M V3-shaped config, prefill 1 x {t}: ours {t / ours:.0f} tok/s, transformers {t / theirs:.0f} tok/s, "
           f"ratio {theirs / ours:.2f}x (max |d logits| at the last token {diff:.1e})")

@@ -167,14 +167,23 @@ def optional_hf_keys(config: ModelConfig) -> set[str]:
 
 
 # ----- reading HF directories ---------------------------------------------------------------------
-def dequantize_fp8_blocks(w8: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:
-    """``W[i, j] = W8[i, j] * scale_inv[i // block, j // block]`` in fp32; edge blocks may be partial."""
+def dequantize_fp8_blocks(w8: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK, *,
+                          origin: tuple[int, int] = (0, 0), full_shape: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """``W[i, j] = W8[i, j] * scale_inv[i // block, j // block]`` in fp32; edge blocks may be partial.
+
+    ``w8`` may be the region of a weight of ``full_shape`` that starts at row, column ``origin`` (the region
+    one device's shard needs); ``scale_inv`` is always the whole weight's block grid."""
     rows, cols = w8.shape
-    expected = (math.ceil(rows / block), math.ceil(cols / block))
+    full = tuple(full_shape) if full_shape is not None else (rows, cols)
+    expected = (math.ceil(full[0] / block), math.ceil(full[1] / block))
     if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {w8.shape}: "
+        raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {full}: "
                          f"expected {expected} for {block}x{block} blocks")
-    scale = np.repeat(np.repeat(scale_inv.astype(np.float32), block, axis=0), block, axis=1)[:rows, :cols]
+    r0, c0 = origin
+    s = np.asarray(scale_inv[r0 // block: (r0 + rows - 1) // block + 1, c0 // block: (c0 + cols - 1) // block + 1],
+                   np.float32)
+    scale = np.repeat(np.repeat(s, block, axis=0), block, axis=1)[r0 % block: r0 % block + rows,
+                                                                  c0 % block: c0 % block + cols]
     return w8.astype(np.float32) * scale
 
 
@@ -255,12 +264,19 @@ class HFCheckpoint:
             n += self._files[self._where[self._scales[key]]].nbytes(self._scales[key])
         return n
 
-    def read(self, key: str) -> np.ndarray:
-        """The tensor as a float array: fp8 blocks dequantized to fp32, other dtypes as stored."""
-        x = self.raw(key)
+    def read(self, key: str, rows: Optional[tuple[int, int]] = None,
+             cols: Optional[tuple[int, int]] = None) -> np.ndarray:
+        """The tensor, or its rows ``[r0, r1)`` (and columns ``[c0, c1)``), as a float array: fp8 blocks
+        dequantized to fp32, other dtypes as stored."""
+        raw = self.raw(key)
+        x = raw
+        if rows is not None:
+            x = np.asarray(raw[rows[0]:rows[1]] if cols is None else raw[rows[0]:rows[1], cols[0]:cols[1]])
         if key in self._scales:
             try:
-                return dequantize_fp8_blocks(x, self.raw(self._scales[key]))
+                return dequantize_fp8_blocks(x, self.raw(self._scales[key]),
+                                             origin=(rows[0] if rows else 0, cols[0] if cols else 0),
+                                             full_shape=tuple(raw.shape))
             except ValueError as e:
                 raise CheckpointError(f"{self.file_of(key)}: tensor '{key}': {e}") from None
         return x

@@ -15,11 +15,11 @@ transpose, split into heads); a shard's slice of ``in_dims`` is a set of HF colu
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
-from .checkpoint import FP8_BLOCK, HFCheckpoint, TensorMap, _target_dtype, set_leaf
+from .checkpoint import HFCheckpoint, TensorMap, _target_dtype, set_leaf
 from .safetensors_io import CheckpointError
 
 
@@ -54,36 +54,16 @@ def read_region(ckpt: HFCheckpoint, key: str, tm: TensorMap, item: tuple[slice, 
         rows, cols = np.arange(*item[0].indices(tm.hf_shape[0])), None
     r0, r1 = int(rows.min()), int(rows.max()) + 1
     if cols is None:
-        block = _read_block(ckpt, key, (r0, r1), None)
+        block = ckpt.read(key, (r0, r1))
         if reads is not None:
             reads.append((key, (r0, r1), None))
         return block[rows - r0].reshape(shape)
     c0, c1 = int(cols.min()), int(cols.max()) + 1
-    block = _read_block(ckpt, key, (r0, r1), (c0, c1))
+    block = ckpt.read(key, (r0, r1), (c0, c1))
     if reads is not None:
         reads.append((key, (r0, r1), (c0, c1)))
     picked = block[np.ix_(rows - r0, cols - c0)]
     return (picked.T if tm.transpose else picked).reshape(shape)
-
-
-def _read_block(ckpt: HFCheckpoint, key: str, rows: tuple[int, int], cols: Optional[tuple[int, int]]):
-    raw = ckpt.raw(key)
-    r0, r1 = rows
-    if cols is None:
-        return np.asarray(raw[r0:r1])
-    c0, c1 = cols
-    block = np.asarray(raw[r0:r1, c0:c1])
-    if not ckpt.is_fp8(key):
-        return block
-    scale = ckpt.raw(ckpt._scales[key])
-    b = FP8_BLOCK
-    expected = (math.ceil(raw.shape[0] / b), math.ceil(raw.shape[1] / b))
-    if tuple(scale.shape) != expected:
-        raise CheckpointError(f"{ckpt.file_of(key)}: tensor '{key}': scale_inv shape {tuple(scale.shape)} does "
-                              f"not match weight {tuple(raw.shape)}: expected {expected} for {b}x{b} blocks")
-    s = np.asarray(scale[r0 // b: (r1 - 1) // b + 1, c0 // b: (c1 - 1) // b + 1], np.float32)
-    s = np.repeat(np.repeat(s, b, axis=0), b, axis=1)[r0 % b: r0 % b + (r1 - r0), c0 % b: c0 % b + (c1 - c0)]
-    return block.astype(np.float32) * s
 
 
 def _callback(ckpt, tm: TensorMap, dtype, lead_of: Callable, reads) -> Callable:

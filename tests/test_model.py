@@ -147,6 +147,18 @@ def test_moe_dispatch_modes_agree(model_params, baseline_grads):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
 
 
+def _routed_rows(n, d, i, e, k):
+    """Random routed-expert inputs: x ``[n, d]``, weights and ``k`` distinct expert ids of ``e`` per row, and the
+    expert stacks ``[e, d, i]`` / ``[e, i, d]``."""
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(n)]), jnp.int32)
+    w = jnp.asarray(rng.uniform(size=(n, k)), jnp.float32)
+    wg, wu = (jnp.asarray(rng.normal(size=(e, d, i)), jnp.float32) for _ in range(2))
+    wd = jnp.asarray(rng.normal(size=(e, i, d)), jnp.float32)
+    return x, w, idx, wg, wu, wd
+
+
 def test_blocked_dispatch_work_is_bounded():
     """Rows computed by the blocked dispatch: at most N*K + E*(block-1), independent of E*N."""
     from deepseek_jax.expert_parallel import dispatch_local
@@ -156,12 +168,7 @@ def test_blocked_dispatch_work_is_bounded():
         return dispatch_local(recipe, *args, impl="blocked", block_size=block_size)
 
     n, d, i, e, k, m = 40, 8, 4, 32, 2, 4
-    rng = np.random.RandomState(0)
-    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(n)]), jnp.int32)
-    w = jnp.asarray(rng.uniform(size=(n, k)), jnp.float32)
-    wg, wu = (jnp.asarray(rng.normal(size=(e, d, i)), jnp.float32) for _ in range(2))
-    wd = jnp.asarray(rng.normal(size=(e, i, d)), jnp.float32)
+    x, w, idx, wg, wu, wd = _routed_rows(n, d, i, e, k)
     jaxpr = jax.make_jaxpr(lambda *a: dispatch_blocked(MatmulRecipe(jnp.float32), *a, block_size=m))(
         x, w, idx, wg, wu, wd)
     scans = [eq for eq in jaxpr.eqns if eq.primitive.name == "scan"]
@@ -187,12 +194,7 @@ def test_blocked_dispatch_backward_keeps_no_per_block_weights():
 
     n, d, i, e, k, m = 64, 48, 80, 4, 2, 8
     n_blocks = (n * k + e * (m - 1)) // m
-    rng = np.random.RandomState(0)
-    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(n)]), jnp.int32)
-    w = jnp.asarray(rng.uniform(size=(n, k)), jnp.float32)
-    wg, wu = (jnp.asarray(rng.normal(size=(e, d, i)), jnp.float32) for _ in range(2))
-    wd = jnp.asarray(rng.normal(size=(e, i, d)), jnp.float32)
+    x, w, idx, wg, wu, wd = _routed_rows(n, d, i, e, k)
 
     def loss(*a):
         return dispatch_local(MatmulRecipe(jnp.float32), *a, impl="blocked", block_size=m).sum()
