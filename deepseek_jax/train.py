@@ -49,7 +49,6 @@ class TrainConfig:
     grad_accum: int = 1
     mtp_weight: float = 0.3  # lambda of L_MTP (DeepSeek-V3: 0.3 early, 0.1 later)
     balance_alpha: Optional[float] = None  # None: see balance_alpha_for
-
     bias_update_rate: float = 0.001  # gamma of the aux-loss-free bias update
     z_loss_weight: float = 0.0
     bf16_moments: bool = False
@@ -377,9 +376,8 @@ def mfu(flops_per_token: float, tokens_per_s: float) -> Optional[float]:
 # ----- the loop -----------------------------------------------------------------------------------
 def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Optional[str] = None,
         data: Optional[str] = None, tokenizer=None, eos_id: Optional[int] = None, arithmetic_loss: str = "all",
-        save_every: int = 100,
-        keep: int = 3, resume: bool = True,
-        progress: bool = True, async_save: bool = True, stop_after: Optional[int] = None) -> list[dict]:
+        save_every: int = 100, keep: int = 3, resume: bool = True, progress: bool = True, async_save: bool = True,
+        stop_after: Optional[int] = None) -> list[dict]:
     """Train (or resume) in ``workdir``: checkpoints in ``workdir/checkpoints``, metrics in
     ``workdir/metrics.jsonl`` and TensorBoard events in ``workdir/tb``, the loss curve in ``workdir/loss.png``.
     Returns this call's per-step metric records. ``stop_after`` ends early after that many steps (tests).
