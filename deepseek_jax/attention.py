@@ -166,7 +166,12 @@ def _flash_fwd(q, k, v, lay, scale, bq, bk):
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)  # inf: p = 0 in the backward
         return jnp.moveaxis(o, 3, 1).astype(v.dtype), lse  # [B,bq,Hk,G,Dv], [B,Hk,G,bq]
 
-    o, lse = jax.lax.map(q_block, jnp.arange(qs.shape[0]))
+    # The checkpoint keeps the loops whole when this runs inside a differentiated scan (the model's layer stack):
+    # the scan's partial evaluation would otherwise hoist what depends only on loop-invariant inputs (the
+    # layout's masks) out of the layer loop and keep it for every (query block, key block) pair, O(T^2) bytes.
+    # Under the checkpoint its residuals are its inputs only; it costs nothing when nothing is differentiated.
+    o, lse = jax.checkpoint(lambda: jax.lax.map(q_block, jnp.arange(qs.shape[0])),
+                            policy=jax.checkpoint_policies.nothing_saveable)()
     out = jnp.moveaxis(o, 0, 1).reshape(b, t, hk, g, dv)
     return out, (q, k, v, lay, out, lse)
 

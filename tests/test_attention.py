@@ -110,3 +110,23 @@ def test_auto_picks_blockwise_past_one_block():
                                                                               jnp.zeros((1, t), jnp.int32)))
         full_scores = f"f32[1,4,{t},{t}]"  # [B, H, T, S]
         assert (full_scores in jaxpr) is not blockwise, t
+
+
+def test_model_gradient_memory_is_linear_in_length_with_blockwise_attention():
+    """The model's layers run in a differentiated scan. Its partial evaluation once hoisted the layout's
+    per-block masks out of the layer loop and kept them for every (query block, key block) pair, so the
+    gradient held O(T^2) bytes even with blockwise attention. Compiled temporaries must now stay below one
+    layer's fp32 score matrix ``[H, T, T]`` and grow about linearly with T."""
+    config = dsj.presets["tiny-v3"].replace(num_hidden_layers=2, first_k_dense_replace=2, num_nextn_predict_layers=0)
+    model = dsj.Transformer(config, dsj.ModelOptions(attention="blockwise", attention_block=128))
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
+
+    def temp_bytes(t):
+        loss = lambda p, x: model.apply({"params": p}, x).mean()  # noqa: E731
+        lowered = jax.jit(jax.grad(loss)).lower(params, jax.ShapeDtypeStruct((1, t), jnp.int32))
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(1024), temp_bytes(2048)
+    scores = config.num_attention_heads * 2048 * 2048 * 4
+    assert large < scores, (large, scores)
+    assert large / small < 2.5, (small, large)
