@@ -27,11 +27,18 @@ class MatmulRecipe:
         self.out_dtype = self.dtype if out_dtype is None else jnp.dtype(out_dtype)
         # fp32 compute means real fp32 (no TF32 on GPU); lower dtypes take the backend default.
         self.precision = jax.lax.Precision.HIGHEST if self.dtype == jnp.float32 else None
+        # A 16-bit output comes straight out of the dot, which still accumulates in fp32 (TPU and GPU natively;
+        # XLA:CPU upcasts, and may differ from a cast fp32 result in the last bit: 3 of 4096 values of a bf16
+        # [64, 8192] x [8192, 64], with the same maximum error against fp64). Asking for fp32 and casting would
+        # make the backward pass carry fp32 cotangents: fp32 copies of every activation-sized operand (the MoE's
+        # dispatch buffers above all: 7 GiB each per chip for V3 at 4k tokens a device).
+        low = self.out_dtype.itemsize < 4 and jnp.issubdtype(self.out_dtype, jnp.floating)
+        self.accum = self.out_dtype if low else jnp.float32
 
     def dot_general(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers) -> jax.Array:
         out = jax.lax.dot_general(
             lhs.astype(self.dtype), rhs.astype(self.dtype), dimension_numbers,
-            precision=self.precision, preferred_element_type=jnp.float32,
+            precision=self.precision, preferred_element_type=self.accum,
         )
         return out.astype(self.out_dtype)
 
@@ -39,7 +46,7 @@ class MatmulRecipe:
         """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]``, rows of ``lhs`` grouped by ``group_sizes``."""
         out = jax.lax.ragged_dot(
             lhs.astype(self.dtype), rhs.astype(self.dtype), group_sizes,
-            precision=self.precision, preferred_element_type=jnp.float32,
+            precision=self.precision, preferred_element_type=self.accum,
         )
         return out.astype(self.out_dtype)
 
