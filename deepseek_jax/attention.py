@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from .grouped import _varying_axes, _vary
 
-ATTENTION_IMPLS = ("auto", "blockwise", "naive")
+ATTENTION_IMPLS = ("auto", "blockwise", "naive", "splash")
 DEFAULT_BLOCK = 512
 _EMPTY = -1e30  # masked score: finite, so a fully masked block gives exp(0) = 1 that the mask then zeroes
 
@@ -228,16 +228,90 @@ def _sum_to_vma(grad: jax.Array, primal: jax.Array) -> jax.Array:
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def splash_attention(q, k, v, q_segment, k_segment, scale: float, block: int = DEFAULT_BLOCK,
+                     interpret: bool = False) -> jax.Array:
+    """A row's causal self-attention (query and key t at place t of the row, ``T == S``) with packed segments,
+    by the Pallas TPU splash kernel (``jax.experimental.pallas.ops.tpu.splash_attention``, forward and backward
+    kernels): the same values as ``naive_attention`` on that layout.
+
+    q ``[B,T,H,Dk]``, k ``[B,T,Hk,Dk]`` (Hk = H, or 1: the kernel's MQA form), v ``[B,T,Hk,Dv]``; segments
+    ``[B,T]``. The block is rounded up to a multiple of 128; the rows are padded to a multiple of it with segment 0, head dims to a multiple of 128
+    with zeros (which change no score). Splash lets segment 0 (padding) attend to itself; those rows are zeroed
+    after, as the other cores give. Under a mesh the kernel runs per device (``jax.shard_map``) on its batch and
+    head shards. ``interpret`` runs Pallas' interpreter (any backend; slow: for tests).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, h, dk = q.shape
+    hk, dv = k.shape[2], v.shape[-1]
+    if k.shape[1] != t:
+        raise ValueError(f"splash attention is a row's self-attention: {t} queries but {k.shape[1]} keys")
+    up = lambda n: -(-n // 128) * 128  # noqa: E731  (the kernel's blocks and head dims: multiples of 128 lanes)
+    bq = min(up(block), up(t))
+    pt = -t % bq
+    q = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, pt), (0, 0), (0, up(dk) - dk)))
+    k = jnp.pad(k, ((0, 0), (0, pt), (0, 0), (0, up(dk) - dk)))
+    v = jnp.pad(v, ((0, 0), (0, pt), (0, 0), (0, up(dv) - dv)))
+    q_seg = jnp.pad(q_segment, ((0, 0), (0, pt)))
+    k_seg = jnp.pad(k_segment, ((0, 0), (0, pt)))
+    n = t + pt
+    sizes = sk.BlockSizes(block_q=bq, block_kv=bq, block_kv_compute=bq, block_q_dkv=bq, block_kv_dkv=bq,
+                          block_kv_dkv_compute=bq, use_fused_bwd_kernel=True)
+
+    def local(q, k, v, q_seg, k_seg):
+        heads = q.shape[2]
+        mask = sm.MultiHeadMask([sm.CausalMask((n, n)) for _ in range(heads)])
+        make = sk.make_splash_mqa if hk == 1 else sk.make_splash_mha
+        kernel = make(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+        kv = (lambda x: x[:, 0]) if hk == 1 else (lambda x: jnp.swapaxes(x, 0, 1))
+
+        def row(q, k, v, qs, ks):  # q [T,H,D] -> [H,T,D]
+            return kernel(jnp.swapaxes(q, 0, 1), kv(k), kv(v), segment_ids=sk.SegmentIds(qs, ks))
+
+        return jnp.swapaxes(jax.vmap(row)(q, k, v, q_seg, k_seg), 1, 2)  # [B,T,H,Dv]
+
+    from .context_parallel import current_mesh
+
+    mesh = current_mesh()
+    if mesh is not None:
+        from jax.sharding import PartitionSpec as P
+
+        from .context_parallel import _axes
+        from .sharding import _largest_dividing
+
+        ax = mesh.shape
+        bt = _largest_dividing(tuple(a for a in _axes("act_batch") if ax.get(a, 1) > 1), b, mesh) or None
+        ht = None
+        if hk == h:
+            ht = _largest_dividing(tuple(a for a in _axes("heads") if ax.get(a, 1) > 1), h, mesh) or None
+        qs, kvs, ss = P(bt, None, ht, None), P(bt, None, ht if hk == h else None, None), P(bt, None)
+        # check_vma off: a Pallas call cannot declare how its outputs vary (they vary as its inputs do).
+        local = jax.shard_map(local, mesh=mesh, in_specs=(qs, kvs, kvs, ss, ss), out_specs=qs, check_vma=False)
+    out = local(q, k, v, q_seg, k_seg)[:, :t, :, :dv]
+    return jnp.where((q_segment > 0)[:, :, None, None], out, 0).astype(v.dtype)
+
+
 def attention(q, k, v, layout: Layout, scale: float, impl: str = "auto", block: int = DEFAULT_BLOCK,
-              platform: str = "cpu") -> jax.Array:
-    """The attention core: ``impl`` "naive", "blockwise", or "auto" (blockwise whenever the queries or keys span
-    more than one block). On CPU low-precision inputs are computed in fp32 (XLA:CPU has no bf16 x bf16 -> fp32
-    dot for some of these shapes, and no fast bf16 one), the output cast back."""
+              platform: str = "cpu", self_attention: bool = False) -> jax.Array:
+    """The attention core: ``impl`` "naive", "blockwise", "splash", or "auto": for queries or keys spanning more
+    than one block, splash on TPU when ``self_attention`` (the layout is a row's own tokens at places 0..T-1,
+    as in training and prefill) and the key heads allow it, blockwise otherwise; naive within one block.
+    On CPU low-precision inputs are computed in fp32 (XLA:CPU has no bf16 x bf16 -> fp32 dot for some of these
+    shapes, and no fast bf16 one), the output cast back."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r}: expected one of {ATTENTION_IMPLS}")
     dtype = v.dtype
+    long = max(q.shape[1], k.shape[1]) > block
+    if impl == "auto" and long and platform == "tpu" and self_attention and k.shape[2] in (1, q.shape[2]):
+        impl = "splash"
+    if impl == "splash":
+        if not self_attention:
+            raise ValueError("attention impl 'splash' needs a row's self-attention layout (training or prefill)")
+        return splash_attention(q, k, v, layout.q_segment, layout.k_segment, scale, block,
+                                interpret=platform != "tpu")
     if platform == "cpu" and dtype != jnp.float32:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    if impl == "naive" or (impl == "auto" and max(q.shape[1], k.shape[1]) <= block):
+    if impl == "naive" or (impl == "auto" and not long):
         return naive_attention(q, k, v, layout, scale).astype(dtype)
     return blockwise_attention(q, k, v, layout, scale, block, block).astype(dtype)

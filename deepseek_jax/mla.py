@@ -64,10 +64,10 @@ class MLA(nn.Module):
         """The full (non-absorbed) path: expand the latent to per-head keys and values."""
         return self.prefill(x, cos, sin, layout)[0]
 
-    def _attend(self, q, k, v, layout: Layout):
+    def _attend(self, q, k, v, layout: Layout, self_attention: bool = False):
         o = self.options
         return attention(q, k, v, layout, self.config.softmax_scale, o.attention, o.attention_block,
-                         o.target_platform())
+                         o.target_platform(), self_attention)
 
     def _expand(self, c_kv, k_pe):
         """Latents ``[B,S,R]``, ``[B,S,P]`` -> per-head keys ``[B,S,H,N+P]`` and values ``[B,S,H,V]``."""
@@ -77,22 +77,24 @@ class MLA(nn.Module):
         k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:-1], c.qk_rope_head_dim))
         return jnp.concatenate([k_nope, k_pe.astype(k_nope.dtype)], axis=-1), v
 
-    def _expanded_attention(self, q_nope, q_pe, c_kv, k_pe, layout: Layout):
-        """Expand latents to per-head keys/values and attend; -> ``[B,T,D]``."""
+    def _expanded_attention(self, q_nope, q_pe, c_kv, k_pe, layout: Layout, self_attention: bool = False):
+        """Expand latents to per-head keys/values and attend; -> ``[B,T,D]``. ``self_attention``: the layout is
+        the row's own tokens at places 0..T-1 (``attention.attention``)."""
         k, v = self._expand(c_kv, k_pe)
-        return self.o_proj(self._attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, layout))
+        return self.o_proj(self._attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, layout, self_attention))
 
     def prefill(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: Layout):
         """The full path over a whole prompt; also returns the latents to cache.
 
-        x ``[B,T,D]``; ``layout`` says which token sees which (``attention.Layout``) -> output ``[B,T,D]``,
+        x ``[B,T,D]``; ``layout`` is ``model.attention_layout``'s (the row's own tokens at places 0..T-1, packed
+        documents, padding) -> output ``[B,T,D]``,
         c_kv ``[B,T,R]``, k_pe ``[B,T,P]``. Under a mesh with a context axis (T split over it), the latents are
         all-gathered over it and each device attends with its own queries (``context_parallel``).
         """
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         if context_size(x.shape[1]) == 1:
-            return self._expanded_attention(q_nope, q_pe, c_kv, k_pe, layout), c_kv, k_pe
+            return self._expanded_attention(q_nope, q_pe, c_kv, k_pe, layout, True), c_kv, k_pe
         k, v = self._expand(gather_latent(c_kv), gather_latent(k_pe))
         keys = Layout(layout.q_index, layout.q_segment, gather_latent(layout.k_index), gather_latent(layout.k_segment))
         o = self.options

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCHES = ("auto", "blocked", "ragged", "gather", "dense")
-ATTENTIONS = ("auto", "blockwise", "naive")
+ATTENTIONS = ("auto", "blockwise", "naive", "splash")
 PLATFORMS = (None, "cpu", "gpu", "tpu")
 MATMUL_RECIPES = ("default", "fp8")
 
@@ -39,8 +39,10 @@ class ModelOptions:
         ``deepseek-jax plan`` sets it when it compiles for a TPU topology from another machine.
     matmul: the recipe behind the one dot_general hook ("default" or "fp8").
     attention: the attention core (``attention.py``): "blockwise" (online softmax with its own backward, O(T x
-        block) memory), "naive" (the whole score matrix: the reference), "auto" (blockwise whenever the queries
-        or keys span more than ``attention_block``).
+        block) memory), "naive" (the whole score matrix: the reference), "splash" (the Pallas TPU splash kernel
+        for a row's causal self-attention; off TPU it runs in Pallas' interpreter, for tests), "auto" (whenever
+        the queries or keys span more than ``attention_block``: splash for a row's self-attention on TPU,
+        blockwise otherwise).
     attention_block: query / key block of the blockwise core.
     """
 
