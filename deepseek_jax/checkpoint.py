@@ -349,6 +349,19 @@ def set_leaf(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+def pretrained_config(path: str | os.PathLike) -> ModelConfig:
+    """The config ``load_pretrained(path)`` returns, without reading any weight (for an HF directory with no MTP
+    tensors: ``num_nextn_predict_layers = 0``, see ``drop_absent_mtp``)."""
+    path = os.fspath(path)
+    from .convert.load import is_converted_dir
+    from .train import is_train_workdir
+
+    config = ModelConfig.from_pretrained(path)
+    if is_converted_dir(path) or is_train_workdir(path):
+        return config
+    return drop_absent_mtp(HFCheckpoint(path), config)
+
+
 def load_pretrained(path: str | os.PathLike, dtype=None, mesh=None, shardings=None):
     """``(config, params)`` from an HF-format directory (``config.json`` + safetensors, sharded or not) or
     a directory written by ``deepseek-jax convert`` (Orbax), or a ``deepseek-jax train`` work directory (its latest
