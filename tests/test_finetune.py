@@ -226,3 +226,44 @@ def test_export_loads_in_transformers_with_our_logits(finetuned):
         ref = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
     assert os.path.exists(os.path.join(finetuned["out"], "tokenizer.json"))
+
+
+SHARDED_INIT = r"""
+import json, sys
+import jax, numpy as np
+import deepseek_jax as dsj
+from deepseek_jax.checkpoint import pretrained_config
+from deepseek_jax.sharding import make_mesh
+from deepseek_jax.train import TrainConfig, Trainer, init_params
+path = sys.argv[1]
+trainer = Trainer(pretrained_config(path), TrainConfig(), make_mesh("fsdp=2,expert=4"))
+params = init_params(path, trainer)
+_, ref = dsj.load_pretrained(path, mesh=make_mesh(None, jax.devices()[:1]))
+experts = params["moe_layers"]["mlp"]["experts"]["gate_proj"]
+print("RESULT " + json.dumps({
+    "equal": all(np.array_equal(np.asarray(a), np.asarray(b, np.float32))
+                 for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref))),
+    "same_shardings": all(a.sharding == s for a, s in zip(jax.tree.leaves(params),
+                                                            jax.tree.leaves(trainer.param_shardings))),
+    "dtypes": sorted({str(a.dtype) for a in jax.tree.leaves(params)}),
+    "expert_spec": [str(x) for x in experts.sharding.spec], "expert_shards": len(experts.addressable_shards),
+}))
+"""
+
+
+def test_init_from_loads_straight_into_the_runs_shardings(tmp_path):
+    """On 8 simulated devices, ``init_params`` of a bf16 HF directory gives the run's shardings, fp32 master
+    weights, and the values of the unsharded load."""
+    import subprocess
+    import sys
+
+    make_hf(str(tmp_path / "hf"), CONFIG, mtp=False, dtype=torch.bfloat16)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", SHARDED_INIT, str(tmp_path / "hf")], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=here)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    assert out["equal"] and out["same_shardings"] and out["dtypes"] == ["float32"]
+    assert out["expert_spec"] == ["None", "expert", "fsdp", "None"] and out["expert_shards"] == 8
