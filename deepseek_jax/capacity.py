@@ -4,8 +4,9 @@ on each device of a mesh, and the largest batch x context that fits a chip's mem
 Weights: every leaf of the params tree (MTP modules included, as prefill and decode hold them) sharded by the
 logical rules of ``sharding.py`` onto the mesh's axis sizes; the bytes of one device's shard, summed. With
 ``weight_dtype="fp8"`` the linears DeepSeek's FP8 release quantizes (``convert.export.release_quantized``) count 1
-byte per weight plus one fp32 scale per 128x128 block of each source matrix (split like the weight); everything
-else (embedding, head, router, norms) stays bf16.
+byte per weight (sharded like the kernel) plus one fp32 scale per 128x128 block of each source matrix (replicated
+on every device, as ``load_pretrained(..., dtype="fp8")`` places them); everything else (embedding, head, router,
+norms) stays bf16.
 
 Cache (``kvcache.py``): per token and layer ``kv_lora_rank + qk_rope_head_dim`` values (c_kv and k_pe) at the
 cache dtype (fp8: 1 byte each plus two fp32 scales); V3 in bf16 is ``(512 + 64) x 2 x 61 = 70,272`` bytes per
@@ -110,9 +111,9 @@ def weight_bytes(config: ModelConfig, mesh_sizes: dict[str, int], weight_dtype: 
         n, local = math.prod(x.shape), _shard_size(x.shape, spec, sizes)
         if key[-1] == "e_score_correction_bias":  # always fp32
             total, per_device = total + 4 * n, per_device + 4 * local
-        elif key in quantized:  # e4m3 weights, scales split as the weight is
+        elif key in quantized:  # e4m3 weights sharded like the kernel, scales replicated (fp8_weights.py)
             total += n + quantized[key]
-            per_device += local + math.ceil(quantized[key] * local / n)
+            per_device += local + quantized[key]
         else:
             total, per_device = total + plain * n, per_device + plain * local
     return total, per_device

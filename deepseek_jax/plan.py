@@ -519,7 +519,7 @@ def register(sub) -> None:
                         "prefill / decode steps")
     p.add_argument("--weight-dtype", choices=("bfloat16", "float32", "fp8"), default=None,
                    help="capacity: weights at this dtype (fp8: e4m3 + 128x128 block scales, as the FP8 release "
-                        "stores them; a projection, kept-FP8 serving is not implemented yet; default --infer-dtype)")
+                        "stores them and load_pretrained(..., dtype='fp8') keeps them; default --infer-dtype)")
     p.add_argument("--contexts", default=None, help="capacity: context lengths, comma-separated "
                                                      "(default 4096,8192,32768,131072)")
     p.add_argument("--reserve", type=float, default=0.1,
