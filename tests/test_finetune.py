@@ -267,3 +267,20 @@ def test_init_from_loads_straight_into_the_runs_shardings(tmp_path):
     out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
     assert out["equal"] and out["same_shardings"] and out["dtypes"] == ["float32"]
     assert out["expert_spec"] == ["None", "expert", "fsdp", "None"] and out["expert_shards"] == 8
+
+
+def test_mtp_off_freezes_the_mtp_modules():
+    from deepseek_jax.sharding import make_mesh
+    from deepseek_jax.train import TrainConfig, Trainer
+
+    config = dsj.presets["tiny-v3"]  # one MTP module
+    mesh = make_mesh(None, jax.devices()[:1])
+    on = Trainer(config, TrainConfig(), mesh)
+    off = Trainer(config, TrainConfig(mtp_weight=0.0), mesh)
+    assert on.trainable is None  # nothing frozen: the optimizer is the plain one
+    flags = {jax.tree_util.keystr(p): t for p, t in jax.tree_util.tree_leaves_with_path(off.trainable)}
+    assert flags and all(t == (not k.startswith("['mtp_0']")) for k, t in flags.items())
+    from deepseek_jax.info import param_counts
+
+    counts = param_counts(config)
+    assert off.trainable_count() == (counts["main"], counts["main"] + counts["mtp_0"])
