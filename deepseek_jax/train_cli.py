@@ -118,8 +118,10 @@ def _run(args) -> int:
     with open(os.path.join(args.workdir, "train_config.json"), "w") as f:
         json.dump(dataclasses.asdict(tc), f, indent=2)
     tok_dir = _checkpoint_tokenizer_dir(args.init_from)
-    if tok_dir is not None and os.path.isfile(os.path.join(tok_dir, "tokenizer_config.json")):
-        # BOS / EOS names and the chat template travel with the weights (export copies them on).
+    if tok_dir is not None and tokenizer_file == tok_dir and \
+            os.path.isfile(os.path.join(tok_dir, "tokenizer_config.json")):
+        # The checkpoint's own tokenizer: its BOS / EOS names and chat template travel with the weights (export
+        # copies them on).
         import shutil
 
         shutil.copy2(os.path.join(tok_dir, "tokenizer_config.json"),
@@ -130,8 +132,11 @@ def _run(args) -> int:
         from .train import Trainer
         from .sharding import make_mesh
 
+        import jax
+
         trainable, total = Trainer(config, tc, make_mesh(args.mesh)).trainable_count()
-        print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.1%})", file=sys.stderr)
+        if jax.process_index() == 0:
+            print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.1%})", file=sys.stderr)
         records = fit(config, tc, args.workdir, mesh_spec=args.mesh, data=args.data, tokenizer=tokenizer,
                       eos_id=eos_id, arithmetic_loss=args.arithmetic_loss, save_every=args.save_every,
                       keep=args.keep, resume=not args.no_resume, init_from=args.init_from,
