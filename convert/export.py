@@ -1,4 +1,5 @@
-"""``deepseek-jax export SRC DST``: a converted (Orbax) directory -> HF safetensors shards + index + config.json,
+"""``deepseek-jax export SRC DST``: a converted (Orbax) directory, or a ``deepseek-jax train`` work directory (its
+latest checkpoint: a fine-tuned model) -> HF safetensors shards + index + config.json,
 the layout transformers' ``from_pretrained`` and DeepSeek's releases use; ``--fp8`` re-quantizes to the
 release's e4m3fn + 128x128 ``weight_scale_inv`` format.
 
@@ -123,11 +124,35 @@ def _layer_of(key: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+TRAIN_FILES = ("tokenizer.json", "tokenizer_config.json")  # what export copies from a train work directory
+
+
+def _train_params_dir(src: str, step: Optional[int] = None) -> tuple[str, int]:
+    """A train work directory's checkpoint of ``step`` (default: the latest finished one) and the step."""
+    ckpts = os.path.join(src, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()
+                   and os.path.isdir(os.path.join(ckpts, d, "state")))
+    if not steps:
+        raise CheckpointError(f"{ckpts}: no finished checkpoint to export")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{ckpts}: no checkpoint of step {step} (have {steps})")
+    return os.path.abspath(os.path.join(ckpts, str(step), "state")), step
+
+
 def plan_export(src: str, fp8: bool = False, dtype: Optional[str] = None, ue8m0: Optional[bool] = None):
     """``(config, marker, [OutTensor])`` in HF order (embedding, layer by layer, norm, head)."""
-    marker = orbax_io.read_marker(src)
+    from deepseek_jax.train import is_train_workdir
+
     config = ModelConfig.from_pretrained(src)
-    stores = orbax_io.open_lazy(os.path.abspath(os.path.join(src, PARAMS_DIR)))
+    if is_train_workdir(src):  # params as trained (fp32 master weights unless --dtype), read lazily
+        state_dir, _ = _train_params_dir(src)
+        marker = {}
+        stores = orbax_io.open_lazy(state_dir)["params"]
+    else:
+        marker = orbax_io.read_marker(src)
+        stores = orbax_io.open_lazy(os.path.abspath(os.path.join(src, PARAMS_DIR)))
     if ue8m0 is None:
         ue8m0 = marker.get("scale_fmt") == "ue8m0"
     if dtype is not None and dtype not in DTYPES:
@@ -224,10 +249,13 @@ def _export_config(src: str, fp8: bool, ue8m0: bool) -> dict:
 
 def export(src: str, dst: str, fp8: bool = False, dtype: Optional[str] = None, max_shard_size: str = "5GB",
            ue8m0: Optional[bool] = None, progress: bool = True, force: bool = False) -> dict:
+    from deepseek_jax.train import is_train_workdir
+
     src = os.fspath(src)
-    if not orbax_io.is_converted_dir(src):
-        raise CheckpointError(f"{src}: not a converted directory (no {orbax_io.MARKER_FILE}); "
-                              f"run `deepseek-jax convert` first")
+    train = is_train_workdir(src)
+    if not orbax_io.is_converted_dir(src) and not train:
+        raise CheckpointError(f"{src}: neither a converted directory (no {orbax_io.MARKER_FILE}; run "
+                              f"`deepseek-jax convert` first) nor a train work directory")
     max_bytes = parse_size(max_shard_size)
     config, marker, tensors = plan_export(src, fp8=fp8, dtype=dtype, ue8m0=ue8m0)
     if ue8m0 is None:
@@ -243,6 +271,10 @@ def export(src: str, dst: str, fp8: bool = False, dtype: Optional[str] = None, m
                 bar.close()
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(_export_config(src, fp8, ue8m0), f, indent=2)
+        if train:
+            for name in TRAIN_FILES:
+                if os.path.isfile(os.path.join(src, name)):
+                    shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
         extras = os.path.join(src, EXTRA_FILES_DIR)
         if os.path.isdir(extras):
             for name in sorted(os.listdir(extras)):

@@ -27,7 +27,8 @@ def _flat(tree: dict, prefix=()) -> dict:
 def load_converted(path: str | os.PathLike, dtype=None, mesh=None, shardings=None):
     """``(config, params)`` from ``deepseek-jax convert`` output.
 
-    dtype: dtype of the returned params (default: as stored; kept FP8 weights are dequantized to bfloat16).
+    dtype: dtype of the returned params (default: as stored; kept FP8 weights are dequantized to bfloat16);
+        "fp8": kept FP8 weights stay FP8 (``fp8_weights.Fp8Weight``), the other params as stored.
     mesh: restore each leaf as a ``jax.Array`` sharded over ``mesh`` (logical axes mapped by
         ``deepseek_jax.sharding``'s rules); shardings: a params-shaped tree of ``Sharding`` to use instead.
     Without either, params land on the default device.
@@ -38,6 +39,9 @@ def load_converted(path: str | os.PathLike, dtype=None, mesh=None, shardings=Non
     from .fp8 import dequantize_ours_jax
 
     path = os.fspath(path)
+    keep_fp8 = isinstance(dtype, str) and dtype == "fp8"
+    if keep_fp8:
+        dtype = None
     read_marker(path)
     config = ModelConfig.from_pretrained(path)
     params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
@@ -74,6 +78,13 @@ def load_converted(path: str | os.PathLike, dtype=None, mesh=None, shardings=Non
             parent = parent[k]
         w8, s = parent[p[-1]], parent.pop(p[-1] + SCALE_SUFFIX)
         tm = maps[p]
+        if keep_fp8:
+            from deepseek_jax.fp8_weights import Fp8Weight
+            from deepseek_jax.sharded_load import _split_point
+
+            n_in = _split_point(tm)
+            parent[p[-1]] = Fp8Weight(w8, s, n_in, len(tm.item_shape) - n_in)
+            continue
         fn = jax.jit(lambda a, b, hf=tm.hf_shape: dequantize_ours_jax(a, b, hf, out_dtype),
                      out_shardings=w8.sharding)
         parent[p[-1]] = fn(w8, s)

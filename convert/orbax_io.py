@@ -231,8 +231,9 @@ def _lazy_handler():
 
 
 def open_lazy(params_dir: str) -> dict:
-    """The params tree with every leaf an open ``tensorstore.TensorStore``: read any slot with
-    ``store[index].read().result()`` without loading the rest (what export uses)."""
+    """The params tree (or any saved pytree: a train checkpoint's state) with every leaf an open
+    ``tensorstore.TensorStore``: read any slot with ``store[index].read().result()`` without loading the rest
+    (what export uses)."""
     import orbax.checkpoint as ocp
     from orbax.checkpoint._src.serialization import type_handler_registry as registry
 
@@ -241,7 +242,10 @@ def open_lazy(params_dir: str) -> dict:
     # Leaves were saved by the numpy handler ("np.ndarray") or by ours under the same type string.
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=handlers)
     with ocp.Checkpointer(handler) as ckptr:
-        meta = ckptr.metadata(params_dir).item_metadata.tree
+        item = ckptr.metadata(params_dir).item_metadata
+        # An item of a CheckpointManager step (a train checkpoint's ``state``) has no step metadata file of its
+        # own; the tree's metadata is still there.
+        meta = item.tree if item is not None else metadata(params_dir)
         import jax
         restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
         return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))

@@ -40,27 +40,56 @@ def split_reasoning(text: str) -> tuple[str, str]:
 def render(messages: Sequence[dict], style: str = "v3", add_generation_prompt: bool = True,
            bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN) -> str:
     """The prompt text for ``messages`` (``[{"role": "system"|"user"|"assistant", "content": str}]``)."""
+    text, _ = render_with_spans(messages, style, add_generation_prompt, bos_token, eos_token)
+    return text
+
+
+def render_with_spans(messages: Sequence[dict], style: str = "v3", add_generation_prompt: bool = False,
+                      bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN) -> tuple[str, list[tuple[int, int]]]:
+    """``(text, spans)``: ``render``'s text and the ``[start, end)`` character spans of what the assistant says,
+    the part supervised fine-tuning trains on.
+
+    Each assistant turn's span is its content (for "r1", after ``strip_think``) followed by the end-of-sentence
+    token that closes the turn; the role marker before it (``<｜Assistant｜>``, or ``Assistant:`` for "v2") is
+    prompt, not answer. For "v2" the span starts right after ``Assistant:``, so it includes the space before
+    the content: that is where generation from the ``Assistant:`` prompt starts writing.
+    """
     if style not in STYLES:
         raise ValueError(f"chat style {style!r}: expected one of {STYLES}")
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     out = [bos_token, system]
+    spans = []
+    at = len(bos_token) + len(system)
+
+    def add(piece: str, answer: bool = False):
+        nonlocal at
+        out.append(piece)
+        if answer:
+            spans.append((at, at + len(piece)))
+        at += len(piece)
+
     if style == "v2" and system:
-        out.append("\n\n")
+        add("\n\n")
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
         if role == "system":
             continue
         if role == "user":
-            out.append(f"User: {content}\n\n" if style == "v2" else USER + content)
+            add(f"User: {content}\n\n" if style == "v2" else USER + content)
         elif role == "assistant":
             if style == "r1":
                 content = strip_think(content)
-            out.append(f"Assistant: {content}{eos_token}" if style == "v2" else ASSISTANT + content + eos_token)
+            if style == "v2":
+                add("Assistant:")
+                add(f" {content}{eos_token}", answer=True)
+            else:
+                add(ASSISTANT)
+                add(content + eos_token, answer=True)
         else:
             raise ValueError(f"message {i}: role {role!r} is not supported (expected system, user or assistant)")
     if add_generation_prompt:
-        out.append({"v3": ASSISTANT, "r1": ASSISTANT + THINK_OPEN + "\n", "v2": "Assistant:"}[style])
-    return "".join(out)
+        add({"v3": ASSISTANT, "r1": ASSISTANT + THINK_OPEN + "\n", "v2": "Assistant:"}[style])
+    return "".join(out), spans
 
 
 def default_style(config) -> str:

@@ -349,13 +349,28 @@ def set_leaf(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+def pretrained_config(path: str | os.PathLike) -> ModelConfig:
+    """The config ``load_pretrained(path)`` returns, without reading any weight (for an HF directory with no MTP
+    tensors: ``num_nextn_predict_layers = 0``, see ``drop_absent_mtp``)."""
+    path = os.fspath(path)
+    from .convert.load import is_converted_dir
+    from .train import is_train_workdir
+
+    config = ModelConfig.from_pretrained(path)
+    if is_converted_dir(path) or is_train_workdir(path):
+        return config
+    return drop_absent_mtp(HFCheckpoint(path), config)
+
+
 def load_pretrained(path: str | os.PathLike, dtype=None, mesh=None, shardings=None):
     """``(config, params)`` from an HF-format directory (``config.json`` + safetensors, sharded or not) or
     a directory written by ``deepseek-jax convert`` (Orbax), or a ``deepseek-jax train`` work directory (its latest
     checkpoint).
 
     dtype: dtype of the returned params (default: as stored; FP8 weights are dequantized to bfloat16).
-    The router's ``e_score_correction_bias`` is always fp32.
+    The router's ``e_score_correction_bias`` is always fp32. ``dtype="fp8"``: weights stored in FP8 (an FP8 HF
+    release, or a ``convert --keep-fp8`` directory) stay FP8 on the devices, as ``fp8_weights.Fp8Weight`` (e4m3
+    values + 128x128 block scales, dequantized where a matmul reads them); the other params as stored.
     mesh / shardings: load straight onto a ``jax.sharding.Mesh``, each process reading only its own devices'
     shards (the byte ranges of the HF tensors they hold, FP8 blocks dequantized per shard; an Orbax directory's
     chunks); ``shardings`` (a params-shaped tree of ``Sharding``) overrides the default mapping of logical axes
@@ -372,6 +387,9 @@ def load_pretrained(path: str | os.PathLike, dtype=None, mesh=None, shardings=No
         return load_converted(path, dtype=dtype, mesh=mesh, shardings=shardings)
     from .train import is_train_workdir, load_train_checkpoint
 
+    if is_train_workdir(path) and isinstance(dtype, str) and dtype == "fp8":
+        raise ValueError(f"{path}: a train work directory holds no FP8 weights to keep (dtype='fp8' keeps the FP8 "
+                         f"weights of an FP8 release or a `convert --keep-fp8` directory)")
     if is_train_workdir(path) and mesh is None and shardings is None:
         config, params = load_train_checkpoint(path)
         if dtype is not None:  # the router's correction bias stays fp32

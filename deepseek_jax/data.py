@@ -172,24 +172,39 @@ class Corpus:
     ``parts`` (each may be a read-only memmap: several ``.npy`` files are never copied into RAM).
 
     ``part_starts[j]`` is where part j begins in the stream; documents never straddle two parts.
+    ``masks``: per part, ``None`` (every token may be a target) or a bool array beside its tokens that is True
+    where the token counts as a target in the loss (supervised chat data: the assistant's tokens).
     """
 
     parts: tuple[np.ndarray, ...]
     starts: np.ndarray
     part_starts: np.ndarray
+    masks: tuple[Optional[np.ndarray], ...] = ()
 
     @classmethod
-    def from_array(cls, tokens: np.ndarray, starts: np.ndarray) -> "Corpus":
-        return cls((tokens,), np.asarray(starts, np.int64), np.array([0, tokens.size], np.int64))
+    def from_array(cls, tokens: np.ndarray, starts: np.ndarray, mask: Optional[np.ndarray] = None) -> "Corpus":
+        return cls((tokens,), np.asarray(starts, np.int64), np.array([0, tokens.size], np.int64), (mask,))
 
     @classmethod
-    def from_documents(cls, documents: Sequence[Sequence[int]]) -> "Corpus":
+    def from_documents(cls, documents: Sequence[Sequence[int]],
+                       masks: Optional[Sequence[Sequence[bool]]] = None) -> "Corpus":
+        """Documents of ids end to end; ``masks`` (one per document, same lengths): which tokens are targets."""
         docs = [np.asarray(d, dtype=np.int32).reshape(-1) for d in documents]
-        docs = [d for d in docs if d.size]
+        keep = [i for i, d in enumerate(docs) if d.size]
+        docs = [docs[i] for i in keep]
         lengths = np.array([d.size for d in docs], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         tokens = np.concatenate(docs) if docs else np.zeros((0,), np.int32)
-        return cls.from_array(tokens, starts)
+        mask = None
+        if masks is not None:
+            kept = [np.asarray(masks[i], bool).reshape(-1) for i in keep]
+            mask = np.concatenate(kept) if kept else np.zeros((0,), bool)
+            if mask.shape != tokens.shape:
+                raise DataError(f"masks hold {mask.size} flags for {tokens.size} tokens")
+        return cls.from_array(tokens, starts, mask)
+
+    def part_masks(self) -> tuple[Optional[np.ndarray], ...]:
+        return self.masks if self.masks else (None,) * len(self.parts)
 
     @classmethod
     def concatenate(cls, corpora: Sequence["Corpus"]) -> "Corpus":
@@ -199,7 +214,8 @@ class Corpus:
         offsets = np.cumsum([0] + [c.num_tokens for c in corpora])
         starts = np.concatenate([corpora[0].starts[:1]] + [c.starts[1:] + o for c, o in zip(corpora, offsets)])
         part_starts = np.concatenate([[0]] + [c.part_starts[1:] + o for c, o in zip(corpora, offsets)])
-        return cls(tuple(p for c in corpora for p in c.parts), starts.astype(np.int64), part_starts.astype(np.int64))
+        return cls(tuple(p for c in corpora for p in c.parts), starts.astype(np.int64), part_starts.astype(np.int64),
+                   tuple(m for c in corpora for m in c.part_masks()))
 
     def read(self, offset: int, n: int) -> np.ndarray:
         """Tokens ``[offset, offset + n)`` of the stream (a copy, int32)."""
@@ -209,6 +225,21 @@ class Corpus:
         if piece.size < n:  # runs on into the next part
             piece = np.concatenate([piece, self.read(offset + piece.size, n - piece.size)])
         return piece
+
+    def read_mask(self, offset: int, n: int) -> np.ndarray:
+        """Whether tokens ``[offset, offset + n)`` count as targets (bool; all True for plain text)."""
+        j = int(np.searchsorted(self.part_starts, offset, side="right")) - 1
+        local = offset - int(self.part_starts[j])
+        mask = self.part_masks()[j]
+        m = min(n, int(self.part_starts[j + 1]) - offset)
+        piece = np.ones((m,), bool) if mask is None else np.asarray(mask[local:local + m], bool)
+        if m < n:
+            piece = np.concatenate([piece, self.read_mask(offset + m, n - m)])
+        return piece
+
+    @property
+    def has_masks(self) -> bool:
+        return any(m is not None for m in self.part_masks())
 
     def max_token(self) -> int:
         return max((int(p.max()) for p in self.parts if p.size), default=0)
@@ -309,6 +340,86 @@ def read_jsonl(path: str, text_field: str = "text") -> list[str]:
     return docs
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _jsonl_records(path: str):
+    """``(line number, record)`` per non-blank line of a JSON-lines file."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def is_chat_jsonl(path: str) -> bool:
+    """Whether a ``.jsonl`` file holds chats: its first record is an object with a ``messages`` field."""
+    for _, record in _jsonl_records(path):
+        return isinstance(record, dict) and "messages" in record
+    return False
+
+
+def read_chat_jsonl(path: str) -> list[list[dict]]:
+    """The ``messages`` of each line of a chat JSON-lines file: ``{"messages": [{"role": "system" | "user" |
+    "assistant", "content": str}, ...]}``; every conversation needs at least one assistant message (the loss
+    is on those only). Errors name the file, the line and the message."""
+    chats = []
+    for lineno, record in _jsonl_records(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(record, dict) or "messages" not in record:
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{where}: expected an object with a 'messages' list (the file's first line is a chat), "
+                            f"found {found}")
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list, found {json.dumps(messages)[:80]}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not {"role", "content"} <= set(m):
+                found = sorted(m) if isinstance(m, dict) else type(m).__name__
+                raise DataError(f"{where}: message {i}: expected an object with 'role' and 'content', found {found}")
+            if m["role"] not in CHAT_ROLES:
+                raise DataError(f"{where}: message {i}: role {m['role']!r} is not one of {', '.join(CHAT_ROLES)}")
+            if not isinstance(m["content"], str):
+                raise DataError(f"{where}: message {i}: 'content' must be a string, found "
+                                f"{type(m['content']).__name__}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: no assistant message; the loss is on assistant turns only, so this "
+                            f"conversation would train nothing")
+        chats.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    return chats
+
+
+def tokenize_chats(chats: Sequence[Sequence[dict]], tokenizer, special: SpecialIds,
+                   style: str = "v3") -> tuple[list[list[int]], list[np.ndarray]]:
+    """Ids of each conversation rendered with the chat template ``style`` (``chat.render_with_spans``: BOS and
+    the end-of-sentence tokens come from the template, with the tokenizer's own BOS / EOS strings), and per
+    token whether it is a target of the loss: exactly the tokens of the assistant turns, i.e. each turn's
+    content and the EOS that closes it (not the ``<｜Assistant｜>`` / ``Assistant:`` marker, not the system or
+    user text). A token counts when its first character lies in an assistant span."""
+    from .chat import render_with_spans
+
+    if special.eos is None:
+        raise DataError("chat data needs a tokenizer with an end-of-sentence token (the template closes each "
+                        "assistant turn with it)")
+    bos = tokenizer.id_to_token(special.bos) if special.bos is not None else ""
+    eos = tokenizer.id_to_token(special.eos)
+    rendered = [render_with_spans(m, style, add_generation_prompt=False, bos_token=bos, eos_token=eos)
+                for m in chats]
+    docs, masks = [], []
+    for (text, spans), enc in zip(rendered, tokenizer.encode_batch([t for t, _ in rendered],
+                                                                   add_special_tokens=False)):
+        starts = np.array([o[0] for o in enc.offsets], np.int64)
+        mask = np.zeros(starts.shape, bool)
+        for a, b in spans:
+            mask |= (starts >= a) & (starts < b)
+        docs.append(list(enc.ids))
+        masks.append(mask)
+    return docs, masks
+
+
 def read_npy(path: str, eos_id: Optional[int], vocab_size: Optional[int] = None) -> Corpus:
     """Pre-tokenized ids, memory-mapped: 1-D (documents end at each ``eos_id``, which stays in the document)
     or 2-D (each row is one document; rows of ``seq_len + 1`` tokens map onto batch rows one to one)."""
@@ -347,8 +458,10 @@ def tokenize_documents(texts: Sequence[str], tokenizer, special: SpecialIds) -> 
 
 
 def load_corpus(source, *, tokenizer=None, eos_id: Optional[int] = None, text_field: str = "text",
-                txt_documents: str = "paragraphs") -> tuple[Corpus, SpecialIds]:
-    """Read every file of ``source`` (see ``expand_source``) into one corpus, in sorted file order."""
+                txt_documents: str = "paragraphs", chat_style: str = "v3") -> tuple[Corpus, SpecialIds]:
+    """Read every file of ``source`` (see ``expand_source``) into one corpus, in sorted file order.
+    ``.jsonl`` files whose first record has ``messages`` are chats (``read_chat_jsonl``), rendered with the
+    ``chat_style`` template and trained on the assistant's tokens only (``tokenize_chats``)."""
     special = tokenizer_special_ids(tokenizer) if tokenizer is not None else SpecialIds(None, eos_id, 0)
     if eos_id is not None:
         special = dataclasses.replace(special, eos=eos_id)
@@ -360,6 +473,10 @@ def load_corpus(source, *, tokenizer=None, eos_id: Optional[int] = None, text_fi
             continue
         if tokenizer is None:
             raise DataError(f"{path}: text needs a tokenizer; pass tokenizer=tokenizers.Tokenizer.from_file(...)")
+        if path.endswith(".jsonl") and is_chat_jsonl(path):
+            docs, masks = tokenize_chats(read_chat_jsonl(path), tokenizer, special, chat_style)
+            parts.append(Corpus.from_documents(docs, masks))
+            continue
         texts = read_txt(path, txt_documents) if path.endswith(".txt") else read_jsonl(path, text_field)
         parts.append(Corpus.from_documents(tokenize_documents(texts, tokenizer, special)))
     corpus = Corpus.concatenate(parts)
@@ -487,6 +604,8 @@ class Dataset:
             "segment_ids": seg[:, :-1],
             "loss_mask": ((seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] > 0)).astype(np.float32),
         }
+        if self.corpus.has_masks:  # chat data: only targets that are the assistant's tokens count
+            batch["loss_mask"] = batch["loss_mask"] * np.stack([r[3][1:] for r in rows]).astype(np.float32)
         if self.loss_filter is not None:
             batch["loss_mask"] = batch["loss_mask"] * self.loss_filter(batch).astype(np.float32)
         return batch
@@ -504,8 +623,9 @@ class Dataset:
             self._plans[epoch] = _EpochPlan(doc_order, stream_starts, row_starts, row_order)
         return self._plans[epoch]
 
-    def _pack_row(self, epoch: int, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Tokens, positions and segment ids (each ``[T + 1]``) of the epoch's i-th row, padded at the end."""
+    def _pack_row(self, epoch: int, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Tokens, positions, segment ids and target flags (``Corpus.masks``; each ``[T + 1]``) of the epoch's
+        i-th row, padded at the end."""
         plan = self._plan(epoch)
         t1 = self.seq_len + 1
         begin = int(plan.row_starts[plan.row_order[i]])
@@ -513,6 +633,7 @@ class Dataset:
         tokens = np.full((t1,), self.special.pad, np.int32)
         positions = np.zeros((t1,), np.int32)
         segments = np.zeros((t1,), np.int32)
+        trainable = np.zeros((t1,), bool)
         k = int(np.searchsorted(plan.stream_starts, begin, side="right")) - 1
         at, segment = begin, 1
         while at < end:
@@ -520,19 +641,22 @@ class Dataset:
             offset = int(self.corpus.starts[plan.doc_order[k]]) + at - int(plan.stream_starts[k])
             n, lo = piece_end - at, at - begin
             tokens[lo:lo + n] = self.corpus.read(offset, n)
+            if self.corpus.has_masks:
+                trainable[lo:lo + n] = self.corpus.read_mask(offset, n)
             # A document split across rows restarts at position 0 too: RoPE sees only relative positions,
             # and attention cannot reach the earlier part anyway.
             positions[lo:lo + n] = np.arange(n)
             segments[lo:lo + n] = segment
             at, segment, k = piece_end, segment + 1, k + 1
-        return tokens, positions, segments
+        return tokens, positions, segments, trainable
 
 
 # ----- entry point ---------------------------------------------------------------------------------------
 def make_dataset(source: Union[str, os.PathLike, None] = None, *, seq_len: int, batch_size: int, seed: int = 0,
                  tokenizer=None, process_index: int = 0, process_count: int = 1, shuffle: bool = True,
                  eos_id: Optional[int] = None, text_field: str = "text", txt_documents: str = "paragraphs",
-                 arithmetic_documents: int = DEFAULT_ARITHMETIC_DOCUMENTS, arithmetic_loss: str = "all") -> Dataset:
+                 arithmetic_documents: int = DEFAULT_ARITHMETIC_DOCUMENTS, arithmetic_loss: str = "all",
+                 chat_style: str = "v3") -> Dataset:
     """The training data iterator for ``source``:
 
     ``None`` or ``"arithmetic"``: the built-in arithmetic language (``arithmetic_documents`` documents made
@@ -540,7 +664,9 @@ def make_dataset(source: Union[str, os.PathLike, None] = None, *, seq_len: int, 
     "all" (every next token counts in the loss) or "answers" (only the answer characters, as in supervised
     fine-tuning: the operands are random, so predicting them only adds noise to the gradient).
     A path, directory or glob of ``.txt`` (documents split by blank lines, or ``txt_documents="file"``),
-    ``.jsonl`` (``text_field`` of each line) and ``.npy`` (pre-tokenized) files. Text needs ``tokenizer`` (a
+    ``.jsonl`` (``text_field`` of each line; or chats, ``{"messages": [...]}`` per line, rendered with the
+    ``chat_style`` template of ``chat.py`` with the loss on the assistant's tokens only, see ``tokenize_chats``)
+    and ``.npy`` (pre-tokenized) files. Text needs ``tokenizer`` (a
     ``tokenizers.Tokenizer``); BOS/EOS come from its special tokens. ``dataset.vocab_size`` is the
     tokenizer's size, or for ``.npy`` without a tokenizer the largest id + 1.
     """
@@ -555,7 +681,7 @@ def make_dataset(source: Union[str, os.PathLike, None] = None, *, seq_len: int, 
         return Dataset(corpus, vocab_size=ARITHMETIC_VOCAB_SIZE, decode=decode, **common,
                        loss_filter=arithmetic_answer_mask if arithmetic_loss == "answers" else None)
     corpus, special = load_corpus(source, tokenizer=tokenizer, eos_id=eos_id, text_field=text_field,
-                                  txt_documents=txt_documents)
+                                  txt_documents=txt_documents, chat_style=chat_style)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True) if tokenizer is not None else None
     text_decode = _tokenizer_decode(tokenizer) if tokenizer is not None else None
     return Dataset(corpus, vocab_size=vocab, special=special, decode=text_decode, **common)

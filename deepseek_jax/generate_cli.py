@@ -20,6 +20,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype and (on load) params dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16", "fp8"),
                    help="KV cache dtype (default: the compute dtype)")
+    p.add_argument("--fp8-weights", action="store_true",
+                   help="keep an FP8 checkpoint's weights as e4m3 + block scales on the devices (about half of "
+                        "bf16's memory), dequantized where each matmul reads them")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -47,10 +50,15 @@ def _load(args):
 
     t0 = time.perf_counter()
     mesh = _mesh(args)
-    if args.checkpoint:  # straight into the mesh's shards, in the compute dtype
-        config, params = load_pretrained(args.checkpoint, dtype=_options(args).dtype, mesh=mesh)
+    if args.checkpoint:  # straight into the mesh's shards, in the compute dtype (or FP8 kept)
+        dtype = "fp8" if args.fp8_weights else _options(args).dtype
+        config, params = load_pretrained(args.checkpoint, dtype=dtype, mesh=mesh)
         source = args.checkpoint
     else:
+        if args.fp8_weights:
+            print("error: --fp8-weights needs --checkpoint (an FP8 release or a `convert --keep-fp8` directory)",
+                  file=sys.stderr)
+            raise SystemExit(2)
         config = presets[args.preset]
         init = jax.jit(lambda key: Transformer(config).init(key, jnp.zeros((1, 2), jnp.int32))["params"])
         params = nn.meta.unbox(init(jax.random.PRNGKey(args.seed)))

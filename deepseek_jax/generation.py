@@ -192,11 +192,12 @@ def _eos_set(config: ModelConfig, eos_token_id) -> frozenset:
 
 
 def _shard_for(config: ModelConfig, mesh, params, cache, tokens, lengths, seen):
+    from .fp8_weights import with_fp8_shardings
     from .model import Transformer
     from .sharding import logical_sharding, param_shardings
 
     boxed = jax.eval_shape(Transformer(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
-    params = jax.device_put(params, param_shardings(boxed, mesh))
+    params = jax.device_put(params, with_fp8_shardings(param_shardings(boxed, mesh), params))
     cache = jax.device_put(cache, kvcache.cache_shardings(cache, mesh))
     batch = lambda x: jax.device_put(x, logical_sharding(["act_batch"] + [None] * (np.ndim(x) - 1),  # noqa: E731
                                                          np.shape(x), mesh))

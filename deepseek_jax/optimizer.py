@@ -1,9 +1,11 @@
 """AdamW with warmup + cosine decay, global-norm clipping, no weight decay on norms and biases, the router's
-correction bias frozen (it is updated by the balancing rule, not by the optimizer), optional bf16 moments."""
+correction bias frozen (it is updated by the balancing rule, not by the optimizer), optional bf16 moments, and
+parameters frozen by glob patterns over their paths (fine-tuning part of a model)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import fnmatch
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +52,30 @@ def frozen_mask(params):
     return jax.tree_util.tree_map_with_path(lambda p, x: _leaf_name(p) == "e_score_correction_bias", params)
 
 
+def param_path(path) -> str:
+    """A leaf's path in the params tree, '/'-joined: ``moe_layers/mlp/experts/gate_proj``."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def trainable_by_patterns(params, train_only: Sequence[str] = (), freeze: Sequence[str] = ()):
+    """Per leaf, whether fine-tuning updates it: its ``param_path`` matches one of the ``train_only`` globs
+    (every leaf when there are none) and none of the ``freeze`` globs (``fnmatch``: ``*`` also crosses '/').
+    A pattern that matches no leaf is an error (most likely a typo), naming a few real paths."""
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for flag, patterns in (("--train-only", train_only), ("--freeze", freeze)):
+        for pat in patterns:
+            if not any(fnmatch.fnmatchcase(p, pat) for p in paths):
+                raise ValueError(f"{flag} {pat!r} matches no parameter; the {len(paths)} paths look like "
+                                 f"{', '.join(repr(p) for p in paths[:4])}")
+
+    def one(path, _):
+        name = param_path(path)
+        selected = not train_only or any(fnmatch.fnmatchcase(name, pat) for pat in train_only)
+        return selected and not any(fnmatch.fnmatchcase(name, pat) for pat in freeze)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
 def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int, min_ratio: float):
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=lr * min_ratio
@@ -57,14 +83,24 @@ def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int, min_r
 
 
 def make_optimizer(lr_schedule, *, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
-                   bf16_moments=False) -> optax.GradientTransformation:
+                   bf16_moments=False, trainable: Optional[Callable] = None) -> optax.GradientTransformation:
+    """``trainable``: ``params -> bool tree`` (``trainable_by_patterns``); the other leaves get exactly zero
+    updates: their gradients are zeroed before clipping (so they do not count in the clipping norm or the
+    moments) and their updates after weight decay."""
     adam = scale_by_adam_low_precision(b1, b2, eps) if bf16_moments else optax.scale_by_adam(b1, b2, eps)
+    if trainable is None:
+        frozen = frozen_mask
+    else:
+        def frozen(params):
+            return jax.tree.map(lambda f, t: f or not t, frozen_mask(params), trainable(params))
     parts = [
         adam,
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.scale_by_learning_rate(lr_schedule),
-        optax.masked(optax.set_to_zero(), frozen_mask),
+        optax.masked(optax.set_to_zero(), frozen),
     ]
     if clip_norm:
         parts.insert(0, optax.clip_by_global_norm(clip_norm))
+    if trainable is not None:
+        parts.insert(0, optax.masked(optax.set_to_zero(), frozen))
     return optax.chain(*parts)

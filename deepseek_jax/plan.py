@@ -397,6 +397,11 @@ def _run(args) -> int:
     from .config import ConfigError, ModelConfig, presets
     from .train_cli import _parse_overrides
 
+    if args.capacity:
+        return _run_capacity(args)
+    if args.batch is None or args.seq_len is None:
+        print("error: --batch and --seq-len are needed to compile the steps (or --capacity alone)", file=sys.stderr)
+        return 2
     try:
         config = ModelConfig.from_pretrained(args.model) if os.path.exists(args.model) else presets[args.model]
         config = config.replace(**_parse_overrides(args.set))
@@ -411,9 +416,13 @@ def _run(args) -> int:
         print(f"error: {str(e).strip(chr(39))}", file=sys.stderr)
         return 2
     print(result.table())
+    out = result.to_dict()
+    if any(s.name in ("prefill", "decode") for s in result.steps) and result.device_memory:
+        cap = _capacity(config, args, result.mesh, result.device_memory)
+        print("\n" + cap.table())
+        out["inference_capacity"] = cap.to_dict()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
+        _write_json(args.json, out)
     bad = [s for s in result.steps if not s.fits(result.device_memory)]
     if bad:
         s = bad[0]
@@ -421,6 +430,58 @@ def _run(args) -> int:
               f"a {result.device_kind} device has {format_bytes(result.device_memory)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _capacity(config, args, mesh_sizes: dict, memory: int):
+    from .capacity import DEFAULT_CONTEXTS, inference_capacity
+
+    contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else DEFAULT_CONTEXTS
+    cache = args.cache_dtype or args.infer_dtype
+    return inference_capacity(config, mesh_sizes, memory, weight_dtype=args.weight_dtype or args.infer_dtype,
+                              cache_dtype=cache, reserve=args.reserve, contexts=contexts,
+                              fsdp_over_data=args.fsdp_over_data)
+
+
+def _run_capacity(args) -> int:
+    """``--capacity``: the inference capacity by hand only: nothing compiled, no TPU compiler needed (a TPU
+    topology is read by name: its chip count, and the chip's memory from ``capacity.CHIP_MEMORY`` unless
+    ``--device-memory``)."""
+    import sys
+
+    from .capacity import chip_memory, topology_chips
+    from .config import ConfigError, ModelConfig, presets
+    from .sharding import parse_mesh_spec
+    from .train_cli import _parse_overrides
+
+    try:
+        config = ModelConfig.from_pretrained(args.model) if os.path.exists(args.model) else presets[args.model]
+        config = config.replace(**_parse_overrides(args.set))
+        if args.topology:
+            generation, n = topology_chips(args.topology)
+            memory = chip_memory(generation)
+            target = args.topology
+        else:
+            n, memory, target = args.cpu_devices, None, f"{args.cpu_devices} devices"
+        if args.device_memory:
+            memory = _parse_bytes(args.device_memory)
+        if memory is None:
+            raise ValueError(f"the memory of a {target} device is not known here; pass --device-memory")
+        cap = _capacity(config, args, parse_mesh_spec(args.mesh, n), memory)
+    except (ConfigError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {str(e).strip(chr(39))}", file=sys.stderr)
+        return 2
+    print(f"{args.model} on {target}")
+    print(cap.table())
+    if args.json:
+        _write_json(args.json, {"model": args.model, "target": target, "inference_capacity": cap.to_dict()})
+    return 0
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def register(sub) -> None:
@@ -436,8 +497,8 @@ def register(sub) -> None:
     target.add_argument("--topology", help="a TPU topology, e.g. v5p:4x4x4 (needs the tpu extra)")
     target.add_argument("--cpu-devices", type=int, help="N simulated CPU devices")
     p.add_argument("--mesh", default=None, help="e.g. fsdp=8,expert=8 (default: every device on data)")
-    p.add_argument("--batch", type=int, required=True, help="global batch (sequences)")
-    p.add_argument("--seq-len", type=int, required=True, help="training / prefill sequence length")
+    p.add_argument("--batch", type=int, default=None, help="global batch (sequences)")
+    p.add_argument("--seq-len", type=int, default=None, help="training / prefill sequence length")
     p.add_argument("--cache-len", type=int, default=None, help="decode step's cache length (default: --seq-len)")
     p.add_argument("--steps", default=",".join(STEPS), help="which steps, comma-separated (default: all)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="bf16")
@@ -452,4 +513,15 @@ def register(sub) -> None:
     p.add_argument("--cache-dtype", choices=("bfloat16", "float32", "fp8"), default=None)
     p.add_argument("--device-memory", default=None, help="override the device memory, e.g. 16GB")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--capacity", action="store_true",
+                   help="only the inference capacity by hand (weights and latent cache per device, the largest "
+                        "batch per context): no compile, no TPU compiler needed; also printed after compiled "
+                        "prefill / decode steps")
+    p.add_argument("--weight-dtype", choices=("bfloat16", "float32", "fp8"), default=None,
+                   help="capacity: weights at this dtype (fp8: e4m3 + 128x128 block scales, as the FP8 release "
+                        "stores them and load_pretrained(..., dtype='fp8') keeps them; default --infer-dtype)")
+    p.add_argument("--contexts", default=None, help="capacity: context lengths, comma-separated "
+                                                     "(default 4096,8192,32768,131072)")
+    p.add_argument("--reserve", type=float, default=0.1,
+                   help="capacity: fraction of device memory kept for the step's temporaries (default 0.1)")
     p.set_defaults(func=_run)

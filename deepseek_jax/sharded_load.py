@@ -101,24 +101,60 @@ def check_sources(ckpt: HFCheckpoint, maps: list[TensorMap]) -> None:
                                       f"floating-point type")
 
 
+class _RawFp8:
+    """``HFCheckpoint.read`` without dequantization: the stored e4m3 values of the rows and columns asked for."""
+
+    def __init__(self, ckpt: HFCheckpoint):
+        self.ckpt = ckpt
+
+    def read(self, key, rows=None, cols=None):
+        raw = self.ckpt.raw(key)
+        if rows is None:
+            return np.asarray(raw)
+        return np.asarray(raw[rows[0]:rows[1]] if cols is None else raw[rows[0]:rows[1], cols[0]:cols[1]])
+
+    def file_of(self, key):
+        return self.ckpt.file_of(key)
+
+    def release(self):
+        self.ckpt.release()
+
+
+def _fp8_scales(ckpt: HFCheckpoint, tm: TensorMap) -> np.ndarray:
+    """The block scales of an FP8 leaf in our layout: ``lead + [ceil(in / 128), ceil(out / 128)]`` fp32."""
+    first = ckpt._scales[tm.sources[0][0]]
+    grid = tuple(ckpt.shape(first))[::-1]
+    out = np.empty(tm.shape[:len(tm.sources[0][1])] + grid, np.float32)
+    for key, index in tm.sources:
+        out[index] = np.asarray(ckpt.raw(ckpt._scales[key]), np.float32).T
+    return out
+
+
 def load_sharded(ckpt: HFCheckpoint, maps: list[TensorMap], shardings: dict, stacked: set[str], dtype=None,
                  reads=None) -> dict:
     """``params`` with every leaf of ``maps`` read shard by shard into ``shardings`` (a params-shaped tree).
 
     ``stacked``: the names of the layer-stacked runs (``config.layer_runs``), filled one layer at a time.
     ``dtype``: of the returned params (default: as stored; FP8 dequantized to bfloat16; the router's correction
-    bias always fp32). ``reads``: a list that receives every ``(key, rows, cols)`` region read (tests)."""
+    bias always fp32). ``dtype="fp8"``: weights stored as FP8 stay FP8, as ``fp8_weights.Fp8Weight`` (e4m3 values
+    in the kernel's sharding, block scales replicated), everything else as stored.
+    ``reads``: a list that receives every ``(key, rows, cols)`` region read (tests)."""
     import jax
     import jax.numpy as jnp
 
     check_sources(ckpt, maps)
+    keep_fp8 = isinstance(dtype, str) and dtype == "fp8"
     params: dict = {}
     for tm in maps:
         sharding = shardings
         for k in tm.path:
             sharding = sharding[k]
-        target = np.dtype(_target_dtype(tm, ckpt.dtype(tm.sources[0][0]), None if dtype is None else
-                                        jnp.dtype(dtype)))
+        if keep_fp8 and all(ckpt.is_fp8(key) for key, _ in tm.sources):
+            set_leaf(params, tm.path, _load_fp8_kept(ckpt, tm, sharding, tm.path[0] in stacked, reads))
+            ckpt.release()
+            continue
+        plain = None if keep_fp8 or dtype is None else jnp.dtype(dtype)
+        target = np.dtype(_target_dtype(tm, ckpt.dtype(tm.sources[0][0]), plain))
         if tm.path[0] in stacked:
             leaf = _fill_by_layer(ckpt, tm, sharding, target, reads)
         else:
@@ -131,6 +167,30 @@ def load_sharded(ckpt: HFCheckpoint, maps: list[TensorMap], shardings: dict, sta
         set_leaf(params, tm.path, leaf)
         ckpt.release()
     return params
+
+
+def _load_fp8_kept(ckpt: HFCheckpoint, tm: TensorMap, sharding, stacked: bool, reads):
+    import jax
+    import ml_dtypes
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from .fp8_weights import Fp8Weight
+
+    raw = _RawFp8(ckpt)
+    e4m3 = np.dtype(ml_dtypes.float8_e4m3fn)
+    if stacked:
+        q = _fill_by_layer(raw, tm, sharding, e4m3, reads)
+    else:
+        lead_dims = tm.shape[:len(tm.sources[0][1])]
+
+        def ranges(lead_slices):
+            return [np.arange(*s.indices(d)) for s, d in zip(lead_slices, lead_dims)]
+
+        q = jax.make_array_from_callback(tm.shape, sharding, _callback(raw, tm, e4m3, ranges, reads))
+    mesh = getattr(sharding, "mesh", None)
+    rep = NamedSharding(mesh, PartitionSpec()) if mesh is not None else sharding
+    n_in = _split_point(tm)
+    return Fp8Weight(q, jax.device_put(_fp8_scales(ckpt, tm), rep), n_in, len(tm.item_shape) - n_in)
 
 
 def _fill_by_layer(ckpt, tm: TensorMap, sharding, dtype, reads):

@@ -22,7 +22,7 @@ import optax
 from . import losses
 from .config import ModelConfig
 from .model import Transformer
-from .optimizer import learning_rate_schedule, make_optimizer
+from .optimizer import learning_rate_schedule, make_optimizer, trainable_by_patterns
 from .options import ModelOptions
 from .sharding import batch_sharding, logical_rules, mesh_context, param_shardings, replicated
 
@@ -60,9 +60,14 @@ class TrainConfig:
     capacity_factor: Optional[float] = None  # ModelOptions.capacity_factor (None: dropless)
     attention: str = "auto"  # ModelOptions.attention
     attention_block: int = 512  # ModelOptions.attention_block
+    train_only: tuple[str, ...] = ()  # globs over '/'-joined param paths: only these are updated (all if empty)
+    freeze: tuple[str, ...] = ()  # globs of params that are never updated
     seed: int = 0
 
     def __post_init__(self):
+        for name in ("train_only", "freeze"):  # JSON round trips give lists
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
         if self.batch_size % self.grad_accum:
@@ -97,11 +102,18 @@ class Trainer:
         platform = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else None
         self.model = Transformer(config, dataclasses.replace(tc.model_options(), platform=platform))
         self.schedule = learning_rate_schedule(tc.learning_rate, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
-        self.optimizer = make_optimizer(self.schedule, weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2,
-                                        eps=tc.eps, clip_norm=tc.clip_norm, bf16_moments=tc.bf16_moments)
         self.alpha = tc.balance_alpha_for(config)
         dummy = jnp.zeros((1, 2), jnp.int32)
         boxed = jax.eval_shape(self.model.init, jax.random.PRNGKey(0), dummy)["params"]
+        # Frozen params (--train-only / --freeze, and the MTP modules when their loss is off, so that weight
+        # decay does not shrink what no loss trains) get exactly zero updates.
+        freeze = tc.freeze + (("mtp_*",) if config.num_nextn_predict_layers and not tc.mtp_weight else ())
+        self.trainable = None
+        if tc.train_only or freeze:
+            self.trainable = trainable_by_patterns(nn.meta.unbox(boxed), tc.train_only, freeze)
+        self.optimizer = make_optimizer(self.schedule, weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2,
+                                        eps=tc.eps, clip_norm=tc.clip_norm, bf16_moments=tc.bf16_moments,
+                                        trainable=None if self.trainable is None else lambda _: self.trainable)
         self.rules = logical_rules(tc.fsdp_over_data)
         self.param_shardings = param_shardings(boxed, mesh, self.rules)
         self._dummy = dummy
@@ -122,6 +134,23 @@ class Trainer:
         opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated(self.mesh))
         return {"step": step, "params": params, "opt_state": opt_state}
+
+    def trainable_count(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts (the router's correction bias, set by the balancing rule,
+        counts as trainable when the patterns leave it so)."""
+        shapes = jax.eval_shape(lambda r: nn.meta.unbox(self.model.init(r, self._dummy)["params"]),
+                                jax.random.PRNGKey(0))
+        sizes = [math.prod(x.shape) for x in jax.tree.leaves(shapes)]
+        flags = jax.tree.leaves(self.trainable) if self.trainable is not None else [True] * len(sizes)
+        return sum(n for n, t in zip(sizes, flags) if t), sum(sizes)
+
+    def _is_trainable(self, *path: str) -> bool:
+        node = self.trainable
+        if node is None:
+            return True
+        for k in path:
+            node = node[k]
+        return bool(node)
 
     def state_shardings(self, state) -> Any:
         return jax.tree.map(lambda x: x.sharding, state)
@@ -225,6 +254,9 @@ class Trainer:
         for name, _, length in c.layer_runs:
             if not name.startswith("moe"):
                 continue
+            if not self._is_trainable(name, "mlp", "gate", "e_score_correction_bias"):
+                offset += length
+                continue
             run = params[name]
             gate = run["mlp"]["gate"]
             new_bias = losses.update_correction_bias(gate["e_score_correction_bias"],
@@ -233,6 +265,8 @@ class Trainer:
             offset += length
         for k in range(counts["mtp"].shape[0]):
             name = f"mtp_{k}"
+            if not self._is_trainable(name, "block", "mlp", "gate", "e_score_correction_bias"):
+                continue
             blk = params[name]["block"]
             gate = blk["mlp"]["gate"]
             new_bias = losses.update_correction_bias(gate["e_score_correction_bias"], counts["mtp"][k], gamma)
@@ -377,11 +411,14 @@ def mfu(flops_per_token: float, tokens_per_s: float) -> Optional[float]:
 def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Optional[str] = None,
         data: Optional[str] = None, tokenizer=None, eos_id: Optional[int] = None, arithmetic_loss: str = "all",
         save_every: int = 100, keep: int = 3, resume: bool = True, progress: bool = True, async_save: bool = True,
-        stop_after: Optional[int] = None) -> list[dict]:
+        stop_after: Optional[int] = None, init_from: Optional[str] = None, chat_style: str = "v3") -> list[dict]:
     """Train (or resume) in ``workdir``: checkpoints in ``workdir/checkpoints``, metrics in
     ``workdir/metrics.jsonl`` and TensorBoard events in ``workdir/tb``, the loss curve in ``workdir/loss.png``.
     Returns this call's per-step metric records. ``stop_after`` ends early after that many steps (tests).
-    ``arithmetic_loss``: on the built-in data, "all" tokens or only the "answers" count in the loss."""
+    ``arithmetic_loss``: on the built-in data, "all" tokens or only the "answers" count in the loss.
+    ``init_from``: start from this checkpoint's weights (``init_params``; ``config`` must be its config, see
+    ``checkpoint.pretrained_config``) instead of a random init; a checkpoint of this work directory, when there
+    is one, still wins (the run resumes). ``chat_style``: the template chat ``.jsonl`` data is rendered with."""
     from tqdm import tqdm
 
     from .data import make_dataset
@@ -392,7 +429,7 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     trainer = Trainer(config, tc, mesh)
     dataset = make_dataset(data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
                            eos_id=eos_id, process_index=jax.process_index(), process_count=jax.process_count(),
-                           arithmetic_loss=arithmetic_loss)
+                           arithmetic_loss=arithmetic_loss, chat_style=chat_style)
     if dataset.vocab_size > config.vocab_size:
         raise ValueError(f"the data's vocabulary has {dataset.vocab_size} ids but the model's vocab_size is "
                          f"{config.vocab_size}; set vocab_size >= {dataset.vocab_size}")
@@ -408,6 +445,8 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     if start is not None:
         state, meta = ckpt.restore(start, trainer.abstract_state())
         dataset.restore(meta["data"])
+    elif init_from is not None:
+        start, state = 0, trainer.state_from_params(init_params(init_from, trainer))
     else:
         start, state = 0, trainer.init_state()
     main = jax.process_index() == 0
@@ -463,6 +502,28 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     if main:
         plot_loss_curve(_read_history(metrics_path), os.path.join(workdir, "loss.png"))
     return records
+
+
+def init_params(path: str, trainer: Trainer):
+    """The params of checkpoint ``path`` (HF safetensors, FP8 included; a converted Orbax directory; a train work
+    directory) in fp32 master precision, placed straight into ``trainer``'s shardings: HF and converted
+    directories are read shard by shard (``load_pretrained(..., mesh=)``), never whole on a host. The
+    checkpoint's config must be ``trainer.config``."""
+    from .checkpoint import load_pretrained
+    from .convert.load import is_converted_dir
+
+    if is_train_workdir(path):
+        config, params = load_train_checkpoint(path)
+    elif is_converted_dir(path):
+        config, params = load_pretrained(path, dtype=jnp.float32, mesh=trainer.mesh)
+    else:
+        config, params = load_pretrained(path, dtype=jnp.float32, shardings=trainer.param_shardings)
+    if config != trainer.config:
+        diff = [f"{f.name}: checkpoint {getattr(config, f.name)!r}, run {getattr(trainer.config, f.name)!r}"
+                for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(trainer.config, f.name)]
+        raise ValueError(f"{path}: the checkpoint's config differs from the run's ({'; '.join(diff)}); "
+                         f"fine-tuning keeps the checkpoint's architecture")
+    return jax.device_put(params, trainer.param_shardings)
 
 
 def evaluate_arithmetic(config: ModelConfig, params, *, seed: int = 12345, batches: int = 4, batch_size: int = 32,

@@ -1,4 +1,6 @@
-"""``deepseek-jax train``: train a preset (or a config.json) on the built-in data or your own."""
+"""``deepseek-jax train``: train a preset (or a config.json) on the built-in data or your own, or fine-tune a
+checkpoint (``--init-from``: HF safetensors, FP8 releases included, a converted directory or a train work
+directory), e.g. supervised on chat ``.jsonl`` with the loss on the assistant's tokens only."""
 
 from __future__ import annotations
 
@@ -19,6 +21,17 @@ def _parse_overrides(pairs: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def _checkpoint_tokenizer_dir(init_from):
+    """Where the tokenizer files of checkpoint ``init_from`` are (a converted directory keeps them in
+    ``hf_files/``), or None when it has no ``tokenizer.json``."""
+    if init_from is None:
+        return None
+    for d in (init_from, os.path.join(init_from, "hf_files")):
+        if os.path.isfile(os.path.join(d, "tokenizer.json")):
+            return d
+    return None
 
 
 def _data_tokenizer(data, tokenizer_file):
@@ -51,16 +64,30 @@ def _run(args) -> int:
 
     from .config import ConfigError, ModelConfig, presets
     from .data import DataError
+    from .safetensors_io import CheckpointError
     from .train import TrainConfig, fit
 
-    config = ModelConfig.from_pretrained(args.config) if args.config else presets[args.preset]
+    overrides = _parse_overrides(args.set)
+    tokenizer_file = args.tokenizer
+    if args.init_from is not None:
+        try:
+            config = _init_config(args, overrides)
+        except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        overrides = {}
+        if tokenizer_file is None:
+            tokenizer_file = _checkpoint_tokenizer_dir(args.init_from)
+    else:
+        config = ModelConfig.from_pretrained(args.config) if args.config else presets[args.preset or DEFAULT_PRESET]
     try:
-        tokenizer = _data_tokenizer(args.data, args.tokenizer)
+        tokenizer = _data_tokenizer(args.data, tokenizer_file)
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    overrides = _parse_overrides(args.set)
-    if args.data in (None, "arithmetic"):  # the built-in vocabulary's BOS / EOS, for generation later
+    if args.init_from is not None:
+        pass  # the checkpoint's config as it is: its vocabulary must hold the data's (fit checks)
+    elif args.data in (None, "arithmetic"):  # the built-in vocabulary's BOS / EOS, for generation later
         from .data import BOS_ID, EOS_ID
 
         overrides.setdefault("bos_token_id", BOS_ID)
@@ -80,7 +107,8 @@ def _run(args) -> int:
                      remat=args.remat, seed=args.seed, mtp_weight=args.mtp_weight,
                      bias_update_rate=args.bias_update_rate, bf16_moments=args.bf16_moments,
                      balance_alpha=args.balance_alpha, fsdp_over_data=args.fsdp_over_data,
-                     capacity_factor=args.capacity_factor)
+                     capacity_factor=args.capacity_factor, train_only=tuple(args.train_only),
+                     freeze=tuple(args.freeze))
     # Pre-tokenized 1-D .npy data is split into documents at EOS: --eos-id, else the tokenizer's, else the
     # model config's.
     eos_id = args.eos_id if args.eos_id is not None else (config.eos_token_id if tokenizer is None else None)
@@ -89,11 +117,31 @@ def _run(args) -> int:
         json.dump(config.to_hf_dict(), f, indent=2)
     with open(os.path.join(args.workdir, "train_config.json"), "w") as f:
         json.dump(dataclasses.asdict(tc), f, indent=2)
+    tok_dir = _checkpoint_tokenizer_dir(args.init_from)
+    if tok_dir is not None and tokenizer_file == tok_dir and \
+            os.path.isfile(os.path.join(tok_dir, "tokenizer_config.json")):
+        # The checkpoint's own tokenizer: its BOS / EOS names and chat template travel with the weights (export
+        # copies them on).
+        import shutil
+
+        shutil.copy2(os.path.join(tok_dir, "tokenizer_config.json"),
+                     os.path.join(args.workdir, "tokenizer_config.json"))
+    from .chat import default_style
+
     try:
+        from .train import Trainer
+        from .sharding import make_mesh
+
+        import jax
+
+        trainable, total = Trainer(config, tc, make_mesh(args.mesh)).trainable_count()
+        if jax.process_index() == 0:
+            print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.1%})", file=sys.stderr)
         records = fit(config, tc, args.workdir, mesh_spec=args.mesh, data=args.data, tokenizer=tokenizer,
                       eos_id=eos_id, arithmetic_loss=args.arithmetic_loss, save_every=args.save_every,
-                      keep=args.keep, resume=not args.no_resume)
-    except (DataError, FileNotFoundError, ValueError) as e:
+                      keep=args.keep, resume=not args.no_resume, init_from=args.init_from,
+                      chat_style=args.chat_style or default_style(config))
+    except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
@@ -111,6 +159,30 @@ def _run(args) -> int:
     return 0
 
 
+DEFAULT_PRESET = "tiny-v3-arith"
+
+
+def _init_config(args, overrides: dict):
+    """The architecture of ``--init-from``'s checkpoint; ``--preset`` / ``--config`` cannot be given with it, and a
+    ``--set`` may only repeat the checkpoint's own value."""
+    from .checkpoint import pretrained_config
+
+    if args.preset is not None or args.config is not None:
+        flag = "--preset" if args.preset is not None else "--config"
+        raise ValueError(f"{flag} cannot be combined with --init-from: the architecture comes from "
+                         f"{os.path.join(args.init_from, 'config.json')}")
+    if not os.path.isdir(args.init_from):
+        raise FileNotFoundError(f"--init-from {args.init_from}: no such directory")
+    config = pretrained_config(args.init_from)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"--set {key}: not a config field")
+        if getattr(config, key) != value:
+            raise ValueError(f"--set {key}={value!r} conflicts with --init-from {args.init_from} ({key} = "
+                             f"{getattr(config, key)!r}): a fine-tuning run keeps the checkpoint's architecture")
+    return config
+
+
 def _report_arithmetic(workdir: str) -> None:
     """What the model learned: exact greedy answers on held-out sums, and a few of them."""
     from .train import evaluate_arithmetic, load_train_checkpoint
@@ -125,9 +197,19 @@ def _report_arithmetic(workdir: str) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a model (built-in arithmetic data by default)")
-    p.add_argument("--preset", default="tiny-v3-arith",
+    p = sub.add_parser("train", help="train a model (built-in arithmetic data by default), or fine-tune one")
+    p.add_argument("--preset", default=None,
                    help="a preset name (default tiny-v3-arith: tiny-v3 with 8 wider experts and a 32-id vocabulary)")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="fine-tune: start from this checkpoint (HF safetensors incl. FP8, a converted directory or a "
+                        "train work directory) with its own config.json; its tokenizer.json is the default tokenizer")
+    p.add_argument("--train-only", action="append", default=[], metavar="GLOB",
+                   help="update only params whose '/'-joined path matches, e.g. '*experts*' (repeatable)")
+    p.add_argument("--freeze", action="append", default=[], metavar="GLOB",
+                   help="never update params whose path matches, e.g. 'embed_tokens/*' (repeatable)")
+    p.add_argument("--chat-style", choices=("v3", "r1", "v2"), default=None,
+                   help="template for chat .jsonl data ({\"messages\": [...]} per line; default: v2 for V2 models, "
+                        "else v3); the loss is on the assistant's tokens only")
     p.add_argument("--config", help="a config.json (or a directory with one) instead of a preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set num_hidden_layers=4 (repeatable)")
@@ -148,7 +230,9 @@ def register(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32")
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="none")
-    p.add_argument("--mtp-weight", type=float, default=0.3)
+    p.add_argument("--mtp-weight", type=float, default=0.3,
+                   help="weight of the MTP loss; 0 turns it off (the MTP modules are then frozen)")
+    p.add_argument("--no-mtp", dest="mtp_weight", action="store_const", const=0.0, help="same as --mtp-weight 0")
     p.add_argument("--bias-update-rate", type=float, default=0.001)
     p.add_argument("--balance-alpha", type=float, default=None,
                    help="weight of the balance loss (default: 0.0001 for aux-loss-free noaux_tc models, as in the "

@@ -1,0 +1,116 @@
+"""deepseek_jax.fp8_weights (``load_pretrained(..., dtype="fp8")``): FP8 weights kept as e4m3 + block scales on
+the devices give the forward of the dequantized weights; memory is a byte per weight plus the scales."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deepseek_jax as dsj
+from deepseek_jax.checkpoint import HFCheckpoint
+from deepseek_jax.fp8_weights import Fp8Weight
+from deepseek_jax.generation import generate
+from deepseek_jax.options import ModelOptions
+from convert_fixtures import FP8_CONFIG, TOKENS, make_fp8
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FP32 = ModelOptions(dtype="float32")
+
+
+def _is_fp8(x) -> bool:
+    return isinstance(x, Fp8Weight)
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("fp8") / "release")
+    make_fp8(path)  # 128x128 blocks, dimensions not multiples of 128 (partial edge blocks)
+    return path
+
+
+def _logits(config, params):
+    model = dsj.Transformer(config, FP32)
+    return np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(params, TOKENS))
+
+
+def test_fp8_kept_forward_equals_the_dequantized_forward(fp8_dir):
+    config, kept = dsj.load_pretrained(fp8_dir, dtype="fp8")
+    _, dequantized = dsj.load_pretrained(fp8_dir, dtype=jnp.float32)  # FP8 blocks dequantized on the host
+    experts = kept["moe_layers"]["mlp"]["experts"]["gate_proj"]
+    assert _is_fp8(experts) and experts.q.dtype == jnp.float8_e4m3fn and experts.scale.dtype == jnp.float32
+    assert not _is_fp8(kept["lm_head"]["kernel"]) and not _is_fp8(kept["moe_layers"]["mlp"]["gate"]["kernel"])
+    # Dequantized inside the step, in fp32 compute: the same products as the host's dequantization, so the same
+    # logits (bound 1e-6; measured 0.0).
+    np.testing.assert_allclose(_logits(config, kept), _logits(config, dequantized), atol=1e-6, rtol=0)
+    # Memory: one byte per FP8 value plus the fp32 scales, exactly the checkpoint's (the MTP layer's copies of
+    # embedding and head are not loaded).
+    ckpt = HFCheckpoint(fp8_dir)
+    fp8_keys = [k for k in ckpt.keys if ckpt.is_fp8(k)]
+    want = sum(math.prod(ckpt.shape(k)) + 4 * math.prod(ckpt.shape(k + "_scale_inv")) for k in fp8_keys)
+    leaves = jax.tree.leaves(kept, is_leaf=_is_fp8)
+    assert sum(x.nbytes for x in leaves if _is_fp8(x)) == want
+    assert sum(x.nbytes for x in leaves) < 0.45 * sum(x.nbytes for x in jax.tree.leaves(dequantized))
+
+
+@pytest.mark.slow  # compiles prefill and decode twice: ~30 s on 2 cores
+def test_fp8_kept_generation_equals_the_dequantized(fp8_dir):
+    """Prefill and the absorbed decode path (which slices ``kv_b_proj``) on kept FP8 weights."""
+    config, kept = dsj.load_pretrained(fp8_dir, dtype="fp8")
+    _, dequantized = dsj.load_pretrained(fp8_dir, dtype=jnp.float32)
+    prompts = [TOKENS[0, :7].tolist(), TOKENS[1, :4].tolist()]
+    a = generate(config, kept, prompts, max_new_tokens=6, eos_token_id=None, options=FP32, cache_dtype="float32")
+    b = generate(config, dequantized, prompts, max_new_tokens=6, eos_token_id=None, options=FP32,
+                 cache_dtype="float32")
+    assert a.tokens == b.tokens
+
+
+def test_convert_keep_fp8_directory_loads_as_fp8(fp8_dir, tmp_path):
+    from deepseek_jax.convert.convert import convert
+
+    convert(fp8_dir, str(tmp_path / "kept"), dtype="float32", keep_fp8=True, progress=False)
+    config, kept = dsj.load_pretrained(tmp_path / "kept", dtype="fp8")
+    _, dequantized = dsj.load_pretrained(fp8_dir, dtype=jnp.float32)
+    assert _is_fp8(kept["dense_layers"]["self_attn"]["q_b_proj"]["kernel"])
+    np.testing.assert_allclose(_logits(config, kept), _logits(config, dequantized), atol=1e-6, rtol=0)
+
+
+SHARDED = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+import deepseek_jax as dsj
+from deepseek_jax.fp8_weights import Fp8Weight
+from deepseek_jax.options import ModelOptions
+from deepseek_jax.sharding import make_mesh, mesh_context
+from convert_fixtures import TOKENS
+mesh = make_mesh("fsdp=2,expert=4")
+config, kept = dsj.load_pretrained(sys.argv[1], dtype="fp8", mesh=mesh)
+_, ref = dsj.load_pretrained(sys.argv[1], dtype=jnp.float32, mesh=make_mesh(None, jax.devices()[:1]))
+model = dsj.Transformer(config, ModelOptions(dtype="float32"))
+with mesh_context(mesh):
+    a = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(kept, TOKENS))
+b = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(ref, TOKENS))
+w = kept["moe_layers"]["mlp"]["experts"]["gate_proj"]
+print("RESULT " + json.dumps({"diff": float(np.abs(a - b).max()), "q_spec": [str(s) for s in w.q.sharding.spec],
+                              "q_shards": len(w.q.addressable_shards), "scale_spec": list(w.scale.sharding.spec)}))
+"""
+
+
+@pytest.mark.slow  # a subprocess compiling the sharded forward: ~30 s on 2 cores
+def test_fp8_kept_sharded_on_8_devices(fp8_dir):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", SHARDED, fp8_dir], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    # e4m3 values sharded like the kernel (experts over `expert`, the model dim over `fsdp`), scales replicated.
+    assert out["q_spec"] == ["None", "expert", "fsdp", "None"] and out["q_shards"] == 8 and out["scale_spec"] == []
+    assert out["diff"] < 1e-5, out["diff"]  # shard boundaries (96 rows of 192) cut 128-blocks: still exact
