@@ -79,7 +79,7 @@ class CachedTransformer(nn.Module):
             h, latents[self.part] = mtp(h_prev, h, None if cache is None else cache[self.part], cos, sin, layout,
                                         valid)
         picked = h if out_index is None else jnp.take_along_axis(h, out_index[..., None], axis=1)
-        return head(picked), h, latents
+        return (embed.attend(picked) if c.tie_word_embeddings else head(picked)), h, latents
 
 
 def _write_all(entries: dict, latents: dict, positions: jax.Array) -> dict:

@@ -1,0 +1,160 @@
+"""deepseek_jax.gqa / config / rope / checkpoint for the dense R1-Distill students (Qwen2, Llama 3): logits against
+transformers' Qwen2ForCausalLM / LlamaForCausalLM in float32, the presets' parameter counts against the releases,
+decode against the full forward, and the HF -> Orbax -> HF round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import deepseek_jax as dsj
+from deepseek_jax.info import param_counts
+from deepseek_jax.rope import rope_inv_freq
+
+TOL = 1e-4
+TINY_QWEN2, TINY_LLAMA = dsj.presets["tiny-qwen2"], dsj.presets["tiny-llama"]
+
+
+def hf_student(config: dsj.ModelConfig, seed: int = 0):
+    """A random transformers Qwen2ForCausalLM / LlamaForCausalLM for one of our dense configs (fp32, eval), with
+    non-zero biases and non-trivial norm scales."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    d = config.to_hf_dict()
+    d.pop("rope_scaling")
+    cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if config.model_type == "qwen2" else (LlamaConfig,
+                                                                                               LlamaForCausalLM)
+    hf_cfg = cfg_cls(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(hf_cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)  # large enough that a dropped or misplaced bias shows
+    return model
+
+
+def torch_logits(model, tokens) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+STUDENTS = {
+    # q/k/v biases, GQA 4 heads on 2, untied head.
+    "qwen2": TINY_QWEN2,
+    # Qwen2.5-1.5B-style tied embeddings, 3 layers, 6 heads on 2 groups of 3, explicit head_dim != D / H.
+    "qwen2-tied-headdim": TINY_QWEN2.replace(tie_word_embeddings=True, num_hidden_layers=3, num_attention_heads=6,
+                                             num_key_value_heads=2, head_dim=8),
+    # llama3 rope scaling over a 64-token original context, GQA 4 on 2, no biases.
+    "llama3": TINY_LLAMA,
+    # Llama with attention_bias (q/k/v/o biases) and rms_norm_eps 1e-5.
+    "llama-bias": TINY_LLAMA.replace(attention_bias=True, rms_norm_eps=1e-5),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(STUDENTS))
+def saved(request, tmp_path_factory):
+    """(config, transformers model, HF directory written by save_pretrained)."""
+    config = STUDENTS[request.param]
+    model = hf_student(config)
+    path = str(tmp_path_factory.mktemp(request.param))
+    model.save_pretrained(path)
+    return config, model, path
+
+
+def test_logits_match_transformers(saved):
+    """The checkpoint loaded by load_pretrained gives transformers' logits; 80 tokens run past the llama3
+    variant's original 64-token context, so its low-frequency (divided) and blended bands both matter."""
+    config, model, path = saved
+    loaded_config, params = dsj.load_pretrained(path)
+    assert loaded_config == config
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 80))
+    want = torch_logits(model, tokens)
+    got = np.asarray(dsj.Transformer(loaded_config).apply({"params": params}, jnp.asarray(tokens)))
+    assert np.abs(got - want).max() <= TOL
+
+
+def test_blockwise_attention_matches_transformers(saved):
+    """The blockwise core with grouped heads (blocks of 16 over 80 tokens) against transformers."""
+    config, model, path = saved
+    config, params = dsj.load_pretrained(path)
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 80))
+    opts = dsj.ModelOptions(attention="blockwise", attention_block=16)
+    got = np.asarray(dsj.Transformer(config, opts).apply({"params": params}, jnp.asarray(tokens)))
+    assert np.abs(got - torch_logits(model, tokens)).max() <= TOL
+
+
+def test_llama3_inv_freq_matches_transformers():
+    """Our llama3 frequencies equal transformers' for the released 8B/70B parameters (factor 8, low 1, high 4,
+    original 8192, theta 500000, head dim 128), and all three bands occur (kept, blended, divided by 8)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = dsj.presets["r1-distill-llama-8b"]
+    d = config.to_hf_dict()
+    d.pop("rope_scaling")
+    hf_cfg = LlamaConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+    want, factor = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    got = rope_inv_freq(config)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
+    assert factor == 1.0
+    plain = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)
+    ratio = plain / got
+    assert np.isclose(ratio, 1.0).any() and np.isclose(ratio, 8.0).any()
+    assert ((ratio > 1.01) & (ratio < 7.99)).any()
+
+
+# Parameter counts of the releases: the safetensors index's total_size / 2 (bf16) of each released checkpoint;
+# each also equals the architecture formula below.
+RELEASED_PARAMS = {
+    "r1-distill-qwen-1.5b": 1_777_088_000,  # 3.55 GB model.safetensors: Qwen2.5-Math-1.5B with an untied head
+    "r1-distill-qwen-7b": 7_615_616_512,
+    "r1-distill-qwen-14b": 14_770_033_664,
+    "r1-distill-qwen-32b": 32_763_876_352,
+    "r1-distill-llama-8b": 8_030_261_248,
+    "r1-distill-llama-70b": 70_553_706_496,
+}
+
+
+def _formula(c: dsj.ModelConfig) -> int:
+    """embedding + head (unless tied) + final norm + layers x (q, k, v, o, biases, SwiGLU, two norms)."""
+    d, e, h, k, i = c.hidden_size, c.attn_head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
+    attn = d * h * e + 2 * d * k * e + h * e * d + (h * e + 2 * k * e if c.qkv_bias else 0)
+    layer = attn + 3 * d * i + 2 * d
+    return c.vocab_size * d * (1 if c.tie_word_embeddings else 2) + d + c.num_hidden_layers * layer
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_PARAMS))
+def test_preset_param_counts_match_releases(name):
+    config = dsj.presets[name]
+    counts = param_counts(config)
+    assert counts == {"main": RELEASED_PARAMS[name]}
+    assert _formula(config) == RELEASED_PARAMS[name]
+
+
+def test_qwen_1_5b_tied_equals_qwen2_5_1_5b():
+    """With the head tied, the 1.5B student is Qwen2.5-1.5B's 1,543,714,304 (its index: 3,087,428,608 bytes)."""
+    config = dsj.presets["r1-distill-qwen-1.5b"].replace(tie_word_embeddings=True)
+    assert param_counts(config)["main"] == 1_543_714_304
+
+
+def test_config_json_round_trip_and_errors(tmp_path):
+    """to_hf_dict -> from_hf_dict gives the same config; unsupported student features fail by name."""
+    for config in (*STUDENTS.values(), *(dsj.presets[n] for n in RELEASED_PARAMS)):
+        assert dsj.ModelConfig.from_hf_dict(json.loads(json.dumps(config.to_hf_dict()))) == config
+    d = TINY_QWEN2.to_hf_dict()
+    with pytest.raises(dsj.ConfigError, match="num_key_value_heads"):
+        dsj.ModelConfig.from_hf_dict({**d, "num_key_value_heads": 3}, source="x/config.json")
+    with pytest.raises(dsj.ConfigError, match="use_sliding_window"):
+        dsj.ModelConfig.from_hf_dict({**d, "use_sliding_window": True})
+    with pytest.raises(dsj.ConfigError, match="rope_scaling.type"):
+        dsj.ModelConfig.from_hf_dict({**d, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None})
