@@ -21,9 +21,9 @@ TOL = 1e-4
 TINY_QWEN2, TINY_LLAMA = dsj.presets["tiny-qwen2"], dsj.presets["tiny-llama"]
 
 
-def hf_student(config: dsj.ModelConfig, seed: int = 0):
+def hf_student(config: dsj.ModelConfig, seed: int = 0, init_std: float | None = None):
     """A random transformers Qwen2ForCausalLM / LlamaForCausalLM for one of our dense configs (fp32, eval), with
-    non-zero biases and non-trivial norm scales."""
+    non-zero biases and non-trivial norm scales (``init_std``: re-draw the other weights with this std)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     d = config.to_hf_dict()
@@ -40,6 +40,8 @@ def hf_student(config: dsj.ModelConfig, seed: int = 0):
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.5)  # large enough that a dropped or misplaced bias shows
+            elif init_std is not None:
+                p.normal_(0.0, init_std)
     return model
 
 
@@ -158,3 +160,64 @@ def test_config_json_round_trip_and_errors(tmp_path):
         dsj.ModelConfig.from_hf_dict({**d, "use_sliding_window": True})
     with pytest.raises(dsj.ConfigError, match="rope_scaling.type"):
         dsj.ModelConfig.from_hf_dict({**d, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None})
+
+
+# ----- inference: GQA KV cache, generate, chat -------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["qwen2-tied-headdim", "llama3"])
+def sharp(request, tmp_path_factory):
+    """A student with sharper random weights (std 0.1: greedy argmaxes far from ties), loaded from its HF dir."""
+    config = STUDENTS[request.param]
+    model = hf_student(config, seed=3, init_std=0.1)
+    path = str(tmp_path_factory.mktemp("sharp-" + request.param))
+    model.save_pretrained(path)
+    config, params = dsj.load_pretrained(path)
+    return config, params, model, path
+
+
+def test_decode_equals_full_forward(sharp):
+    """Prefill 3 tokens, then decode one at a time over the GQA cache: every position's logits equal the full
+    forward's (70 positions: past the llama3 variant's original context)."""
+    from deepseek_jax import decode, kvcache
+
+    config, params, _, _ = sharp
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 70), 0, config.vocab_size)
+    full = np.asarray(jax.jit(dsj.Transformer(config).apply)({"params": params}, tokens))
+    cached = np.asarray(decode.decode_all_positions(params, tokens, config=config, prefill_len=3))
+    np.testing.assert_allclose(cached, full, atol=1e-4, rtol=1e-4)
+    cache = kvcache.init_cache(config, 2, 128)
+    # keys and values of K heads x E dims per layer: 2 * 2 * E values per token and layer
+    leaves = cache["main"]["dense_layers"]
+    shape = (config.num_hidden_layers, 2, 128, config.num_key_value_heads, config.attn_head_dim)
+    assert leaves["k"].shape == leaves["v"].shape == shape
+    per_token = kvcache.cache_bytes_per_token(config, "float32")
+    assert per_token == 2 * config.num_key_value_heads * config.attn_head_dim * config.num_hidden_layers * 4
+
+
+def test_greedy_generate_matches_transformers(sharp):
+    """Batched greedy generation (prompts of 11, 1 and 7 tokens, right-padded) gives transformers' greedy tokens."""
+    config, params, model, _ = sharp
+    prompts = [[5, 17, 300, 2, 9, 44, 1, 8, 77, 3, 120], [3], [250, 11, 60, 2, 7, 7, 100]]
+    ours = dsj.generate(config, params, prompts, max_new_tokens=8, eos_token_id=None)
+    for prompt, got in zip(prompts, ours.tokens):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+        assert got == out[0, len(prompt):].tolist()
+
+
+def test_chat_uses_the_r1_template(sharp, tmp_path):
+    """A student's chat session opens the reasoning (``<｜Assistant｜><think>\\n``) and generates from it."""
+    from deepseek_jax import chat
+    from deepseek_jax.tokenizer import load_tokenizer
+    from test_chat import word_tokenizer
+
+    config, params, _, _ = sharp
+    assert chat.default_style(config) == "r1"
+    word_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    session = chat.ChatSession(config, params, tok, generate_kwargs=dict(max_new_tokens=5, eos_token_id=None))
+    result = session.send("w5 w6")
+    prompt = tok.encode("<｜begin▁of▁sentence｜><｜User｜>w5 w6<｜Assistant｜><think>\n", add_bos=False)
+    assert session.prompt_ids()[: len(prompt)] == prompt
+    want = dsj.generate(config, params, [prompt], max_new_tokens=5, eos_token_id=None)
+    assert result.tokens == want.tokens
