@@ -237,6 +237,9 @@ class ModelConfig:
             kwargs.setdefault("scoring_func", "softmax")
             kwargs.setdefault("topk_method", "greedy")
             kwargs.setdefault("norm_topk_prob", False)
+        if model_type in MLA_MODEL_TYPES:
+            for key in ("head_dim", "mlp_bias", "use_sliding_window"):  # transformers' V3 config sets head_dim to
+                kwargs.pop(key, None)  # the rope part; these fields belong to the dense students only
         if model_type in DENSE_MODEL_TYPES:
             # A dense student: every layer a dense MLP, no MTP; rope pairs the two halves of each head
             # (transformers' rotate_half), which is how these checkpoints were trained.
