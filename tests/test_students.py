@@ -253,3 +253,13 @@ def test_convert_export_round_trip_bit_exact(saved, dtype, tmp_path):
         reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         # the same weights (checked above); only the attention kernel transformers picks on load differs
         np.testing.assert_allclose(torch_logits(reloaded, tokens), torch_logits(model, tokens), atol=1e-6, rtol=0)
+
+
+def test_info_shows_student_counts(capsys):
+    from deepseek_jax.cli import main
+
+    assert main(["info", "r1-distill-llama-8b"]) == 0
+    out = capsys.readouterr().out
+    assert "params (main)         8,030,261,248" in out
+    # 8 key/value heads x 128 x 2 (k and v) x 32 layers = 65,536 values per token
+    assert "KV cache / token      2048 values x 32 layers = 65,536 values" in out
