@@ -57,3 +57,22 @@ def test_sharded_train_and_generate_equal_one_device():
     # k_proj [layers, embed, kv_heads, head_dim]: the model dim FSDP-split, the 2 key/value heads over tensor.
     assert out["data=2,fsdp=2,tensor=2"]["k_spec"][2] == "tensor"
     assert out["generate"]["data=2,fsdp=2,tensor=2"] == out["generate"]["one"]
+
+
+@pytest.mark.slow
+def test_plan_accepts_a_student_preset(tmp_path):
+    """`deepseek-jax plan` on the 1.5B student (2 layers) over 8 simulated devices: its parameter count is the
+    formula's, and the fp32 train state (params + two Adam moments, 12 bytes a parameter) is split 8 ways."""
+    out = tmp_path / "plan.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "deepseek_jax.cli", "plan", "r1-distill-qwen-1.5b", "--set", "num_hidden_layers=2",
+           "--cpu-devices", "8", "--mesh", "fsdp=4,tensor=2", "--batch", "8", "--seq-len", "64",
+           "--steps", "train,decode", "--precision", "fp32", "--remat", "none", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(out.read_text())
+    # 2 x embedding (untied) 151936 x 1536 + final norm + 2 layers x 46,797,824 (test_students._formula)
+    assert plan["params"] == 2 * 151936 * 1536 + 1536 + 2 * 46_797_824 == 560_344_576
+    train, decode = plan["steps"]
+    assert train["state_bytes"] == pytest.approx(12 * plan["params"] / 8, rel=0.01)
+    assert train["fits"] and decode["fits"]
