@@ -85,10 +85,14 @@ def test_logits_match_transformers(saved):
     assert np.abs(got - want).max() <= TOL
 
 
-def test_blockwise_attention_matches_transformers(saved):
-    """The blockwise core with grouped heads (blocks of 16 over 80 tokens) against transformers."""
-    config, model, path = saved
-    config, params = dsj.load_pretrained(path)
+@pytest.mark.parametrize("name", ["qwen2-tied-headdim", "llama3"])
+def test_blockwise_attention_matches_transformers(name, tmp_path):
+    """The blockwise core with grouped heads (groups of 3 and of 2; blocks of 16 over 80 tokens) against
+    transformers."""
+    config = STUDENTS[name]
+    model = hf_student(config)
+    model.save_pretrained(tmp_path)
+    config, params = dsj.load_pretrained(tmp_path)
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 80))
     opts = dsj.ModelOptions(attention="blockwise", attention_block=16)
     got = np.asarray(dsj.Transformer(config, opts).apply({"params": params}, jnp.asarray(tokens)))
