@@ -113,7 +113,7 @@ class ModelConfig:
     max_position_embeddings: int = 163840
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = RopeScaling(mscale=1.0, mscale_all_dim=1.0)
-    rope_interleave: bool = True  # rope on pairs (x0, x1), (x2, x3)... as released; False: halves (V3 only)
+    rope_interleave: bool = True  # rope on pairs (x0, x1), (x2, x3)... as released; False: halves (V3, students)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     # dense students (qwen2 / llama)
