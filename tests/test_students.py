@@ -153,6 +153,23 @@ def test_qwen_1_5b_tied_equals_qwen2_5_1_5b():
     assert param_counts(config)["main"] == 1_543_714_304
 
 
+# The released DeepSeek-R1-Distill-Qwen-1.5B config.json (transformers 4.48 era), every field.
+QWEN_1_5B_CONFIG_JSON = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+    "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02, "intermediate_size": 8960,
+    "max_position_embeddings": 131072, "max_window_layers": 21, "model_type": "qwen2", "num_attention_heads": 12,
+    "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_scaling": None,
+    "rope_theta": 10000, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.48.3", "use_cache": True, "use_mrope": False, "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+
+
+def test_released_config_json_reads_as_the_preset(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN_1_5B_CONFIG_JSON))
+    assert dsj.ModelConfig.from_pretrained(tmp_path) == dsj.presets["r1-distill-qwen-1.5b"]
+
+
 def test_config_json_round_trip_and_errors(tmp_path):
     """to_hf_dict -> from_hf_dict gives the same config; unsupported student features fail by name."""
     for config in (*STUDENTS.values(), *(dsj.presets[n] for n in RELEASED_PARAMS)):
