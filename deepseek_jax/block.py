@@ -1,4 +1,5 @@
-"""Pre-norm decoder block: ``h += MLA(norm(h)); h += FFN(norm(h))`` with a dense MLP or an MoE."""
+"""Pre-norm decoder block: ``h += attn(norm(h)); h += FFN(norm(h))``; attn is MLA (DeepSeek) or GQA (the dense
+R1-Distill students), FFN a dense MLP or an MoE."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import jax
 from . import kvcache
 from .attention import Layout
 from .config import ModelConfig
+from .gqa import GQA
 from .mla import MLA
 from .mlp import MLP
 from .moe import MoE
@@ -16,6 +18,11 @@ from .options import ModelOptions
 from .sharding import constrain
 
 ACT = ("act_batch", "act_length", "act_embed")
+
+
+def attention_module(config: ModelConfig):
+    """The attention layer a config uses: ``MLA`` or ``GQA``, both with ``prefill`` and ``decode``."""
+    return MLA if config.uses_mla else GQA
 
 
 class Block(nn.Module):
@@ -33,7 +40,7 @@ class Block(nn.Module):
         c, o = self.config, self.options
         h = constrain(h, ACT)
         x = RMSNorm(c.rms_norm_eps, "embed", o, name="input_layernorm")(h)
-        h = h + MLA(c, o, name="self_attn")(x, cos, sin, layout)
+        h = h + attention_module(c)(c, o, name="self_attn")(x, cos, sin, layout)
         x = RMSNorm(c.rms_norm_eps, "embed", o, name="post_attention_layernorm")(h)
         if self.moe:
             y, stats = MoE(c, o, name="mlp")(x, valid)
@@ -43,7 +50,8 @@ class Block(nn.Module):
 
 
 class CachedBlock(nn.Module):
-    """The same layer (same parameter names as ``Block``) for inference over a latent KV cache.
+    """The same layer (same parameter names as ``Block``) for inference over a KV cache (MLA: the latent;
+    GQA: keys and values).
 
     ``attn``: "full" (prefill: the full MLA path over the prompt; ``layout`` over its T tokens), "absorbed" or
     "naive" (decode over the cache; ``layout``'s keys are the S slots then the T new tokens, see
@@ -64,7 +72,7 @@ class CachedBlock(nn.Module):
         if self.attn == "full":  # a whole prompt: split like training activations (batch; context when long)
             h = constrain(h, ACT)
         x = RMSNorm(c.rms_norm_eps, "embed", o, name="input_layernorm")(h)
-        mla = MLA(c, o, name="self_attn")
+        mla = attention_module(c)(c, o, name="self_attn")
         if self.attn == "full":
             a, c_kv, k_pe = mla.prefill(x, cos, sin, layout)
         else:

@@ -1,4 +1,4 @@
-"""Chat prompts for DeepSeek V3 / R1 (and V2) models, and a multi-turn chat session.
+"""Chat prompts for DeepSeek V3 / R1 (and V2) models and the R1-Distill students, and a multi-turn chat session.
 
 Template styles (what the released ``tokenizer_config.json`` chat templates produce for plain text turns;
 tool calls are not supported):
@@ -93,7 +93,11 @@ def render_with_spans(messages: Sequence[dict], style: str = "v3", add_generatio
 
 
 def default_style(config) -> str:
-    return "v2" if config.model_type == "deepseek_v2" else "v3"
+    """V2's own template, R1's for the dense R1-Distill students (whose released templates open ``<think>``),
+    else V3's."""
+    if config.model_type == "deepseek_v2":
+        return "v2"
+    return "v3" if config.uses_mla else "r1"
 
 
 @dataclasses.dataclass

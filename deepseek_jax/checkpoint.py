@@ -71,6 +71,8 @@ def _layer_templates(c: ModelConfig, moe: bool):
         (("post_attention_layernorm", "scale"), "post_attention_layernorm.weight", (d,), (d,), False),
     ]
     a = "self_attn"
+    if not c.uses_mla:
+        return t + _gqa_templates(c)
     if c.q_lora_rank is None:
         t.append(((a, "q_proj", "kernel"), f"{a}.q_proj.weight", (d, h, qk), (h * qk, d), True))
     else:
@@ -115,6 +117,27 @@ def _layer_templates(c: ModelConfig, moe: bool):
     return t
 
 
+def _gqa_templates(c: ModelConfig):
+    """A dense student's layer (Qwen2 / Llama): q/k/v/o projections (biases per ``config.qkv_bias``) and the
+    dense MLP."""
+    d, h, k, e, i, a = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.attn_head_dim,
+                        c.intermediate_size, "self_attn")
+    t = []
+    for name, heads in (("q_proj", h), ("k_proj", k), ("v_proj", k)):
+        t.append(((a, name, "kernel"), f"{a}.{name}.weight", (d, heads, e), (heads * e, d), True))
+        if c.qkv_bias:
+            t.append(((a, name, "bias"), f"{a}.{name}.bias", (heads, e), (heads * e,), False))
+    t.append(((a, "o_proj", "kernel"), f"{a}.o_proj.weight", (h, e, d), (d, h * e), True))
+    if c.model_type == "llama" and c.attention_bias:
+        t.append(((a, "o_proj", "bias"), f"{a}.o_proj.bias", (d,), (d,), False))
+    t += [
+        (("mlp", "gate_proj", "kernel"), "mlp.gate_proj.weight", (d, i), (i, d), True),
+        (("mlp", "up_proj", "kernel"), "mlp.up_proj.weight", (d, i), (i, d), True),
+        (("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", (i, d), (d, i), True),
+    ]
+    return t
+
+
 def _block_maps(c: ModelConfig, prefix: tuple[str, ...], layers: list[int], moe: bool, stacked: bool):
     out = []
     for path, suffix, shape, hf_shape, transpose in _layer_templates(c, moe):
@@ -140,8 +163,9 @@ def hf_tensor_map(config: ModelConfig) -> list[TensorMap]:
     maps = [
         TensorMap(("embed_tokens", "embedding"), (v, d), (("model.embed_tokens.weight", ()),), (v, d)),
         TensorMap(("norm", "scale"), (d,), (("model.norm.weight", ()),), (d,)),
-        TensorMap(("lm_head", "kernel"), (d, v), (("lm_head.weight", ()),), (v, d), transpose=True),
     ]
+    if not c.tie_word_embeddings:  # a tied head is the embedding (no lm_head.weight in the checkpoint)
+        maps.append(TensorMap(("lm_head", "kernel"), (d, v), (("lm_head.weight", ()),), (v, d), transpose=True))
     for name, start, length in c.layer_runs:
         maps += _block_maps(c, (name,), list(range(start, start + length)), name.startswith("moe"), stacked=True)
     for k in range(c.num_nextn_predict_layers):
@@ -158,8 +182,9 @@ def hf_tensor_map(config: ModelConfig) -> list[TensorMap]:
 
 
 def optional_hf_keys(config: ModelConfig) -> set[str]:
-    """Keys a checkpoint may carry that we do not load: the MTP layers' copies of embedding and head."""
-    keys = set()
+    """Keys a checkpoint may carry that we do not load: the MTP layers' copies of embedding and head, and a
+    tied model's copy of its embedding as ``lm_head.weight``."""
+    keys = {"lm_head.weight"} if config.tie_word_embeddings else set()
     for k in range(config.num_nextn_predict_layers):
         base = f"model.layers.{config.num_hidden_layers + k}."
         keys |= {base + "embed_tokens.weight", base + "shared_head.head.weight"}

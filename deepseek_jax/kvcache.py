@@ -12,6 +12,9 @@ Layout (L layers of one scanned run, B sequences, S slots, R kv_lora_rank, P qk_
 Slot s holds the token at position s of its sequence (prompts are right-padded, so positions are slot
 indices). With ``dtype="fp8"`` values are ``float8_e4m3fn`` with one fp32 scale per token and layer
 (``c_kv_scale``/``k_pe_scale`` ``[..., B, S]``, amax / 448), dequantized on read.
+
+A dense student (GQA, ``gqa.py``) caches its rotated keys and its values instead, ``{"k": [L,B,S,K,E],
+"v": [L,B,S,K,E]}`` per run (K key/value heads of width E; fp8 scales ``[..., B, S, K]``, one per head).
 """
 
 from __future__ import annotations
@@ -35,15 +38,24 @@ def _storage_dtype(dtype: str):
     return FP8 if dtype == "fp8" else jnp.dtype(dtype)
 
 
+def _shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The two cached values per token per layer and their shapes: MLA's latent and rope key, or GQA's k, v."""
+    if config.uses_mla:
+        return {"c_kv": (config.kv_lora_rank,), "k_pe": (config.qk_rope_head_dim,)}
+    heads = (config.num_key_value_heads, config.attn_head_dim)
+    return {"k": heads, "v": heads}
+
+
+def _names(entry: dict) -> tuple[str, str]:
+    return ("c_kv", "k_pe") if "c_kv" in entry else ("k", "v")
+
+
 def _entry(lead: tuple[int, ...], config: ModelConfig, dtype: str) -> dict[str, jax.Array]:
     store = _storage_dtype(dtype)
-    e = {
-        "c_kv": jnp.zeros((*lead, config.kv_lora_rank), store),
-        "k_pe": jnp.zeros((*lead, config.qk_rope_head_dim), store),
-    }
+    e = {name: jnp.zeros((*lead, *shape), store) for name, shape in _shapes(config).items()}
     if dtype == "fp8":
-        e["c_kv_scale"] = jnp.ones(lead, jnp.float32)
-        e["k_pe_scale"] = jnp.ones(lead, jnp.float32)
+        for name, shape in _shapes(config).items():
+            e[name + "_scale"] = jnp.ones((*lead, *shape[:-1]), jnp.float32)
     return e
 
 
@@ -58,13 +70,15 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "floa
 
 
 def cache_bytes_per_token(config: ModelConfig, dtype: str = "bfloat16", mtp: bool = False) -> int:
-    """Bytes one token occupies in the cache: ``(R + P) * layers * itemsize`` (+ fp8 scales).
+    """Bytes one token occupies in the cache: ``(R + P) * layers * itemsize`` (+ fp8 scales); a dense student's
+    ``2 * K * E * layers * itemsize``.
 
     V3 in bf16: 576 * 61 * 2 = 70,272 bytes.
     """
     layers = config.num_hidden_layers + (config.num_nextn_predict_layers if mtp else 0)
     store = _storage_dtype(dtype)
-    per_layer = config.kv_cache_dim * jnp.dtype(store).itemsize + (8 if dtype == "fp8" else 0)
+    scales = 8 if config.uses_mla else 8 * config.num_key_value_heads
+    per_layer = config.kv_cache_dim * jnp.dtype(store).itemsize + (scales if dtype == "fp8" else 0)
     return per_layer * layers
 
 
@@ -82,34 +96,41 @@ def _quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def read(entry: dict[str, jax.Array], dtype) -> tuple[jax.Array, jax.Array]:
-    """``(c_kv, k_pe)`` of a cache entry (any leading dims) in ``dtype``, dequantized if fp8."""
-    if "c_kv_scale" in entry:
-        c = entry["c_kv"].astype(jnp.float32) * entry["c_kv_scale"][..., None]
-        p = entry["k_pe"].astype(jnp.float32) * entry["k_pe_scale"][..., None]
-        return c.astype(dtype), p.astype(dtype)
-    return entry["c_kv"].astype(dtype), entry["k_pe"].astype(dtype)
+    """``(c_kv, k_pe)`` (or GQA's ``(k, v)``) of a cache entry (any leading dims) in ``dtype``, dequantized if
+    fp8."""
+    out = []
+    for name in _names(entry):
+        x = entry[name]
+        if name + "_scale" in entry:
+            x = x.astype(jnp.float32) * entry[name + "_scale"][..., None]
+        out.append(x.astype(dtype))
+    return out[0], out[1]
 
 
 def write(entry: dict[str, jax.Array], c_kv: jax.Array, k_pe: jax.Array, positions: jax.Array) -> dict:
-    """Store new tokens' latents at their positions.
+    """Store new tokens' latents (or GQA's keys and values) at their positions.
 
-    entry leaves ``[*lead, B, S, .]``; c_kv ``[*lead, B, T, R]``, k_pe ``[*lead, B, T, P]``; positions
-    ``[B, T]`` (slots past the end are dropped). One scatter per leaf, in place when the cache is donated.
+    entry leaves ``[*lead, B, S, ...]``; c_kv ``[*lead, B, T, R]``, k_pe ``[*lead, B, T, P]`` (GQA: k, v
+    ``[*lead, B, T, K, E]``); positions ``[B, T]`` (slots past the end are dropped). One scatter per leaf, in
+    place when the cache is donated.
     """
     b, t = positions.shape
     batch_idx = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-    n_lead = entry["c_kv"].ndim - 3
+    first, second = _names(entry)
+    per_token = 1 if first == "c_kv" else 2  # [R] or [K, E]
+    n_lead = entry[first].ndim - 2 - per_token  # dims before [B, S]
     where = (slice(None),) * n_lead + (batch_idx, positions)
 
     def put(dst, src):
         return dst.at[where].set(src.astype(dst.dtype), mode="drop")
 
-    if "c_kv_scale" in entry:
-        qc, sc = _quantize(c_kv)
-        qp, sp = _quantize(k_pe)
-        return {"c_kv": put(entry["c_kv"], qc), "k_pe": put(entry["k_pe"], qp),
-                "c_kv_scale": put(entry["c_kv_scale"], sc), "k_pe_scale": put(entry["k_pe_scale"], sp)}
-    return {"c_kv": put(entry["c_kv"], c_kv), "k_pe": put(entry["k_pe"], k_pe)}
+    out = {}
+    for name, x in ((first, c_kv), (second, k_pe)):
+        if name + "_scale" in entry:
+            x, scale = _quantize(x)
+            out[name + "_scale"] = put(entry[name + "_scale"], scale)
+        out[name] = put(entry[name], x)
+    return out
 
 
 def cache_shardings(cache: Cache, mesh) -> Cache:

@@ -67,9 +67,10 @@ def contract_last(n_in: int, x_ndim: int) -> DimensionNumbers:
 
 
 class Linear(nn.Module):
-    """``y = x @ kernel`` over the last ``n_in`` dims of x; kernel ``[*in_dims, *features]`` (no bias).
+    """``y = x @ kernel (+ bias)`` over the last ``n_in`` dims of x; kernel ``[*in_dims, *features]``.
 
-    ``axes`` names every kernel dim for sharding. ``high_precision`` routes around the matmul recipe and
+    ``axes`` names every kernel dim for sharding; ``use_bias`` adds a ``bias [*features]`` (Qwen2's q/k/v),
+    named like the kernel's output dims and added after the matmul recipe, in its output dtype. ``high_precision`` routes around the matmul recipe and
     returns fp32 (the output head: logits are always fp32).
     """
 
@@ -79,6 +80,7 @@ class Linear(nn.Module):
     n_in: int = 1
     init_std: float = 0.02
     high_precision: bool = False
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -91,21 +93,39 @@ class Linear(nn.Module):
             self.options.params_dtype,
         )
         recipe = MatmulRecipe(self.options.compute_dtype, jnp.float32) if self.high_precision else matmul_recipe(self.options)
-        return recipe.dot_general(x, kernel, contract_last(self.n_in, x.ndim))
+        y = recipe.dot_general(x, kernel, contract_last(self.n_in, x.ndim))
+        if not self.use_bias:
+            return y
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.n_in:]),
+            tuple(self.features),
+            self.options.params_dtype,
+        )
+        return y + bias.astype(y.dtype)
 
 
 class Embed(nn.Module):
+    """The token embedding; ``attend(h)`` uses the same table as the output head (tied embeddings)."""
+
     vocab_size: int
     features: int
     options: ModelOptions
     init_std: float = 0.02
 
-    @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        table = self.param(
+    def setup(self):
+        self.embedding = self.param(
             "embedding",
             nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ("vocab", "embed")),
             (self.vocab_size, self.features),
             self.options.params_dtype,
         )
-        return jnp.take(table, tokens, axis=0).astype(self.options.compute_dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.options.compute_dtype)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """Logits ``h [..., D] @ table.T`` in fp32, outside the matmul recipe (the output head stays in high
+        precision)."""
+        recipe = MatmulRecipe(self.options.compute_dtype, jnp.float32)
+        return recipe.dot_general(h, self.embedding, (((h.ndim - 1,), (1,)), ((), ())))

@@ -1,4 +1,7 @@
-"""The DeepSeek transformer: embed, scanned dense stack, scanned MoE stack, final norm, head, MTP modules."""
+"""The DeepSeek transformer: embed, scanned dense stack, scanned MoE stack, final norm, head, MTP modules.
+
+The dense R1-Distill students (``model_type`` "qwen2" / "llama") are the same module: one dense stack of GQA
+blocks, no MTP, and the head tied to the embedding when ``tie_word_embeddings``."""
 
 from __future__ import annotations
 
@@ -114,7 +117,7 @@ class Transformer(nn.Module):
         if ctx > 1:
             h = permute(h, np.argsort(order))
         h = RMSNorm(c.rms_norm_eps, "embed", o, name="norm")(h)
-        logits = head(h)
+        logits = embed.attend(h) if c.tie_word_embeddings else head(h)
 
         want_mtp = (return_mtp or self.is_initializing()) and c.num_nextn_predict_layers > 0
         if not (want_mtp or return_router_stats or return_hidden):

@@ -5,6 +5,9 @@ we rotate those pairs in place (no weight permutation, as in the official infere
 de-interleaves at run time instead; attention scores are identical either way, only the layout of cached
 rope keys differs by a fixed permutation. A V3 config with ``rope_interleave: false`` pairs the two halves
 ``(x_i, x_{i+d/2})`` instead, as transformers' ``rotate_half`` does for such checkpoints.
+
+The dense R1-Distill students rotate the halves of each whole head, with plain frequencies (Qwen2) or Llama 3.1's
+``llama3`` scaling (long wavelengths divided by ``factor``, a smooth blend between, short ones kept).
 """
 
 from __future__ import annotations
@@ -23,15 +26,31 @@ def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_pos: i
     return dim * math.log(max_pos / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
 
+def _llama3_inv_freq(inv_freq: np.ndarray, rs) -> np.ndarray:
+    """Llama 3.1's scaling: a wavelength longer than ``original / low_freq_factor`` is divided by ``factor``,
+    one shorter than ``original / high_freq_factor`` is kept, and those between blend the two by
+    ``smooth = (original / wavelength - low) / (high - low)``."""
+    orig, factor = np.float32(rs.original_max_position_embeddings), np.float32(rs.factor)
+    low, high = np.float32(rs.low_freq_factor), np.float32(rs.high_freq_factor)
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+    smooth = (orig / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies ``[qk_rope_head_dim // 2]`` (float32), YaRN-blended when ``rope_scaling`` is set."""
-    dim = config.qk_rope_head_dim
+    """Inverse frequencies ``[config.rope_dim // 2]`` (float32), YaRN- or llama3-scaled by ``rope_scaling``."""
+    dim = config.rope_dim
     base = np.float32(config.rope_theta)
     pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
     extrapolation = (np.float32(1.0) / pos_freqs).astype(np.float32)
     rs = config.rope_scaling
     if rs is None:
         return extrapolation
+    if rs.type == "llama3":
+        return _llama3_inv_freq(extrapolation, rs)
     interpolation = (np.float32(1.0) / (np.float32(rs.factor) * pos_freqs)).astype(np.float32)
     orig = rs.original_max_position_embeddings
     low = _yarn_correction_dim(rs.beta_fast, dim, config.rope_theta, orig)
@@ -51,7 +70,7 @@ def rope_attention_factor(config: ModelConfig) -> float:
     """YaRN's cos/sin multiplier (1.0 when off): ``attention_factor`` when config.json gives it, else
     ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are given, else ``mscale(factor)``."""
     rs = config.rope_scaling
-    if rs is None:
+    if rs is None or rs.type == "llama3":
         return 1.0
     if rs.attention_factor is not None:
         return float(rs.attention_factor)
@@ -61,7 +80,7 @@ def rope_attention_factor(config: ModelConfig) -> float:
 
 
 def rope_cos_sin(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape ``[*positions.shape, qk_rope_head_dim // 2]`` in fp32."""
+    """cos, sin of shape ``[*positions.shape, config.rope_dim // 2]`` in fp32."""
     inv_freq = jnp.asarray(rope_inv_freq(config))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     factor = rope_attention_factor(config)

@@ -46,6 +46,7 @@ def logical_rules(fsdp_over_data: bool = False) -> tuple[tuple[str, Any], ...]:
         ("embed", fsdp),
         ("vocab", ("tensor",) + fsdp),
         ("heads", "tensor"),
+        ("kv_heads", "tensor"),  # a dense student's key/value heads (GQA)
         ("mlp", ("tensor",) + fsdp),
         ("moe_mlp", "tensor"),
         ("q_lora", fsdp),

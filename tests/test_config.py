@@ -85,8 +85,8 @@ def test_bad_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match=r"config.json: field 'n_group' = 7"):
         ModelConfig.from_pretrained(tmp_path)
-    d["model_type"] = "llama"
-    with pytest.raises(ConfigError, match="unsupported architecture model_type='llama'"):
+    d["model_type"] = "mistral"
+    with pytest.raises(ConfigError, match="unsupported architecture model_type='mistral'"):
         ModelConfig.from_hf_dict(d)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):

@@ -169,9 +169,9 @@ def test_pickle_nested_dict_is_not_a_state_dict(base, tmp_path, capsys):
 
 def test_unsupported_architecture(src, tmp_path, capsys):
     cfg = json.load(open(os.path.join(src, "config.json")))
-    cfg["model_type"], cfg["architectures"] = "llama", ["LlamaForCausalLM"]
+    cfg["model_type"], cfg["architectures"] = "mistral", ["MistralForCausalLM"]
     json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
-    expect_error(src, tmp_path, capsys, "config.json", "unsupported architecture", "llama")
+    expect_error(src, tmp_path, capsys, "config.json", "unsupported architecture", "mistral")
 
 
 def test_ctrl_c_leaves_nothing(src, tmp_path, capsys, monkeypatch):
