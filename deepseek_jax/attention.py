@@ -234,7 +234,8 @@ def splash_attention(q, k, v, q_segment, k_segment, scale: float, block: int = D
     by the Pallas TPU splash kernel (``jax.experimental.pallas.ops.tpu.splash_attention``, forward and backward
     kernels): the same values as ``naive_attention`` on that layout.
 
-    q ``[B,T,H,Dk]``, k ``[B,T,Hk,Dk]`` (Hk = H, or 1: the kernel's MQA form), v ``[B,T,Hk,Dv]``; segments
+    q ``[B,T,H,Dk]``, k ``[B,T,Hk,Dk]`` (Hk = 1: the kernel's MQA form; grouped heads, 1 < Hk < H, are repeated to
+    the H query heads), v ``[B,T,Hk,Dv]``; segments
     ``[B,T]``. The block is rounded up to a multiple of 128; the rows are padded to a multiple of it with segment 0, head dims to a multiple of 128
     with zeros (which change no score). Splash lets segment 0 (padding) attend to itself; those rows are zeroed
     after, as the other cores give. Under a mesh the kernel runs per device (``jax.shard_map``) on its batch and
@@ -244,6 +245,8 @@ def splash_attention(q, k, v, q_segment, k_segment, scale: float, block: int = D
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, t, h, dk = q.shape
+    if 1 < k.shape[2] < h:
+        k, v = (jnp.repeat(x, h // k.shape[2], axis=2) for x in (k, v))
     hk, dv = k.shape[2], v.shape[-1]
     if k.shape[1] != t:
         raise ValueError(f"splash attention is a row's self-attention: {t} queries but {k.shape[1]} keys")
@@ -296,14 +299,14 @@ def attention(q, k, v, layout: Layout, scale: float, impl: str = "auto", block: 
               platform: str = "cpu", self_attention: bool = False) -> jax.Array:
     """The attention core: ``impl`` "naive", "blockwise", "splash", or "auto": for queries or keys spanning more
     than one block, splash on TPU when ``self_attention`` (the layout is a row's own tokens at places 0..T-1,
-    as in training and prefill) and the key heads allow it, blockwise otherwise; naive within one block.
+    as in training and prefill), blockwise otherwise; naive within one block.
     On CPU low-precision inputs are computed in fp32 (XLA:CPU has no bf16 x bf16 -> fp32 dot for some of these
     shapes, and no fast bf16 one), the output cast back."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r}: expected one of {ATTENTION_IMPLS}")
     dtype = v.dtype
     long = max(q.shape[1], k.shape[1]) > block
-    if impl == "auto" and long and platform == "tpu" and self_attention and k.shape[2] in (1, q.shape[2]):
+    if impl == "auto" and long and platform == "tpu" and self_attention:
         impl = "splash"
     if impl == "splash":
         if not self_attention:

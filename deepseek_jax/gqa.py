@@ -42,10 +42,10 @@ class GQA(nn.Module):
         k = apply_rope(self.k_proj(x), cos, sin, interleave=False)
         return q, k, self.v_proj(x)
 
-    def _attend(self, q, k, v, layout: Layout) -> jax.Array:
+    def _attend(self, q, k, v, layout: Layout, self_attention: bool = False) -> jax.Array:
         o = self.options
         out = attention(q, k, v, layout, self.config.softmax_scale, o.attention, o.attention_block,
-                        o.target_platform())
+                        o.target_platform(), self_attention)
         return self.o_proj(out)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: Layout) -> jax.Array:
@@ -60,7 +60,7 @@ class GQA(nn.Module):
         """
         q, k, v = self.project(x, cos, sin)
         if context_size(x.shape[1]) == 1:
-            return self._attend(q, k, v, layout), k, v
+            return self._attend(q, k, v, layout, self_attention=True), k, v
         g = q.shape[2] // k.shape[2]
         k_all, v_all = (gather_latent(jnp.repeat(a, g, axis=2)) for a in (k, v))
         keys = Layout(layout.q_index, layout.q_segment, gather_latent(layout.k_index), gather_latent(layout.k_segment))

@@ -132,7 +132,7 @@ def test_model_gradient_memory_is_linear_in_length_with_blockwise_attention():
     assert large / small < 2.5, (small, large)
 
 
-@pytest.mark.parametrize("hk", [4, 1])
+@pytest.mark.parametrize("hk", [2, 1])
 def test_splash_kernel_equals_naive_in_values_and_gradients(hk):
     """The TPU splash kernel (run by Pallas' interpreter here) on a row's self-attention: packed documents,
     padding at both ends, a fully padded row, a length that is not a multiple of the block, head dims padded
