@@ -1,5 +1,6 @@
-"""Attention cores for MLA's shapes: the naive reference and blockwise (online-softmax) attention with its own
-backward pass, so memory is O(T x block), not O(T^2).
+"""Attention cores for MLA's shapes: the naive reference, blockwise (online-softmax) attention with its own
+backward pass, so memory is O(T x block), not O(T^2), and the Pallas TPU splash kernel for a row's causal
+self-attention (``splash_attention``).
 
 Shapes: B batch, T queries, S keys, H query heads, Hk key/value heads (H for the full MLA path; 1 for the
 absorbed path, whose single "head" is the shared latent), Dk q/k head dim (nope + rope), Dv value head dim.

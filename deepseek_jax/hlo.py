@@ -10,7 +10,8 @@ Bytes are the collective's result per device: the gathered array of an all-gathe
 all-reduce, the scattered shard of a reduce-scatter. An asynchronous ``*-start`` op returns a tuple that also
 holds its operands (and u32 context words for a collective-permute); only its results are counted, and its
 ``*-done`` is not counted again. ``/*index=N*/`` comments inside long tuple shapes are dropped first: their ``=``
-would otherwise look like an assignment.
+would otherwise look like an assignment. An instruction's attributes may span lines (a Pallas kernel's backend
+config holds newlines); only a line that is ``}`` alone ends a computation.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _OPCODE = re.compile(r"(?:^|[\s)}])([a-z][a-z0-9\-]*)\(")
 _CALLEES = re.compile(r"\b(calls|to_apply|body|condition)=%?([\w.\-]+)")
 _CALLEE_LISTS = re.compile(r"\b(branch_computations|called_computations)=\{([^}]*)\}")
+_END = re.compile(r"^\}\s*(?:,\s*execution_thread=\S+)?\s*$")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
 
 
@@ -99,8 +101,12 @@ def parse_computations(hlo_text: str) -> tuple[dict[str, list[_Instruction]], st
                 comps[current] = []
                 if line.startswith("ENTRY"):
                     entry = current
-            elif line.startswith("}"):
+            elif _END.match(line):
                 current = None
+            elif current is not None and comps[current]:
+                # A continuation of the previous instruction: a string attribute with newlines in it (a Pallas
+                # kernel's backend config), whose lines may start with "}" without ending the computation.
+                comps[current][-1].rest += " " + line
             continue
         if current is None:
             continue

@@ -135,3 +135,19 @@ def test_nested_loops_async_pairs_and_index_comments():
 def test_no_entry_is_an_error():
     with pytest.raises(ValueError, match="no ENTRY"):
         count_collectives("%f (x: f32[]) -> f32[] {\n  ROOT %x = f32[] parameter(0)\n}\n")
+
+
+def test_a_kernel_config_spanning_lines_does_not_end_the_computation():
+    """A Pallas kernel's custom call carries a backend config with newlines; lines of it start with "}". The
+    loop body's all-gather after the kernel still counts, 12 times."""
+    kernel = (
+        '  %k = f32[4,8]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", '
+        'backend_config={"custom_call_config": {"body": "abc", \n'
+        '"xprof_metadata":"{\\"block_q\\": 512, \\"block_kv\\": 512}"\n'
+        '}}, metadata={op_name="splash"}\n'
+    )
+    text = LOOP.replace("  %slice = f32[4,2]{1,0} slice(%x)", kernel + "  %slice = f32[4,2]{1,0} slice(%k)")
+    assert "\n}}, metadata" in text
+    got = count_collectives(text)
+    assert got["all-gather"].count == 12 and got["all-gather"].bytes == 12 * 4 * 8 * 4
+    assert got["all-reduce"].count == 12
