@@ -63,11 +63,11 @@ def _vary(x: jax.Array, axes: set) -> jax.Array:
 
 
 def _take_rows(x: jax.Array, order: jax.Array, valid: jax.Array) -> jax.Array:
-    """``x[order]`` with invalid positions reading an appended zero row (gathers only: XLA:CPU scatters are
-    serial)."""
+    """``x[order]`` with invalid positions (and any ``order`` outside ``x``) reading zeros: one gather that fills
+    out-of-range rows, so no padded copy of ``x`` is made (for the MoE's received rows, the largest activation
+    of a step); its transpose is a scatter-add."""
     n = x.shape[0]
-    padded = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
-    return padded[jnp.where(valid & (order < n) & (order >= 0), order, n)]
+    return jnp.take(x, jnp.where(valid & (order >= 0), order, n), axis=0, mode="fill", fill_value=0)
 
 
 def grouped_swiglu(recipe, x, order, group_sizes, wg, wu, wd, impl: str = "blocked", block_size=None):
