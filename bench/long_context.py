@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,7 +66,8 @@ def grad_case(config, params, t: int, attention: str):
 
 def part1(lengths):
     config = dsj.presets["tiny-v3"].replace(num_nextn_predict_layers=0, max_position_embeddings=65536)
-    params = dsj.Transformer(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    boxed = dsj.Transformer(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    params = nn.meta.unbox(boxed)
     print("tiny-v3, 1 sequence, fp32; GB = compiled arguments + outputs + temporaries")
     print(f"{'step':9s} {'tokens':>7s} {'core':28s} {'GB':>8s} {'tokens/s':>10s}")
     for t in lengths:

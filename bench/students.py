@@ -20,25 +20,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-import deepseek_jax as dsj
-from deepseek_jax.checkpoint import hf_tensor_map, set_leaf
-
-
-def _best(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+sys.path.insert(0, os.path.dirname(__file__))
+import deepseek_jax as dsj  # noqa: E402
+from deepseek_jax.checkpoint import hf_tensor_map, set_leaf  # noqa: E402
+from generate import _best  # noqa: E402
 
 
 def build(layers: int, seed: int = 0):
