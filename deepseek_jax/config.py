@@ -14,6 +14,7 @@ from typing import Any, Iterator, Optional
 
 ROUTER_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
+DENSE_ONLY_FIELDS = ("head_dim", "mlp_bias", "use_sliding_window")  # Qwen2 / Llama fields, not in DeepSeek's
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 # The R1-Distill students: dense decoders with grouped-query attention (REFERENCE.md section 6).
 DENSE_MODEL_TYPES = ("qwen2", "llama")
@@ -238,8 +239,8 @@ class ModelConfig:
             kwargs.setdefault("topk_method", "greedy")
             kwargs.setdefault("norm_topk_prob", False)
         if model_type in MLA_MODEL_TYPES:
-            for key in ("head_dim", "mlp_bias", "use_sliding_window"):  # transformers' V3 config sets head_dim to
-                kwargs.pop(key, None)  # the rope part; these fields belong to the dense students only
+            for key in DENSE_ONLY_FIELDS:  # transformers' V3 config sets head_dim to the rope part; these
+                kwargs.pop(key, None)  # fields belong to the dense students only
         if model_type in DENSE_MODEL_TYPES:
             # A dense student: every layer a dense MLP, no MTP; rope pairs the two halves of each head
             # (transformers' rotate_half), which is how these checkpoints were trained.
@@ -293,6 +294,8 @@ class ModelConfig:
         )
         if not self.uses_mla:
             return self._dense_hf_dict()
+        for name in DENSE_ONLY_FIELDS:  # transformers' DeepSeek configs set their own head_dim (a null would win)
+            d.pop(name)
         d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
         d["num_mtp_layers"] = self.num_nextn_predict_layers
         return d

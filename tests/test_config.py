@@ -96,3 +96,15 @@ def test_bad_config_json(tmp_path):
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(KeyError, match="deepseek-v2-lite"):
         dsj.presets["deepseek-v9"]
+
+
+@pytest.mark.parametrize("preset", ["tiny-v3", "tiny-v2"])
+def test_deepseek_config_json_leaves_the_students_fields_to_transformers(preset):
+    """The dense students' fields (head_dim, mlp_bias, use_sliding_window) stay out of a DeepSeek config.json:
+    transformers' DeepSeek configs set head_dim to the rope part themselves, and a written null would win."""
+    from transformers import AutoConfig
+
+    d = dsj.presets[preset].to_hf_dict()
+    assert not set(d) & {"head_dim", "mlp_bias", "use_sliding_window"}
+    hf = AutoConfig.for_model(**{k: v for k, v in d.items() if k != "model_type"}, model_type=d["model_type"])
+    assert hf.head_dim == dsj.presets[preset].qk_rope_head_dim
