@@ -236,9 +236,9 @@ def splash_attention(q, k, v, q_segment, k_segment, scale: float, block: int = D
     kernels): the same values as ``naive_attention`` on that layout.
 
     q ``[B,T,H,Dk]``, k ``[B,T,Hk,Dk]`` (Hk = 1: the kernel's MQA form; grouped heads, 1 < Hk < H, are repeated to
-    the H query heads), v ``[B,T,Hk,Dv]``; segments
-    ``[B,T]``. The block is rounded up to a multiple of 128; the rows are padded to a multiple of it with segment 0, head dims to a multiple of 128
-    with zeros (which change no score). Splash lets segment 0 (padding) attend to itself; those rows are zeroed
+    the H query heads), v ``[B,T,Hk,Dv]``; segments ``[B,T]``. The block is rounded up to a multiple of 128; the
+    rows are padded to a multiple of it with segment 0, head dims to a multiple of 128 with zeros (which change no
+    score). Splash lets segment 0 (padding) attend to itself; those rows are zeroed
     after, as the other cores give. Under a mesh the kernel runs per device (``jax.shard_map``) on its batch and
     head shards. ``interpret`` runs Pallas' interpreter (any backend; slow: for tests).
     """
