@@ -17,7 +17,9 @@ slot of a sequence on one device (replicated over ``context`` and ``tensor``), s
 Fits: ``weights + sequences_per_device x context x cache_bytes_per_token <= (1 - reserve) x device memory``;
 ``reserve`` holds back room for the step's temporaries and code, which only compiling the step measures (the
 decode / prefill steps of ``deepseek-jax plan``). Prefill holds the same weights and writes the same cache as
-decode; its activations (one layer at a time) are among those temporaries.
+decode; its activations (one layer at a time) are among those temporaries. The default reserve, 15%, is what the
+TPU compiler measured for V3's decode step on v5p:4x4x4 (``fsdp=4,expert=16``, 32k context: temporaries 14-15 GB
+of 102.8); with it the hand figure (1,792 sequences) equals the largest batch that compiles (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ CHIP_MEMORY = {
     "v6e": 32 * 2**30,
 }
 DEFAULT_CONTEXTS = (4096, 8192, 32768, 131072)
+DEFAULT_RESERVE = 0.15
 
 
 class _MeshShape:
@@ -168,7 +171,7 @@ class InferenceCapacity:
 
 
 def inference_capacity(config: ModelConfig, mesh_sizes: dict[str, int], device_memory: int, *,
-                       weight_dtype: str = "bfloat16", cache_dtype: str = "bfloat16", reserve: float = 0.1,
+                       weight_dtype: str = "bfloat16", cache_dtype: str = "bfloat16", reserve: float = DEFAULT_RESERVE,
                        contexts: Sequence[int] = DEFAULT_CONTEXTS, fsdp_over_data: bool = False) -> InferenceCapacity:
     """Weights and cache per device on a mesh of ``mesh_sizes`` with ``device_memory`` bytes per device, and the
     largest batch for each context length (see the module docstring for the formula)."""

@@ -433,12 +433,13 @@ def _run(args) -> int:
 
 
 def _capacity(config, args, mesh_sizes: dict, memory: int):
-    from .capacity import DEFAULT_CONTEXTS, inference_capacity
+    from .capacity import DEFAULT_CONTEXTS, DEFAULT_RESERVE, inference_capacity
 
     contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else DEFAULT_CONTEXTS
     cache = args.cache_dtype or args.infer_dtype
     return inference_capacity(config, mesh_sizes, memory, weight_dtype=args.weight_dtype or args.infer_dtype,
-                              cache_dtype=cache, reserve=args.reserve, contexts=contexts,
+                              cache_dtype=cache, reserve=DEFAULT_RESERVE if args.reserve is None else args.reserve,
+                              contexts=contexts,
                               fsdp_over_data=args.fsdp_over_data)
 
 
@@ -522,6 +523,7 @@ def register(sub) -> None:
                         "stores them and load_pretrained(..., dtype='fp8') keeps them; default --infer-dtype)")
     p.add_argument("--contexts", default=None, help="capacity: context lengths, comma-separated "
                                                      "(default 4096,8192,32768,131072)")
-    p.add_argument("--reserve", type=float, default=0.1,
-                   help="capacity: fraction of device memory kept for the step's temporaries (default 0.1)")
+    p.add_argument("--reserve", type=float, default=None,
+                   help="capacity: fraction of device memory kept for the step's temporaries (default 0.15, "
+                        "measured for V3 decode on v5p)")
     p.set_defaults(func=_run)
