@@ -19,6 +19,11 @@ device sends at most ``ceil(c * rows / EP)`` rows to each peer; within its sorte
 then by token), the rows past that capacity are dropped: they contribute nothing (their routing weight is not
 renormalized) and are counted in the returned ``dropped``.
 
+The worst-case receive buffer of one exchange is EP x (a device's rows). ``exchange_rows`` bounds it: a device's
+tokens then go through steps 1-6 in equal chunks, one after another under ``lax.scan``, each chunk under
+``jax.checkpoint`` (its buffers are recomputed in the backward rather than kept for every chunk). Dropless
+stays dropless: the worst case is per chunk.
+
 When the tokens cannot be split over ``expert`` (a decode step with fewer sequences than devices), every device
 of an expert group holds the same tokens: each runs only the rows routed to its own experts and a ``psum``
 over ``expert`` adds the groups' outputs: no all-to-all, and still each expert weight stays on its device.
@@ -139,6 +144,33 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
     return combine(y_sorted[rank], weights), dropped, from_peer.sum()
 
 
+def exchange_chunks(tokens: int, k: int, ep: int, exchange_rows: Optional[int]) -> int:
+    """How many equal chunks a device's ``tokens`` go through the all-to-all in: the fewest (dividing
+    ``tokens``) whose worst-case receive buffer, ``ep * k * tokens / chunks`` rows, stays within
+    ``exchange_rows`` (as close as a divisor allows; one row per chunk at most)."""
+    if exchange_rows is None or ep * k * tokens <= exchange_rows:
+        return 1
+    need = math.ceil(ep * k * tokens / exchange_rows)
+    return next(c for c in range(need, tokens + 1) if tokens % c == 0)
+
+
+def _in_chunks(body, chunks: int):
+    """``body`` (one device's exchange of its tokens) run over ``chunks`` equal slices of the tokens in turn."""
+    step = jax.checkpoint(body)
+
+    def run(x, weights, idx, wg, wu, wd):
+        n = x.shape[0]
+
+        def one(_, part):
+            return None, step(*part, wg, wu, wd)
+
+        parts = tuple(a.reshape(chunks, n // chunks, *a.shape[1:]) for a in (x, weights, idx))
+        _, (y, dropped, rows) = jax.lax.scan(one, None, parts)
+        return y.reshape(n, -1), dropped.sum(), rows.sum()
+
+    return run
+
+
 def _cap_per_expert(per_expert: jax.Array, capacity: int) -> jax.Array:
     """Rows sent per (peer, local expert) when each peer takes at most ``capacity``: the peer's rows in expert
     order, the tail past the capacity dropped."""
@@ -164,14 +196,15 @@ def _replicated_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, t
 def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token_axes: tuple,
                              expert_axis: Optional[str], tensor_axis: Optional[str], impl: str,
                              block_size: Optional[int] = None, capacity_factor: Optional[float] = None,
-                             ragged: bool = False, return_rows: bool = False):
+                             exchange_rows: Optional[int] = None, ragged: bool = False, return_rows: bool = False):
     """The routed experts of the tokens x ``[N, D]`` (weights / idx ``[N, K]``), one device's share each, under
     ``jax.shard_map`` over ``mesh``.
 
     ``token_axes``: the mesh axes N is split over, in order (as the activations are: the batch axes that divide
     the sequences, then the context axis). ``expert_axis`` splits the expert stacks (``[E, D, I]`` / ``[E, I, D]``),
     ``tensor_axis`` their width. With ``expert_axis`` among the token axes, rows travel by all-to-all
-    (``ragged`` selects ``ragged_all_to_all``); otherwise tokens are replicated over it and a ``psum`` combines.
+    (``ragged`` selects ``ragged_all_to_all``), in chunks whose receive buffer stays within ``exchange_rows``;
+    otherwise tokens are replicated over it and a ``psum`` combines.
     Returns the combined output ``[N, D]`` (fp32) and the number of rows dropped over the whole batch (0 unless
     ``capacity_factor``); with ``return_rows`` also the real rows each device's grouped GEMM processed (padding
     excluded), one entry per device in mesh order.
@@ -191,10 +224,15 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
     w_in = P(expert, None, tensor)
     w_out = P(expert, tensor, None)
     if expert is not None and expert in split:
-        capacity = rows_per_device if capacity_factor is None else max(
-            1, min(rows_per_device, math.ceil(capacity_factor * rows_per_device / ep)))
+        k = idx.shape[1]
+        chunks = exchange_chunks(rows_per_device // k, k, ep, exchange_rows)
+        rows_per_chunk = rows_per_device // chunks
+        capacity = rows_per_chunk if capacity_factor is None else max(
+            1, min(rows_per_chunk, math.ceil(capacity_factor * rows_per_chunk / ep)))
         body = partial(_ep_body, recipe, expert_axis=expert, tensor_axis=tensor, n_experts=e, impl=impl,
                        block_size=block_size, capacity=capacity, ragged=ragged)
+        if chunks > 1:
+            body = _in_chunks(body, chunks)
     elif expert is not None:
         body = partial(_replicated_body, recipe, expert_axis=expert, tensor_axis=tensor, n_experts=e, impl=impl,
                        block_size=block_size)

@@ -162,7 +162,7 @@ class Experts(nn.Module):
             recipe, x, weights, idx, wg, wu, wd, mesh=mesh, token_axes=split,
             expert_axis=expert_axes[0] if expert_axes else None, tensor_axis=tensor_axes[0] if tensor_axes else None,
             impl=impl, block_size=o.moe_block_size, capacity_factor=o.capacity_factor,
-            ragged=o.target_platform() in ("tpu", "gpu"))
+            exchange_rows=o.moe_exchange_rows, ragged=o.target_platform() in ("tpu", "gpu"))
 
 
 class MoE(nn.Module):

@@ -35,6 +35,11 @@ class ModelOptions:
     capacity_factor: None (dropless, the default) or c > 0: under expert parallelism each device sends at most
         ``ceil(c * rows / EP)`` rows to each peer and drops the rest (``expert_parallel``), counted in the router
         statistics' ``dropped``.
+    moe_exchange_rows: under expert parallelism, the most rows one all-to-all exchange may have to receive on a
+        device (its worst-case buffer, ``EP x rows sent per device``). A device's tokens are exchanged in as few
+        equal chunks as keep under it, one after another, each rematerialized in the backward, so the MoE's
+        dispatch buffers follow the chunk, not the batch (at 64 x 4096 tokens of V3 on ``expert=8`` a single
+        exchange would receive up to 262,144 rows, 3.5 GiB per buffer). None: one exchange.
     platform: the backend the step is compiled for ("cpu", "gpu", "tpu"); None: JAX's default backend.
         ``deepseek-jax plan`` sets it when it compiles for a TPU topology from another machine.
     matmul: the recipe behind the one dot_general hook ("default" or "fp8").
@@ -53,6 +58,7 @@ class ModelOptions:
     moe_dispatch: str = "auto"
     moe_block_size: Optional[int] = None
     capacity_factor: Optional[float] = None
+    moe_exchange_rows: Optional[int] = 65536
     platform: Optional[str] = None
     matmul: str = "default"
     attention: str = "auto"
@@ -76,6 +82,8 @@ class ModelOptions:
             raise ValueError(f"ModelOptions.moe_block_size = {self.moe_block_size}: expected >= 1")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"ModelOptions.capacity_factor = {self.capacity_factor}: expected None or > 0")
+        if self.moe_exchange_rows is not None and self.moe_exchange_rows < 1:
+            raise ValueError(f"ModelOptions.moe_exchange_rows = {self.moe_exchange_rows}: expected None or >= 1")
         if self.platform not in PLATFORMS:
             raise ValueError(f"ModelOptions.platform = {self.platform!r}: expected one of {PLATFORMS}")
 

@@ -47,11 +47,13 @@ for spec in ["expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2"]:
     args = (put(x, tok), put(w, tok), put(wg, P("expert", "fsdp", "tensor")), put(wu, P("expert", "fsdp", "tensor")),
             put(wd, P("expert", "tensor", "fsdp")))
     res = {}
-    for impl in ["blocked", "gather"]:
-        def ep(x, w, wg, wu, wd, impl=impl):
+    # "chunked": each device's 6 tokens go through the exchange in 2 or 3 chunks (receive buffer <= 64 rows).
+    for impl, rows_cap in [("blocked", None), ("gather", None), ("chunked", 64)]:
+        def ep(x, w, wg, wu, wd, impl=impl, rows_cap=rows_cap):
             return expert_parallel_dispatch(recipe, x, w, put(idx, tok), wg, wu, wd, mesh=mesh,
                                             token_axes=split(mesh, B), expert_axis="expert",
-                                            tensor_axis="tensor", impl=impl, block_size=4)[0]
+                                            tensor_axis="tensor", impl="blocked" if impl == "chunked" else impl,
+                                            block_size=4, exchange_rows=rows_cap)[0]
         with jax.set_mesh(mesh):
             y = np.asarray(jax.jit(ep)(*args))
             g = jax.jit(jax.grad(lambda *a: (ep(*a) * cot).sum(), argnums=(0, 1, 2, 3, 4)))(*args)
@@ -72,24 +74,26 @@ out["balanced_rows"] = np.asarray(rows).tolist()
 
 # Capacity factor 0.5 on expert=8: per (source device, destination device) only the first
 # ceil(0.5 * rows / 8) rows in (expert, token) order are sent; the rest contribute nothing and are counted.
+# With exchange_rows=96 each device's 6 tokens go in 2 chunks of 3, and the rule applies per chunk.
 cf = 0.5
-with jax.set_mesh(mesh):
-    y_cf, dropped = jax.jit(lambda x, w: expert_parallel_dispatch(
-        recipe, x, w, idx, wg, wu, wd, mesh=mesh, token_axes=split(mesh, B),
-        expert_axis="expert", tensor_axis="tensor", impl="blocked", capacity_factor=cf))(x, w)
-n_loc, e_loc = B * T // 8, E // 8
-cap = math.ceil(cf * n_loc * K / 8)
-keep = np.zeros((B * T, K), bool)
 idx_np = np.asarray(idx)
-for dev in range(8):
-    toks = range(dev * n_loc, (dev + 1) * n_loc)
-    for peer in range(8):
-        rows_ = sorted((idx_np[t, j], t, j) for t in toks for j in range(K) if idx_np[t, j] // e_loc == peer)
-        for e_, t, j in rows_[:cap]:
-            keep[t, j] = True
-expect = dispatch_local(recipe, x, jnp.where(jnp.asarray(keep), w, 0.0), idx, wg, wu, wd, "dense")
-out["capacity"] = {"dropped": int(dropped), "expected_dropped": int((~keep).sum()),
-                   "diff": float(np.abs(np.asarray(y_cf) - np.asarray(expect)).max())}
+for name, chunk_tokens, rows_cap in [("capacity", 6, None), ("capacity_chunked", 3, 96)]:
+    with jax.set_mesh(mesh):
+        y_cf, dropped = jax.jit(lambda x, w: expert_parallel_dispatch(
+            recipe, x, w, idx, wg, wu, wd, mesh=mesh, token_axes=split(mesh, B), expert_axis="expert",
+            tensor_axis="tensor", impl="blocked", capacity_factor=cf, exchange_rows=rows_cap))(x, w)
+    e_loc = E // 8
+    cap = math.ceil(cf * chunk_tokens * K / 8)
+    keep = np.zeros((B * T, K), bool)
+    for start in range(0, B * T, chunk_tokens):
+        toks = range(start, start + chunk_tokens)
+        for peer in range(8):
+            rows_ = sorted((idx_np[t, j], t, j) for t in toks for j in range(K) if idx_np[t, j] // e_loc == peer)
+            for e_, t, j in rows_[:cap]:
+                keep[t, j] = True
+    expect = dispatch_local(recipe, x, jnp.where(jnp.asarray(keep), w, 0.0), idx, wg, wu, wd, "dense")
+    out[name] = {"dropped": int(dropped), "expected_dropped": int((~keep).sum()),
+                 "diff": float(np.abs(np.asarray(y_cf) - np.asarray(expect)).max())}
 
 # Small-batch decode: one sequence of one token on expert=8 (tokens replicated over the expert axis: each
 # device runs its own experts' rows, a psum combines): gather == blocked == the single-device reference.
@@ -134,11 +138,22 @@ def test_balanced_routing_splits_the_rows_evenly(results):
     assert rows == [8 * 6 * 4 // 8] * 8
 
 
-def test_capacity_factor_drops_exactly_the_rule_s_rows(results):
-    r = results["capacity"]
+@pytest.mark.parametrize("name", ["capacity", "capacity_chunked"])
+def test_capacity_factor_drops_exactly_the_rule_s_rows(results, name):
+    r = results[name]
     assert r["expected_dropped"] > 0
     assert r["dropped"] == r["expected_dropped"]
     assert r["diff"] < 1e-5
+
+
+def test_exchange_chunks_bound_the_receive_buffer():
+    from deepseek_jax.expert_parallel import exchange_chunks
+    # V3 at 64 x 4096 on fsdp=8,expert=8: 4096 tokens x top-8 per device, 8 peers: 262,144 rows -> 4 chunks.
+    assert exchange_chunks(4096, 8, 8, 65536) == 4
+    assert exchange_chunks(4096, 8, 8, None) == 1
+    assert exchange_chunks(6, 4, 8, 64) == 3 and exchange_chunks(6, 4, 4, 64) == 2
+    assert exchange_chunks(7, 4, 8, 64) == 7  # 7 tokens: no divisor between 4 and 7
+    assert exchange_chunks(6, 4, 8, 1000) == 1
 
 
 def test_small_batch_decode_equals_the_blocked_path(results):
