@@ -64,11 +64,24 @@ def load_converted(path: str | os.PathLike, dtype=None, mesh=None, shardings=Non
             return np.dtype(np.float32)
         return np.dtype(jnp.dtype(dtype))
 
+    def fp8_leaf_shardings(p):  # kept: both on 128-block edges; dequantized: the weight as any kernel, scales whole
+        from deepseek_jax.fp8_weights import fp8_shardings
+        from deepseek_jax.sharded_load import _split_point
+
+        tm, sh = maps[p], flat_sh[p]
+        if keep_fp8:
+            n_in = _split_point(tm)
+            return fp8_shardings(sh, tuple(flat_meta[p].shape), n_in, len(tm.item_shape) - n_in)
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else sh
+        return sh, rep
+
     targets: dict = {}
     for p, m in flat_meta.items():
         sh = flat_sh[p]
-        if p[-1].endswith(SCALE_SUFFIX):  # small: replicate alongside whatever shards the weight
-            sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else sh
+        if p in fp8_paths:
+            sh = fp8_leaf_shardings(p)[0]
+        elif p[-1].endswith(SCALE_SUFFIX):
+            sh = fp8_leaf_shardings(p[:-1] + (p[-1][: -len(SCALE_SUFFIX)],))[1]
         set_leaf(targets, p, jax.ShapeDtypeStruct(tuple(m.shape), target_dtype(p, m), sharding=sh))
     params = restore(params_dir, targets)
     out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.bfloat16

@@ -4,8 +4,8 @@ on each device of a mesh, and the largest batch x context that fits a chip's mem
 Weights: every leaf of the params tree (MTP modules included, as prefill and decode hold them) sharded by the
 logical rules of ``sharding.py`` onto the mesh's axis sizes; the bytes of one device's shard, summed. With
 ``weight_dtype="fp8"`` the linears DeepSeek's FP8 release quantizes (``convert.export.release_quantized``) count 1
-byte per weight (sharded like the kernel) plus one fp32 scale per 128x128 block of each source matrix (replicated
-on every device, as ``load_pretrained(..., dtype="fp8")`` places them); everything else (embedding, head, router,
+byte per weight plus one fp32 scale per 128x128 block of each source matrix, both sharded on block edges
+(``fp8_weights.block_aligned_specs``, as ``load_pretrained(..., dtype="fp8")`` places them); everything else (embedding, head, router,
 norms) stays bf16.
 
 Cache (``kvcache.py``): per token and layer ``kv_lora_rank + qk_rope_head_dim`` values (c_kv and k_pe) at the
@@ -88,6 +88,7 @@ def weight_bytes(config: ModelConfig, mesh_sizes: dict[str, int], weight_dtype: 
     from jax.sharding import PartitionSpec
 
     from .checkpoint import hf_tensor_map
+    from .fp8_weights import block_aligned_specs
     from .model import Transformer
     from .sharding import MESH_AXES, _mesh_axes_for, logical_rules
 
@@ -97,14 +98,16 @@ def weight_bytes(config: ModelConfig, mesh_sizes: dict[str, int], weight_dtype: 
     shapes = nn.meta.unbox(boxed)
     rules = logical_rules(fsdp_over_data)
     mesh = _MeshShape(sizes)
-    quantized = {}
+    quantized = {}  # path -> (n_in, n_out, scale grid) of the kept-FP8 kernels
     if weight_dtype == "fp8":
         from .convert.export import release_quantized
+        from .sharded_load import _split_point
 
         for tm in hf_tensor_map(config):
             if release_quantized(tm.path, tm.transpose):
-                rows, cols = tm.hf_shape
-                quantized[tm.path] = len(tm.sources) * math.ceil(rows / FP8_BLOCK) * math.ceil(cols / FP8_BLOCK) * 4
+                n_in = _split_point(tm)
+                grid = tuple(math.ceil(d / FP8_BLOCK) for d in tm.hf_shape[::-1])
+                quantized[tm.path] = (n_in, len(tm.item_shape) - n_in, tm.shape[:len(tm.sources[0][1])] + grid)
     plain = {"float32": 4, "bfloat16": 2, "fp8": 2}[weight_dtype]
     total = per_device = 0
     flat_specs = dict(jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda s: isinstance(s, PartitionSpec)))
@@ -114,9 +117,11 @@ def weight_bytes(config: ModelConfig, mesh_sizes: dict[str, int], weight_dtype: 
         n, local = math.prod(x.shape), _shard_size(x.shape, spec, sizes)
         if key[-1] == "e_score_correction_bias":  # always fp32
             total, per_device = total + 4 * n, per_device + 4 * local
-        elif key in quantized:  # e4m3 weights sharded like the kernel, scales replicated (fp8_weights.py)
-            total += n + quantized[key]
-            per_device += local + quantized[key]
+        elif key in quantized:  # e4m3 weights and fp32 scales, both on block edges (fp8_weights.py)
+            n_in, n_out, grid = quantized[key]
+            q_spec, scale_spec = block_aligned_specs(spec, x.shape, n_in, n_out, sizes)
+            total += n + 4 * math.prod(grid)
+            per_device += _shard_size(x.shape, q_spec, sizes) + 4 * _shard_size(grid, scale_spec, sizes)
         else:
             total, per_device = total + plain * n, per_device + plain * local
     return total, per_device

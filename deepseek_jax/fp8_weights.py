@@ -12,9 +12,11 @@ Layout: ``q`` is the kernel in our layout (``lead + in_dims + out_dims``, the tr
 ``scale`` is ``lead + [ceil(in / 128), ceil(out / 128)]`` fp32 (the HF ``weight_scale_inv``, transposed like the
 weight). ``lead`` are the stacked layer / expert dims.
 
-Sharding: ``q`` takes the kernel's sharding; ``scale`` is replicated (small). Dequantization is an elementwise
-product of ``q`` with the expanded scale, which XLA computes shard by shard whatever the shard boundaries, so they
-need not fall on block edges.
+Sharding (``block_aligned_specs``): shard boundaries fall on 128-block edges, so every device holds whole blocks
+and their scales and dequantizes its own shard with no communication. ``q`` takes the kernel's sharding where
+that splits the 2-D view into whole blocks; where a rule would split a block, that dim is sharded over fewer ways
+(mesh axes dropped from the end of its rule) or not at all. ``scale`` is sharded exactly as ``q``: the lead dims
+alike, the block-row / block-column dims over the axes of the first in / out dim.
 """
 
 from __future__ import annotations
@@ -79,15 +81,57 @@ class Fp8Weight:
 
 
 
+def _axes_tuple(entry) -> tuple:
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def _entry(axes: tuple):
+    return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+
+def block_aligned_specs(spec, shape, n_in: int, n_out: int, mesh_shape) -> tuple:
+    """``(q_spec, scale_spec)`` (``PartitionSpec``s) for an FP8 kernel of ``shape`` (``lead + in + out`` dims)
+    whose plain kernel would take ``spec`` on a mesh with axis sizes ``mesh_shape``: block edges respected (see
+    the module docstring). Within the in (or out) dims only the first may be split (a split of a later one cuts
+    the 2-D view into non-contiguous pieces); it keeps the longest prefix of its axes whose shards hold whole
+    128-row (column) blocks."""
+    from jax.sharding import PartitionSpec
+
+    entries = list(tuple(spec)) + [None] * (len(shape) - len(tuple(spec)))
+    lead = len(shape) - n_in - n_out
+    q, scale = entries[:lead], entries[:lead]
+    for start, n in ((lead, n_in), (lead + n_in, n_out)):
+        dims = shape[start:start + n]
+        axes = _axes_tuple(entries[start]) if n else ()
+        inner = math.prod(dims[1:]) if n else 1
+        while axes:
+            ways = math.prod(mesh_shape[a] for a in axes)
+            if dims[0] % ways == 0 and (dims[0] // ways * inner) % BLOCK == 0:
+                break
+            axes = axes[:-1]
+        q += [_entry(axes)] + [None] * (n - 1)
+        scale.append(_entry(axes))
+    return PartitionSpec(*q), PartitionSpec(*scale)
+
+
+def fp8_shardings(sharding, shape, n_in: int, n_out: int) -> tuple:
+    """``(q_sharding, scale_sharding)`` for an FP8 kernel whose plain kernel takes ``sharding`` (a
+    ``NamedSharding``; anything else, e.g. one device, is used for both as it is)."""
+    from jax.sharding import NamedSharding
+
+    if not isinstance(sharding, NamedSharding):
+        return sharding, sharding
+    q_spec, scale_spec = block_aligned_specs(sharding.spec, shape, n_in, n_out, sharding.mesh.shape)
+    return NamedSharding(sharding.mesh, q_spec), NamedSharding(sharding.mesh, scale_spec)
+
+
 def with_fp8_shardings(shardings, params):
     """``shardings`` (one per kernel, from ``sharding.param_shardings``) for a params tree that may hold
-    ``Fp8Weight``s: each one's ``q`` takes its kernel's sharding, its ``scale`` is replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec
+    ``Fp8Weight``s: each one's ``q`` and ``scale`` sharded on block edges (``fp8_shardings``)."""
 
     def one(sharding, p):
         if isinstance(p, Fp8Weight):
-            rep = NamedSharding(sharding.mesh, PartitionSpec()) if hasattr(sharding, "mesh") else sharding
-            return Fp8Weight(sharding, rep, p.n_in, p.n_out)
+            return Fp8Weight(*fp8_shardings(sharding, p.shape, p.n_in, p.n_out), p.n_in, p.n_out)
         return sharding
 
     return jax.tree.map(one, shardings, params, is_leaf=lambda x: isinstance(x, Fp8Weight))

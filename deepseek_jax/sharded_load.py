@@ -137,7 +137,7 @@ def load_sharded(ckpt: HFCheckpoint, maps: list[TensorMap], shardings: dict, sta
     ``stacked``: the names of the layer-stacked runs (``config.layer_runs``), filled one layer at a time.
     ``dtype``: of the returned params (default: as stored; FP8 dequantized to bfloat16; the router's correction
     bias always fp32). ``dtype="fp8"``: weights stored as FP8 stay FP8, as ``fp8_weights.Fp8Weight`` (e4m3 values
-    in the kernel's sharding, block scales replicated), everything else as stored.
+    and block scales, sharded on block edges: ``fp8_weights.fp8_shardings``), everything else as stored.
     ``reads``: a list that receives every ``(key, rows, cols)`` region read (tests)."""
     import jax
     import jax.numpy as jnp
@@ -172,25 +172,24 @@ def load_sharded(ckpt: HFCheckpoint, maps: list[TensorMap], shardings: dict, sta
 def _load_fp8_kept(ckpt: HFCheckpoint, tm: TensorMap, sharding, stacked: bool, reads):
     import jax
     import ml_dtypes
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from .fp8_weights import Fp8Weight
+    from .fp8_weights import Fp8Weight, fp8_shardings
 
     raw = _RawFp8(ckpt)
     e4m3 = np.dtype(ml_dtypes.float8_e4m3fn)
+    n_in = _split_point(tm)
+    n_out = len(tm.item_shape) - n_in
+    q_sharding, scale_sharding = fp8_shardings(sharding, tm.shape, n_in, n_out)
     if stacked:
-        q = _fill_by_layer(raw, tm, sharding, e4m3, reads)
+        q = _fill_by_layer(raw, tm, q_sharding, e4m3, reads)
     else:
         lead_dims = tm.shape[:len(tm.sources[0][1])]
 
         def ranges(lead_slices):
             return [np.arange(*s.indices(d)) for s, d in zip(lead_slices, lead_dims)]
 
-        q = jax.make_array_from_callback(tm.shape, sharding, _callback(raw, tm, e4m3, ranges, reads))
-    mesh = getattr(sharding, "mesh", None)
-    rep = NamedSharding(mesh, PartitionSpec()) if mesh is not None else sharding
-    n_in = _split_point(tm)
-    return Fp8Weight(q, jax.device_put(_fp8_scales(ckpt, tm), rep), n_in, len(tm.item_shape) - n_in)
+        q = jax.make_array_from_callback(tm.shape, q_sharding, _callback(raw, tm, e4m3, ranges, reads))
+    return Fp8Weight(q, jax.device_put(_fp8_scales(ckpt, tm), scale_sharding), n_in, n_out)
 
 
 def _fill_by_layer(ckpt, tm: TensorMap, sharding, dtype, reads):

@@ -98,19 +98,70 @@ with mesh_context(mesh):
     a = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(kept, TOKENS))
 b = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(ref, TOKENS))
 w = kept["moe_layers"]["mlp"]["experts"]["gate_proj"]
+# Every device's shard of q starts on a 128-block edge of the kernel's rows and columns, and its scale shard
+# holds exactly the scales of those blocks.
+whole = []
+for leaf in jax.tree.leaves(kept, is_leaf=lambda x: isinstance(x, Fp8Weight)):
+    if isinstance(leaf, Fp8Weight):
+        scales = {d: s.index for s in leaf.scale.addressable_shards for d in [s.device]}
+        lead = leaf.q.ndim - leaf.n_in - leaf.n_out
+        for sh in leaf.q.addressable_shards:
+            ok = True
+            for g, (first, n) in enumerate([(lead, leaf.n_in), (lead + leaf.n_in, leaf.n_out)]):
+                flat = (sh.index[first].start or 0) * int(np.prod(leaf.q.shape[first + 1:first + n]))
+                ok &= flat % 128 == 0 and (scales[sh.device][lead + g].start or 0) == flat // 128
+            ok &= all(sh.index[d] == scales[sh.device][d] for d in range(lead))
+            whole.append(bool(ok))
+# A `convert --keep-fp8` directory restores onto the same mesh with the same block-aligned shardings.
+_, conv = dsj.load_pretrained(sys.argv[2], dtype="fp8", mesh=mesh)
+same = jax.tree.leaves(jax.tree.map(lambda x, y: x.sharding.is_equivalent_to(y.sharding, x.ndim), kept, conv))
+with mesh_context(mesh):
+    c = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(conv, TOKENS))
 print("RESULT " + json.dumps({"diff": float(np.abs(a - b).max()), "q_spec": [str(s) for s in w.q.sharding.spec],
-                              "q_shards": len(w.q.addressable_shards), "scale_spec": list(w.scale.sharding.spec)}))
+                              "q_shards": len(w.q.addressable_shards),
+                              "scale_spec": [str(s) for s in w.scale.sharding.spec], "whole": whole,
+                              "converted_same_shardings": all(same), "converted_diff": float(np.abs(c - b).max())}))
 """
 
 
 @pytest.mark.slow  # a subprocess compiling the sharded forward: ~30 s on 2 cores
-def test_fp8_kept_sharded_on_8_devices(fp8_dir):
+def test_fp8_kept_sharded_on_8_devices(fp8_dir, tmp_path):
+    from deepseek_jax.convert.convert import convert
+
+    convert(fp8_dir, str(tmp_path / "kept"), dtype="float32", keep_fp8=True, progress=False)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SHARDED, fp8_dir], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", SHARDED, fp8_dir, str(tmp_path / "kept")], env=env, capture_output=True, text=True,
                           timeout=900, cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
-    # e4m3 values sharded like the kernel (experts over `expert`, the model dim over `fsdp`), scales replicated.
-    assert out["q_spec"] == ["None", "expert", "fsdp", "None"] and out["q_shards"] == 8 and out["scale_spec"] == []
-    assert out["diff"] < 1e-5, out["diff"]  # shard boundaries (96 rows of 192) cut 128-blocks: still exact
+    # The plain kernel splits experts over `expert` and the model dim (192) over `fsdp`; fsdp's 96-row shards would
+    # cut a 128-block, so the e4m3 values drop it, and the scales are sharded exactly as they are.
+    assert out["q_spec"] == ["None", "expert", "None", "None"] and out["q_shards"] == 8
+    assert out["scale_spec"] == ["None", "expert", "None", "None"]
+    assert out["whole"] and all(out["whole"])
+    assert out["diff"] < 1e-5, out["diff"]
+    assert out["converted_same_shardings"] and out["converted_diff"] < 1e-5, out
+
+
+def test_fp8_shards_fall_on_block_edges():
+    from jax.sharding import PartitionSpec as P
+
+    from deepseek_jax.fp8_weights import block_aligned_specs
+
+    sizes = {"data": 1, "fsdp": 4, "expert": 8, "tensor": 2, "context": 1}
+    # V3's expert stack [layers, E, D=7168, I=2048]: 7168 / 4 = 1792 rows = 14 blocks per shard: kept as is.
+    q, s = block_aligned_specs(P(None, "expert", "fsdp", "tensor"), (58, 256, 7168, 2048), 1, 1, sizes)
+    assert q == P(None, "expert", "fsdp", "tensor") and s == P(None, "expert", "fsdp", "tensor")
+    # 192 rows over fsdp=4 (48 each) cut blocks: fsdp dropped; over ("fsdp", "tensor") only the prefix that fits.
+    q, s = block_aligned_specs(P("fsdp", None), (192, 256), 1, 1, sizes)
+    assert q == P(None, None) and s == P(None, None)
+    q, s = block_aligned_specs(P(("tensor", "fsdp"), None), (512, 256), 1, 1, sizes)
+    assert q == P("tensor", None) and s == P("tensor", None)  # 256 rows each; with fsdp too 64: not whole blocks
+    # An output split over heads of a [kv_lora, heads, dim] kernel: (heads / ways) x dim columns must be whole
+    # blocks (8 / 2 x 64 = 256: kept; the scale's column-block dim takes the same axes); a split of the inner dim
+    # would cut the flattened columns into non-contiguous pieces: dropped.
+    q, s = block_aligned_specs(P(None, "tensor", None), (512, 8, 64), 1, 2, sizes)
+    assert q == P(None, "tensor", None) and s == P(None, "tensor")
+    q, s = block_aligned_specs(P(None, None, "tensor"), (512, 8, 256), 1, 2, sizes)
+    assert q == P(None, None, None) and s == P(None, None)
