@@ -8,6 +8,7 @@ report, section 3.3: they stay in high precision).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import flax.linen as nn
@@ -61,6 +62,64 @@ def matmul_recipe(options: ModelOptions) -> MatmulRecipe:
     raise NotImplementedError(f"matmul recipe {options.matmul!r} is not available yet")
 
 
+class LogitsRecipe(MatmulRecipe):
+    """The output head's dot: inputs in the compute dtype, fp32 output (logits are always fp32). With a 16-bit
+    compute dtype the backward pass runs as the default recipe's does: the logits' cotangent is cast to the compute
+    dtype, and both transposed dots output it, so the head's weight gradient (a whole ``[D, vocab]`` partial sum
+    on every device before the data-parallel reduction) is 16-bit, not an fp32 copy of the vocabulary matrix."""
+
+    def __init__(self, dtype):
+        super().__init__(dtype, jnp.float32)
+
+    def dot_general(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers) -> jax.Array:
+        if self.dtype.itemsize >= 4:
+            return super().dot_general(lhs, rhs, dimension_numbers)
+        return _logits_dot(lhs, rhs, dimension_numbers, self.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _logits_dot(lhs, rhs, dimension_numbers, dtype):
+    return jax.lax.dot_general(lhs.astype(dtype), rhs.astype(dtype), dimension_numbers,
+                               preferred_element_type=jnp.float32)
+
+
+def _logits_dot_fwd(lhs, rhs, dimension_numbers, dtype):
+    return _logits_dot(lhs, rhs, dimension_numbers, dtype), (lhs, rhs)
+
+
+def _logits_dot_bwd(dimension_numbers, dtype, res, g):
+    lhs, rhs = res
+    a, b, g = lhs.astype(dtype), rhs.astype(dtype), g.astype(dtype)
+    dot = partial(jax.lax.dot_general, dimension_numbers=dimension_numbers, preferred_element_type=dtype)
+    (da,) = jax.linear_transpose(lambda x: dot(x, b), a)(g)
+    (db,) = jax.linear_transpose(lambda y: dot(a, y), b)(g)
+    return da.astype(lhs.dtype), db.astype(rhs.dtype)
+
+
+_logits_dot.defvjp(_logits_dot_fwd, _logits_dot_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def embedding_lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+    """``table[tokens]`` in ``dtype``. The rows are read from the table cast to ``dtype`` (under FSDP the table's
+    gather moves 16-bit values, not the fp32 master copy); the gradient is the same as a lookup of the fp32
+    table cast afterwards: the cotangents scatter-added in fp32."""
+    return jnp.take(table.astype(dtype), tokens, axis=0)
+
+
+def _lookup_fwd(table, tokens, dtype):
+    return embedding_lookup(table, tokens, dtype), (table, tokens)
+
+
+def _lookup_bwd(dtype, res, g):
+    table, tokens = res
+    grad = jnp.zeros(table.shape, jnp.float32).at[tokens].add(g.astype(jnp.float32))
+    return grad.astype(table.dtype), None
+
+
+embedding_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
 def contract_last(n_in: int, x_ndim: int) -> DimensionNumbers:
     """Dimension numbers contracting the last ``n_in`` dims of x with the first ``n_in`` of the kernel."""
     return ((tuple(range(x_ndim - n_in, x_ndim)), tuple(range(n_in))), ((), ()))
@@ -70,8 +129,8 @@ class Linear(nn.Module):
     """``y = x @ kernel (+ bias)`` over the last ``n_in`` dims of x; kernel ``[*in_dims, *features]``.
 
     ``axes`` names every kernel dim for sharding; ``use_bias`` adds a ``bias [*features]`` (Qwen2's q/k/v),
-    named like the kernel's output dims and added after the matmul recipe, in its output dtype. ``high_precision`` routes around the matmul recipe and
-    returns fp32 (the output head: logits are always fp32).
+    named like the kernel's output dims and added after the matmul recipe, in its output dtype. ``high_precision``
+    routes around the matmul recipe to ``LogitsRecipe`` (the output head: logits are always fp32).
     """
 
     features: tuple[int, ...]
@@ -92,7 +151,7 @@ class Linear(nn.Module):
             kernel_shape,
             self.options.params_dtype,
         )
-        recipe = MatmulRecipe(self.options.compute_dtype, jnp.float32) if self.high_precision else matmul_recipe(self.options)
+        recipe = LogitsRecipe(self.options.compute_dtype) if self.high_precision else matmul_recipe(self.options)
         y = recipe.dot_general(x, kernel, contract_last(self.n_in, x.ndim))
         if not self.use_bias:
             return y
@@ -122,10 +181,10 @@ class Embed(nn.Module):
         )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.options.compute_dtype)
+        return embedding_lookup(self.embedding, tokens, self.options.compute_dtype)
 
     def attend(self, h: jax.Array) -> jax.Array:
         """Logits ``h [..., D] @ table.T`` in fp32, outside the matmul recipe (the output head stays in high
         precision)."""
-        recipe = MatmulRecipe(self.options.compute_dtype, jnp.float32)
-        return recipe.dot_general(h, self.embedding, (((h.ndim - 1,), (1,)), ((), ())))
+        dims = (((h.ndim - 1,), (1,)), ((), ()))
+        return LogitsRecipe(self.options.compute_dtype).dot_general(h, self.embedding, dims)

@@ -97,7 +97,7 @@ class Transformer(nn.Module):
         head = Linear((c.vocab_size,), ("embed", "vocab"), o, init_std=c.initializer_range, high_precision=True,
                       name="lm_head")
 
-        h = embed(tokens)
+        h = x_emb = embed(tokens)
         layout = attention_layout(segment_ids)
         ctx = context_size(t)
         if ctx > 1:  # context parallelism: the layer stacks run in zig-zag order (context_parallel.py)
@@ -129,7 +129,9 @@ class Transformer(nn.Module):
             aux["router_stats"] = _concat_stats(moe_stats)
         if want_mtp:
             # Depth k's row i pairs h_prev[i] with token i + k. The rows are kept T long (the last k are padding,
-            # segment 0) so that every depth has the main model's shapes (and splits like it over a mesh).
+            # segment 0) so that every depth has the main model's shapes (and splits like it over a mesh). Token
+            # i + k's embedding is row i + k of the main model's: one lookup (and one scatter of its gradient
+            # into the vocabulary-sized table) serves every depth.
             mtp_logits, mtp_stats, h_prev = [], [], h
             for k in range(1, c.num_nextn_predict_layers + 1):
                 if t <= k:
@@ -137,7 +139,7 @@ class Transformer(nn.Module):
                 seg_k = _shift(mtp_segment_ids(segment_ids, k), k)
                 cos_k, sin_k = rope_cos_sin(_shift(positions[:, k:], k), c)
                 h_prev, stats = MTPModule(c, o, name=f"mtp_{k - 1}")(
-                    h_prev, embed(_shift(tokens[:, k:], k)), cos_k, sin_k, attention_layout(seg_k), seg_k > 0
+                    h_prev, _shift(x_emb[:, k:], k), cos_k, sin_k, attention_layout(seg_k), seg_k > 0
                 )
                 mtp_logits.append(head(h_prev[:, : t - k]))
                 mtp_stats.append(stats)

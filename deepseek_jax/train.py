@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -229,16 +230,19 @@ class Trainer:
         norm = losses.loss_normalizers(batch, self.config.num_nextn_predict_layers)
         k = self.tc.grad_accum
         norm["micro_batches"] = k
+        # Each gradient in its param's shards: the data-parallel sum then lowers to a reduce-scatter (not an
+        # all-reduce of the whole weight followed by a slice).
+        shard = partial(jax.lax.with_sharding_constraint, shardings=self.param_shardings)
         if k == 1:
             (_, aux), grads = grad_fn(params, batch, norm)
-            return grads, aux
+            return shard(grads), aux
         micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
 
         def body(acc, mb):
             (_, aux), g = grad_fn(params, mb, norm)
-            return jax.tree.map(jnp.add, acc, (g, aux)), None
+            return jax.tree.map(jnp.add, acc, (shard(g), aux)), None
 
-        zero_g = jax.tree.map(jnp.zeros_like, params)
+        zero_g = shard(jax.tree.map(jnp.zeros_like, params))
         zero_aux = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), norm)[0][1])
         zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_aux)
         (grads, aux), _ = jax.lax.scan(body, (zero_g, zero_aux), micro)

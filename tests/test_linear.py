@@ -1,0 +1,84 @@
+"""deepseek_jax.linear.LogitsRecipe: the output head's dot, fp32 logits; with a 16-bit compute dtype its backward
+runs in 16 bits like every other matmul's (no fp32 copy of the vocabulary matrix's gradient)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.linear import LogitsRecipe
+
+DIMS = (((1,), (0,)), ((), ()))
+
+
+def _data():
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.normal(size=(16, 48)), jnp.float32)
+    w = jnp.asarray(rng.normal(0, 0.1, size=(48, 80)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(16, 80)), jnp.float32)
+    return x, w, g
+
+
+def test_bf16_logits_are_fp32_and_their_backward_is_bf16():
+    x, w, g = _data()
+    recipe = LogitsRecipe(jnp.bfloat16)
+    y, vjp = jax.vjp(lambda a, b: recipe.dot_general(a, b, DIMS), x, w)
+    bf = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32), np.float64)  # noqa: E731
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), bf(x) @ bf(w), rtol=1e-5, atol=1e-5)
+    dx, dw = vjp(g)
+    assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32  # the primal dtypes
+    # By hand: the cotangent rounded to bf16, the products accumulated, the results rounded to bf16.
+    want_dw, want_dx = bf(x).T @ bf(g), bf(g) @ bf(w).T
+    np.testing.assert_allclose(np.asarray(dw), bf(jnp.asarray(want_dw)), rtol=2 ** -7, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx), bf(jnp.asarray(want_dx)), rtol=2 ** -7, atol=1e-6)
+    assert np.all(np.asarray(dw) == bf(dw)) and np.all(np.asarray(dx) == bf(dx))  # bf16 values
+    # The transposed dots output bf16 (the forward's outputs fp32).
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: (recipe.dot_general(a, b, DIMS) * g).sum(), argnums=(0, 1)))(x, w)
+    outs = [str(e.params["preferred_element_type"]) for e in _dots(jaxpr.jaxpr)]
+    assert sorted(outs) == ["bfloat16", "bfloat16", "float32"], outs
+
+
+def test_fp32_logits_backward_is_the_plain_gradient():
+    x, w, g = _data()
+    recipe = LogitsRecipe(jnp.float32)
+    dx, dw = jax.grad(lambda a, b: (recipe.dot_general(a, b, DIMS) * g).sum(), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(x, np.float64).T @ np.asarray(g, np.float64), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(g, np.float64) @ np.asarray(w, np.float64).T, rtol=1e-5, atol=1e-5)
+
+
+def _dots(jaxpr):
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+            yield e
+        for sub in jax.core.subjaxprs(e) if hasattr(jax.core, "subjaxprs") else _params_jaxprs(e):
+            yield from _dots(sub)
+
+
+def _params_jaxprs(e):
+    for v in e.params.values():
+        if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+            yield v.jaxpr
+        elif hasattr(v, "eqns"):
+            yield v
+
+
+def test_embedding_lookup_gradient_is_the_fp32_scatter_of_the_cotangent():
+    from deepseek_jax.linear import embedding_lookup
+
+    rng = np.random.RandomState(1)
+    table = jnp.asarray(rng.normal(size=(11, 6)), jnp.float32)
+    tokens = jnp.asarray([[3, 3, 0, 10], [3, 7, 7, 3]], jnp.int32)  # repeats: their cotangents add up
+    g = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.bfloat16)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        out, vjp = jax.vjp(lambda t: embedding_lookup(t, tokens, dtype), table)
+        want = np.asarray(table, np.float64)[np.asarray(tokens)]
+        assert out.dtype == dtype
+        np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=2 ** -8 if dtype == jnp.bfloat16 else 0)
+        (grad,) = vjp(g.astype(dtype))
+        hand = np.zeros((11, 6))
+        for (b, t), tok in np.ndenumerate(np.asarray(tokens)):
+            hand[tok] += np.asarray(g[b, t], np.float64)
+        assert grad.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(grad), hand, rtol=1e-6, atol=1e-6)
