@@ -243,11 +243,15 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
         y, dropped, rows = body(x, weights, idx, wg, wu, wd)
         return y, (jax.lax.psum(dropped, split) if split else dropped), rows.reshape(1)
 
-    # The per-device row counts differ across every axis; they are a diagnostic, so their replication is not
-    # checked (check_vma off only with return_rows).
+    # Replication is not type-checked (check_vma off): jax (0.10) types a ragged_all_to_all's result as invariant
+    # over the mesh, so with the check on, the result's first use casts it to varying and the backward pass
+    # all-reduces the cotangent of every received buffer over the whole mesh (the cast's transpose; 4 all-reduces
+    # of a [65,536 x 7,168] buffer per MoE layer in V3's plan). Off, shard_map's transpose sums the inputs'
+    # cotangents over the axes their specs leave out (the weights' over fsdp / data / context, as FSDP needs)
+    # and nothing else. (The per-device row counts of ``return_rows`` differ across every axis anyway.)
     out_specs = (tok, P()) + ((P(tuple(mesh.axis_names)),) if return_rows else ())
     fn = jax.shard_map(lambda *a: run(*a)[:len(out_specs)], mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
-                       out_specs=out_specs, check_vma=not return_rows)
+                       out_specs=out_specs, check_vma=False)
     return fn(x, weights, idx, wg, wu, wd)
 
 
