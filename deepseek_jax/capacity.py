@@ -5,8 +5,8 @@ Weights: every leaf of the params tree (MTP modules included, as prefill and dec
 logical rules of ``sharding.py`` onto the mesh's axis sizes; the bytes of one device's shard, summed. With
 ``weight_dtype="fp8"`` the linears DeepSeek's FP8 release quantizes (``convert.export.release_quantized``) count 1
 byte per weight plus one fp32 scale per 128x128 block of each source matrix, both sharded on block edges
-(``fp8_weights.block_aligned_specs``, as ``load_pretrained(..., dtype="fp8")`` places them); everything else (embedding, head, router,
-norms) stays bf16.
+(``fp8_weights.block_aligned_specs``, as ``load_pretrained(..., dtype="fp8")`` places them); everything else
+(embedding, head, router, norms) stays bf16.
 
 Cache (``kvcache.py``): per token and layer ``kv_lora_rank + qk_rope_head_dim`` values (c_kv and k_pe) at the
 cache dtype (fp8: 1 byte each plus two fp32 scales); V3 in bf16 is ``(512 + 64) x 2 x 61 = 70,272`` bytes per

@@ -15,7 +15,7 @@ weight, and ``tensor`` splits the expert width, reduced by a ``psum`` at the end
 6. put them back in token order and combine them with the routing weights.
 
 Dropless by default: a peer slot holds the worst case (all of a device's rows). With ``capacity_factor`` c a
-device sends at most ``ceil(c * rows / EP)`` rows to each peer; within its sorted rows for a peer (by expert,
+device sends at most ``ceil(c * rows / EP)`` rows to each peer (``rows``: those of one exchange, see below); within its sorted rows for a peer (by expert,
 then by token), the rows past that capacity are dropped: they contribute nothing (their routing weight is not
 renormalized) and are counted in the returned ``dropped``.
 
@@ -147,7 +147,7 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
 def exchange_chunks(tokens: int, k: int, ep: int, exchange_rows: Optional[int]) -> int:
     """How many equal chunks a device's ``tokens`` go through the all-to-all in: the fewest (dividing
     ``tokens``) whose worst-case receive buffer, ``ep * k * tokens / chunks`` rows, stays within
-    ``exchange_rows`` (as close as a divisor allows; one row per chunk at most)."""
+    ``exchange_rows`` (or the next divisor up; at worst one token per chunk)."""
     if exchange_rows is None or ep * k * tokens <= exchange_rows:
         return 1
     need = math.ceil(ep * k * tokens / exchange_rows)

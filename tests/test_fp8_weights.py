@@ -131,8 +131,8 @@ def test_fp8_kept_sharded_on_8_devices(fp8_dir, tmp_path):
     convert(fp8_dir, str(tmp_path / "kept"), dtype="float32", keep_fp8=True, progress=False)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SHARDED, fp8_dir, str(tmp_path / "kept")], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=HERE)
+    proc = subprocess.run([sys.executable, "-c", SHARDED, fp8_dir, str(tmp_path / "kept")], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
     # The plain kernel splits experts over `expert` and the model dim (192) over `fsdp`; fsdp's 96-row shards would
