@@ -32,7 +32,8 @@ from . import losses
 from .config import ModelConfig
 from .model import Transformer
 from .sharding import mesh_context, param_shardings, replicated
-from .train import BATCH_KEYS, Checkpointer, TrainConfig, Trainer, metrics_to_host, run_loop, write_json as _write_json
+from .train import BATCH_KEYS, Checkpointer, TrainConfig, Trainer, metrics_to_host, run_loop
+from .train import write_json as _write_json
 
 TEACHER_KEYS = ("teacher_logp", "teacher_ids")
 SHARD_META = "teacher_shards.json"
@@ -294,9 +295,12 @@ def arithmetic_teacher_dataset(teacher_config, teacher_params, *, num_prompts: i
 def load_teacher(path: str, mesh=None):
     """``(config, params)`` of any checkpoint ``load_pretrained`` reads (a train work directory included)."""
     from .checkpoint import load_pretrained
+    from .train import is_train_workdir, load_train_checkpoint
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"teacher {path}: no such directory")
+    if is_train_workdir(path):  # read on one device; the trainer places it on the mesh
+        return load_train_checkpoint(path)
     return load_pretrained(path, dtype=jnp.float32, mesh=mesh)
 
 

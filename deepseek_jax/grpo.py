@@ -29,7 +29,8 @@ from . import losses
 from .config import ModelConfig
 from .rewards import RewardFn, arithmetic_prompts, arithmetic_stop_ids, exact_answer, score
 from .sharding import batch_sharding, mesh_context
-from .train import BATCH_KEYS, Checkpointer, TrainConfig, Trainer, metrics_to_host, run_loop, write_json as _write_json
+from .train import BATCH_KEYS, Checkpointer, TrainConfig, Trainer, init_params, metrics_to_host, run_loop
+from .train import write_json as _write_json
 
 GRPO_KEYS = ("old_logp", "ref_logp", "advantages")
 
@@ -258,7 +259,7 @@ def grpo(gc: GRPOConfig, tc: TrainConfig, workdir: str, *, init_from: Optional[s
     ``eval_set``: ``(prompts, answers)`` scored greedily every ``gc.eval_every`` steps
     (default ``heldout_arithmetic(gc.eval_prompts)``), logged as ``heldout_accuracy``.
     """
-    from .checkpoint import load_pretrained, pretrained_config
+    from .checkpoint import pretrained_config
     from .sharding import make_mesh
 
     if jax.process_count() > 1:
@@ -278,8 +279,7 @@ def grpo(gc: GRPOConfig, tc: TrainConfig, workdir: str, *, init_from: Optional[s
     tc = dataclasses.replace(tc, batch_size=gc.batch_size, seq_len=seq_len)
     trainer = GRPOTrainer(config, tc, mesh, gc)
     if init_from is not None:
-        _, params = load_pretrained(init_from, dtype=jnp.float32, mesh=mesh)
-        params = jax.device_put(params, trainer.param_shardings)
+        params = init_params(init_from, trainer)
     elif policy is not None:
         params = jax.device_put(policy[1], trainer.param_shardings)
     else:
