@@ -42,7 +42,7 @@ def _run(args) -> int:
                         eval_prompts=args.eval_prompts)
         tc = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup, min_lr_ratio=1.0,
                          weight_decay=args.weight_decay, grad_accum=args.grad_accum, seed=args.seed,
-                         batch_size=gc.batch_size)
+                         batch_size=gc.batch_size, bias_update_rate=args.bias_update_rate)
         if args.init_from is None and args.preset is None:
             raise ValueError("give --init-from DIR (the policy to improve) or --preset NAME (random weights)")
         if args.init_from is not None and not os.path.isdir(args.init_from):
@@ -121,6 +121,9 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--bias-update-rate", type=float, default=0.0,
+                   help="the MoE balancing bias update per optimizer step (default 0: during GRPO the router moves "
+                        "only by the policy gradient; train's default is 0.001)")
     p.add_argument("--eval-every", type=int, default=10, help="held-out greedy accuracy every N steps (arithmetic)")
     p.add_argument("--eval-prompts", type=int, default=256)
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,expert=2 (default: all devices on data)")
