@@ -117,7 +117,8 @@ def test_rewards():
 @pytest.mark.slow  # compiles generate and a train step: ~40 s on 2 cores
 def test_short_grpo_run_raises_the_reward(tmp_path):
     """An easy task from a random init: reward 1 when the completion starts with "7" (1 in 32 at first). Fixed
-    seed; the mean reward of the last 3 of 12 steps beats the first 3 by more than 0.25 (measured: see below)."""
+    seed; the mean reward of the last 3 of 12 steps beats the first 3 by more than 0.25 (measured on 2026-11-24:
+    0.03 over the first 3 steps, 0.95 over the last 3)."""
     import deepseek_jax as dsj
     from deepseek_jax.grpo import GRPOConfig, grpo
     from deepseek_jax.train import TrainConfig
