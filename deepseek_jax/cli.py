@@ -13,6 +13,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "deepseek_jax.convert.cli",
     "deepseek_jax.generate_cli",
     "deepseek_jax.train_cli",
+    "deepseek_jax.distill_cli",
+    "deepseek_jax.grpo_cli",
     "deepseek_jax.plan",
 )
 

@@ -94,7 +94,14 @@ class TrainConfig:
 
 
 class Trainer:
-    """Builds the sharded state and the jitted step for one (config, train config, mesh)."""
+    """Builds the sharded state and the jitted step for one (config, train config, mesh).
+
+    Subclasses (``distill.DistillTrainer``, ``grpo.GRPOTrainer``) change the objective (``_objective``) and the
+    batch's keys (``batch_keys``, ``batch_ndims``); sharding, jit, donation, grad accumulation, clipping,
+    skipped non-finite steps and the balancing stay here."""
+
+    batch_keys: tuple[str, ...] = BATCH_KEYS
+    batch_ndims: dict = {}  # key -> rank, for batch entries that are not [B, T]
 
     def __init__(self, config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh):
         self.config, self.tc, self.mesh = config, tc, mesh
@@ -180,6 +187,13 @@ class Trainer:
         return jax.tree_util.tree_map_with_path(pick, tree)
 
     # ----- the step ---------------------------------------------------------------------------------
+    def _objective(self, logits, batch, norm) -> tuple[jax.Array, dict]:
+        """The main loss term from the model's logits (next-token CE here) and its metrics; every sum divides
+        by ``norm``'s global counts, so micro-batch values add up to the batch's."""
+        ce_sum, n = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        ce = ce_sum / jnp.maximum(norm["tokens"], 1.0)
+        return ce, {"loss": ce, "tokens": n}
+
     def _loss(self, params, batch, norm=None):
         """The total loss of (a micro-batch of) the batch; ``norm`` (``losses.loss_normalizers`` of the whole
         global batch, default this batch's) holds the counts every sum is divided by, so micro-batch losses
@@ -195,8 +209,7 @@ class Trainer:
             )
         mask = batch["loss_mask"]
         n_tokens = jnp.maximum(norm["tokens"], 1.0)
-        ce_sum, n = losses.cross_entropy(logits, batch["targets"], mask)
-        ce = ce_sum / n_tokens
+        objective, objective_parts = self._objective(logits, batch, norm)
         mtp = losses.mtp_loss(aux.get("mtp_logits", []), batch["targets"], mask, batch["segment_ids"],
                               tc.mtp_weight, norm["mtp_tokens"]) if mtp_on else jnp.zeros((), jnp.float32)
         stats = aux["router_stats"]
@@ -212,14 +225,14 @@ class Trainer:
         if tc.z_loss_weight:
             z_sum, _ = losses.z_loss(logits, mask)
             z = tc.z_loss_weight * z_sum / n_tokens
-        total = ce + mtp + balance + z
+        total = objective + mtp + balance + z
         counts = {
             "moe": stats["counts"].sum(1) if stats else jnp.zeros((0, 1)),
             "mtp": mtp_stats["counts"].sum(1) if mtp_stats else jnp.zeros((0, 1)),
         }
         dropped = sum((s["dropped"].sum() for s in (stats, mtp_stats) if s), jnp.zeros((), jnp.int32))
-        parts = {"loss": ce, "mtp_loss": mtp, "balance_loss": balance, "z_loss": z, "total_loss": total,
-                 "tokens": n, "input_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),
+        parts = {**objective_parts, "mtp_loss": mtp, "balance_loss": balance, "z_loss": z, "total_loss": total,
+                 "input_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),
                  "moe_dropped": dropped.astype(jnp.float32)}
         return total, (parts, counts)
 
@@ -302,8 +315,7 @@ class Trainer:
         """The jitted step ``(state, batch) -> (state, metrics)`` with explicit shardings, state donated."""
         if self._step is None:
             shard = self.state_shardings(state)
-            batch_shard = {k: self.batch_sharding for k in BATCH_KEYS}
-            self._step = jax.jit(self._train_step, in_shardings=(shard, batch_shard),
+            self._step = jax.jit(self._train_step, in_shardings=(shard, self.batch_shardings()),
                                  out_shardings=(shard, replicated(self.mesh)), donate_argnums=(0,))
         return self._step
 
@@ -311,15 +323,19 @@ class Trainer:
         with mesh_context(self.mesh, self.rules):
             return self.step_fn(state)(state, batch)
 
+    def batch_shardings(self) -> dict:
+        """Every batch entry over the batch axes (dim 0; dim 1 over the context axis when it is > 1)."""
+        return {k: batch_sharding(self.mesh, self.batch_ndims.get(k, 2)) for k in self.batch_keys}
+
     def put_batch(self, local_batch: dict) -> dict:
         """This process's rows of the global batch -> global arrays sharded over the batch axes."""
         out = {}
-        for k in BATCH_KEYS:
+        for k, sharding in self.batch_shardings().items():
             x = np.asarray(local_batch[k])
             if jax.process_count() == 1:
-                out[k] = jax.device_put(x, self.batch_sharding)
+                out[k] = jax.device_put(x, sharding)
             else:
-                out[k] = jax.make_array_from_process_local_data(self.batch_sharding, x)
+                out[k] = jax.make_array_from_process_local_data(sharding, x)
         return out
 
     # ----- accounting -------------------------------------------------------------------------------
@@ -398,6 +414,16 @@ def metrics_to_host(metrics: dict) -> dict:
     return out
 
 
+def write_json(path: str, obj) -> None:
+    """``obj`` as JSON at ``path`` (written beside it, then renamed); only by process 0."""
+    if jax.process_index() != 0:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
 def log_line(record: dict) -> str:
     return json.dumps(record, separators=(",", ":"))
 
@@ -423,8 +449,6 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     ``init_from``: start from this checkpoint's weights (``init_params``; ``config`` must be its config, see
     ``checkpoint.pretrained_config``) instead of a random init; a checkpoint of this work directory, when there
     is one, still wins (the run resumes). ``chat_style``: the template chat ``.jsonl`` data is rendered with."""
-    from tqdm import tqdm
-
     from .data import make_dataset
     from .sharding import make_mesh
 
@@ -453,33 +477,60 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
         start, state = 0, trainer.state_from_params(init_params(init_from, trainer))
     else:
         start, state = 0, trainer.init_state()
+    flops = trainer.flops_per_token()
+
+    def step_fn(state, step):
+        state, metrics = trainer.run_step(state, trainer.put_batch(next(dataset)))
+        return state, metrics_to_host(metrics)
+
+    def postfix(m, first):
+        return dict(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_loss']:.3f}",
+                    tok_s="-" if first else f"{m['tokens_per_s']:.0f}")
+
+    return run_loop(workdir, ckpt, state, start, tc.steps if stop_after is None else min(tc.steps, start + stop_after),
+                    tc.steps, step_fn, dataset.state, seed=tc.seed, max_bad_steps=tc.max_bad_steps, flops=flops,
+                    progress=progress, desc="train", postfix=postfix)
+
+
+def run_loop(workdir: str, ckpt: "Checkpointer", state, start: int, end: int, total: int,
+             step_fn: Callable[[Any, int], tuple[Any, dict]], data_state: Callable[[], dict], *, seed: int,
+             max_bad_steps: int, progress: bool = True, desc: str = "train",
+             postfix: Optional[Callable[[dict, bool], dict]] = None, flops: Optional[float] = None,
+             plot: Callable[[list, str], None] = None) -> list[dict]:
+    """The loop shared by ``train``, ``distill`` and ``grpo``: steps ``start..end-1`` of ``total``, each
+    ``step_fn(state, step) -> (state, host metrics)``; a progress bar (``postfix(metrics, first_step)``), one JSON
+    line per step in ``workdir/metrics.jsonl`` (records past ``start`` from an earlier run are dropped) and
+    TensorBoard scalars in ``workdir/tb``; a checkpoint every ``ckpt``'s interval and at ``total`` with
+    ``data_state()`` and the seed; a stop after ``max_bad_steps`` skipped (non-finite) steps in a row; the curve
+    (``plot``, default ``plot_loss_curve``) in ``workdir/loss.png`` at the end. Closes ``ckpt``."""
+    from tqdm import tqdm
+
+    plot = plot_loss_curve if plot is None else plot
     main = jax.process_index() == 0
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     history = _read_history(metrics_path, upto=start) if main else []
     writer = None
-    if main:
-        _rewrite_history(metrics_path, history)
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(os.path.join(workdir, "tb"))
-    flops = trainer.flops_per_token()
-    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     records = []
-    bar = tqdm(range(start, end), initial=start, total=tc.steps, desc="train", disable=not (progress and main),
-               dynamic_ncols=True)
     try:
+        if main:
+            _rewrite_history(metrics_path, history)
+            from tensorboardX import SummaryWriter
+            writer = SummaryWriter(os.path.join(workdir, "tb"))
+        bar = tqdm(range(start, end), initial=start, total=total, desc=desc, disable=not (progress and main),
+                   dynamic_ncols=True)
         t_last = time.perf_counter()
         bad_run = 0
         for step in bar:
-            batch = trainer.put_batch(next(dataset))
-            state, metrics = trainer.run_step(state, batch)
-            m = metrics_to_host(metrics)
+            state, m = step_fn(state, step)
             t = time.perf_counter()
             m["step"] = step + 1
             # Real (non-padding) tokens over the step's wall time; the first step of a process compiles, so
             # it has no rate.
             first = step == start
-            m["tokens_per_s"] = None if first else m["input_tokens"] / max(t - t_last, 1e-9)
-            m["mfu"] = None if first else mfu(flops, m["tokens_per_s"])
+            if "input_tokens" in m:
+                m["tokens_per_s"] = None if first else m["input_tokens"] / max(t - t_last, 1e-9)
+                if flops is not None:
+                    m["mfu"] = None if first else mfu(flops, m["tokens_per_s"])
             t_last = t
             records.append(m)
             if main:
@@ -487,24 +538,24 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
                     f.write(log_line(m) + "\n")
                 for k, v in m.items():
                     if isinstance(v, float):
-                        writer.add_scalar(f"train/{k}", v, step + 1)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_loss']:.3f}",
-                                tok_s="-" if first else f"{m['tokens_per_s']:.0f}")
-            bad_run = bad_run + 1 if m["skipped"] else 0
-            if bad_run >= tc.max_bad_steps:
+                        writer.add_scalar(f"{desc}/{k}", v, step + 1)
+                if postfix is not None:
+                    bar.set_postfix(**postfix(m, first))
+            bad_run = bad_run + 1 if m.get("skipped") else 0
+            if bad_run >= max_bad_steps:
                 raise FloatingPointError(
                     f"step {step + 1}: {bad_run} steps in a row had a non-finite loss or gradient (loss "
-                    f"{m['total_loss']}, grad norm {m['grad_norm']}); their updates were skipped and the run "
-                    f"stops. The last good checkpoint is step {ckpt.latest_step()} in "
+                    f"{m.get('total_loss')}, grad norm {m.get('grad_norm')}); their updates were skipped and the "
+                    f"run stops. The last good checkpoint is step {ckpt.latest_step()} in "
                     f"{os.path.join(workdir, 'checkpoints')}")
-            ckpt.save(step + 1, state, {"data": dataset.state(), "seed": tc.seed, "step": step + 1},
-                      force=(step + 1 == tc.steps))
+            ckpt.save(step + 1, state, {"data": data_state(), "seed": seed, "step": step + 1},
+                      force=(step + 1 == total))
     finally:
         ckpt.close()
         if writer is not None:
             writer.close()
     if main:
-        plot_loss_curve(_read_history(metrics_path), os.path.join(workdir, "loss.png"))
+        plot(_read_history(metrics_path), os.path.join(workdir, "loss.png"))
     return records
 
 
