@@ -32,7 +32,7 @@ from . import losses
 from .config import ModelConfig
 from .model import Transformer
 from .sharding import mesh_context, param_shardings, replicated
-from .train import BATCH_KEYS, Checkpointer, TrainConfig, Trainer, metrics_to_host, run_loop
+from .train import BATCH_KEYS, TrainConfig, Trainer, metrics_to_host, run_loop, start_or_resume
 from .train import write_json as _write_json
 
 TEACHER_KEYS = ("teacher_logp", "teacher_ids")
@@ -373,13 +373,8 @@ def distill(config: ModelConfig, tc: TrainConfig, dc: DistillConfig, workdir: st
             tokenizer.save(os.path.join(workdir, "tokenizer.json"))
         elif data in (None, "arithmetic"):
             arithmetic_tokenizer().save(os.path.join(workdir, "tokenizer.json"))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=save_every, keep=keep, async_save=async_save)
-    start = ckpt.latest_step() if resume else None
-    if start is not None:
-        state, meta = ckpt.restore(start, trainer.abstract_state())
-        dataset.restore(meta["data"])
-    else:
-        start, state = 0, trainer.init_state()
+    ckpt, start, state = start_or_resume(workdir, trainer, dataset, trainer.init_state, resume=resume,
+                                         save_every=save_every, keep=keep, async_save=async_save)
 
     def step_fn(state, step):
         batch = trainer.put_batch(next(dataset))

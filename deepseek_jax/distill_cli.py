@@ -87,6 +87,8 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
+    from .train_cli import add_run_arguments
+
     p = sub.add_parser("distill", help="distill a teacher checkpoint into a smaller (e.g. dense Qwen2/Llama) student")
     p.add_argument("--teacher", default=None, metavar="DIR",
                    help="the teacher: a train work directory, an HF or a converted checkpoint")
@@ -112,14 +114,7 @@ def register(sub) -> None:
     p.add_argument("--data", default=None, help="'arithmetic' (default), or files as train's --data")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json for text data (as train's --tokenizer)")
     p.add_argument("--arithmetic-loss", choices=("answers", "all"), default="answers")
-    p.add_argument("--workdir", default="runs/distill")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32")
+    add_run_arguments(p, workdir="runs/distill", steps=600)
     p.add_argument("--mtp-weight", type=float, default=0.3, help="a V3 student's MTP loss weight on the data")
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,expert=2 (default: all devices on data)")
     p.add_argument("--save-every", type=int, default=100)

@@ -29,7 +29,8 @@ from . import losses
 from .config import ModelConfig
 from .rewards import RewardFn, arithmetic_prompts, arithmetic_stop_ids, exact_answer, score
 from .sharding import batch_sharding, mesh_context
-from .train import BATCH_KEYS, Checkpointer, TrainConfig, Trainer, init_params, metrics_to_host, run_loop
+from .train import (BATCH_KEYS, TrainConfig, Trainer, init_params, metrics_to_host, run_loop,
+                    start_or_resume)
 from .train import write_json as _write_json
 
 GRPO_KEYS = ("old_logp", "ref_logp", "advantages")
@@ -295,13 +296,8 @@ def grpo(gc: GRPOConfig, tc: TrainConfig, workdir: str, *, init_from: Optional[s
     _write_json(os.path.join(workdir, "train_config.json"), dataclasses.asdict(trainer.tc))
     _write_json(os.path.join(workdir, "grpo_config.json"), {**dataclasses.asdict(gc), "init_from": init_from})
     _save_tokenizer(workdir, tokenizer, init_from, isinstance(prompts, ArithmeticPrompts))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=save_every, keep=keep, async_save=async_save)
-    start = ckpt.latest_step() if resume else None
-    if start is not None:
-        state, meta = ckpt.restore(start, trainer.abstract_state())
-        prompts.restore(meta["data"])
-    else:
-        start, state = 0, trainer.state_from_params(params)
+    ckpt, start, state = start_or_resume(workdir, trainer, prompts, lambda: trainer.state_from_params(params),
+                                         resume=resume, save_every=save_every, keep=keep, async_save=async_save)
     del params
 
     def step_fn(state, step):

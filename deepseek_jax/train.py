@@ -468,15 +468,10 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
             tokenizer.save(os.path.join(workdir, "tokenizer.json"))
         elif data in (None, "arithmetic"):
             arithmetic_tokenizer().save(os.path.join(workdir, "tokenizer.json"))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=save_every, keep=keep, async_save=async_save)
-    start = ckpt.latest_step() if resume else None
-    if start is not None:
-        state, meta = ckpt.restore(start, trainer.abstract_state())
-        dataset.restore(meta["data"])
-    elif init_from is not None:
-        start, state = 0, trainer.state_from_params(init_params(init_from, trainer))
-    else:
-        start, state = 0, trainer.init_state()
+    fresh = (lambda: trainer.state_from_params(init_params(init_from, trainer))) if init_from is not None \
+        else trainer.init_state
+    ckpt, start, state = start_or_resume(workdir, trainer, dataset, fresh, resume=resume, save_every=save_every,
+                                         keep=keep, async_save=async_save)
     flops = trainer.flops_per_token()
 
     def step_fn(state, step):
@@ -490,6 +485,20 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     return run_loop(workdir, ckpt, state, start, tc.steps if stop_after is None else min(tc.steps, start + stop_after),
                     tc.steps, step_fn, dataset.state, seed=tc.seed, max_bad_steps=tc.max_bad_steps, flops=flops,
                     progress=progress, desc="train", postfix=postfix)
+
+
+def start_or_resume(workdir: str, trainer: Trainer, data, fresh: Callable[[], dict], *, resume: bool,
+                    save_every: int, keep: int, async_save: bool = True) -> tuple["Checkpointer", int, dict]:
+    """The run's ``Checkpointer`` (``workdir/checkpoints``) and where the run starts: the latest checkpoint when
+    ``resume`` finds one (its data position restored into ``data``, which has ``restore(state)``), else step 0
+    with ``fresh()``'s state."""
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=save_every, keep=keep, async_save=async_save)
+    start = ckpt.latest_step() if resume else None
+    if start is None:
+        return ckpt, 0, fresh()
+    state, meta = ckpt.restore(start, trainer.abstract_state())
+    data.restore(meta["data"])
+    return ckpt, start, state
 
 
 def run_loop(workdir: str, ckpt: "Checkpointer", state, start: int, end: int, total: int,

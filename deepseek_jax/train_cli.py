@@ -196,6 +196,18 @@ def _report_arithmetic(workdir: str) -> None:
         print(f"  {question}{answer}   ({mark})")
 
 
+def add_run_arguments(p, *, workdir: str, steps: int) -> None:
+    """The flags every training-like command (train, distill) shares: where, how long, batch and optimizer."""
+    p.add_argument("--workdir", default=workdir)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32")
+
+
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model (built-in arithmetic data by default), or fine-tune one")
     p.add_argument("--preset", default=None,
@@ -221,14 +233,7 @@ def register(sub) -> None:
                    help="tokenizer.json (or a directory with one) for text data (default: the DeepSeek tokenizer)")
     p.add_argument("--eos-id", type=int, default=None,
                    help="the id that ends each document of a 1-D .npy (default: the model config's eos_token_id)")
-    p.add_argument("--workdir", default="runs/tiny-v3")
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32")
+    add_run_arguments(p, workdir="runs/tiny-v3", steps=1200)
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="none")
     p.add_argument("--mtp-weight", type=float, default=0.3,
                    help="weight of the MTP loss; 0 turns it off (the MTP modules are then frozen)")
