@@ -348,13 +348,12 @@ def plot_grpo_curves(rows: list[dict], path: str) -> None:
     """Reward, sampled accuracy, held-out greedy accuracy and KL per step."""
     if not rows:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot): drawing to a file leaves the caller's backend alone (a notebook's inline one).
+    from matplotlib.figure import Figure
 
     steps = [r["step"] for r in rows]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    ax, ax2 = fig.subplots(1, 2)
     ax.plot(steps, [r["reward"] for r in rows], label="reward (samples)", alpha=0.7)
     ax.plot(steps, [r["accuracy"] for r in rows], label="accuracy (samples)", alpha=0.7)
     held = [(r["step"], r["heldout_accuracy"]) for r in rows if r.get("heldout_accuracy") is not None]
@@ -369,7 +368,6 @@ def plot_grpo_curves(rows: list[dict], path: str) -> None:
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def _save_tokenizer(workdir: str, tokenizer, init_from: Optional[str], arithmetic: bool) -> None:

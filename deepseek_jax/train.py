@@ -651,13 +651,12 @@ def _rewrite_history(path: str, rows: list[dict]) -> None:
 def plot_loss_curve(rows: list[dict], path: str) -> None:
     if not rows:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot): drawing to a file leaves the caller's backend alone (a notebook's inline one).
+    from matplotlib.figure import Figure
 
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(steps, [r["loss"] for r in rows], label="next-token CE")
     if any(r.get("mtp_loss") for r in rows):
         ax.plot(steps, [r["mtp_loss"] for r in rows], label="MTP loss (weighted)")
@@ -667,7 +666,6 @@ def plot_loss_curve(rows: list[dict], path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def is_train_workdir(path: str) -> bool:
