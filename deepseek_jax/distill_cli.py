@@ -66,7 +66,8 @@ def _run(args) -> int:
             check_vocab(pretrained_config(args.teacher), student, args.teacher, student_name)
         records = distill(student, tc, dc, args.workdir, teacher=args.teacher if args.teacher_shards is None else None,
                           teacher_shards=args.teacher_shards, sequence_prompts=args.sequence_prompts, data=args.data,
-                          tokenizer=tokenizer, arithmetic_loss=args.arithmetic_loss, mesh_spec=args.mesh, save_every=args.save_every,
+                          tokenizer=tokenizer, arithmetic_loss=args.arithmetic_loss, mesh_spec=args.mesh,
+                          save_every=args.save_every,
                           keep=args.keep, resume=not args.no_resume, student_name=student_name)
     except (CheckpointError, ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

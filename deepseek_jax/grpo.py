@@ -211,8 +211,8 @@ def rollout(config: ModelConfig, params, prompts: Sequence[Sequence[int]], answe
     rows = [list(p) for p in prompts for _ in range(group_size)]
     row_answers = [a for a in answers for _ in range(group_size)]
     t0 = time.perf_counter()
-    out = generate(config, params, rows, max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=temperature),
-                   seed=seed, eos_token_id=list(stop_ids), speculative=speculative, mesh=mesh)
+    out = generate(config, params, rows, max_new_tokens=max_new_tokens,
+                   sampling=SamplingParams(temperature=temperature), seed=seed, eos_token_id=list(stop_ids), speculative=speculative, mesh=mesh)
     wall = time.perf_counter() - t0
     prompt_texts, completion_texts = _texts(rows, tokenizer), _texts(out.tokens, tokenizer)
     rewards = score(reward_fn, prompt_texts, completion_texts, row_answers)

@@ -44,8 +44,9 @@ def test_fp32_logits_backward_is_the_plain_gradient():
     x, w, g = _data()
     recipe = LogitsRecipe(jnp.float32)
     dx, dw = jax.grad(lambda a, b: (recipe.dot_general(a, b, DIMS) * g).sum(), argnums=(0, 1))(x, w)
-    np.testing.assert_allclose(np.asarray(dw), np.asarray(x, np.float64).T @ np.asarray(g, np.float64), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(dx), np.asarray(g, np.float64) @ np.asarray(w, np.float64).T, rtol=1e-5, atol=1e-5)
+    x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+    np.testing.assert_allclose(np.asarray(dw), x64.T @ g64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), g64 @ w64.T, rtol=1e-5, atol=1e-5)
 
 
 def _dots(jaxpr):
