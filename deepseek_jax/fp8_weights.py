@@ -6,7 +6,9 @@ has the kernel's shape (Flax's shape check at ``apply`` compares ``q``), and eve
 through ``astype`` (the matmul recipes, the MoE's compute-dtype copy of the expert stacks, MLA's absorbed decode
 path) or indexing, both of which dequantize: ``W[i, j] = q[i, j] * scale[i // 128, j // 128]`` over the kernel's
 2-D view ``[prod(in dims), prod(out dims)]`` (edge blocks partial), per layer inside the scanned stack, so the
-dequantized copy of one layer's matrix is a temporary of the step that reads it.
+dequantized copy of one layer's matrix is a temporary of the step that reads it. On TPU, a linear layer's
+``x @ kernel`` instead runs ``fp8_matmul``'s Pallas kernel, which dequantizes block by block inside the matmul
+(``ModelOptions.fp8_weight_matmul``); ``quantize`` turns a kernel into an ``Fp8Weight`` as the releases do.
 
 Layout: ``q`` is the kernel in our layout (``lead + in_dims + out_dims``, the transposed HF ``[out, in]``);
 ``scale`` is ``lead + [ceil(in / 128), ceil(out / 128)]`` fp32 (the HF ``weight_scale_inv``, transposed like the
@@ -79,6 +81,24 @@ class Fp8Weight:
     def __repr__(self) -> str:
         return f"Fp8Weight(shape={self.shape}, scale={tuple(self.scale.shape)}, n_in={self.n_in})"
 
+
+
+def quantize(kernel: jax.Array, n_in: int = 1, n_out: int = 1) -> Fp8Weight:
+    """``kernel`` (``lead + in_dims + out_dims``) as an ``Fp8Weight``: per 128x128 block of its 2-D view, scale
+    ``amax / 448`` (e4m3's largest finite value; 1 for an all-zero block) and values rounded to e4m3, as
+    DeepSeek's FP8 releases quantize their weights."""
+    shape = tuple(kernel.shape)
+    lead = shape[: len(shape) - n_in - n_out]
+    rows, cols = math.prod(shape[len(lead): len(lead) + n_in]), math.prod(shape[len(lead) + n_in:])
+    w = kernel.reshape(lead + (rows, cols)).astype(jnp.float32)
+    nr, nc = -(-rows // BLOCK), -(-cols // BLOCK)
+    padded = jnp.pad(w, [(0, 0)] * len(lead) + [(0, nr * BLOCK - rows), (0, nc * BLOCK - cols)])
+    blocks = padded.reshape(lead + (nr, BLOCK, nc, BLOCK))
+    amax = jnp.max(jnp.abs(blocks), axis=(-3, -1))
+    scale = jnp.where(amax > 0, amax / 448.0, 1.0)
+    s = jnp.repeat(jnp.repeat(scale, BLOCK, axis=-2), BLOCK, axis=-1)[..., :rows, :cols]
+    q = (w / s).astype(jnp.float8_e4m3fn)
+    return Fp8Weight(q.reshape(shape), scale, n_in, n_out)
 
 
 def _axes_tuple(entry) -> tuple:

@@ -8,8 +8,9 @@ report, section 3.3: they stay in high precision).
 
 from __future__ import annotations
 
+import math
 from functools import partial
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,8 +24,11 @@ DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int
 class MatmulRecipe:
     """The default recipe: inputs in the compute dtype, fp32 accumulation, output in the compute dtype."""
 
-    def __init__(self, dtype, out_dtype=None):
+    def __init__(self, dtype, out_dtype=None, fp8_kernel: Optional[str] = None):
         self.dtype = jnp.dtype(dtype)
+        # Kernels kept as FP8 (``fp8_weights.Fp8Weight``): "tpu" / "interpret" runs ``fp8_matmul``'s Pallas
+        # kernel (dequantization per block inside it) compiled or interpreted; None dequantizes in XLA.
+        self.fp8_kernel = fp8_kernel
         self.out_dtype = self.dtype if out_dtype is None else jnp.dtype(out_dtype)
         # fp32 compute means real fp32 (no TF32 on GPU); lower dtypes take the backend default.
         self.precision = jax.lax.Precision.HIGHEST if self.dtype == jnp.float32 else None
@@ -37,6 +41,13 @@ class MatmulRecipe:
         self.accum = self.out_dtype if low else jnp.float32
 
     def dot_general(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers) -> jax.Array:
+        if self.fp8_kernel is not None and _kernel_applies(lhs, rhs, dimension_numbers):
+            from .fp8_matmul import fp8_matmul
+
+            k, out_dims = math.prod(lhs.shape[lhs.ndim - rhs.n_in:]), rhs.shape[rhs.n_in:]
+            out = fp8_matmul(lhs.reshape(-1, k), rhs.q.reshape(k, -1), rhs.scale, self.dtype, self.out_dtype,
+                             self.fp8_kernel == "interpret")
+            return out.reshape(lhs.shape[:lhs.ndim - rhs.n_in] + tuple(out_dims))
         out = jax.lax.dot_general(
             lhs.astype(self.dtype), rhs.astype(self.dtype), dimension_numbers,
             precision=self.precision, preferred_element_type=self.accum,
@@ -52,9 +63,34 @@ class MatmulRecipe:
         return out.astype(self.out_dtype)
 
 
+def _kernel_applies(lhs, rhs, dimension_numbers) -> bool:
+    """A plain ``x @ kernel`` (the last ``n_in`` dims of x with the first of an FP8-kept kernel of one layer) whose
+    2-D view the FP8 kernel tiles."""
+    from .fp8_matmul import block_sizes
+    from .fp8_weights import Fp8Weight
+
+    if not isinstance(rhs, Fp8Weight) or rhs.ndim != rhs.n_in + rhs.n_out:
+        return False
+    if tuple(map(tuple, dimension_numbers[0])) != tuple(map(tuple, contract_last(rhs.n_in, lhs.ndim)[0])) or any(
+            dimension_numbers[1]):
+        return False
+    k, n = math.prod(rhs.shape[:rhs.n_in]), math.prod(rhs.shape[rhs.n_in:])
+    return block_sizes(math.prod(lhs.shape[:lhs.ndim - rhs.n_in]), k, n) is not None
+
+
+def fp8_kernel_mode(options: ModelOptions) -> Optional[str]:
+    """How matmuls on FP8-kept kernels run under ``options`` (see ``MatmulRecipe.fp8_kernel``)."""
+    tpu = options.target_platform() == "tpu"
+    if options.fp8_weight_matmul == "auto":
+        return "tpu" if tpu else None
+    if options.fp8_weight_matmul == "pallas":
+        return "tpu" if tpu else "interpret"
+    return None
+
+
 def matmul_recipe(options: ModelOptions) -> MatmulRecipe:
     if options.matmul == "default":
-        return MatmulRecipe(options.compute_dtype)
+        return MatmulRecipe(options.compute_dtype, fp8_kernel=fp8_kernel_mode(options))
     if options.matmul == "fp8":
         from .fp8 import Fp8Recipe
 

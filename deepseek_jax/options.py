@@ -13,6 +13,7 @@ MOE_DISPATCHES = ("auto", "blocked", "ragged", "gather", "dense")
 ATTENTIONS = ("auto", "blockwise", "naive", "splash")
 PLATFORMS = (None, "cpu", "gpu", "tpu")
 MATMUL_RECIPES = ("default", "fp8")
+FP8_WEIGHT_MATMULS = ("auto", "pallas", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,10 @@ class ModelOptions:
         the queries or keys span more than ``attention_block``: splash for a row's self-attention on TPU,
         blockwise otherwise).
     attention_block: query / key block of the blockwise core.
+    fp8_weight_matmul: how a linear layer multiplies by an FP8-kept kernel (``fp8_weights.Fp8Weight``): "pallas"
+        (``fp8_matmul``: a Pallas kernel that dequantizes each 128x128 block inside the matmul; off TPU it runs in
+        Pallas' interpreter, for tests), "xla" (dequantize, then XLA's dot), "auto" ("pallas" on TPU, else "xla").
+        Shapes the kernel does not tile (K or N not a multiple of 128) take the XLA path.
     """
 
     dtype: str = "float32"
@@ -63,10 +68,11 @@ class ModelOptions:
     matmul: str = "default"
     attention: str = "auto"
     attention_block: int = 512
+    fp8_weight_matmul: str = "auto"
 
     def __post_init__(self):
         for name, allowed in (("remat", REMAT_POLICIES), ("moe_dispatch", MOE_DISPATCHES), ("matmul", MATMUL_RECIPES),
-                              ("attention", ATTENTIONS)):
+                              ("attention", ATTENTIONS), ("fp8_weight_matmul", FP8_WEIGHT_MATMULS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelOptions.{name} = {getattr(self, name)!r}: expected one of {allowed}")
         for name in ("dtype", "param_dtype"):

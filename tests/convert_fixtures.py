@@ -85,11 +85,11 @@ def fp8_quantized(key: str) -> bool:
     return ".layers." in key and "_proj" in key and key.endswith(".weight") and "eh_proj" not in key
 
 
-def make_fp8(path: str, ue8m0: bool = False, n_files: int = 3):
+def make_fp8(path: str, ue8m0: bool = False, n_files: int = 3, config: ModelConfig = FP8_CONFIG):
     """A V3-layout FP8 checkpoint (with MTP layer) sharded over ``n_files``; returns
     (transformers model holding the dequantized weights, {key: original tensor})."""
     src = path + "-fp32"
-    model = make_hf(src, FP8_CONFIG, mtp=True)
+    model = make_hf(src, config, mtp=True)
     tensors = read_all(src)
     out, dequant = {}, {}
     for k, v in tensors.items():
@@ -119,8 +119,8 @@ def make_fp8(path: str, ue8m0: bool = False, n_files: int = 3):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
     # The reference: transformers on the dequantized weights (main model; MTP keys are not part of it).
-    ref = hf_model(FP8_CONFIG)
-    sd = {k: v for k, v in dequant.items() if not k.startswith(f"model.layers.{FP8_CONFIG.num_hidden_layers}.")}
+    ref = hf_model(config)
+    sd = {k: v for k, v in dequant.items() if not k.startswith(f"model.layers.{config.num_hidden_layers}.")}
     _load_per_expert(ref, sd)
     return ref, out
 

@@ -1,0 +1,171 @@
+"""A matmul on FP8-kept weights (``fp8_weights.Fp8Weight``) that dequantizes per 128x128 block inside the kernel.
+
+``x [M, K] @ W [K, N]`` with ``W[i, j] = q[i, j] * scale[i // 128, j // 128]``: a Pallas TPU kernel walks the output
+in ``[bm, bn]`` tiles and K in steps of ``bk``; each step reads ``bk x bn`` e4m3 values from HBM, and for each of
+its ``bk / 128`` block rows multiplies them by their scales in fp32 (the same products as
+``Fp8Weight.dequantize``), casts to the compute dtype and accumulates the tile's dot into an fp32 VMEM
+accumulator. The dequantized weight never exists in HBM: the kernel's HBM traffic is one byte per weight, and its
+only temporary outside VMEM is the scales repeated along N (``K / 128 x N`` fp32, 1/32 of the e4m3 bytes),
+because the TPU's block shapes need 8-row by 128-column tiles of every operand.
+
+Sharding: the kernel is wrapped in ``custom_partitioning``, so under ``jit`` on a mesh every device runs it on
+its own shards. The weight keeps its (block-aligned) sharding; rows of x keep theirs; where the weight is split
+along K (and x's rows are not split over the same mesh axes) the per-device products are partial sums, added by
+a ``psum`` in fp32; where x's rows and the weight's K are split over the same axes the weight is all-gathered
+along K (FSDP's gather).
+
+The backward (for a gradient with respect to x) is the XLA dequantized matmul; the FP8 values get no gradient.
+
+Where it runs: ``ModelOptions.fp8_weight_matmul`` ("auto": on TPU; "pallas": everywhere, off TPU in Pallas'
+interpreter, for tests; "xla": never). It needs K and N multiples of 128 (else the XLA path); x's rows are padded
+to the row tile.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+from .fp8_weights import BLOCK
+
+MAX_BK = 8192  # the largest K one step reads when K is no multiple of 1024
+
+
+def block_sizes(m: int, k: int, n: int) -> Optional[tuple[int, int, int]]:
+    """``(bm, bk, bn)`` for an ``[m, k] x [k, n]`` product, or None where the kernel does not apply.
+
+    bk: 1024 (8 block rows: the scales' tile needs 8 rows) where K allows, else all of K; bn: 512, 256 or 128;
+    bm: 256, or m rounded up to 16 rows (bf16's sublane tile) for small m (decode)."""
+    if k % BLOCK or n % BLOCK or k < BLOCK or n < BLOCK:
+        return None
+    bk = 1024 if k % 1024 == 0 else k
+    if bk > MAX_BK:
+        return None
+    bn = next(b for b in (512, 256, 128) if n % b == 0)
+    bm = 256 if m >= 256 else -(-m // 16) * 16
+    return bm, bk, bn
+
+
+def _kernel(x_ref, q_ref, s_ref, o_ref, acc_ref, *, compute_dtype):
+    k = pl.program_id(2)
+
+    @pl.when(k == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    for a in range(q_ref.shape[0] // BLOCK):
+        rows = slice(a * BLOCK, (a + 1) * BLOCK)
+        w = (q_ref[rows, :].astype(jnp.float32) * s_ref[a:a + 1, :]).astype(compute_dtype)
+        acc_ref[...] += jnp.dot(x_ref[:, rows].astype(compute_dtype), w, preferred_element_type=jnp.float32)
+
+    @pl.when(k == pl.num_programs(2) - 1)
+    def _():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
+def local_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, compute_dtype, out_dtype,
+                 interpret: bool = False) -> jax.Array:
+    """The kernel on one device's arrays: ``x [M, K]``, ``q [K, N]`` e4m3, ``scale [K / 128, N / 128]``."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    (m, k), n = x.shape, q.shape[1]
+    sizes = block_sizes(m, k, n)
+    if sizes is None:
+        raise ValueError(f"fp8 kernel: [{m}, {k}] x [{k}, {n}] needs K and N multiples of {BLOCK}")
+    bm, bk, bn = sizes
+    rows = -(-m // bm) * bm
+    xp = jnp.pad(x, ((0, rows - m), (0, 0))) if rows != m else x
+    s_rows = jnp.repeat(scale.astype(jnp.float32), BLOCK, axis=1)  # [K / 128, N]
+    out = pl.pallas_call(
+        functools.partial(_kernel, compute_dtype=jnp.dtype(compute_dtype)),
+        grid=(rows // bm, n // bn, k // bk),
+        in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
+                  pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)),
+                  pl.BlockSpec((bk // BLOCK, bn), lambda i, j, kk: (kk, j))],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((rows, n), out_dtype),
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+    )(xp, q, s_rows)
+    return out[:m] if rows != m else out
+
+
+def _axes(entry) -> tuple:
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def _entry(axes: tuple):
+    return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+
+def _spec(sharding, i: int) -> tuple:
+    spec = tuple(getattr(sharding, "spec", ()) or ())
+    return _axes(spec[i]) if i < len(spec) else ()
+
+
+def _layout(mesh, arg_shapes):
+    """Per-device layout: (x spec, weight spec, output spec, the axes the partial products are summed over)."""
+    x, q = arg_shapes[0].sharding, arg_shapes[1].sharding
+    n_axes = _spec(q, 1)
+    m_axes = tuple(a for a in _spec(x, 0) if a not in n_axes)
+    # K stays split where the weight is (no weight movement) unless x's rows use the axis: then FSDP's gather.
+    k_axes = tuple(a for a in _spec(q, 0) if a not in m_axes and a not in n_axes)
+    m, k, n = _entry(m_axes), _entry(k_axes), _entry(n_axes)
+    return PartitionSpec(m, k), PartitionSpec(k, n), PartitionSpec(m, n), k_axes
+
+
+def _infer(compute_dtype, out_dtype, interpret, mesh, arg_shapes, result_shape):
+    return NamedSharding(mesh, _layout(mesh, arg_shapes)[2])
+
+
+def _partition(compute_dtype, out_dtype, interpret, mesh, arg_shapes, result_shape):
+    x_spec, w_spec, out_spec, k_axes = _layout(mesh, arg_shapes)
+
+    def lower(x, q, scale):
+        if not k_axes:
+            return local_matmul(x, q, scale, compute_dtype, out_dtype, interpret)
+        partial = local_matmul(x, q, scale, compute_dtype, jnp.float32, interpret)
+        return jax.lax.psum(partial, k_axes).astype(out_dtype)
+
+    shard = functools.partial(NamedSharding, mesh)
+    return mesh, lower, shard(out_spec), (shard(x_spec), shard(w_spec), shard(w_spec))
+
+
+@functools.partial(custom_partitioning, static_argnums=(3, 4, 5))
+def _partitioned(x, q, scale, compute_dtype, out_dtype, interpret):
+    return local_matmul(x, q, scale, compute_dtype, out_dtype, interpret)
+
+
+_partitioned.def_partition(
+    partition=_partition, infer_sharding_from_operands=_infer,
+    sharding_rule="m k, k n, a b -> m n", reduction_factors=("k",),
+)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def fp8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, compute_dtype, out_dtype, interpret: bool = False):
+    """``x [M, K] @ dequantize(q, scale) [K, N]`` by the kernel (see the module docstring), output ``out_dtype``."""
+    return _partitioned(x, q, scale, jnp.dtype(compute_dtype), jnp.dtype(out_dtype), bool(interpret))
+
+
+def _fwd(x, q, scale, compute_dtype, out_dtype, interpret):
+    return fp8_matmul(x, q, scale, compute_dtype, out_dtype, interpret), (x, q, scale)
+
+
+def _bwd(compute_dtype, out_dtype, interpret, res, g):
+    from .fp8_weights import Fp8Weight
+
+    x, q, scale = res
+    w = Fp8Weight(q, scale, 1, 1).dequantize(compute_dtype)
+    dx = jax.lax.dot_general(g.astype(compute_dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), jnp.zeros_like(q), jnp.zeros_like(scale)
+
+
+fp8_matmul.defvjp(_fwd, _bwd)
