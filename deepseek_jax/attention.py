@@ -1,6 +1,6 @@
 """Attention cores for MLA's shapes: the naive reference, blockwise (online-softmax) attention with its own
-backward pass, so memory is O(T x block), not O(T^2), and the Pallas TPU splash kernel for a row's causal
-self-attention (``splash_attention``).
+backward pass, so memory is O(T x block), not O(T^2), the Pallas TPU splash kernel for a row's causal
+self-attention (``splash_attention``), and cuDNN's fused attention on GPU for unpacked rows (``cudnn_attention``).
 
 Shapes: B batch, T queries, S keys, H query heads, Hk key/value heads (H for the full MLA path; 1 for the
 absorbed path, whose single "head" is the shared latent), Dk q/k head dim (nope + rope), Dv value head dim.
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from .grouped import _varying_axes, _vary
 
-ATTENTION_IMPLS = ("auto", "blockwise", "naive", "splash")
+ATTENTION_IMPLS = ("auto", "blockwise", "naive", "splash", "cudnn")
 DEFAULT_BLOCK = 512
 _EMPTY = -1e30  # masked score: finite, so a fully masked block gives exp(0) = 1 that the mask then zeroes
 
@@ -296,11 +296,47 @@ def splash_attention(q, k, v, q_segment, k_segment, scale: float, block: int = D
     return jnp.where((q_segment > 0)[:, :, None, None], out, 0).astype(v.dtype)
 
 
+def single_document(segment: jax.Array) -> jax.Array:
+    """``[]`` bool: every row of ``segment [B,T]`` is one document from place 0 followed by padding (segment 0):
+    ``s, .., s, 0, .., 0``, the layout that per-row lengths describe."""
+    length = jnp.sum(segment > 0, axis=1, keepdims=True)
+    place = jnp.arange(segment.shape[1])[None]
+    return jnp.all(segment == jnp.where(place < length, segment[:, :1], 0))
+
+
+def cudnn_attention(q, k, v, layout: Layout, scale: float, block: int = DEFAULT_BLOCK,
+                    implementation: str = "cudnn") -> jax.Array:
+    """A row's causal self-attention (query and key t at place t, ``T == S``) by ``jax.nn.dot_product_attention``
+    (``implementation="cudnn"``: cuDNN's fused flash attention on GPU; "xla" materializes the scores: for tests).
+
+    It takes no segment ids, only per-row lengths, so it runs when every row is one document followed by
+    padding (``single_document``, checked on the values: right-padded prompts, unpacked training rows); packed
+    rows take the blockwise core (``lax.cond``: both are compiled, one runs). It needs V's head dim equal to
+    q/k's: V is padded with zeros to Dk (no score changes; the extra output columns are 0) and the output sliced
+    back to Dv. Rows of padding give 0, as in the other cores."""
+    dk, dv = q.shape[-1], v.shape[-1]
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"cudnn attention is a row's self-attention: {q.shape[1]} queries but {k.shape[1]} keys")
+
+    def fused(q, k, v):
+        lengths = jnp.sum(layout.q_segment > 0, axis=1).astype(jnp.int32)
+        vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, dk - dv))) if dv < dk else v
+        out = jax.nn.dot_product_attention(q, k, vp, scale=scale, is_causal=True, query_seq_lengths=lengths,
+                                           key_value_seq_lengths=lengths, implementation=implementation)
+        return jnp.where((layout.q_segment > 0)[:, :, None, None], out[..., :dv], 0).astype(v.dtype)
+
+    def packed(q, k, v):
+        return blockwise_attention(q, k, v, layout, scale, block, block).astype(v.dtype)
+
+    return jax.lax.cond(single_document(layout.q_segment), fused, packed, q, k, v)
+
+
 def attention(q, k, v, layout: Layout, scale: float, impl: str = "auto", block: int = DEFAULT_BLOCK,
               platform: str = "cpu", self_attention: bool = False) -> jax.Array:
-    """The attention core: ``impl`` "naive", "blockwise", "splash", or "auto": for queries or keys spanning more
-    than one block, splash on TPU when ``self_attention`` (the layout is a row's own tokens at places 0..T-1,
-    as in training and prefill), blockwise otherwise; naive within one block.
+    """The attention core: ``impl`` "naive", "blockwise", "splash", "cudnn", or "auto": for queries or keys
+    spanning more than one block, when ``self_attention`` (the layout is a row's own tokens at places 0..T-1, as
+    in training and prefill) splash on TPU and cuDNN on GPU for 16-bit inputs, blockwise otherwise; naive within
+    one block.
     On CPU low-precision inputs are computed in fp32 (XLA:CPU has no bf16 x bf16 -> fp32 dot for some of these
     shapes, and no fast bf16 one), the output cast back."""
     if impl not in ATTENTION_IMPLS:
@@ -309,6 +345,12 @@ def attention(q, k, v, layout: Layout, scale: float, impl: str = "auto", block: 
     long = max(q.shape[1], k.shape[1]) > block
     if impl == "auto" and long and platform == "tpu" and self_attention:
         impl = "splash"
+    if impl == "auto" and long and platform == "gpu" and self_attention and dtype in (jnp.bfloat16, jnp.float16):
+        impl = "cudnn"
+    if impl == "cudnn":
+        if not self_attention:
+            raise ValueError("attention impl 'cudnn' needs a row's self-attention layout (training or prefill)")
+        return cudnn_attention(q, k, v, layout, scale, block, "cudnn" if platform == "gpu" else "xla")
     if impl == "splash":
         if not self_attention:
             raise ValueError("attention impl 'splash' needs a row's self-attention layout (training or prefill)")

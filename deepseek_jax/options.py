@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCHES = ("auto", "blocked", "ragged", "gather", "dense")
-ATTENTIONS = ("auto", "blockwise", "naive", "splash")
+ATTENTIONS = ("auto", "blockwise", "naive", "splash", "cudnn")
 PLATFORMS = (None, "cpu", "gpu", "tpu")
 MATMUL_RECIPES = ("default", "fp8")
 FP8_WEIGHT_MATMULS = ("auto", "pallas", "xla")
@@ -46,9 +46,11 @@ class ModelOptions:
     matmul: the recipe behind the one dot_general hook ("default" or "fp8").
     attention: the attention core (``attention.py``): "blockwise" (online softmax with its own backward, O(T x
         block) memory), "naive" (the whole score matrix: the reference), "splash" (the Pallas TPU splash kernel
-        for a row's causal self-attention; off TPU it runs in Pallas' interpreter, for tests), "auto" (whenever
-        the queries or keys span more than ``attention_block``: splash for a row's self-attention on TPU,
-        blockwise otherwise).
+        for a row's causal self-attention; off TPU it runs in Pallas' interpreter, for tests), "cudnn"
+        (``jax.nn.dot_product_attention``'s cuDNN flash attention for a row's causal self-attention, V padded to
+        the q/k head dim; rows packed with several documents take the blockwise core; off GPU it runs XLA's
+        implementation, for tests), "auto" (whenever the queries or keys span more than ``attention_block``, for a
+        row's self-attention: splash on TPU, cudnn on GPU in bf16 / fp16; blockwise otherwise).
     attention_block: query / key block of the blockwise core.
     fp8_weight_matmul: how a linear layer multiplies by an FP8-kept kernel (``fp8_weights.Fp8Weight``): "pallas"
         (``fp8_matmul``: a Pallas kernel that dequantizes each 128x128 block inside the matmul; off TPU it runs in

@@ -99,6 +99,21 @@ def test_model_with_blockwise_attention_equals_naive(preset):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def test_model_with_the_cudnn_path_equals_naive():
+    """The model (V3's q/k head dim 2x the v head dim at tiny size) with attention="cudnn" (XLA's implementation
+    here) on right-padded single-document rows: logits and gradients equal the naive model's."""
+    config = dsj.presets["tiny-v3"]
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, config.vocab_size, (2, 21)))
+    segments = jnp.asarray([[1] * 21, [1] * 17 + [0] * 4])
+    params = nn.meta.unbox(jax.jit(dsj.Transformer(config).init)(jax.random.PRNGKey(0), tokens)["params"])
+    (v0, l0), g0 = _loss_fn(config, dsj.ModelOptions(attention="naive"), tokens, segments)(params)
+    (v1, l1), g1 = _loss_fn(config, dsj.ModelOptions(attention="cudnn"), tokens, segments)(params)
+    np.testing.assert_allclose(np.asarray(l1), np.asarray(l0), atol=1e-5)
+    assert float(v1) == pytest.approx(float(v0), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 def test_auto_picks_blockwise_past_one_block():
     """A long sequence never builds the [T, T] score matrix under the default options."""
     config = dsj.presets["tiny-v3"].replace(num_hidden_layers=1, first_k_dense_replace=1,
@@ -165,6 +180,72 @@ def test_auto_picks_the_splash_kernel_on_tpu_for_self_attention_only():
     assert kernels(platform="cpu", self_attention=True) == 0
     with pytest.raises(ValueError, match="self-attention"):
         attention(q, k, v, lay, 0.2, "splash", 64, "cpu")
+
+
+def _single_document_case(t=150, h=4, dk=24, dv=16, seed=1):
+    """Right-padded rows of one document each (as prompts are prefilled), a fully padded row among them."""
+    q, k, v, _, rng = _case(t=t, h=h, dk=dk, dv=dv, seed=seed)
+    seg = np.zeros((3, t), np.int32)
+    seg[0, :] = 1
+    seg[1, :101] = 3
+    idx = np.tile(np.arange(t), (3, 1))
+    return q, k, v, Layout(jnp.asarray(idx), jnp.asarray(seg), jnp.asarray(idx), jnp.asarray(seg)), rng
+
+
+def test_single_document_detects_packed_rows():
+    from deepseek_jax.attention import single_document
+
+    assert bool(single_document(_single_document_case()[3].q_segment))
+    assert not bool(single_document(_case()[3].q_segment))  # packed, padding in front
+    assert not bool(single_document(jnp.asarray([[1, 1, 0, 1]])))  # a document after padding
+    assert not bool(single_document(jnp.asarray([[1, 2, 2, 0]])))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cudnn_path_equals_naive_in_values_and_gradients(packed):
+    """The GPU path (``jax.nn.dot_product_attention`` with per-row lengths, V padded from 16 to the q/k head dim
+    24; XLA's implementation of it here, no GPU) on right-padded single-document rows, and its blockwise fallback
+    on packed rows."""
+    from deepseek_jax.attention import attention
+
+    q, k, v, lay, rng = (_case(t=150) if packed else _single_document_case())
+    cot = jnp.asarray(rng.normal(size=(*q.shape[:3], v.shape[-1])), jnp.float32)
+    fused = lambda *a: attention(*a, lay, 0.2, "cudnn", 64, "cpu", self_attention=True)  # noqa: E731
+    naive = lambda *a: naive_attention(*a, lay, 0.2)  # noqa: E731
+    out = fused(q, k, v)
+    assert out.shape == (*q.shape[:3], v.shape[-1])
+    np.testing.assert_allclose(np.asarray(out), np.asarray(naive(q, k, v)), atol=1e-5)
+    g_fused = jax.grad(lambda *a: (fused(*a) * cot).sum(), argnums=(0, 1, 2))(q, k, v)
+    g_naive = jax.grad(lambda *a: (naive(*a) * cot).sum(), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_fused, g_naive):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_cudnn_on_gpu_in_16_bit_self_attention(monkeypatch):
+    from deepseek_jax.attention import attention
+
+    q, k, v, lay, _ = _single_document_case()
+    real, asked = jax.nn.dot_product_attention, []
+
+    def spy(*args, implementation=None, **kw):  # no GPU here: record the request, run XLA's implementation
+        asked.append(implementation)
+        return real(*args, implementation="xla", **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+
+    def calls(q, k, v, **kw):
+        asked.clear()
+        jax.make_jaxpr(lambda q, k, v: attention(q, k, v, lay, 0.2, "auto", 64, **kw))(q, k, v)
+        return list(asked)
+
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    assert calls(*bf, platform="gpu", self_attention=True) == ["cudnn"]
+    assert calls(*bf, platform="gpu", self_attention=False) == []  # cache keys: blockwise
+    assert calls(q, k, v, platform="gpu", self_attention=True) == []  # fp32: cuDNN's kernel is 16-bit only
+    assert calls(*bf, platform="cpu", self_attention=True) == []
+    assert calls(*bf, platform="tpu", self_attention=True) == []  # splash
+    with pytest.raises(ValueError, match="self-attention"):
+        attention(q, k, v, lay, 0.2, "cudnn", 64, "cpu")
 
 
 SPLASH_MESH_SCRIPT = r"""
