@@ -75,7 +75,13 @@ class Fp8Weight:
     def astype(self, dtype) -> jax.Array:
         return self.dequantize(dtype)
 
-    def __getitem__(self, index) -> jax.Array:
+    def __getitem__(self, index):
+        """Indexing only the stacked (lead) dims, e.g. an expert by id: the ``Fp8Weight`` of those entries (no
+        dequantization; the grouped expert GEMMs pick experts this way). Any other index: dequantized values."""
+        lead = self.ndim - self.n_in - self.n_out
+        parts = index if isinstance(index, tuple) else (index,)
+        if lead and len(parts) <= lead and not any(p is Ellipsis or p is None for p in parts):
+            return Fp8Weight(self.q[index], self.scale[index], self.n_in, self.n_out)
         return self.dequantize()[index]
 
     def __repr__(self) -> str:

@@ -49,17 +49,21 @@ def _group_of(group_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
 def _varying_axes(*arrays) -> set:
     """The manual mesh axes (inside ``shard_map``) over which any of ``arrays`` varies; empty outside it."""
     axes = set()
-    for a in arrays:
+    for a in jax.tree.leaves(arrays):  # pytrees too (an FP8-kept expert stack: its values and scales)
         aval = jax.typeof(a)
         manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier and later releases: aval.vma
         axes |= set(manual.varying if manual is not None else getattr(aval, "vma", ()) or ())
     return axes
 
 
-def _vary(x: jax.Array, axes: set) -> jax.Array:
-    """``x`` marked as varying over ``axes`` too (a no-op outside ``shard_map``)."""
-    missing = tuple(sorted(axes - _varying_axes(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
+def _vary(x, axes: set):
+    """``x`` (an array or a pytree of them) marked as varying over ``axes`` too (a no-op outside ``shard_map``)."""
+
+    def one(a):
+        missing = tuple(sorted(axes - _varying_axes(a)))
+        return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(one, x)
 
 
 def _take_rows(x: jax.Array, order: jax.Array, valid: jax.Array) -> jax.Array:

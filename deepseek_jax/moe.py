@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from .config import ModelConfig
 from .expert_parallel import dispatch_local, expert_parallel_dispatch
+from .fp8_weights import Fp8Weight
 from .linear import MatmulRecipe, contract_last, matmul_recipe
 from .mlp import MLP
 from .options import ModelOptions
@@ -135,8 +136,10 @@ class Experts(nn.Module):
         wd = param("down_proj", (e, i, d), ("expert", "moe_mlp", "embed"))
         # The compute-dtype copy is what enters the dispatch: under FSDP the per-layer gather of the local experts
         # (and the reduce-scatter of their gradient) moves bf16, not the fp32 master weights. The recipes cast
-        # to the compute dtype anyway, so the numbers do not change.
-        wg, wu, wd = (w.astype(o.compute_dtype) for w in (wg, wu, wd))
+        # to the compute dtype anyway, so the numbers do not change. FP8-kept stacks enter as they are (e4m3 +
+        # block scales, gathered as such): the grouped GEMM dequantizes only the experts it reads ("gather":
+        # the chosen ones; "blocked": one per block) or, for "ragged" / "dense", the device's local stack.
+        wg, wu, wd = (w if isinstance(w, Fp8Weight) else w.astype(o.compute_dtype) for w in (wg, wu, wd))
         recipe = matmul_recipe(o)
         mesh = current_mesh()
         if mesh is None:

@@ -196,3 +196,25 @@ def test_kernel_sharded_on_8_devices():
     assert a["spec"] == ["data", "tensor"] and a["all_reduce"] and not a["gathers_weight"], a
     b = out["rows and K over fsdp (FSDP)"]
     assert b["spec"] == ["('data', 'fsdp')", "tensor"] and b["gathers_weight"] and not b["all_reduce"], b
+
+
+@pytest.mark.parametrize("impl", ["gather", "blocked", "ragged", "dense"])
+def test_fp8_expert_stacks_dequantize_only_what_the_grouped_gemm_reads(impl):
+    """FP8-kept expert stacks enter the grouped GEMM as they are: every path equals the dequantized stacks (fp32),
+    and "gather" (small-batch decode: the chosen experts) and "blocked" (one expert per block) never build the
+    dequantized [E, D, I] stack, which "ragged" and "dense" do (their GEMMs take whole stacks)."""
+    from deepseek_jax.expert_parallel import dispatch_local
+
+    e, d, i, n, k = 6, 128, 256, 2, 2
+    rng = np.random.default_rng(4)
+    stacks = [quantize(jnp.asarray(rng.normal(size=shape) * 0.1, jnp.float32))
+              for shape in ((e, d, i), (e, d, i), (e, i, d))]
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    weights = jnp.asarray(rng.uniform(size=(n, k)), jnp.float32)
+    idx = jnp.asarray([[1, 4], [4, 5]], jnp.int32)
+    recipe = MatmulRecipe(jnp.float32)
+    run = lambda *w: dispatch_local(recipe, x, weights, idx, *w, impl, 8)  # noqa: E731
+    ref = dispatch_local(recipe, x, weights, idx, *(w.dequantize() for w in stacks), "dense")
+    np.testing.assert_allclose(jax.jit(run)(*stacks), ref, atol=1e-6, rtol=1e-6)
+    whole = f"f32[{e},{d},{i}]"
+    assert (whole in str(jax.make_jaxpr(run)(*stacks))) == (impl in ("ragged", "dense"))
