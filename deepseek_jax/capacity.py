@@ -77,6 +77,22 @@ def _shard_size(shape: Sequence[int], spec, sizes: dict[str, int]) -> int:
     return n
 
 
+def fp8_kept_kernels(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, int, tuple[int, ...]]]:
+    """The kernels DeepSeek's FP8 release quantizes (``convert.export.release_quantized``), as
+    ``load_pretrained(..., dtype="fp8")`` keeps them: params path -> ``(n_in, n_out, scale shape)``."""
+    from .checkpoint import hf_tensor_map
+    from .convert.export import release_quantized
+    from .sharded_load import _split_point
+
+    out = {}
+    for tm in hf_tensor_map(config):
+        if release_quantized(tm.path, tm.transpose):
+            n_in = _split_point(tm)
+            grid = tuple(math.ceil(d / FP8_BLOCK) for d in tm.hf_shape[::-1])
+            out[tm.path] = (n_in, len(tm.item_shape) - n_in, tm.shape[:len(tm.sources[0][1])] + grid)
+    return out
+
+
 def weight_bytes(config: ModelConfig, mesh_sizes: dict[str, int], weight_dtype: str = "bfloat16",
                  fsdp_over_data: bool = False) -> tuple[int, int]:
     """``(total, per_device)`` bytes of the params at ``weight_dtype`` ("float32", "bfloat16" or "fp8") sharded by
@@ -87,7 +103,6 @@ def weight_bytes(config: ModelConfig, mesh_sizes: dict[str, int], weight_dtype: 
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec
 
-    from .checkpoint import hf_tensor_map
     from .fp8_weights import block_aligned_specs
     from .model import Transformer
     from .sharding import MESH_AXES, _mesh_axes_for, logical_rules
@@ -98,16 +113,7 @@ def weight_bytes(config: ModelConfig, mesh_sizes: dict[str, int], weight_dtype: 
     shapes = nn.meta.unbox(boxed)
     rules = logical_rules(fsdp_over_data)
     mesh = _MeshShape(sizes)
-    quantized = {}  # path -> (n_in, n_out, scale grid) of the kept-FP8 kernels
-    if weight_dtype == "fp8":
-        from .convert.export import release_quantized
-        from .sharded_load import _split_point
-
-        for tm in hf_tensor_map(config):
-            if release_quantized(tm.path, tm.transpose):
-                n_in = _split_point(tm)
-                grid = tuple(math.ceil(d / FP8_BLOCK) for d in tm.hf_shape[::-1])
-                quantized[tm.path] = (n_in, len(tm.item_shape) - n_in, tm.shape[:len(tm.sources[0][1])] + grid)
+    quantized = fp8_kept_kernels(config) if weight_dtype == "fp8" else {}
     plain = {"float32": 4, "bfloat16": 2, "fp8": 2}[weight_dtype]
     total = per_device = 0
     flat_specs = dict(jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda s: isinstance(s, PartitionSpec)))

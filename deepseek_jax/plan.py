@@ -259,8 +259,11 @@ def _train_step(config, tc, mesh, batch: int, seq_len: int) -> StepPlan:
                     mesh)
 
 
-def _inference_inputs(config, options, mesh, batch: int, cache_len: int, cache_dtype: str):
-    """Abstract params (in the options' param dtype, sharded by the rules) and an empty cache (over the batch)."""
+def _inference_inputs(config, options, mesh, batch: int, cache_len: int, cache_dtype: str,
+                      weight_dtype: Optional[str] = None):
+    """Abstract params (in the options' param dtype, sharded by the rules; ``weight_dtype="fp8"``: the kernels
+    the FP8 release quantizes as ``Fp8Weight``s, e4m3 + 128x128 scales on block edges, as
+    ``load_pretrained(..., dtype="fp8")`` places them) and an empty cache (over the batch)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -274,6 +277,18 @@ def _inference_inputs(config, options, mesh, batch: int, cache_len: int, cache_d
     shardings = param_shardings(boxed, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
                           shardings)
+    if weight_dtype == "fp8":
+        from .capacity import fp8_kept_kernels
+        from .fp8_weights import Fp8Weight, fp8_shardings
+
+        for path, (n_in, n_out, grid) in fp8_kept_kernels(config).items():
+            node = params
+            for k in path[:-1]:
+                node = node[k]
+            x = node[path[-1]]
+            q_sh, s_sh = fp8_shardings(x.sharding, x.shape, n_in, n_out)
+            node[path[-1]] = Fp8Weight(jax.ShapeDtypeStruct(x.shape, jnp.float8_e4m3fn, sharding=q_sh),
+                                       jax.ShapeDtypeStruct(grid, jnp.float32, sharding=s_sh), n_in, n_out)
     cache = jax.eval_shape(lambda: kvcache.init_cache(config, batch, cache_len, cache_dtype))
     cache_sh = kvcache.cache_shardings(cache, mesh)
     cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache, cache_sh)
@@ -289,7 +304,7 @@ def _batch_sds(mesh, shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=logical_sharding(names, shape, mesh))
 
 
-def _prefill_step(config, options, mesh, batch, seq_len, cache_len, cache_dtype) -> StepPlan:
+def _prefill_step(config, options, mesh, batch, seq_len, cache_len, cache_dtype, weight_dtype=None) -> StepPlan:
     import functools
 
     import jax
@@ -298,7 +313,7 @@ def _prefill_step(config, options, mesh, batch, seq_len, cache_len, cache_dtype)
     from .decode import prefill_core
     from .info import flops_per_token
 
-    params, cache = _inference_inputs(config, options, mesh, batch, cache_len, cache_dtype)
+    params, cache = _inference_inputs(config, options, mesh, batch, cache_len, cache_dtype, weight_dtype)
     tokens = _batch_sds(mesh, (batch, seq_len), jnp.int32)
     lengths = _batch_sds(mesh, (batch,), jnp.int32)
     fn = jax.jit(functools.partial(prefill_core, config=config, options=options), donate_argnums=(1,))
@@ -307,7 +322,7 @@ def _prefill_step(config, options, mesh, batch, seq_len, cache_len, cache_dtype)
                     batch * seq_len, mesh)
 
 
-def _decode_step(config, options, mesh, batch, cache_len, cache_dtype) -> StepPlan:
+def _decode_step(config, options, mesh, batch, cache_len, cache_dtype, weight_dtype=None) -> StepPlan:
     import functools
 
     import jax
@@ -316,7 +331,7 @@ def _decode_step(config, options, mesh, batch, cache_len, cache_dtype) -> StepPl
     from .decode import decode_core
     from .info import flops_per_token
 
-    params, cache = _inference_inputs(config, options, mesh, batch, cache_len, cache_dtype)
+    params, cache = _inference_inputs(config, options, mesh, batch, cache_len, cache_dtype, weight_dtype)
     tokens = _batch_sds(mesh, (batch, 1), jnp.int32)
     positions = _batch_sds(mesh, (batch, 1), jnp.int32)
     fn = jax.jit(functools.partial(decode_core, config=config, options=options), donate_argnums=(1,))
@@ -329,11 +344,12 @@ def plan(config, *, mesh: Optional[str] = None, batch: int, seq_len: int, cache_
          topology: Optional[str] = None, cpu_devices: Optional[int] = None, precision: str = "bf16",
          remat: str = "full", steps: Sequence[str] = STEPS, device_memory_bytes: Optional[int] = None,
          model_name: str = "model", train_overrides: Optional[dict] = None,
-         infer_dtype: str = "bfloat16", cache_dtype: Optional[str] = None) -> Plan:
+         infer_dtype: str = "bfloat16", cache_dtype: Optional[str] = None, weight_dtype: Optional[str] = None) -> Plan:
     """Compile ``steps`` of ``config`` for a topology (or simulated CPU devices) and report per-device memory,
     collectives and FLOPs. ``batch`` is the global batch (sequences); ``seq_len`` the training / prefill length;
     ``cache_len`` the decode step's cache (default ``seq_len``). Training runs ``precision`` (fp32 master weights
-    and Adam moments) with ``remat``; prefill and decode hold params in ``infer_dtype`` and compute in it."""
+    and Adam moments) with ``remat``; prefill and decode hold params in ``infer_dtype`` (``weight_dtype="fp8"``:
+    the FP8 release's kernels as e4m3 + block scales) and compute in it."""
     from .info import param_counts
     from .options import ModelOptions
     from .train import TrainConfig
@@ -357,9 +373,9 @@ def plan(config, *, mesh: Optional[str] = None, batch: int, seq_len: int, cache_
         if s == "train":
             out.append(_train_step(config, tc, m, batch, seq_len))
         elif s == "prefill":
-            out.append(_prefill_step(config, options, m, batch, seq_len, cache_len, cache_dtype))
+            out.append(_prefill_step(config, options, m, batch, seq_len, cache_len, cache_dtype, weight_dtype))
         else:
-            out.append(_decode_step(config, options, m, batch, cache_len, cache_dtype))
+            out.append(_decode_step(config, options, m, batch, cache_len, cache_dtype, weight_dtype))
     return Plan(model=model_name, target=topology or f"{len(devices)} simulated CPU devices",
                 device_kind=devices[0].device_kind, devices=len(devices), device_memory=memory,
                 mesh=dict(m.shape), batch=batch, seq_len=seq_len, cache_len=cache_len, precision=precision,
@@ -411,7 +427,8 @@ def _run(args) -> int:
                       device_memory_bytes=_parse_bytes(args.device_memory) if args.device_memory else None,
                       train_overrides={"fsdp_over_data": args.fsdp_over_data, "moe_dispatch": args.moe_dispatch,
                                        "capacity_factor": args.capacity_factor},
-                      infer_dtype=args.infer_dtype, cache_dtype=args.cache_dtype)
+                      infer_dtype=args.infer_dtype, cache_dtype=args.cache_dtype,
+                      weight_dtype="fp8" if args.weight_dtype == "fp8" else None)
     except (PlanError, ConfigError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {str(e).strip(chr(39))}", file=sys.stderr)
         return 2
@@ -519,8 +536,9 @@ def register(sub) -> None:
                         "batch per context): no compile, no TPU compiler needed; also printed after compiled "
                         "prefill / decode steps")
     p.add_argument("--weight-dtype", choices=("bfloat16", "float32", "fp8"), default=None,
-                   help="capacity: weights at this dtype (fp8: e4m3 + 128x128 block scales, as the FP8 release "
-                        "stores them and load_pretrained(..., dtype='fp8') keeps them; default --infer-dtype)")
+                   help="weights at this dtype in the capacity table and, for fp8, in the compiled prefill / decode "
+                        "steps too (e4m3 + 128x128 block scales, as the FP8 release stores them and "
+                        "load_pretrained(..., dtype='fp8') keeps them; default --infer-dtype)")
     p.add_argument("--contexts", default=None, help="capacity: context lengths, comma-separated "
                                                      "(default 4096,8192,32768,131072)")
     p.add_argument("--reserve", type=float, default=None,

@@ -89,3 +89,19 @@ def test_plan_capacity_cli(tmp_path, capsys):
     assert d["max_batch"] == {"32768": 1792} and d["devices"] == 64
     assert main(["plan", "deepseek-v3", "--topology", "v9z:4x4", "--capacity"]) == 2
     assert "pass --device-memory" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two decode compiles of tiny-v3: ~30 s on 2 cores
+def test_plan_compiles_decode_on_fp8_kept_weights():
+    """``plan(..., weight_dtype="fp8")`` compiles the decode step on ``Fp8Weight`` params: the step's state is
+    the hand count's FP8 weights (plus the same cache)."""
+    from deepseek_jax.plan import plan
+
+    c = dsj.presets["tiny-v3"].replace(num_hidden_layers=2)
+    steps = {wd: plan(c, batch=2, seq_len=16, steps=["decode"], weight_dtype=wd).steps[0] for wd in (None, "fp8")}
+    bf16, _ = capacity.weight_bytes(c, {}, "bfloat16")  # plan's default inference dtype
+    fp8, _ = capacity.weight_bytes(c, {}, "fp8")
+    assert steps["fp8"].compiled and steps[None].compiled
+    assert steps[None].state_bytes - steps["fp8"].state_bytes == bf16 - fp8
+    # The compiled arguments (the weights decode reads: no MTP block) shrink too.
+    assert steps["fp8"].argument_bytes < steps[None].argument_bytes - (bf16 - fp8) / 2
