@@ -8,11 +8,13 @@ accumulator. The dequantized weight never exists in HBM: the kernel's HBM traffi
 only temporary outside VMEM is the scales repeated along N (``K / 128 x N`` fp32, 1/32 of the e4m3 bytes),
 because the TPU's block shapes need 8-row by 128-column tiles of every operand.
 
-Sharding: the kernel is wrapped in ``custom_partitioning``, so under ``jit`` on a mesh every device runs it on
-its own shards. The weight keeps its (block-aligned) sharding; rows of x keep theirs; where the weight is split
-along K (and x's rows are not split over the same mesh axes) the per-device products are partial sums, added by
-a ``psum`` in fp32; where x's rows and the weight's K are split over the same axes the weight is all-gathered
-along K (FSDP's gather).
+Sharding: under a mesh the linear layer passes the mesh axes of x's rows and of the weight's K and N (from the
+logical rules, block-aligned as the weight is placed) and every device runs the kernel on its own shards
+(``jax.shard_map``; ``custom_partitioning`` would leave the layout to the partitioner, but the TPU compiler that
+``deepseek-jax plan`` drives from a CPU host cannot run its Python callback). The weight keeps its sharding; rows
+of x keep theirs; where the weight is split along K (and x's rows are not split over the same mesh axes) the
+per-device products are partial sums, added by a ``psum`` in fp32; where x's rows and the weight's K are split
+over the same axes the weight is all-gathered along K (FSDP's gather).
 
 The backward (for a gradient with respect to x) is the XLA dequantized matmul; the FP8 values get no gradient.
 
@@ -29,8 +31,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
 
 from .fp8_weights import BLOCK
 
@@ -105,28 +105,25 @@ def _entry(axes: tuple):
     return None if not axes else (axes[0] if len(axes) == 1 else axes)
 
 
-def _spec(sharding, i: int) -> tuple:
-    spec = tuple(getattr(sharding, "spec", ()) or ())
-    return _axes(spec[i]) if i < len(spec) else ()
+def layout(x_rows, w_k, w_n) -> tuple:
+    """Per-device layout of ``x [M, K] @ W [K, N]`` from the mesh axes x's rows and W's K and N are split over:
+    ``(x spec, W spec, output spec, the axes the partial products are summed over)``. The weight keeps its
+    sharding (it is the large operand); x's rows keep theirs except axes W's N uses (the output cannot split
+    over one axis twice); K stays split where W's is unless x's rows use that axis too: then W is gathered along K
+    (FSDP's gather) instead of x's rows."""
+    from jax.sharding import PartitionSpec
 
-
-def _layout(mesh, arg_shapes):
-    """Per-device layout: (x spec, weight spec, output spec, the axes the partial products are summed over)."""
-    x, q = arg_shapes[0].sharding, arg_shapes[1].sharding
-    n_axes = _spec(q, 1)
-    m_axes = tuple(a for a in _spec(x, 0) if a not in n_axes)
-    # K stays split where the weight is (no weight movement) unless x's rows use the axis: then FSDP's gather.
-    k_axes = tuple(a for a in _spec(q, 0) if a not in m_axes and a not in n_axes)
+    n_axes = _axes(w_n)
+    m_axes = tuple(a for a in _axes(x_rows) if a not in n_axes)
+    k_axes = tuple(a for a in _axes(w_k) if a not in m_axes and a not in n_axes)
     m, k, n = _entry(m_axes), _entry(k_axes), _entry(n_axes)
     return PartitionSpec(m, k), PartitionSpec(k, n), PartitionSpec(m, n), k_axes
 
 
-def _infer(compute_dtype, out_dtype, interpret, mesh, arg_shapes, result_shape):
-    return NamedSharding(mesh, _layout(mesh, arg_shapes)[2])
-
-
-def _partition(compute_dtype, out_dtype, interpret, mesh, arg_shapes, result_shape):
-    x_spec, w_spec, out_spec, k_axes = _layout(mesh, arg_shapes)
+def _sharded(x, q, scale, compute_dtype, out_dtype, interpret, mesh, specs):
+    if mesh is None:
+        return local_matmul(x, q, scale, compute_dtype, out_dtype, interpret)
+    x_spec, w_spec, out_spec, k_axes = layout(*specs)
 
     def lower(x, q, scale):
         if not k_axes:
@@ -134,32 +131,26 @@ def _partition(compute_dtype, out_dtype, interpret, mesh, arg_shapes, result_sha
         partial = local_matmul(x, q, scale, compute_dtype, jnp.float32, interpret)
         return jax.lax.psum(partial, k_axes).astype(out_dtype)
 
-    shard = functools.partial(NamedSharding, mesh)
-    return mesh, lower, shard(out_spec), (shard(x_spec), shard(w_spec), shard(w_spec))
+    # check_vma off: a Pallas call cannot declare how its outputs vary (they vary as its inputs do).
+    return jax.shard_map(lower, mesh=mesh, in_specs=(x_spec, w_spec, w_spec), out_specs=out_spec,
+                         check_vma=False)(x, q, scale)
 
 
-@functools.partial(custom_partitioning, static_argnums=(3, 4, 5))
-def _partitioned(x, q, scale, compute_dtype, out_dtype, interpret):
-    return local_matmul(x, q, scale, compute_dtype, out_dtype, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def fp8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, compute_dtype, out_dtype, interpret: bool = False,
+               mesh=None, specs: tuple = (None, None, None)):
+    """``x [M, K] @ dequantize(q, scale) [K, N]`` by the kernel (see the module docstring), output ``out_dtype``.
+
+    Under a mesh, ``specs`` are the mesh axes of x's rows, W's K and W's N (``layout``): each device runs the
+    kernel on its shards (``jax.shard_map``), partial sums over K added in fp32."""
+    return _sharded(x, q, scale, jnp.dtype(compute_dtype), jnp.dtype(out_dtype), bool(interpret), mesh, specs)
 
 
-_partitioned.def_partition(
-    partition=_partition, infer_sharding_from_operands=_infer,
-    sharding_rule="m k, k n, a b -> m n", reduction_factors=("k",),
-)
+def _fwd(x, q, scale, compute_dtype, out_dtype, interpret, mesh, specs):
+    return fp8_matmul(x, q, scale, compute_dtype, out_dtype, interpret, mesh, specs), (x, q, scale)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def fp8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, compute_dtype, out_dtype, interpret: bool = False):
-    """``x [M, K] @ dequantize(q, scale) [K, N]`` by the kernel (see the module docstring), output ``out_dtype``."""
-    return _partitioned(x, q, scale, jnp.dtype(compute_dtype), jnp.dtype(out_dtype), bool(interpret))
-
-
-def _fwd(x, q, scale, compute_dtype, out_dtype, interpret):
-    return fp8_matmul(x, q, scale, compute_dtype, out_dtype, interpret), (x, q, scale)
-
-
-def _bwd(compute_dtype, out_dtype, interpret, res, g):
+def _bwd(compute_dtype, out_dtype, interpret, mesh, specs, res, g):
     from .fp8_weights import Fp8Weight
 
     x, q, scale = res

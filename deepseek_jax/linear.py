@@ -42,17 +42,29 @@ class MatmulRecipe:
 
     def dot_general(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers) -> jax.Array:
         if self.fp8_kernel is not None and _kernel_applies(lhs, rhs, dimension_numbers):
-            from .fp8_matmul import fp8_matmul
-
-            k, out_dims = math.prod(lhs.shape[lhs.ndim - rhs.n_in:]), rhs.shape[rhs.n_in:]
-            out = fp8_matmul(lhs.reshape(-1, k), rhs.q.reshape(k, -1), rhs.scale, self.dtype, self.out_dtype,
-                             self.fp8_kernel == "interpret")
-            return out.reshape(lhs.shape[:lhs.ndim - rhs.n_in] + tuple(out_dims))
+            return self._fp8_kernel_dot(lhs, rhs, None)
         out = jax.lax.dot_general(
             lhs.astype(self.dtype), rhs.astype(self.dtype), dimension_numbers,
             precision=self.precision, preferred_element_type=self.accum,
         )
         return out.astype(self.out_dtype)
+
+    def linear(self, x: jax.Array, kernel, n_in: int, axes: Optional[Sequence[str]] = None) -> jax.Array:
+        """``x @ kernel`` over x's last ``n_in`` dims; ``axes``: the kernel's logical axis names, which place an
+        FP8-kept kernel's Pallas matmul on its shards under a mesh."""
+        dims = contract_last(n_in, x.ndim)
+        if self.fp8_kernel is not None and _kernel_applies(x, kernel, dims):
+            return self._fp8_kernel_dot(x, kernel, axes)
+        return self.dot_general(x, kernel, dims)
+
+    def _fp8_kernel_dot(self, lhs, rhs, axes) -> jax.Array:
+        from .fp8_matmul import fp8_matmul
+
+        k, out_dims = math.prod(lhs.shape[lhs.ndim - rhs.n_in:]), rhs.shape[rhs.n_in:]
+        mesh, specs = _fp8_kernel_layout(lhs, rhs, axes)
+        out = fp8_matmul(lhs.reshape(-1, k), rhs.q.reshape(k, -1), rhs.scale, self.dtype, self.out_dtype,
+                         self.fp8_kernel == "interpret", mesh, specs)
+        return out.reshape(lhs.shape[:lhs.ndim - rhs.n_in] + tuple(out_dims))
 
     def ragged_dot(self, lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]``, rows of ``lhs`` grouped by ``group_sizes``."""
@@ -76,6 +88,33 @@ def _kernel_applies(lhs, rhs, dimension_numbers) -> bool:
         return False
     k, n = math.prod(rhs.shape[:rhs.n_in]), math.prod(rhs.shape[rhs.n_in:])
     return block_sizes(math.prod(lhs.shape[:lhs.ndim - rhs.n_in]), k, n) is not None
+
+
+def _fp8_kernel_layout(x, kernel, axes):
+    """``(mesh, (x rows' axes, K's axes, N's axes))`` for the FP8 kernel under the mesh in effect (None outside
+    one, inside ``shard_map``, or without the kernel's logical ``axes``): the kernel's axes from the logical
+    rules, on 128-block edges as ``load_pretrained(..., dtype="fp8")`` places it; x's rows as activations are
+    split (the batch axes that divide the batch, then the context axes where they divide the sequence)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    none = (None, (None, None, None))
+    if axes is None or mesh is None or mesh.empty or mesh.size == 1 or getattr(mesh, "manual_axes", ()):
+        return none
+    import flax.linen as nn
+
+    from .fp8_weights import block_aligned_specs
+    from .sharding import BATCH_AXES, CONTEXT_AXES, LOGICAL_RULES, _largest_dividing, _mesh_axes_for
+
+    rules = nn.get_logical_axis_rules() or LOGICAL_RULES
+    spec = _mesh_axes_for(tuple(axes), kernel.shape, mesh, rules)
+    q_spec, _ = block_aligned_specs(spec, kernel.shape, kernel.n_in, kernel.n_out, mesh.shape)
+    q_spec = tuple(q_spec) + (None,) * (kernel.ndim - len(tuple(q_spec)))
+    lead = x.shape[:x.ndim - kernel.n_in]
+    live = lambda names: tuple(a for a in names if mesh.shape.get(a, 1) > 1)  # noqa: E731
+    rows = _largest_dividing(live(BATCH_AXES), lead[0], mesh)
+    ctx = live(CONTEXT_AXES)
+    if len(lead) > 1 and ctx and lead[1] % math.prod(mesh.shape[a] for a in ctx) == 0:
+        rows += ctx
+    return mesh, (rows or None, q_spec[0], q_spec[kernel.n_in])
 
 
 def fp8_kernel_mode(options: ModelOptions) -> Optional[str]:
@@ -139,8 +178,42 @@ _logits_dot.defvjp(_logits_dot_fwd, _logits_dot_bwd)
 def embedding_lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
     """``table[tokens]`` in ``dtype``. The rows are read from the table cast to ``dtype`` (under FSDP the table's
     gather moves 16-bit values, not the fp32 master copy); the gradient is the same as a lookup of the fp32
-    table cast afterwards: the cotangents scatter-added in fp32."""
-    return jnp.take(table.astype(dtype), tokens, axis=0)
+    table cast afterwards: the cotangents scatter-added in fp32.
+
+    Under a mesh both run split over the model dim (``_model_dim_axes``): the table's rows are split over the
+    vocabulary by the FSDP rules and the tokens over the batch, and a gather (or scatter) between those two layouts
+    makes XLA replicate one of them whole (the whole global batch's cotangents in fp32, ``[B, T, D]`` on every
+    device, or the whole table). Split over D instead, each device looks up (adds) its columns for every token:
+    the table and the cotangents each move once by an all-to-all, and nothing is replicated but the token ids."""
+    return _lookup(table.astype(dtype), tokens)
+
+
+def _model_dim_axes(d: int):
+    """The mesh axes (those of the batch and context, whose product divides ``d``) that the lookup splits the
+    model dim over, or None outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return None
+    from .sharding import BATCH_AXES, CONTEXT_AXES, _largest_dividing
+
+    axes = _largest_dividing(tuple(a for a in BATCH_AXES + CONTEXT_AXES if mesh.shape.get(a, 1) > 1), d, mesh)
+    return axes or None
+
+
+def _split_d(x: jax.Array, axes) -> jax.Array:
+    from jax.sharding import PartitionSpec
+
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*([None] * (x.ndim - 1)), axes))
+
+
+def _lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    axes = _model_dim_axes(table.shape[1])
+    if axes is None:
+        return jnp.take(table, tokens, axis=0)
+    from jax.sharding import PartitionSpec
+
+    ids = jax.lax.with_sharding_constraint(tokens, PartitionSpec())
+    return _split_d(jnp.take(_split_d(table, axes), ids, axis=0), axes)
 
 
 def _lookup_fwd(table, tokens, dtype):
@@ -149,7 +222,15 @@ def _lookup_fwd(table, tokens, dtype):
 
 def _lookup_bwd(dtype, res, g):
     table, tokens = res
-    grad = jnp.zeros(table.shape, jnp.float32).at[tokens].add(g.astype(jnp.float32))
+    axes = _model_dim_axes(table.shape[1])
+    g = g.astype(jnp.float32)
+    if axes is None:
+        grad = jnp.zeros(table.shape, jnp.float32).at[tokens].add(g)
+    else:
+        from jax.sharding import PartitionSpec
+
+        ids = jax.lax.with_sharding_constraint(tokens, PartitionSpec())
+        grad = _split_d(_split_d(jnp.zeros(table.shape, jnp.float32), axes).at[ids].add(_split_d(g, axes)), axes)
     return grad.astype(table.dtype), None
 
 
@@ -188,7 +269,7 @@ class Linear(nn.Module):
             self.options.params_dtype,
         )
         recipe = LogitsRecipe(self.options.compute_dtype) if self.high_precision else matmul_recipe(self.options)
-        y = recipe.dot_general(x, kernel, contract_last(self.n_in, x.ndim))
+        y = recipe.linear(x, kernel, self.n_in, self.axes)
         if not self.use_bias:
             return y
         bias = self.param(

@@ -161,7 +161,6 @@ x = jnp.asarray(rng.normal(size=(64, 512)), jnp.float32)
 w = quantize(jnp.asarray(rng.normal(size=(512, 512)), jnp.float32))
 ref = np.asarray(jnp.dot(x, w.dequantize(), precision="highest"))
 bound = 1e-6 * np.asarray(jnp.dot(jnp.abs(x), jnp.abs(w.dequantize()), precision="highest"))
-fn = lambda x, q, s: fp8_matmul(x, q, s, jnp.float32, jnp.float32, True)
 out = {}
 # (rows of x, K of the weight, N of the weight)
 for name, xs, ks, ns in [("rows over data, K over fsdp, N over tensor", "data", "fsdp", "tensor"),
@@ -169,6 +168,7 @@ for name, xs, ks, ns in [("rows over data, K over fsdp, N over tensor", "data", 
                          ("replicated", None, None, None)]:
     put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
     args = (put(x, P(xs, None)), put(w.q, P(ks, ns)), put(w.scale, P(ks, ns)))
+    fn = lambda x, q, s: fp8_matmul(x, q, s, jnp.float32, jnp.float32, True, mesh, (xs, ks, ns))
     compiled = jax.jit(fn).lower(*args).compile()
     text = compiled.as_text()
     y = compiled(*args)
@@ -183,8 +183,8 @@ print("RESULT " + json.dumps(out))
 
 
 def test_kernel_sharded_on_8_devices():
-    """Under jit on a mesh each device runs the kernel on its shards: no gather of the weight where x's rows and
-    the weight's K use different axes (partial sums all-reduced), FSDP's gather of K where they share one."""
+    """On a mesh each device runs the kernel on its shards: no gather of the weight where x's rows and the
+    weight's K use different axes (partial sums all-reduced), FSDP's gather of K where they share one."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=900)
@@ -218,3 +218,38 @@ def test_fp8_expert_stacks_dequantize_only_what_the_grouped_gemm_reads(impl):
     np.testing.assert_allclose(jax.jit(run)(*stacks), ref, atol=1e-6, rtol=1e-6)
     whole = f"f32[{e},{d},{i}]"
     assert (whole in str(jax.make_jaxpr(run)(*stacks))) == (impl in ("ragged", "dense"))
+
+
+MODEL_SHARDED = r"""
+import json, sys
+import jax, numpy as np
+import deepseek_jax as dsj
+from deepseek_jax.options import ModelOptions
+from deepseek_jax.sharding import make_mesh, mesh_context
+from convert_fixtures import TOKENS
+mesh = make_mesh("fsdp=2,expert=2,tensor=2")
+config, kept = dsj.load_pretrained(sys.argv[1], dtype="fp8", mesh=mesh)
+_, ref = dsj.load_pretrained(sys.argv[1], dtype="fp8", mesh=make_mesh(None, jax.devices()[:1]))
+tokens = TOKENS[:, :8] % config.vocab_size
+model = dsj.Transformer(config, ModelOptions(fp8_weight_matmul="pallas"))
+fn = jax.jit(lambda p, t: model.apply({"params": p}, t))
+with mesh_context(mesh):
+    a = np.asarray(fn(kept, tokens))
+    jaxpr = str(jax.make_jaxpr(fn)(kept, tokens))
+b = np.asarray(dsj.Transformer(config, ModelOptions(fp8_weight_matmul="xla")).apply({"params": ref}, tokens))
+print("RESULT " + json.dumps({"diff": float(np.abs(a - b).max()), "kernels": jaxpr.count("pallas_call"),
+                              "shard_maps": jaxpr.count("shard_map")}))
+"""
+
+
+@pytest.mark.slow  # a subprocess compiling the sharded model with interpreted kernels: ~1 min on 2 cores
+def test_model_on_fp8_weights_through_the_kernel_on_8_devices(aligned_fp8):
+    """Sharded over fsdp x expert x tensor, the kernel runs per device (shard_map) and the logits equal one
+    device's XLA path."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = HERE + os.pathsep + os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", MODEL_SHARDED, aligned_fp8], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    assert out["diff"] < 1e-5 and out["kernels"] >= 6 and out["shard_maps"] >= out["kernels"], out

@@ -83,3 +83,50 @@ def test_embedding_lookup_gradient_is_the_fp32_scatter_of_the_cotangent():
             hand[tok] += np.asarray(g[b, t], np.float64)
         assert grad.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(grad), hand, rtol=1e-6, atol=1e-6)
+
+
+LOOKUP_MESH = r"""
+import json, re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from deepseek_jax.linear import embedding_lookup
+from deepseek_jax.sharding import make_mesh, mesh_context
+mesh = make_mesh("fsdp=4,expert=2")
+rng = np.random.RandomState(2)
+table = jnp.asarray(rng.normal(size=(96, 64)), jnp.float32)
+tokens = jnp.asarray(rng.randint(0, 96, (8, 16)), jnp.int32)
+g = jnp.asarray(rng.normal(size=(8, 16, 64)), jnp.float32)
+loss = lambda t, ids: jnp.sum(embedding_lookup(t, ids, jnp.bfloat16).astype(jnp.float32) * g)
+ref_out = np.asarray(embedding_lookup(table, tokens, jnp.bfloat16), np.float32)
+ref_grad = np.asarray(jax.grad(loss)(table, tokens))
+# As the rules place them: the table's rows (vocabulary) over fsdp x expert, the tokens' batch over them too.
+t_sh, b_sh = NamedSharding(mesh, P(("fsdp", "expert"), None)), NamedSharding(mesh, P(("fsdp", "expert"), None))
+fn = jax.jit(lambda t, ids: (embedding_lookup(t, ids, jnp.bfloat16), jax.grad(loss)(t, ids)),
+             in_shardings=(t_sh, b_sh), out_shardings=(NamedSharding(mesh, P(("fsdp", "expert"))), t_sh))
+with mesh_context(mesh):
+    compiled = fn.lower(table, tokens).compile()
+    out, grad = compiled(jax.device_put(table, t_sh), jax.device_put(tokens, b_sh))
+text = compiled.as_text()
+gathers = [l.split("=")[1].split()[0] for l in text.splitlines() if " all-gather(" in l]
+print("RESULT " + json.dumps({"out": float(np.abs(np.asarray(out, np.float32) - ref_out).max()),
+                              "grad": float(np.abs(np.asarray(grad) - ref_grad).max()), "gathers": gathers}))
+"""
+
+
+def test_embedding_lookup_under_a_mesh_splits_the_model_dim():
+    """On 8 devices, with the table's rows split over the vocabulary and the tokens over the batch (as the rules
+    place them): values and gradient equal one device's, and neither the whole table nor the whole batch's
+    cotangents ([8, 16, 64]) is all-gathered (only the token ids are)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", LOOKUP_MESH], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    assert out["out"] == 0.0 and out["grad"] < 1e-5, out
+    assert out["gathers"] and all(shape.startswith("s32[") for shape in out["gathers"]), out["gathers"]
