@@ -117,9 +117,10 @@ class Transformer(nn.Module):
         if ctx > 1:
             h = permute(h, np.argsort(order))
         h = RMSNorm(c.rms_norm_eps, "embed", o, name="norm")(h)
-        logits = embed.attend(h) if c.tie_word_embeddings else head(h)
-
         want_mtp = (return_mtp or self.is_initializing()) and c.num_nextn_predict_layers > 0
+        # With MTP (and an untied head) the head runs once, below, over the main and every depth's hidden states.
+        stacked_head = want_mtp and not c.tie_word_embeddings
+        logits = None if stacked_head else embed.attend(h) if c.tie_word_embeddings else head(h)
         if not (want_mtp or return_router_stats or return_hidden):
             return logits
         aux: dict[str, Any] = {}
@@ -132,7 +133,7 @@ class Transformer(nn.Module):
             # segment 0) so that every depth has the main model's shapes (and splits like it over a mesh). Token
             # i + k's embedding is row i + k of the main model's: one lookup (and one scatter of its gradient
             # into the vocabulary-sized table) serves every depth.
-            mtp_logits, mtp_stats, h_prev = [], [], h
+            hidden, mtp_stats, h_prev = [h], [], h
             for k in range(1, c.num_nextn_predict_layers + 1):
                 if t <= k:
                     raise ValueError(f"MTP depth {k} needs sequences longer than {k} tokens, got T={t}")
@@ -141,8 +142,16 @@ class Transformer(nn.Module):
                 h_prev, stats = MTPModule(c, o, name=f"mtp_{k - 1}")(
                     h_prev, _shift(x_emb[:, k:], k), cos_k, sin_k, attention_layout(seg_k), seg_k > 0
                 )
-                mtp_logits.append(head(h_prev[:, : t - k]))
+                hidden.append(h_prev)
                 mtp_stats.append(stats)
+            if stacked_head:
+                # One head matmul over [1 + D, B, T, dim] (depths on a new leading dim, so every one splits over
+                # the mesh as the main model's rows do): under FSDP the vocabulary-sized head is gathered once
+                # and its weight gradient is one partial sum, not one per depth.
+                every = head(jnp.stack(hidden))
+                logits, mtp_logits = every[0], [every[k][:, : t - k] for k in range(1, len(hidden))]
+            else:
+                mtp_logits = [head(hk[:, : t - k]) for k, hk in enumerate(hidden[1:], 1)]
             aux["mtp_logits"] = mtp_logits
             if return_router_stats and c.n_routed_experts > 0:
                 aux["mtp_router_stats"] = jax.tree.map(lambda *xs: jnp.stack(xs), *mtp_stats)
