@@ -192,7 +192,7 @@ def _model_dim_axes(d: int):
     """The mesh axes (those of the batch and context, whose product divides ``d``) that the lookup splits the
     model dim over, or None outside a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or mesh.size == 1:
+    if mesh is None or mesh.empty or mesh.size == 1 or getattr(mesh, "manual_axes", ()):
         return None
     from .sharding import BATCH_AXES, CONTEXT_AXES, _largest_dividing
 
