@@ -303,3 +303,31 @@ def test_correction_bias_gets_no_gradient(baseline_grads):
     _, grads = baseline_grads
     assert float(jnp.abs(grads["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"]).max()) == 0.0
     assert float(jnp.abs(grads["moe_layers"]["mlp"]["gate"]["kernel"]).max()) > 0.0
+
+
+def test_mtp_shares_one_head_matmul(model_params):
+    """With MTP the output head is one matmul over the main and every depth's hidden states (under FSDP: one
+    gather of the vocabulary matrix, one partial sum of its gradient), and each depth's logits equal the head
+    applied to that depth alone."""
+    model, params = model_params
+    tokens = _tokens()
+    d, v = CONFIG.hidden_size, CONFIG.vocab_size
+
+    def head_dots(jaxpr):  # dot_generals against the [D, vocab] head, nested jaxprs included
+        n = 0
+        for eqn in jaxpr.eqns:
+            rhs = eqn.invars[1].aval.shape if eqn.primitive.name == "dot_general" else None
+            n += tuple(rhs or ()) == (d, v)
+            for p in eqn.params.values():
+                inner = getattr(p, "jaxpr", p)
+                n += head_dots(inner) if hasattr(inner, "eqns") else 0
+        return n
+
+    fn = lambda p: model.apply({"params": p}, tokens, return_mtp=True)  # noqa: E731
+    assert head_dots(jax.make_jaxpr(fn)(params).jaxpr) == 1
+    logits, aux = fn(params)
+    h = model.apply({"params": params}, tokens, return_hidden=True)[1]["hidden"]
+    alone = jnp.einsum("btd,dv->btv", h, params["lm_head"]["kernel"], precision="highest")
+    np.testing.assert_allclose(logits, alone, atol=1e-5, rtol=1e-5)
+    depths = range(1, CONFIG.num_nextn_predict_layers + 1)
+    assert [m.shape for m in aux["mtp_logits"]] == [(2, 12 - k, v) for k in depths]
