@@ -5,7 +5,8 @@ decode over the latent cache, MTP speculation when the policy has an MTP module)
 plain Python function of the decoded text (``rewards.py``; exact answers on the built-in arithmetic task by
 default); group-normalized advantages; then ``iterations`` optimizer steps on the same samples with the clipped
 ratio objective and the k3 KL to a frozen reference, over completion tokens only (``losses.grpo_loss``), the
-old policy's log-probabilities fixed when the samples were drawn.
+old policy's log-probabilities fixed when the samples were drawn. With ``filter_groups`` (DAPO's dynamic sampling)
+the batch keeps only groups whose rewards differ, drawing more prompts to fill it.
 
 The update is ``Trainer``'s step (sharding, jit, donation, grad accumulation, clipping, the MoE balancing) with
 GRPO's objective; checkpoints, resume, the progress bar and ``metrics.jsonl`` are ``train.run_loop``'s.
