@@ -1,12 +1,16 @@
 """End to end on the built-in arithmetic task: train a tiny-v3 teacher, raise its held-out accuracy with GRPO,
 distill it into a dense student of about half its size, and compare with the same student trained from scratch
-for the same steps; then GRPO rollout throughput (absorbed decode, plain vs MTP speculation).
+for the same steps (as many as the teacher trained); then GRPO rollout throughput (absorbed decode, plain vs MTP
+speculation).
 
-    python bench/distill_grpo.py --workdir /tmp/distill_grpo      # ~25 CPU-minutes on 2 cores
+    python bench/distill_grpo.py --workdir /tmp/distill_grpo      # ~45 CPU-minutes on 2 idle cores
 
-Each stage writes a work directory under ``--workdir`` and is skipped when that directory already holds its
-final checkpoint (rerun after a crash or to redo one stage after deleting its directory). Results go to
-``WORKDIR/results.json`` and the figure to ``--figure`` (default ``docs/distill_grpo.png``).
+Stages (``--only``): teacher, grpo, kd (forward KL on the teacher's top-1 id and one bucket for the rest, the
+default student), kdfull (forward KL over the full vocabulary), scratch, speed; kdce (KL + CE) and seq
+(sequence level) run only when named. Each stage writes a work directory under ``--workdir`` and is skipped when
+that directory already holds its final checkpoint (rerun after a crash or to redo one stage after deleting its
+directory). Results go to ``WORKDIR/results.json`` and the figure to ``--figure`` (default
+``docs/distill_grpo.png``).
 """
 
 from __future__ import annotations
@@ -80,7 +84,8 @@ def figure(root: str, path: str, results: dict) -> None:
     axes[1].plot(*zip(*held), "o-", ms=3, label="held-out accuracy (greedy)")
     axes[1].set(title="GRPO on the teacher", xlabel="GRPO step")
     axes[1].legend(fontsize=8)
-    for name, label in (("student_scratch", "student from scratch"), ("student_kd", "student, forward KL"),
+    for name, label in (("student_scratch", "student from scratch"), ("student_kd", "student, forward KL (top-1)"),
+                        ("student_kdfull", "student, forward KL (full vocabulary)"),
                         ("student_kdce", "student, forward KL + CE"),
                         ("student_seq", "student, sequence-level")):
         rows = _read_history(os.path.join(root, name, "metrics.jsonl"))
@@ -106,17 +111,28 @@ def main(argv=None) -> int:
     p.add_argument("--grpo-steps", type=int, default=100)
     p.add_argument("--grpo-lr", type=float, default=3e-5)
     p.add_argument("--grpo-dir", default="grpo", help="the GRPO stage's directory under --workdir")
-    p.add_argument("--student-steps", type=int, default=600)
+    p.add_argument("--grpo-filter-groups", type=int, default=1,
+                   help="1: DAPO's dynamic sampling (train only on groups whose rewards differ), 0: off")
+    p.add_argument("--grpo-temperature", type=float, default=1.0)
+    p.add_argument("--grpo-group-size", type=int, default=8)
+    p.add_argument("--grpo-prompts", type=int, default=64, help="prompts (groups) per GRPO step")
+    p.add_argument("--student-steps", type=int, default=1200, help="the students' steps (the teacher's 1200)")
     p.add_argument("--distill-from", choices=("teacher", "grpo"), default="teacher",
                    help="the students' teacher: the trained tiny-v3, or it after GRPO")
     p.add_argument("--grpo-bias-update-rate", type=float, default=0.0,
                    help="the MoE balancing bias update during GRPO (0: the router moves only by the gradient)")
-    p.add_argument("--heldout", type=int, default=512)
-    p.add_argument("--only", default=None, help="comma-separated stages to run (teacher,grpo,kd,kdce,seq,scratch,speed)")
+    p.add_argument("--kd-top-k", type=int, default=1,
+                   help="the KL students' top-k (0: the full vocabulary; k: the teacher's top k ids and a bucket)")
+    p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--kd-mix", type=float, default=0.0, help="0: forward KL, 1: reverse KL")
+    p.add_argument("--heldout", type=int, default=2048, help="held-out questions of the final scores")
+    p.add_argument("--grpo-eval", type=int, default=512, help="held-out questions of GRPO's curve (every 10 steps)")
+    p.add_argument("--only", default="teacher,grpo,kd,kdfull,scratch,speed",
+                   help="comma-separated stages to run (teacher,grpo,kd,kdfull,kdce,seq,scratch,speed)")
     args = p.parse_args(argv)
     root = args.workdir
-    only = set(args.only.split(",")) if args.only else None
-    run = lambda stage: only is None or stage in only  # noqa: E731
+    only = set(args.only.split(","))
+    run = lambda stage: stage in only  # noqa: E731
     heldout = heldout_arithmetic(args.heldout)
     results_path = os.path.join(root, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
@@ -144,8 +160,9 @@ def main(argv=None) -> int:
 
     grpo_dir = os.path.join(root, args.grpo_dir)
     if run("grpo") and not done(grpo_dir, args.grpo_steps):
-        gc = GRPOConfig(group_size=8, prompts_per_step=16, iterations=2, beta=0.04, clip_eps=0.2, eval_every=10,
-                        eval_prompts=args.heldout)
+        gc = GRPOConfig(group_size=args.grpo_group_size, prompts_per_step=args.grpo_prompts, iterations=2, beta=0.04,
+                        clip_eps=0.2, temperature=args.grpo_temperature, eval_every=10, eval_prompts=args.grpo_eval,
+                        filter_groups=bool(args.grpo_filter_groups), max_sample_rounds=4)
         tc = TrainConfig(steps=args.grpo_steps, learning_rate=args.grpo_lr, warmup_steps=5, min_lr_ratio=1.0,
                          weight_decay=0.0, bias_update_rate=args.grpo_bias_update_rate)
         stage("grpo", lambda: grpo(gc, tc, grpo_dir, init_from=teacher_dir, save_every=args.grpo_steps))
@@ -155,8 +172,10 @@ def main(argv=None) -> int:
         results["grpo_curve"] = [(r["step"], r["heldout_accuracy"]) for r in rows if "heldout_accuracy" in r]
         print("after GRPO", results["teacher_after_grpo"], file=sys.stderr)
 
-    for name, kwargs in (("kd", dict(dc=DistillConfig(mix=0.0, temperature=1.0))),
-                         ("kdce", dict(dc=DistillConfig(mix=0.0, temperature=1.0, kl_weight=1.0, ce_weight=1.0))),
+    kd = dict(mix=args.kd_mix, temperature=args.kd_temperature, top_k=args.kd_top_k)
+    for name, kwargs in (("kd", dict(dc=DistillConfig(**kd))),
+                         ("kdfull", dict(dc=DistillConfig(**{**kd, "top_k": 0}))),
+                         ("kdce", dict(dc=DistillConfig(**kd, kl_weight=1.0, ce_weight=1.0))),
                          ("seq", dict(dc=DistillConfig(kl_weight=0.0, ce_weight=1.0), sequence_prompts=20000))):
         d = os.path.join(root, f"student_{name}")
         if run(name) and not done(d, args.student_steps):

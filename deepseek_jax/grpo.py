@@ -5,7 +5,8 @@ decode over the latent cache, MTP speculation when the policy has an MTP module)
 plain Python function of the decoded text (``rewards.py``; exact answers on the built-in arithmetic task by
 default); group-normalized advantages; then ``iterations`` optimizer steps on the same samples with the clipped
 ratio objective and the k3 KL to a frozen reference, over completion tokens only (``losses.grpo_loss``), the
-old policy's log-probabilities fixed when the samples were drawn.
+old policy's log-probabilities fixed when the samples were drawn. With ``filter_groups`` (DAPO's dynamic sampling)
+the batch keeps only groups whose rewards differ, drawing more prompts to fill it.
 
 The update is ``Trainer``'s step (sharding, jit, donation, grad accumulation, clipping, the MoE balancing) with
 GRPO's objective; checkpoints, resume, the progress bar and ``metrics.jsonl`` are ``train.run_loop``'s.
@@ -51,9 +52,15 @@ class GRPOConfig:
     speculative: Optional[bool] = None  # MTP speculation in the rollouts; None: when the policy has MTP
     eval_every: int = 0  # held-out greedy accuracy every this many steps (0: only at the end, by the caller)
     eval_prompts: int = 256
+    # DAPO's dynamic sampling: drop groups whose rewards are all equal (their advantages are 0, they teach only
+    # the KL) and draw more prompts, ``prompts_per_step`` at a time, until the batch holds ``prompts_per_step``
+    # groups that differ, or ``max_sample_rounds`` rounds were drawn (the batch is then topped up with equal
+    # groups, in the order drawn). The batch's shape never changes, so nothing recompiles.
+    filter_groups: bool = False
+    max_sample_rounds: int = 4
 
     def __post_init__(self):
-        for name in ("group_size", "prompts_per_step", "max_new_tokens", "iterations"):
+        for name in ("group_size", "prompts_per_step", "max_new_tokens", "iterations", "max_sample_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)}: expected >= 1")
         if self.group_size < 2:
@@ -221,6 +228,31 @@ def rollout(config: ModelConfig, params, prompts: Sequence[Sequence[int]], answe
             "texts": completion_texts, "seconds": wall, "stats": out.stats}
 
 
+def informative_groups(rewards, group_size: int) -> np.ndarray:
+    """``[N / group_size]`` True for the groups (consecutive samples of one prompt) whose rewards are not all
+    equal: the only groups with non-zero advantages."""
+    r = np.asarray(rewards, np.float32).reshape(-1, group_size)
+    return r.max(-1) > r.min(-1)
+
+
+def select_groups(rollouts: Sequence[dict], group_size: int, num_groups: int) -> dict:
+    """Dynamic sampling's batch from the rollouts of several rounds (``rollout``'s dicts): the first ``num_groups``
+    informative groups in the order drawn, then, if too few, the other groups in the order drawn. Adds
+    ``informative`` (how many of the kept groups differ)."""
+    keys = ("prompts", "completions", "rewards", "correct", "texts")
+    rows = {k: [x for ro in rollouts for x in ro[k]] for k in keys}
+    good = informative_groups(np.asarray(rows["rewards"]), group_size)
+    order = np.concatenate([np.flatnonzero(good), np.flatnonzero(~good)])[:num_groups]
+    if len(order) < num_groups:
+        raise ValueError(f"{len(good)} groups drawn, the batch needs {num_groups}")
+    pick = [g * group_size + j for g in order.tolist() for j in range(group_size)]
+    out = {k: [rows[k][i] for i in pick] for k in keys}
+    for k in ("rewards", "correct"):
+        out[k] = np.asarray(out[k], np.float32)
+    out["informative"] = int(good[order].sum())
+    return out
+
+
 def evaluate_accuracy(config: ModelConfig, params, prompts: Sequence[Sequence[int]], answers: Sequence[str], *,
                       max_new_tokens: int = 5, stop_ids: Optional[Sequence[int]] = None, tokenizer=None,
                       reward_fn: RewardFn = exact_answer, mesh=None, batch: int = 256) -> float:
@@ -300,12 +332,24 @@ def grpo(gc: GRPOConfig, tc: TrainConfig, workdir: str, *, init_from: Optional[s
                                          resume=resume, save_every=save_every, keep=keep, async_save=async_save)
     del params
 
-    def step_fn(state, step):
+    def sample(params, step, round_):
         ids, answers = next(prompts)
-        ro = rollout(config, state["params"], ids, answers, group_size=gc.group_size,
-                     max_new_tokens=gc.max_new_tokens, temperature=gc.temperature, seed=tc.seed * 1_000_003 + step,
-                     stop_ids=prompts.stop_ids, reward_fn=reward_fn, tokenizer=tokenizer, speculative=speculative,
-                     mesh=gen_mesh)
+        return rollout(config, params, ids, answers, group_size=gc.group_size, max_new_tokens=gc.max_new_tokens,
+                       temperature=gc.temperature, seed=tc.seed * 1_000_003 + step + 10_000_019 * round_,
+                       stop_ids=prompts.stop_ids, reward_fn=reward_fn, tokenizer=tokenizer,
+                       speculative=speculative, mesh=gen_mesh)
+
+    def step_fn(state, step):
+        rounds = [sample(state["params"], step, 0)]
+        first = rounds[0]  # fresh prompts: the reward and accuracy logged (comparable with or without filtering)
+        if gc.filter_groups:
+            while (sum(int(informative_groups(r["rewards"], gc.group_size).sum()) for r in rounds)
+                   < gc.prompts_per_step and len(rounds) < gc.max_sample_rounds):
+                rounds.append(sample(state["params"], step, len(rounds)))
+            ro = {**select_groups(rounds, gc.group_size, gc.prompts_per_step),
+                  "seconds": sum(r["seconds"] for r in rounds), "stats": first["stats"]}
+        else:
+            ro = first
         host = samples_batch(ro["prompts"], ro["completions"], seq_len)
         host["advantages"] = np.asarray(losses.group_advantages(jnp.asarray(ro["rewards"]), gc.group_size))
         zeros = np.zeros(host["targets"].shape, np.float32)  # filled on the devices below
@@ -317,10 +361,14 @@ def grpo(gc: GRPOConfig, tc: TrainConfig, workdir: str, *, init_from: Optional[s
             state, metrics = trainer.run_step(state, batch)
             updates.append(metrics_to_host(metrics))
         lengths = [len(c) for c in ro["completions"]]
-        m = {"reward": float(ro["rewards"].mean()), "accuracy": float(ro["correct"].mean()),
+        drawn = sum(len(r["completions"]) for r in rounds)
+        m = {"reward": float(first["rewards"].mean()), "accuracy": float(first["correct"].mean()),
              "completion_length": float(np.mean(lengths)),
              "reward_std_in_group": float(ro["rewards"].reshape(-1, gc.group_size).std(-1).mean()),
-             "rollout_samples_per_s": len(lengths) / ro["seconds"], "rollout_s": ro["seconds"],
+             "informative_groups": float(informative_groups(ro["rewards"], gc.group_size).mean()),
+             "informative_drawn": float(np.mean([informative_groups(r["rewards"], gc.group_size) for r in rounds])),
+             "sample_rounds": len(rounds),
+             "rollout_samples_per_s": drawn / ro["seconds"], "rollout_s": ro["seconds"],
              "acceptance_rate": ro["stats"].get("acceptance_rate")}
         # The update's metrics: loss, KL and clip fraction averaged over the iterations, the rest the last's.
         m.update(updates[-1])
@@ -331,7 +379,7 @@ def grpo(gc: GRPOConfig, tc: TrainConfig, workdir: str, *, init_from: Optional[s
                                                       max_new_tokens=gc.max_new_tokens, stop_ids=prompts.stop_ids,
                                                       tokenizer=tokenizer, mesh=gen_mesh)
         if on_step is not None:
-            on_step({**m, "texts": ro["texts"]})
+            on_step({**m, "texts": first["texts"]})
         return state, m
 
     def postfix(m, first):

@@ -39,7 +39,8 @@ def _run(args) -> int:
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, clip_eps=args.clip_eps,
                         beta=args.beta, iterations=args.iterations, token_level=args.token_level,
                         speculative=False if args.no_speculative else None, eval_every=args.eval_every,
-                        eval_prompts=args.eval_prompts)
+                        eval_prompts=args.eval_prompts, filter_groups=args.filter_groups,
+                        max_sample_rounds=args.max_sample_rounds)
         tc = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup, min_lr_ratio=1.0,
                          weight_decay=args.weight_decay, grad_accum=args.grad_accum, seed=args.seed,
                          batch_size=gc.batch_size, bias_update_rate=args.bias_update_rate)
@@ -117,6 +118,10 @@ def register(sub) -> None:
     p.add_argument("--token-level", action="store_true",
                    help="normalize over all completion tokens (default: per sample, then the group mean)")
     p.add_argument("--no-speculative", action="store_true", help="no MTP speculation in the rollouts")
+    p.add_argument("--filter-groups", action="store_true",
+                   help="DAPO's dynamic sampling: train only on groups whose rewards differ, drawing more prompts "
+                        "(up to --max-sample-rounds rounds of --prompts-per-step) to fill the batch")
+    p.add_argument("--max-sample-rounds", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--weight-decay", type=float, default=0.0)

@@ -108,3 +108,30 @@ def test_vocab_mismatch_names_both_sizes_and_models(tmp_path, capsys):
     assert code == 2
     assert "vocab_size 32" in err and "vocab_size 512" in err and str(wd) in err and "tiny-qwen2" in err
     assert not os.path.exists(tmp_path / "s")  # nothing written
+
+
+def test_a_student_equal_to_its_teacher_has_zero_kl_on_packed_rows():
+    """The teacher in the step sees the student's inputs, positions and segment ids, and its logits at position t
+    are compared with the student's at t: a student with the teacher's own config and params has KL 0 (and CE
+    equal to the teacher's) on packed multi-document rows, while the teacher's logits one position off give a
+    KL well above 0 (what a misalignment would look like)."""
+    from deepseek_jax.data import make_dataset
+    from deepseek_jax.distill import DistillTrainer
+    from deepseek_jax.sharding import make_mesh, mesh_context
+    from deepseek_jax.train import TrainConfig
+
+    config = dsj.presets["tiny-v3-arith"].replace(num_hidden_layers=2, num_nextn_predict_layers=0)
+    tc = TrainConfig(steps=1, batch_size=4, seq_len=64, mtp_weight=0.0, seed=0)
+    mesh = make_mesh(None, jax.devices()[:1])
+    trainer = DistillTrainer(config, tc, mesh, DistillConfig(temperature=2.0), teacher_config=config)
+    params = trainer.init_state()["params"]
+    batch = trainer.put_batch(next(make_dataset(None, seq_len=64, batch_size=4, seed=3, arithmetic_loss="answers")))
+    assert int(np.asarray(batch["segment_ids"]).max()) > 1  # several documents per row
+    with mesh_context(mesh, trainer.rules):
+        targets = trainer._teacher_targets(params, batch)
+        _, (parts, _) = trainer._loss(params, {**batch, **targets})
+        shifted = {"teacher_logits": jnp.roll(targets["teacher_logits"], 1, axis=1)}
+        _, (off, _) = trainer._loss(params, {**batch, **shifted})
+    assert float(parts["tokens"]) > 20
+    assert abs(float(parts["kl"])) < 1e-5 and abs(float(parts["reverse_kl"])) < 1e-5
+    assert float(off["kl"]) > 1e-3  # measured 0.021 (a random init is near uniform; aligned: < 1e-5)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax import losses
-from deepseek_jax.grpo import samples_batch
+from deepseek_jax.grpo import GRPOConfig, informative_groups, samples_batch, select_groups
 from deepseek_jax.rewards import (arithmetic_prompts, arithmetic_questions, combine, exact_answer, think_answer,
                                   think_format)
 
@@ -99,6 +99,35 @@ def test_samples_batch_counts_exactly_the_completion_tokens():
         samples_batch([[1, 2, 3, 4]], [[5, 6, 7, 8]], seq_len=6)
 
 
+def _round(rewards, tag):
+    """A fake ``rollout`` result: one sample per reward, tagged so the selection's order can be read back."""
+    n = len(rewards)
+    return {"prompts": [[tag, i // G] for i in range(n)], "completions": [[tag, i] for i in range(n)],
+            "rewards": np.asarray(rewards, np.float32), "correct": np.asarray(rewards, np.float32),
+            "texts": [f"{tag}.{i}" for i in range(n)]}
+
+
+def test_dynamic_sampling_keeps_exactly_the_groups_whose_rewards_differ():
+    # Groups of G=4: mixed, all 1, mixed (fractional rewards), all 0.
+    r = [1, 0, 0, 0, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0, 0, 0, 0]
+    np.testing.assert_array_equal(informative_groups(r, G), [True, False, True, False])
+    # Round 0 holds groups A (mixed), B (equal); round 1 C (equal), D (mixed), E (mixed).
+    rounds = [_round([1, 0, 1, 1, 0, 0, 0, 0], 10), _round([1, 1, 1, 1, 0, 1, 0, 0, 1, 0, 0, 0], 11)]
+    out = select_groups(rounds, G, 3)  # exactly A, D, E, in the order drawn
+    assert out["informative"] == 3
+    assert [c[:2] for c in out["completions"][::G]] == [[10, 0], [11, 4], [11, 8]]
+    np.testing.assert_array_equal(out["rewards"], [1, 0, 1, 1, 0, 1, 0, 0, 1, 0, 0, 0])
+    assert out["texts"][4] == "11.4" and out["prompts"][4] == [11, 1]
+    # Too few that differ: the two mixed groups first, then the equal ones in the order drawn (B, then C).
+    out = select_groups(rounds[:1] + [_round([1, 1, 1, 1, 0, 0, 0, 0], 11)], G, 3)
+    assert out["informative"] == 1
+    assert [c[:2] for c in out["completions"][::G]] == [[10, 0], [10, 4], [11, 0]]
+    with pytest.raises(ValueError, match="2 groups drawn, the batch needs 3"):
+        select_groups(rounds[:1], G, 3)
+    with pytest.raises(ValueError, match="max_sample_rounds"):
+        GRPOConfig(filter_groups=True, max_sample_rounds=0)
+
+
 def test_rewards():
     assert exact_answer("12+47=", "59\n", "59") == 1.0
     assert exact_answer("12+47=", "591\n", "59") == 0.0
@@ -114,17 +143,20 @@ def test_rewards():
     assert ids[0][0] == 1 and len(ids[0]) == len(questions[0]) + 1
 
 
-@pytest.mark.slow  # compiles generate and a train step: ~40 s on 2 cores
-def test_short_grpo_run_raises_the_reward(tmp_path):
+@pytest.mark.slow  # compiles generate and a train step: ~40 s on 2 cores (each)
+@pytest.mark.parametrize("filter_groups", [False, True])
+def test_short_grpo_run_raises_the_reward(tmp_path, filter_groups):
     """An easy task from a random init: reward 1 when the completion starts with "7" (1 in 32 at first). Fixed
     seed; the mean reward of the last 3 of 12 steps beats the first 3 by more than 0.25 (measured on 2026-11-24:
-    0.03 over the first 3 steps, 0.95 over the last 3)."""
+    0.03 over the first 3 steps, 0.95 over the last 3). With dynamic sampling, each step's batch holds as many
+    groups that differ as were drawn, up to the batch's 4."""
     import deepseek_jax as dsj
     from deepseek_jax.grpo import GRPOConfig, grpo
     from deepseek_jax.train import TrainConfig
 
     config = dsj.presets["tiny-v3-arith"].replace(num_hidden_layers=2, bos_token_id=1, eos_token_id=2)
-    gc = GRPOConfig(group_size=8, prompts_per_step=4, max_new_tokens=2, iterations=2, beta=0.04)
+    gc = GRPOConfig(group_size=8, prompts_per_step=4, max_new_tokens=2, iterations=2, beta=0.04,
+                    filter_groups=filter_groups, max_sample_rounds=3)
     tc = TrainConfig(steps=12, learning_rate=1e-2, warmup_steps=1, min_lr_ratio=1.0, weight_decay=0.0, seed=0)
     records = grpo(gc, tc, str(tmp_path / "run"), config=config, reward_fn=lambda p, c, a: float(c.startswith("7")),
                    progress=False, save_every=100)
@@ -132,3 +164,10 @@ def test_short_grpo_run_raises_the_reward(tmp_path):
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
     assert last > first + 0.25, rewards
     assert all(r["completion_length"] >= 1 for r in records)
+    for r in records:
+        drawn = round(r["informative_drawn"] * r["sample_rounds"] * 4)
+        assert round(r["informative_groups"] * 4) == min(4, drawn), r
+        if filter_groups:
+            assert r["sample_rounds"] == 3 or drawn >= 4, r  # drew again until 4 differ, or ran out of rounds
+        else:
+            assert r["sample_rounds"] == 1
