@@ -77,8 +77,12 @@ def trainable_by_patterns(params, train_only: Sequence[str] = (), freeze: Sequen
 
 
 def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int, min_ratio: float):
+    """Linear warmup from 0 over ``warmup_steps`` steps, then cosine decay to ``lr * min_ratio`` at
+    ``total_steps``; with no warmup the first step already takes ``lr``."""
+    if warmup_steps <= 0:
+        return optax.cosine_decay_schedule(lr, max(total_steps, 1), alpha=min_ratio)
     return optax.warmup_cosine_decay_schedule(
-        0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=lr * min_ratio
+        0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1), end_value=lr * min_ratio
     )
 
 

@@ -396,3 +396,17 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
                           "--prompt", "12+7=", "--max-new-tokens", "4"], env=env, capture_output=True, text=True,
                          timeout=600)
     assert gen.returncode == 0 and str(killed / "tokenizer.json") in gen.stdout + gen.stderr, gen.stderr[-2000:]
+
+
+def test_learning_rate_schedule_by_hand():
+    """Warmup from 0, the peak after it, cosine decay to lr * min_ratio; with no warmup the first step takes lr."""
+    import math
+
+    from deepseek_jax.optimizer import learning_rate_schedule
+
+    s = learning_rate_schedule(1e-3, 10, 110, 0.1)
+    assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(5e-4) and float(s(10)) == pytest.approx(1e-3)
+    mid = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * 50 / 100))
+    assert float(s(60)) == pytest.approx(mid, rel=1e-5) and float(s(110)) == pytest.approx(1e-4, rel=1e-5)
+    s0 = learning_rate_schedule(1e-3, 0, 100, 1.0)
+    assert float(s0(0)) == pytest.approx(1e-3) and float(s0(99)) == pytest.approx(1e-3)
