@@ -212,8 +212,12 @@ def _lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
         return jnp.take(table, tokens, axis=0)
     from jax.sharding import PartitionSpec
 
+    from .sharding import constrain
+
     ids = jax.lax.with_sharding_constraint(tokens, PartitionSpec())
-    return _split_d(jnp.take(_split_d(table, axes), ids, axis=0), axes)
+    out = _split_d(jnp.take(_split_d(table, axes), ids, axis=0), axes)
+    # Straight to the activations' layout (one all-to-all), before anything else reads the rows.
+    return constrain(out, ("act_batch", "act_length", "act_embed")) if out.ndim == 3 else out
 
 
 def _lookup_fwd(table, tokens, dtype):

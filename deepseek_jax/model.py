@@ -119,7 +119,9 @@ class Transformer(nn.Module):
         h = RMSNorm(c.rms_norm_eps, "embed", o, name="norm")(h)
         want_mtp = (return_mtp or self.is_initializing()) and c.num_nextn_predict_layers > 0
         # With MTP (and an untied head) the head runs once, below, over the main and every depth's hidden states.
-        stacked_head = want_mtp and not c.tie_word_embeddings
+        # Not under context parallelism: there each depth's T - k rows split unevenly over the context axis, and
+        # slicing them off the stacked logits (vocabulary-wide) would re-lay out the logits, not the hidden states.
+        stacked_head = want_mtp and not c.tie_word_embeddings and ctx == 1
         logits = None if stacked_head else embed.attend(h) if c.tie_word_embeddings else head(h)
         if not (want_mtp or return_router_stats or return_hidden):
             return logits
