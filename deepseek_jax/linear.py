@@ -189,14 +189,18 @@ def embedding_lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
 
 
 def _model_dim_axes(d: int):
-    """The mesh axes (those of the batch and context, whose product divides ``d``) that the lookup splits the
-    model dim over, or None outside a mesh."""
+    """The mesh axes (those of the batch whose product divides ``d``) that the lookup splits the model dim over,
+    or None outside a mesh and under context parallelism (there the move from a model-dim split to the
+    activations' batch-and-sequence split is not one all-to-all: XLA all-gathers the whole batch's rows instead,
+    measured by the TPU compiler; the plain lookup is kept)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or mesh.size == 1 or getattr(mesh, "manual_axes", ()):
         return None
     from .sharding import BATCH_AXES, CONTEXT_AXES, _largest_dividing
 
-    axes = _largest_dividing(tuple(a for a in BATCH_AXES + CONTEXT_AXES if mesh.shape.get(a, 1) > 1), d, mesh)
+    if any(mesh.shape.get(a, 1) > 1 for a in CONTEXT_AXES):
+        return None
+    axes = _largest_dividing(tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1), d, mesh)
     return axes or None
 
 
