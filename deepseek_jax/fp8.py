@@ -260,6 +260,12 @@ class Fp8Recipe:
         self.out_dtype = self.dtype if out_dtype is None else jnp.dtype(out_dtype)
         self.fp8_dots = has_fp8_dots() if use_fp8_dots is None else bool(use_fp8_dots)
 
+    def linear(self, x: jax.Array, kernel: jax.Array, n_in: int, axes=None) -> jax.Array:
+        """``x @ kernel`` over x's last ``n_in`` dims (``linear.MatmulRecipe.linear``'s interface)."""
+        from .linear import contract_last
+
+        return self.dot_general(x, kernel, contract_last(n_in, x.ndim))
+
     def dot_general(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers) -> jax.Array:
         (lc, rc), (lb, rb) = (tuple(map(tuple, d)) for d in dimension_numbers)
         lf = tuple(d for d in range(lhs.ndim) if d not in lc + lb)
