@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from .fp8_weights import BLOCK
+from .fp8_weights import _axes_tuple as _axes
+from .fp8_weights import _entry
 
 MAX_BK = 8192  # the largest K one step reads when K is no multiple of 1024
 
@@ -95,14 +97,6 @@ def local_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, compute_dtype, ou
         interpret=interpret,
     )(xp, q, s_rows)
     return out[:m] if rows != m else out
-
-
-def _axes(entry) -> tuple:
-    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-
-
-def _entry(axes: tuple):
-    return None if not axes else (axes[0] if len(axes) == 1 else axes)
 
 
 def layout(x_rows, w_k, w_n) -> tuple:

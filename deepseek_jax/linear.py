@@ -180,10 +180,10 @@ def embedding_lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
     gather moves 16-bit values, not the fp32 master copy); the gradient is the same as a lookup of the fp32
     table cast afterwards: the cotangents scatter-added in fp32.
 
-    Under a mesh both run split over the model dim (``_model_dim_axes``): the table's rows are split over the
-    vocabulary by the FSDP rules and the tokens over the batch, and a gather (or scatter) between those two layouts
-    makes XLA replicate one of them whole (the whole global batch's cotangents in fp32, ``[B, T, D]`` on every
-    device, or the whole table). Split over D instead, each device looks up (adds) its columns for every token:
+    On a mesh of batch axes alone both run split over the model dim (``_model_dim_axes``): the table's rows are
+    split over the vocabulary by the FSDP rules and the tokens over the batch, and a gather (or scatter) between
+    those two layouts makes XLA replicate one of them whole (the whole global batch's cotangents in fp32,
+    ``[B, T, D]`` on every device, or the whole table). Split over D instead, each device looks up (adds) its columns for every token:
     the table and the cotangents each move once by an all-to-all, and nothing is replicated but the token ids."""
     return _lookup(table.astype(dtype), tokens)
 
