@@ -281,14 +281,10 @@ def splash_attention(q, k, v, q_segment, k_segment, scale: float, block: int = D
     if mesh is not None:
         from jax.sharding import PartitionSpec as P
 
-        from .context_parallel import _axes
-        from .sharding import _largest_dividing
+        from .sharding import dividing_axes
 
-        ax = mesh.shape
-        bt = _largest_dividing(tuple(a for a in _axes("act_batch") if ax.get(a, 1) > 1), b, mesh) or None
-        ht = None
-        if hk == h:
-            ht = _largest_dividing(tuple(a for a in _axes("heads") if ax.get(a, 1) > 1), h, mesh) or None
+        bt = dividing_axes("act_batch", b, mesh) or None
+        ht = (dividing_axes("heads", h, mesh) or None) if hk == h else None
         qs, kvs, ss = P(bt, None, ht, None), P(bt, None, ht if hk == h else None, None), P(bt, None)
         # check_vma off: a Pallas call cannot declare how its outputs vary (they vary as its inputs do).
         local = jax.shard_map(local, mesh=mesh, in_specs=(qs, kvs, kvs, ss, ss), out_specs=qs, check_vma=False)

@@ -29,11 +29,13 @@ class Block(nn.Module):
     """One decoder layer. ``__call__(h, cos, sin, layout, valid) -> (h, router_stats or None)``.
 
     The signature is ``nn.scan``-shaped: the hidden state is the carry, the rest are broadcast.
+    ``rematerialized``: the layer runs under ``nn.remat`` (its forward pass is recomputed in the backward).
     """
 
     config: ModelConfig
     options: ModelOptions
     moe: bool
+    rematerialized: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, layout: Layout, valid: jax.Array):
@@ -43,7 +45,7 @@ class Block(nn.Module):
         h = h + attention_module(c)(c, o, name="self_attn")(x, cos, sin, layout)
         x = RMSNorm(c.rms_norm_eps, "embed", o, name="post_attention_layernorm")(h)
         if self.moe:
-            y, stats = MoE(c, o, name="mlp")(x, valid)
+            y, stats = MoE(c, o, self.rematerialized, name="mlp")(x, valid)
         else:
             y, stats = MLP(c.intermediate_size, o, c.initializer_range, name="mlp")(x), None
         return constrain(h + y, ACT), stats

@@ -18,24 +18,13 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from .attention import Layout, attention
-
-
-def _rules() -> dict:
-    from .sharding import LOGICAL_RULES
-
-    return dict(nn.get_logical_axis_rules() or LOGICAL_RULES)
-
-
-def _axes(name: str) -> tuple[str, ...]:
-    axes = _rules().get(name)
-    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+from .sharding import dividing_axes, rule_axes
 
 
 def current_mesh():
@@ -50,7 +39,7 @@ def context_size(length: Optional[int] = None) -> int:
     mesh = current_mesh()
     if mesh is None:
         return 1
-    c = math.prod(mesh.shape[a] for a in _axes("act_length") if a in mesh.shape)
+    c = math.prod(mesh.shape[a] for a in rule_axes("act_length") if a in mesh.shape)
     if length is not None and length % (2 * c):
         return 1
     return c
@@ -72,11 +61,9 @@ def attend(q, k, v, layout: Layout, scale: float, impl: str, block: int, platfor
     mesh = current_mesh()
     sizes = mesh.shape
     b, _, h, _ = q.shape
-    from .sharding import _largest_dividing
-
-    batch = _largest_dividing(tuple(a for a in _axes("act_batch") if sizes.get(a, 1) > 1), b, mesh)
-    heads = _largest_dividing(tuple(a for a in _axes("heads") if sizes.get(a, 1) > 1), h, mesh)
-    ctx = tuple(a for a in _axes("act_length") if sizes.get(a, 1) > 1)
+    batch = dividing_axes("act_batch", b, mesh)
+    heads = dividing_axes("heads", h, mesh)
+    ctx = tuple(a for a in rule_axes("act_length") if sizes.get(a, 1) > 1)
     bt, ht, ct = (x or None for x in (batch, heads, ctx))
     q_spec, kv_spec = P(bt, ct, ht, None), P(bt, None, ht, None)
     lay_spec = Layout(P(bt, ct), P(bt, ct), P(bt, None), P(bt, None))

@@ -10,9 +10,14 @@ weight, and ``tensor`` splits the expert width, reduced by a ``psum`` at the end
    will receive;
 3. send the rows to the experts' owners: ``ragged_all_to_all`` where the backend has it (TPU, GPU), else a
    fixed-shape ``all_to_all`` of one slot of ``capacity`` rows per peer (XLA:CPU has no ragged all-to-all);
-4. group the received rows by local expert and run the grouped GEMM (``grouped.grouped_swiglu``);
+4. group the received rows by local expert, run the grouped GEMM (``grouped.grouped_swiglu``) and scale each
+   result by its routing weight (sent along with the rows, one fp32 number per row);
 5. send the results back the same way, in reverse;
-6. put them back in token order and combine them with the routing weights.
+6. put them back in token order and sum each token's K results (in fp32).
+
+The routing weights are applied on the experts' side so that the backward pass needs no returned rows: the
+combine is a plain sum, and a routing weight's gradient (the dot of the result with its cotangent) is formed
+where the result is. Under remat the return exchange is then not run again in the backward pass.
 
 Dropless by default: a peer slot holds the worst case (all of a device's rows). With ``capacity_factor`` c a
 device sends at most ``ceil(c * rows / EP)`` rows to each peer (``rows``: those of one exchange, see below);
@@ -22,7 +27,10 @@ renormalized) and are counted in the returned ``dropped``.
 The worst-case receive buffer of one exchange is EP x (a device's rows). ``exchange_rows`` bounds it: a device's
 tokens then go through steps 1-6 in equal chunks, one after another under ``lax.scan``, each chunk under
 ``jax.checkpoint`` (its buffers are recomputed in the backward rather than kept for every chunk). Dropless
-stays dropless: the worst case is per chunk.
+stays dropless: the worst case is per chunk. With ``keep_received`` (for a layer that is not rematerialized)
+the chunks keep their received rows for the backward, so the exchange to the experts does not run again (the
+grouped GEMM is recomputed from them); in a rematerialized layer the layer's recomputation would run it anyway,
+so there nothing is kept.
 
 When the tokens cannot be split over ``expert`` (a decode step with fewer sequences than devices), every device
 of an expert group holds the same tokens: each runs only the rows routed to its own experts and a ``psum``
@@ -37,10 +45,13 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from .fp8_weights import BLOCK, Fp8Weight
 from .grouped import grouped_swiglu
+
+RECEIVED = "expert_parallel_received"  # checkpoint name of the rows (and weights) an exchange receives
 
 
 def _sort_rows(idx: jax.Array, n_experts: int):
@@ -65,6 +76,28 @@ def dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl: str, block_size: O
     order, counts, rank = _sort_rows(idx, wg.shape[0])
     y = grouped_swiglu(recipe, x, order // k, counts, wg, wu, wd, impl, block_size)
     return combine(y[rank], weights)
+
+
+@jax.custom_vjp
+def scale_rows(y: jax.Array, w: jax.Array) -> jax.Array:
+    """``y [M, D] * w [M]`` in y's dtype (as DeepSeek's reference scales the expert outputs: the weights cast to
+    the activations' dtype). The gradient wrt ``w`` sums the row's products (formed in y's dtype) in fp32;
+    neither pass converts ``y`` or its cotangent to fp32 (at V3's scale the TPU compiler kept such a copy, a
+    1.75 GiB buffer per exchange, for a dot with fp32 accumulation)."""
+    return y * w.astype(y.dtype)[:, None]
+
+
+def _scale_rows_fwd(y, w):
+    return scale_rows(y, w), (y, w)
+
+
+def _scale_rows_bwd(res, g):
+    y, w = res
+    dw = jnp.sum(g * y, axis=1, dtype=jnp.float32).astype(w.dtype)
+    return scale_rows(g, w), dw
+
+
+scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
 
 
 def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -97,6 +130,14 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
     recv_sizes = from_peer.sum(1)
 
     # 3. Rows to the experts' owners. Received chunks: source i's at recv_start[i], sorted by local expert.
+    slot = jnp.arange(capacity, dtype=jnp.int32)
+    ok = slot[None, :] < send_sizes[:, None]  # [EP, capacity]
+    src = jnp.where(ok, starts[:, None] + slot[None, :], rows)  # each peer's slot: sorted rows, then padding
+
+    def slab_send(a):  # fixed shape: one slot of ``capacity`` rows per peer
+        slab = jnp.concatenate([a, jnp.zeros((1, *a.shape[1:]), a.dtype)])[src]
+        return jax.lax.all_to_all(slab, expert_axis, 0, 0, tiled=True).reshape(ep * capacity, *a.shape[1:])
+
     xs = x[order // k]
     if ragged:
         recv_start = _exclusive_cumsum(recv_sizes)
@@ -104,24 +145,26 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
         recv = jax.lax.ragged_all_to_all(xs, jnp.zeros((ep * capacity, x.shape[1]), x.dtype), starts, send_sizes,
                                          dst_offsets, recv_sizes, axis_name=expert_axis)
     else:
-        slot = jnp.arange(capacity, dtype=jnp.int32)
-        ok = slot[None, :] < send_sizes[:, None]  # [EP, capacity]
-        src = jnp.where(ok, starts[:, None] + slot[None, :], rows)
-        slab = jnp.concatenate([xs, jnp.zeros((1, x.shape[1]), x.dtype)])[src]
-        recv = jax.lax.all_to_all(slab, expert_axis, 0, 0, tiled=True).reshape(ep * capacity, -1)
-        recv_start = peers * capacity
-
-    # 4. Group the received rows by local expert (across sources) and run the grouped GEMM.
+        recv, recv_start = slab_send(xs), peers * capacity
+    recv = checkpoint_name(recv, RECEIVED)
     s = jnp.arange(recv.shape[0], dtype=jnp.int32)
     src_of = jnp.clip(jnp.searchsorted(recv_start, s, side="right") - 1, 0, ep - 1).astype(jnp.int32)
     within = s - recv_start[src_of]
+    filled = within < recv_sizes[src_of]
+    # Their routing weights, one fp32 number per row, always by the fixed-shape exchange: a ragged exchange of
+    # [rows, 1] pads each row to a full 128-lane tile on TPU (512 bytes a row), the [EP, capacity] slab does not.
+    w_slab = checkpoint_name(slab_send(weights.reshape(-1)[order].astype(jnp.float32)), RECEIVED)
+    w_recv = jnp.where(filled, w_slab[src_of * capacity + jnp.where(filled, within, 0)], 0.0)
+
+    # 4. Group the received rows by local expert (across sources), run the grouped GEMM, apply the weights.
     local_e = jnp.sum(within[:, None] >= jnp.cumsum(from_peer, axis=1)[src_of], axis=1).astype(jnp.int32)
-    local_e = jnp.where(within < recv_sizes[src_of], local_e, e_loc)  # e_loc: an empty slot
+    local_e = jnp.where(filled, local_e, e_loc)  # e_loc: an empty slot
     by_expert = jnp.argsort(local_e, stable=True).astype(jnp.int32)
     y = grouped_swiglu(recipe, recv, by_expert, from_peer.sum(0).astype(jnp.int32), wg, wu, wd, impl, block_size)
     y_recv = y[jnp.zeros_like(by_expert).at[by_expert].set(s)]  # back to the received layout
     if tensor_axis is not None:  # the expert width is split over tensor: partial sums
         y_recv = jax.lax.psum(y_recv, tensor_axis)
+    y_recv = scale_rows(y_recv, w_recv)  # empty slots: weight 0
 
     # 5. Results back to the rows' owners, into a compact layout (each peer's kept rows, peer after peer).
     compact_start = _exclusive_cumsum(send_sizes)
@@ -136,13 +179,13 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
         back = back.reshape(ep * capacity, -1)
         slot_base = peers * capacity
 
-    # 6. Sorted order, then token order; dropped rows give 0; combine with the routing weights.
+    # 6. Sorted order, then token order; dropped rows give 0; each token's K weighted results summed.
     pos = jnp.arange(rows, dtype=jnp.int32)
     peer = jnp.clip(jnp.searchsorted(starts, pos, side="right") - 1, 0, ep - 1).astype(jnp.int32)
     slot_in_peer = pos - starts[peer]
     kept = slot_in_peer < send_sizes[peer]
     y_sorted = jnp.where(kept[:, None], back[jnp.where(kept, slot_base[peer] + slot_in_peer, 0)], 0)
-    return combine(y_sorted[rank], weights), dropped, from_peer.sum()
+    return combine(y_sorted[rank], jnp.ones_like(weights)), dropped, from_peer.sum()  # already weighted
 
 
 def exchange_chunks(tokens: int, k: int, ep: int, exchange_rows: Optional[int]) -> int:
@@ -155,9 +198,11 @@ def exchange_chunks(tokens: int, k: int, ep: int, exchange_rows: Optional[int]) 
     return next(c for c in range(need, tokens + 1) if tokens % c == 0)
 
 
-def _in_chunks(body, chunks: int):
-    """``body`` (one device's exchange of its tokens) run over ``chunks`` equal slices of the tokens in turn."""
-    step = jax.checkpoint(body)
+def _in_chunks(body, chunks: int, keep_received: bool):
+    """``body`` (one device's exchange of its tokens) run over ``chunks`` equal slices of the tokens in turn,
+    each rematerialized in the backward pass (keeping only its received rows with ``keep_received``)."""
+    step = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(RECEIVED)
+                          if keep_received else None)
 
     def run(x, weights, idx, wg, wu, wd):
         n = x.shape[0]
@@ -197,7 +242,8 @@ def _replicated_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, t
 def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token_axes: tuple,
                              expert_axis: Optional[str], tensor_axis: Optional[str], impl: str,
                              block_size: Optional[int] = None, capacity_factor: Optional[float] = None,
-                             exchange_rows: Optional[int] = None, ragged: bool = False, return_rows: bool = False):
+                             exchange_rows: Optional[int] = None, ragged: bool = False, return_rows: bool = False,
+                             keep_received: bool = False):
     """The routed experts of the tokens x ``[N, D]`` (weights / idx ``[N, K]``), one device's share each, under
     ``jax.shard_map`` over ``mesh``.
 
@@ -205,7 +251,8 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
     the sequences, then the context axis). ``expert_axis`` splits the expert stacks (``[E, D, I]`` / ``[E, I, D]``),
     ``tensor_axis`` their width. With ``expert_axis`` among the token axes, rows travel by all-to-all
     (``ragged`` selects ``ragged_all_to_all``), in chunks whose receive buffer stays within ``exchange_rows``;
-    otherwise tokens are replicated over it and a ``psum`` combines.
+    otherwise tokens are replicated over it and a ``psum`` combines. ``keep_received``: the chunks keep their
+    received rows for the backward pass (for a layer that is not rematerialized; see the module docstring).
     Returns the combined output ``[N, D]`` (fp32) and the number of rows dropped over the whole batch (0 unless
     ``capacity_factor``); with ``return_rows`` also the real rows each device's grouped GEMM processed (padding
     excluded), one entry per device in mesh order.
@@ -235,7 +282,7 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
         body = partial(_ep_body, recipe, expert_axis=expert, tensor_axis=tensor, n_experts=e, impl=impl,
                        block_size=block_size, capacity=capacity, ragged=ragged)
         if chunks > 1:
-            body = _in_chunks(body, chunks)
+            body = _in_chunks(body, chunks, keep_received)
     elif expert is not None:
         body = partial(_replicated_body, recipe, expert_axis=expert, tensor_axis=tensor, n_experts=e, impl=impl,
                        block_size=block_size)

@@ -102,18 +102,14 @@ def _fp8_kernel_layout(x, kernel, axes):
     import flax.linen as nn
 
     from .fp8_weights import block_aligned_specs
-    from .sharding import BATCH_AXES, CONTEXT_AXES, LOGICAL_RULES, _largest_dividing, _mesh_axes_for
+    from .sharding import LOGICAL_RULES, _mesh_axes_for, token_axes
 
     rules = nn.get_logical_axis_rules() or LOGICAL_RULES
     spec = _mesh_axes_for(tuple(axes), kernel.shape, mesh, rules)
     q_spec, _ = block_aligned_specs(spec, kernel.shape, kernel.n_in, kernel.n_out, mesh.shape)
     q_spec = tuple(q_spec) + (None,) * (kernel.ndim - len(tuple(q_spec)))
     lead = x.shape[:x.ndim - kernel.n_in]
-    live = lambda names: tuple(a for a in names if mesh.shape.get(a, 1) > 1)  # noqa: E731
-    rows = _largest_dividing(live(BATCH_AXES), lead[0], mesh)
-    ctx = live(CONTEXT_AXES)
-    if len(lead) > 1 and ctx and lead[1] % math.prod(mesh.shape[a] for a in ctx) == 0:
-        rows += ctx
+    rows = token_axes(mesh, lead[0], lead[1] if len(lead) > 1 else None)
     return mesh, (rows or None, q_spec[0], q_spec[kernel.n_in])
 
 

@@ -111,7 +111,8 @@ class Transformer(nn.Module):
         moe_stats = []
         for name, _, length in c.layer_runs:
             is_moe = name.startswith("moe")
-            h, stats = _stack(o, length)(c, o, moe=is_moe, name=name)(h, cos, sin, layout, valid)
+            h, stats = _stack(o, length)(c, o, moe=is_moe, rematerialized=o.remat != "none", name=name)(
+                h, cos, sin, layout, valid)
             if is_moe:
                 moe_stats.append(stats)
         if ctx > 1:

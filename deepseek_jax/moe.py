@@ -19,7 +19,7 @@ from .linear import MatmulRecipe, contract_last, matmul_recipe
 from .mlp import MLP
 from .options import ModelOptions
 from .context_parallel import current_mesh
-from .sharding import LOGICAL_RULES, _largest_dividing
+from .sharding import rule_axes, token_axes
 
 
 # ----- routing ------------------------------------------------------------------------------------
@@ -103,11 +103,6 @@ class Router(nn.Module):
 
 
 # ----- the routed experts -------------------------------------------------------------------------
-def _axis(rules: dict, name: str) -> tuple[str, ...]:
-    axes = rules.get(name)
-    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-
-
 class Experts(nn.Module):
     """The routed experts' weights, stacked: gate/up ``[E, D, I]``, down ``[E, I, D]``; and their dispatch.
 
@@ -116,10 +111,13 @@ class Experts(nn.Module):
     ``expert`` axis the rows travel to the experts' owners by all-to-all. The mesh axes come from the logical
     rules in effect (``act_batch`` for the tokens, ``expert`` for the expert stacks, ``moe_mlp`` for their width).
     Returns the combined output ``[N, D]`` (fp32) and the rows dropped by ``capacity_factor`` (0 when dropless).
+    ``rematerialized``: the layer runs under ``jax.checkpoint``; otherwise the expert-parallel exchange keeps its
+    received rows for the backward pass rather than exchanging them again (``expert_parallel``).
     """
 
     config: ModelConfig
     options: ModelOptions
+    rematerialized: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array, batch: int):
@@ -145,18 +143,13 @@ class Experts(nn.Module):
         if mesh is None:
             impl = o.grouped_impl(idx.size, e)
             return dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl, o.moe_block_size), jnp.zeros((), jnp.int32)
-        rules = dict(nn.get_logical_axis_rules() or LOGICAL_RULES)
         sizes = mesh.shape
-        expert_axes = _axis(rules, "expert")
-        tensor_axes = _axis(rules, "moe_mlp")
+        expert_axes = rule_axes("expert")
+        tensor_axes = rule_axes("moe_mlp")
         ep = sizes.get(expert_axes[0], 1) if expert_axes else 1
         # The tokens are split as the activations are: sequences over the batch axes that divide them, and
         # (context parallelism) each sequence over the context axis.
-        length = x.shape[0] // batch
-        split = _largest_dividing(tuple(a for a in _axis(rules, "act_batch") if sizes.get(a, 1) > 1), batch, mesh)
-        ctx = tuple(a for a in _axis(rules, "act_length") if sizes.get(a, 1) > 1)
-        if ctx and length % math.prod(sizes[a] for a in ctx) == 0:
-            split += ctx
+        split = token_axes(mesh, batch, x.shape[0] // batch)
         # Rows a device's grouped GEMM sees: its own tokens' rows, times EP when they arrive from its peers.
         n_split = math.prod(sizes[a] for a in split)
         rows = idx.size // n_split * (ep if expert_axes and expert_axes[0] in split else 1)
@@ -165,7 +158,8 @@ class Experts(nn.Module):
             recipe, x, weights, idx, wg, wu, wd, mesh=mesh, token_axes=split,
             expert_axis=expert_axes[0] if expert_axes else None, tensor_axis=tensor_axes[0] if tensor_axes else None,
             impl=impl, block_size=o.moe_block_size, capacity_factor=o.capacity_factor,
-            exchange_rows=o.moe_exchange_rows, ragged=o.target_platform() in ("tpu", "gpu"))
+            exchange_rows=o.moe_exchange_rows, ragged=o.target_platform() in ("tpu", "gpu"),
+            keep_received=not self.rematerialized)
 
 
 class MoE(nn.Module):
@@ -179,6 +173,7 @@ class MoE(nn.Module):
 
     config: ModelConfig
     options: ModelOptions
+    rematerialized: bool = False  # see Experts
 
     @nn.compact
     def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
@@ -186,7 +181,7 @@ class MoE(nn.Module):
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         weights, idx, scores = Router(c, o, name="gate")(flat)
-        routed, dropped = Experts(c, o, name="experts")(flat, weights, idx, b)
+        routed, dropped = Experts(c, o, self.rematerialized, name="experts")(flat, weights, idx, b)
         out = routed.astype(o.compute_dtype).reshape(b, t, d)
         if c.n_shared_experts > 0:
             shared = MLP(c.n_shared_experts * c.moe_intermediate_size, o, c.initializer_range, name="shared_experts")

@@ -9,7 +9,6 @@ then one full decoder block, then ``shared_head.norm``. Embedding and output hea
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from .block import Block, CachedBlock

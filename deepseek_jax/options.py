@@ -38,7 +38,8 @@ class ModelOptions:
         counted in the router statistics' ``dropped``.
     moe_exchange_rows: under expert parallelism, the most rows one all-to-all exchange may have to receive on a
         device (its worst-case buffer, ``EP x rows sent per device``). A device's tokens are exchanged in as few
-        equal chunks as keep under it, one after another, each rematerialized in the backward, so the MoE's
+        equal chunks as keep under it, one after another, each rematerialized in the backward (in a layer that
+        is not itself rematerialized, the MTP block's, keeping only its received rows), so the MoE's
         dispatch buffers follow the chunk, not the batch (at 64 x 4096 tokens of V3 on ``expert=8`` a single
         exchange would receive up to 262,144 rows, 3.5 GiB per buffer). None: one exchange.
     platform: the backend the step is compiled for ("cpu", "gpu", "tpu"); None: JAX's default backend.

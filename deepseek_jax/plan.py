@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from .hlo import CollectiveStats, count_collectives
 

@@ -107,6 +107,29 @@ def _largest_dividing(axes: tuple[str, ...], dim: int, mesh) -> tuple[str, ...]:
     return best
 
 
+def rule_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes the logical ``name`` maps to under the rules in effect (``nn.logical_axis_rules``, else
+    ``LOGICAL_RULES``)."""
+    axes = dict(nn.get_logical_axis_rules() or LOGICAL_RULES).get(name)
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+def dividing_axes(name: str, dim: int, mesh) -> tuple[str, ...]:
+    """The axes of logical ``name`` (those of size > 1 in ``mesh``) with the largest product dividing ``dim``."""
+    return _largest_dividing(tuple(a for a in rule_axes(name) if mesh.shape.get(a, 1) > 1), dim, mesh)
+
+
+def token_axes(mesh, batch: int, length: Optional[int] = None) -> tuple[str, ...]:
+    """The mesh axes ``batch x length`` tokens are split over, in order, as the activations are: the
+    ``act_batch`` axes that divide the batch, then the ``act_length`` (context) axes where they divide the
+    sequence."""
+    split = dividing_axes("act_batch", batch, mesh)
+    ctx = tuple(a for a in rule_axes("act_length") if mesh.shape.get(a, 1) > 1)
+    if length is not None and ctx and length % math.prod(mesh.shape[a] for a in ctx) == 0:
+        split += ctx
+    return split
+
+
 def _mesh_axes_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh, rules) -> PartitionSpec:
     rule = dict(rules)
     used: set[str] = set()

@@ -24,6 +24,21 @@ from deepseek_jax.sharding import _largest_dividing, make_mesh
 def split(mesh, batch):  # the batch axes the tokens are split over, as the MoE module picks them
     return _largest_dividing(tuple(a for a in ("data", "fsdp", "expert") if mesh.shape[a] > 1), batch, mesh)
 
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name):
+    # jax.lax.ragged_all_to_all's semantics from all_gathers (XLA:CPU has no ragged all-to-all): peer i's
+    # rows input_offsets_i[me] .. + send_sizes_i[me] land in this device's output at output_offsets_i[me].
+    me = jax.lax.axis_index(axis_name)
+    ops, ins, sizes, outs = (jax.lax.all_gather(a, axis_name) for a in
+                             (operand, input_offsets, send_sizes, output_offsets))
+    start, size, src = outs[:, me], sizes[:, me], ins[:, me]  # per source peer
+    p = jnp.arange(output.shape[0])
+    hit = (p[:, None] >= start[None, :]) & (p[:, None] < (start + size)[None, :])  # [rows, peers]
+    peer = jnp.argmax(hit, axis=1)
+    row = jnp.clip(src[peer] + p - start[peer], 0, operand.shape[0] - 1)
+    got = ops[peer, row]
+    return jnp.where(hit.any(1).reshape(-1, *([1] * (output.ndim - 1))), got, output)
+
 recipe = MatmulRecipe(jnp.float32)
 E, D, I, K, B, T = 16, 32, 24, 4, 8, 6
 rng = np.random.RandomState(0)
@@ -40,6 +55,7 @@ def ref_fn(x, w, wg, wu, wd):
 ref = np.asarray(ref_fn(x, w, wg, wu, wd))
 ref_g = jax.grad(lambda *a: (ref_fn(*a) * cot).sum(), argnums=(0, 1, 2, 3, 4))(x, w, wg, wu, wd)
 out = {}
+jax.lax.ragged_all_to_all = emulated_ragged_all_to_all
 for spec in ["expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2"]:
     mesh = make_mesh(spec)
     put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))
@@ -47,13 +63,17 @@ for spec in ["expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2"]:
     args = (put(x, tok), put(w, tok), put(wg, P("expert", "fsdp", "tensor")), put(wu, P("expert", "fsdp", "tensor")),
             put(wd, P("expert", "tensor", "fsdp")))
     res = {}
-    # "chunked": each device's 6 tokens go through the exchange in 2 or 3 chunks (receive buffer <= 64 rows).
-    for impl, rows_cap in [("blocked", None), ("gather", None), ("chunked", 64)]:
+    # "chunked": each device's 6 tokens go through the exchange in 2 or 3 chunks (receive buffer <= 64 rows);
+    # "chunked_kept": the same, keeping each chunk's received rows for the backward pass; "ragged" (chunked):
+    # the layout of the TPU / GPU path, ragged_all_to_all (emulated here).
+    for impl, rows_cap in [("blocked", None), ("gather", None), ("chunked", 64), ("chunked_kept", 64),
+                           ("ragged", 64)]:
         def ep(x, w, wg, wu, wd, impl=impl, rows_cap=rows_cap):
             return expert_parallel_dispatch(recipe, x, w, put(idx, tok), wg, wu, wd, mesh=mesh,
                                             token_axes=split(mesh, B), expert_axis="expert",
-                                            tensor_axis="tensor", impl="blocked" if impl == "chunked" else impl,
-                                            block_size=4, exchange_rows=rows_cap)[0]
+                                            tensor_axis="tensor", impl=impl if rows_cap is None else "blocked",
+                                            block_size=4, exchange_rows=rows_cap,
+                                            keep_received=impl == "chunked_kept", ragged=impl == "ragged")[0]
         with jax.set_mesh(mesh):
             y = np.asarray(jax.jit(ep)(*args))
             g = jax.jit(jax.grad(lambda *a: (ep(*a) * cot).sum(), argnums=(0, 1, 2, 3, 4)))(*args)
@@ -108,6 +128,29 @@ for impl in ["gather", "blocked"]:
     small[impl] = float(np.abs(np.asarray(y1) - one).max())
 small["local_gather"] = float(np.abs(np.asarray(dispatch_local(recipe, x1, w1, i1, wg, wu, wd, "gather")) - one).max())
 out["small"] = small
+
+# The all-to-alls of one chunked layer's forward and backward (value and gradient, expert=8, 3 chunks), by
+# what they carry: rows or routing weights. The routing weights are applied on the experts'
+# side, so the backward needs no returned rows: rows go out and back in the forward (2), out again in the
+# chunk's recomputation (1, none when the received rows are kept), and the two transposes (2).
+from deepseek_jax.hlo import parse_computations
+exchanges = {}
+for keep in (False, True):
+    def loss(x, w, keep=keep):
+        y = expert_parallel_dispatch(recipe, x, w, idx, wg, wu, wd, mesh=mesh, token_axes=split(mesh, B),
+                                     expert_axis="expert", tensor_axis="tensor", impl="blocked", block_size=4,
+                                     exchange_rows=64, keep_received=keep)[0]
+        return (y * cot).sum()
+    with jax.set_mesh(mesh):
+        text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    comps, _ = parse_computations(text)
+    # XLA:CPU splits each all-to-all into one piece per peer: rows f32[1, capacity, D], weights f32[1, capacity].
+    shapes = [ins.shape.split("{")[0].lstrip("(") for instrs in comps.values() for ins in instrs
+              if ins.opcode.startswith("all-to-all")]
+    exchanges["kept" if keep else "recomputed"] = {
+        "rows": sum(s_.endswith(f",{D}]") for s_ in shapes), "weights": sum(s_.count(",") == 1 for s_ in shapes),
+        "other": sum(not s_.endswith(f",{D}]") and s_.count(",") != 1 for s_ in shapes)}
+out["exchanges"] = exchanges
 print("RESULT " + json.dumps(out))
 """
 
@@ -144,6 +187,13 @@ def test_capacity_factor_drops_exactly_the_rule_s_rows(results, name):
     assert r["expected_dropped"] > 0
     assert r["dropped"] == r["expected_dropped"]
     assert r["diff"] < 1e-5
+
+
+def test_backward_exchanges_no_returned_rows(results):
+    """Counted in the compiled HLO of one chunked layer's value and gradient (the old combine, weighting on the
+    tokens' side, needed the returned rows in the backward: 6 row exchanges)."""
+    assert results["exchanges"]["recomputed"] == {"rows": 5, "weights": 3, "other": 0}
+    assert results["exchanges"]["kept"] == {"rows": 4, "weights": 2, "other": 0}
 
 
 def test_exchange_chunks_bound_the_receive_buffer():

@@ -331,3 +331,30 @@ def test_mtp_shares_one_head_matmul(model_params):
     np.testing.assert_allclose(logits, alone, atol=1e-5, rtol=1e-5)
     depths = range(1, CONFIG.num_nextn_predict_layers + 1)
     assert [m.shape for m in aux["mtp_logits"]] == [(2, 12 - k, v) for k in depths]
+
+
+@pytest.mark.parametrize("remat", ["full", "none"])
+def test_expert_exchange_keeps_received_rows_outside_remat(model_params, monkeypatch, remat):
+    """Under a mesh the routed experts keep an exchange's received rows for the backward pass only in layers
+    that are not rematerialized (the MTP block, or every layer without remat): a rematerialized layer's
+    recomputation would run the exchange anyway."""
+    import deepseek_jax.moe as moe_mod
+    from deepseek_jax.sharding import LOGICAL_RULES
+
+    _, params = model_params
+    seen, real = [], moe_mod.expert_parallel_dispatch
+
+    def spy(*args, keep_received, **kw):
+        seen.append(keep_received)
+        return real(*args, keep_received=keep_received, **kw)
+
+    monkeypatch.setattr(moe_mod, "expert_parallel_dispatch", spy)
+    model = dsj.Transformer(CONFIG, dsj.ModelOptions(remat=remat))
+    tokens = _tokens()
+    # Traced (not run) for an 8-device expert mesh: this process may have one device.
+    mesh = jax.sharding.AbstractMesh((8,), ("expert",))
+    with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        jax.make_jaxpr(jax.grad(lambda p: model.apply({"params": p}, tokens, return_mtp=True)[0].sum()))(params)
+    depths = CONFIG.num_nextn_predict_layers  # the MTP blocks trace last, after the main stack (maybe twice)
+    assert len(seen) > depths and seen[-depths:] == [True] * depths
+    assert set(seen[:-depths]) == {remat == "none"}
