@@ -69,8 +69,7 @@ class Fp8Weight:
         rows = math.prod(shape[len(lead): len(lead) + self.n_in])
         cols = math.prod(shape[len(lead) + self.n_in:])
         q = self.q.reshape(lead + (rows, cols)).astype(jnp.float32)
-        s = jnp.repeat(jnp.repeat(self.scale.astype(jnp.float32), BLOCK, axis=-2), BLOCK, axis=-1)
-        return (q * s[..., :rows, :cols]).astype(dtype).reshape(shape)
+        return (q * _per_element(self.scale.astype(jnp.float32), rows, cols)).astype(dtype).reshape(shape)
 
     def astype(self, dtype) -> jax.Array:
         return self.dequantize(dtype)
@@ -88,6 +87,10 @@ class Fp8Weight:
         return f"Fp8Weight(shape={self.shape}, scale={tuple(self.scale.shape)}, n_in={self.n_in})"
 
 
+def _per_element(scale: jax.Array, rows: int, cols: int) -> jax.Array:
+    """Block scales ``[..., ceil(rows / 128), ceil(cols / 128)]`` -> one per element ``[..., rows, cols]``."""
+    return jnp.repeat(jnp.repeat(scale, BLOCK, axis=-2), BLOCK, axis=-1)[..., :rows, :cols]
+
 
 def quantize(kernel: jax.Array, n_in: int = 1, n_out: int = 1) -> Fp8Weight:
     """``kernel`` (``lead + in_dims + out_dims``) as an ``Fp8Weight``: per 128x128 block of its 2-D view, scale
@@ -102,8 +105,7 @@ def quantize(kernel: jax.Array, n_in: int = 1, n_out: int = 1) -> Fp8Weight:
     blocks = padded.reshape(lead + (nr, BLOCK, nc, BLOCK))
     amax = jnp.max(jnp.abs(blocks), axis=(-3, -1))
     scale = jnp.where(amax > 0, amax / 448.0, 1.0)
-    s = jnp.repeat(jnp.repeat(scale, BLOCK, axis=-2), BLOCK, axis=-1)[..., :rows, :cols]
-    q = (w / s).astype(jnp.float8_e4m3fn)
+    q = (w / _per_element(scale, rows, cols)).astype(jnp.float8_e4m3fn)
     return Fp8Weight(q.reshape(shape), scale, n_in, n_out)
 
 
