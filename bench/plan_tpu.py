@@ -42,6 +42,8 @@ def main() -> int:
     p.add_argument("--mesh", default=None, help="override the case's mesh")
     p.add_argument("--topology", default=None, help="override the case's topology")
     p.add_argument("--cache-len", type=int, default=None)
+    p.add_argument("--keep-received", action="store_true",
+                   help="TrainConfig.moe_keep_received: layers outside remat (MTP) keep their exchanges' rows")
     p.add_argument("--json", default=None, help="append the figures, one JSON object per line")
     args = p.parse_args()
     case = CASES[args.case]
@@ -50,10 +52,11 @@ def main() -> int:
         t0 = time.time()
         result = plan(config, mesh=args.mesh or case["mesh"], batch=args.batch or case["batch"], seq_len=seq,
                       cache_len=args.cache_len, topology=args.topology or case["topology"], precision="bf16",
-                      remat="full", steps=args.steps.split(","), model_name=f"deepseek-v3 ({args.case})")
+                      remat="full", steps=args.steps.split(","), model_name=f"deepseek-v3 ({args.case})",
+                      train_overrides={"moe_keep_received": True} if args.keep_received else None)
         print(result.table())
         print(f"[{time.time() - t0:.0f} s]\n")
-        record = {"case": args.case, "seq": seq, **result.to_dict()}
+        record = {"case": args.case, "seq": seq, "keep_received": args.keep_received, **result.to_dict()}
         print("JSON " + json.dumps(record))
         if args.json:
             with open(args.json, "a") as f:

@@ -111,8 +111,8 @@ class Experts(nn.Module):
     ``expert`` axis the rows travel to the experts' owners by all-to-all. The mesh axes come from the logical
     rules in effect (``act_batch`` for the tokens, ``expert`` for the expert stacks, ``moe_mlp`` for their width).
     Returns the combined output ``[N, D]`` (fp32) and the rows dropped by ``capacity_factor`` (0 when dropless).
-    ``rematerialized``: the layer runs under ``jax.checkpoint``; otherwise the expert-parallel exchange keeps its
-    received rows for the backward pass rather than exchanging them again (``expert_parallel``).
+    ``rematerialized``: the layer runs under ``jax.checkpoint`` (``ModelOptions.moe_keep_received`` applies only
+    to layers that do not).
     """
 
     config: ModelConfig
@@ -159,7 +159,7 @@ class Experts(nn.Module):
             expert_axis=expert_axes[0] if expert_axes else None, tensor_axis=tensor_axes[0] if tensor_axes else None,
             impl=impl, block_size=o.moe_block_size, capacity_factor=o.capacity_factor,
             exchange_rows=o.moe_exchange_rows, ragged=o.target_platform() in ("tpu", "gpu"),
-            keep_received=not self.rematerialized)
+            keep_received=o.moe_keep_received and not self.rematerialized)
 
 
 class MoE(nn.Module):

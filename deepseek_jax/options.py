@@ -38,10 +38,14 @@ class ModelOptions:
         counted in the router statistics' ``dropped``.
     moe_exchange_rows: under expert parallelism, the most rows one all-to-all exchange may have to receive on a
         device (its worst-case buffer, ``EP x rows sent per device``). A device's tokens are exchanged in as few
-        equal chunks as keep under it, one after another, each rematerialized in the backward (in a layer that
-        is not itself rematerialized, the MTP block's, keeping only its received rows), so the MoE's
+        equal chunks as keep under it, one after another, each rematerialized in the backward, so the MoE's
         dispatch buffers follow the chunk, not the batch (at 64 x 4096 tokens of V3 on ``expert=8`` a single
         exchange would receive up to 262,144 rows, 3.5 GiB per buffer). None: one exchange.
+    moe_keep_received: in a layer that is not itself rematerialized (the MTP block; every layer with remat
+        "none"), the exchange chunks keep their received rows for the backward pass, so the rows are not sent
+        to the experts again there: one dispatch-sized all-to-all less per chunk, for the rows held from the
+        layer's forward to its backward (EP x a device's rows x hidden: 3.5 GiB for V3 at 4,096 tokens a chip
+        on ``expert=8``). A rematerialized layer's recomputation would run the exchange anyway: no effect there.
     platform: the backend the step is compiled for ("cpu", "gpu", "tpu"); None: JAX's default backend.
         ``deepseek-jax plan`` sets it when it compiles for a TPU topology from another machine.
     matmul: the recipe behind the one dot_general hook ("default" or "fp8").
@@ -67,6 +71,7 @@ class ModelOptions:
     moe_block_size: Optional[int] = None
     capacity_factor: Optional[float] = None
     moe_exchange_rows: Optional[int] = 65536
+    moe_keep_received: bool = False
     platform: Optional[str] = None
     matmul: str = "default"
     attention: str = "auto"

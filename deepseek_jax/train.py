@@ -59,6 +59,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps (each skipped) that stop the run
     moe_dispatch: str = "auto"  # ModelOptions.moe_dispatch
     capacity_factor: Optional[float] = None  # ModelOptions.capacity_factor (None: dropless)
+    moe_keep_received: bool = False  # ModelOptions.moe_keep_received
     attention: str = "auto"  # ModelOptions.attention
     attention_block: int = 512  # ModelOptions.attention_block
     train_only: tuple[str, ...] = ()  # globs over '/'-joined param paths: only these are updated (all if empty)
@@ -90,7 +91,8 @@ class TrainConfig:
         matmul = "fp8" if self.precision == "fp8" else "default"
         return ModelOptions(dtype=dtype, param_dtype="float32", remat=self.remat, matmul=matmul,
                             moe_dispatch=self.moe_dispatch, capacity_factor=self.capacity_factor,
-                            attention=self.attention, attention_block=self.attention_block)
+                            moe_keep_received=self.moe_keep_received, attention=self.attention,
+                            attention_block=self.attention_block)
 
 
 class Trainer:

@@ -333,11 +333,11 @@ def test_mtp_shares_one_head_matmul(model_params):
     assert [m.shape for m in aux["mtp_logits"]] == [(2, 12 - k, v) for k in depths]
 
 
-@pytest.mark.parametrize("remat", ["full", "none"])
-def test_expert_exchange_keeps_received_rows_outside_remat(model_params, monkeypatch, remat):
-    """Under a mesh the routed experts keep an exchange's received rows for the backward pass only in layers
-    that are not rematerialized (the MTP block, or every layer without remat): a rematerialized layer's
-    recomputation would run the exchange anyway."""
+@pytest.mark.parametrize("remat,keep", [("full", True), ("none", True), ("full", False)])
+def test_expert_exchange_keeps_received_rows_outside_remat(model_params, monkeypatch, remat, keep):
+    """Under a mesh, with ``moe_keep_received``, the routed experts keep an exchange's received rows for the
+    backward pass only in layers that are not rematerialized (the MTP block, or every layer without remat): a
+    rematerialized layer's recomputation would run the exchange anyway. Off by default."""
     import deepseek_jax.moe as moe_mod
     from deepseek_jax.sharding import LOGICAL_RULES
 
@@ -349,12 +349,12 @@ def test_expert_exchange_keeps_received_rows_outside_remat(model_params, monkeyp
         return real(*args, keep_received=keep_received, **kw)
 
     monkeypatch.setattr(moe_mod, "expert_parallel_dispatch", spy)
-    model = dsj.Transformer(CONFIG, dsj.ModelOptions(remat=remat))
+    model = dsj.Transformer(CONFIG, dsj.ModelOptions(remat=remat, moe_keep_received=keep))
     tokens = _tokens()
     # Traced (not run) for an 8-device expert mesh: this process may have one device.
     mesh = jax.sharding.AbstractMesh((8,), ("expert",))
     with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         jax.make_jaxpr(jax.grad(lambda p: model.apply({"params": p}, tokens, return_mtp=True)[0].sum()))(params)
     depths = CONFIG.num_nextn_predict_layers  # the MTP blocks trace last, after the main stack (maybe twice)
-    assert len(seen) > depths and seen[-depths:] == [True] * depths
-    assert set(seen[:-depths]) == {remat == "none"}
+    assert len(seen) > depths and seen[-depths:] == [keep] * depths
+    assert set(seen[:-depths]) == {keep and remat == "none"}
