@@ -10,14 +10,15 @@ weight, and ``tensor`` splits the expert width, reduced by a ``psum`` at the end
    will receive;
 3. send the rows to the experts' owners: ``ragged_all_to_all`` where the backend has it (TPU, GPU), else a
    fixed-shape ``all_to_all`` of one slot of ``capacity`` rows per peer (XLA:CPU has no ragged all-to-all);
-4. group the received rows by local expert, run the grouped GEMM (``grouped.grouped_swiglu``) and scale each
-   result by its routing weight (sent along with the rows, one fp32 number per row);
+4. group the received rows by local expert and run the grouped GEMM (``grouped.grouped_swiglu``), each row
+   scaled by its routing weight (sent along with the rows, one fp32 number per row);
 5. send the results back the same way, in reverse;
 6. put them back in token order and sum each token's K results (in fp32).
 
 The routing weights are applied on the experts' side so that the backward pass needs no returned rows: the
-combine is a plain sum, and a routing weight's gradient (the dot of the result with its cotangent) is formed
-where the result is. Under remat the return exchange is then not run again in the backward pass.
+combine is a plain sum, and a routing weight's gradient is formed inside the grouped GEMM (the weight scales
+the row's ``[I]`` intermediate before the down projection: a dot over I, from a buffer that the GEMM's backward
+holds anyway). Under remat the return exchange is then not run again in the backward pass.
 
 Dropless by default: a peer slot holds the worst case (all of a device's rows). With ``capacity_factor`` c a
 device sends at most ``ceil(c * rows / EP)`` rows to each peer (``rows``: those of one exchange, see below);
@@ -76,28 +77,6 @@ def dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl: str, block_size: O
     order, counts, rank = _sort_rows(idx, wg.shape[0])
     y = grouped_swiglu(recipe, x, order // k, counts, wg, wu, wd, impl, block_size)
     return combine(y[rank], weights)
-
-
-@jax.custom_vjp
-def scale_rows(y: jax.Array, w: jax.Array) -> jax.Array:
-    """``y [M, D] * w [M]`` in y's dtype (as DeepSeek's reference scales the expert outputs: the weights cast to
-    the activations' dtype). The gradient wrt ``w`` sums the row's products (formed in y's dtype) in fp32;
-    neither pass converts ``y`` or its cotangent to fp32 (at V3's scale the TPU compiler kept such a copy, a
-    1.75 GiB buffer per exchange, for a dot with fp32 accumulation)."""
-    return y * w.astype(y.dtype)[:, None]
-
-
-def _scale_rows_fwd(y, w):
-    return scale_rows(y, w), (y, w)
-
-
-def _scale_rows_bwd(res, g):
-    y, w = res
-    dw = jnp.sum(g * y, axis=1, dtype=jnp.float32).astype(w.dtype)
-    return scale_rows(g, w), dw
-
-
-scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
 
 
 def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -160,11 +139,13 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
     local_e = jnp.sum(within[:, None] >= jnp.cumsum(from_peer, axis=1)[src_of], axis=1).astype(jnp.int32)
     local_e = jnp.where(filled, local_e, e_loc)  # e_loc: an empty slot
     by_expert = jnp.argsort(local_e, stable=True).astype(jnp.int32)
-    y = grouped_swiglu(recipe, recv, by_expert, from_peer.sum(0).astype(jnp.int32), wg, wu, wd, impl, block_size)
+    # The weights scale each row's [rows, I] intermediate inside the grouped GEMM (empty slots: weight 0), so the
+    # weights' gradient is formed there, from buffers the GEMM's backward holds anyway.
+    y = grouped_swiglu(recipe, recv, by_expert, from_peer.sum(0).astype(jnp.int32), wg, wu, wd, impl, block_size,
+                       row_scale=w_recv[by_expert])
     y_recv = y[jnp.zeros_like(by_expert).at[by_expert].set(s)]  # back to the received layout
     if tensor_axis is not None:  # the expert width is split over tensor: partial sums
         y_recv = jax.lax.psum(y_recv, tensor_axis)
-    y_recv = scale_rows(y_recv, w_recv)  # empty slots: weight 0
 
     # 5. Results back to the rows' owners, into a compact layout (each peer's kept rows, peer after peer).
     compact_start = _exclusive_cumsum(send_sizes)
