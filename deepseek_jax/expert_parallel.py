@@ -22,8 +22,8 @@ holds anyway). Under remat the return exchange is then not run again in the back
 
 Dropless by default: a peer slot holds the worst case (all of a device's rows). With ``capacity_factor`` c a
 device sends at most ``ceil(c * rows / EP)`` rows to each peer (``rows``: those of one exchange, see below);
-within its sorted rows for a peer (by expert, then by token), the rows past that capacity are dropped: they contribute nothing (their routing weight is not
-renormalized) and are counted in the returned ``dropped``.
+within its sorted rows for a peer (by expert, then by token), the rows past that capacity are dropped: they
+contribute nothing (their routing weight is not renormalized) and are counted in the returned ``dropped``.
 
 The worst-case receive buffer of one exchange is EP x (a device's rows). ``exchange_rows`` bounds it: a device's
 tokens then go through steps 1-6 in equal chunks, one after another under ``lax.scan``, each chunk under

@@ -99,13 +99,10 @@ def _fp8_kernel_layout(x, kernel, axes):
     none = (None, (None, None, None))
     if axes is None or mesh is None or mesh.empty or mesh.size == 1 or getattr(mesh, "manual_axes", ()):
         return none
-    import flax.linen as nn
-
     from .fp8_weights import block_aligned_specs
-    from .sharding import LOGICAL_RULES, _mesh_axes_for, token_axes
+    from .sharding import _mesh_axes_for, current_rules, token_axes
 
-    rules = nn.get_logical_axis_rules() or LOGICAL_RULES
-    spec = _mesh_axes_for(tuple(axes), kernel.shape, mesh, rules)
+    spec = _mesh_axes_for(tuple(axes), kernel.shape, mesh, current_rules())
     q_spec, _ = block_aligned_specs(spec, kernel.shape, kernel.n_in, kernel.n_out, mesh.shape)
     q_spec = tuple(q_spec) + (None,) * (kernel.ndim - len(tuple(q_spec)))
     lead = x.shape[:x.ndim - kernel.n_in]
@@ -179,8 +176,9 @@ def embedding_lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
     On a mesh of batch axes alone both run split over the model dim (``_model_dim_axes``): the table's rows are
     split over the vocabulary by the FSDP rules and the tokens over the batch, and a gather (or scatter) between
     those two layouts makes XLA replicate one of them whole (the whole global batch's cotangents in fp32,
-    ``[B, T, D]`` on every device, or the whole table). Split over D instead, each device looks up (adds) its columns for every token:
-    the table and the cotangents each move once by an all-to-all, and nothing is replicated but the token ids."""
+    ``[B, T, D]`` on every device, or the whole table). Split over D instead, each device looks up (adds) its
+    columns for every token: the table and the cotangents each move once by an all-to-all, and nothing is
+    replicated but the token ids."""
     return _lookup(table.astype(dtype), tokens)
 
 

@@ -107,10 +107,14 @@ def _largest_dividing(axes: tuple[str, ...], dim: int, mesh) -> tuple[str, ...]:
     return best
 
 
+def current_rules():
+    """The logical axis rules in effect (``nn.logical_axis_rules``), else ``LOGICAL_RULES``."""
+    return nn.get_logical_axis_rules() or LOGICAL_RULES
+
+
 def rule_axes(name: str) -> tuple[str, ...]:
-    """The mesh axes the logical ``name`` maps to under the rules in effect (``nn.logical_axis_rules``, else
-    ``LOGICAL_RULES``)."""
-    axes = dict(nn.get_logical_axis_rules() or LOGICAL_RULES).get(name)
+    """The mesh axes the logical ``name`` maps to under the rules in effect (``current_rules``)."""
+    axes = dict(current_rules()).get(name)
     return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
 
 
@@ -162,8 +166,7 @@ def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or mesh.size == 1:
         return x
-    rules = nn.get_logical_axis_rules() or LOGICAL_RULES
-    return jax.lax.with_sharding_constraint(x, _mesh_axes_for(names, x.shape, mesh, rules))
+    return jax.lax.with_sharding_constraint(x, _mesh_axes_for(names, x.shape, mesh, current_rules()))
 
 
 def logical_sharding(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES):
