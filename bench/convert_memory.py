@@ -29,8 +29,8 @@ import ml_dtypes
 import numpy as np
 
 from deepseek_jax import ModelConfig
-from deepseek_jax.checkpoint import hf_tensor_map
-from deepseek_jax.convert.export import OutTensor, write_sharded
+from deepseek_jax.checkpoint.convert.export import OutTensor, write_sharded
+from deepseek_jax.checkpoint.hf_map import hf_tensor_map
 
 
 def wide_config(layers: int) -> ModelConfig:
@@ -68,7 +68,7 @@ def write_synthetic(path: str, config: ModelConfig) -> int:
 _NAIVE = """
 import os, sys
 import numpy as np
-from deepseek_jax.safetensors_io import SafetensorsFile
+from deepseek_jax.checkpoint.safetensors_io import SafetensorsFile
 tensors = {}
 for name in sorted(os.listdir(sys.argv[1])):
     if name.endswith(".safetensors"):
@@ -110,7 +110,7 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="convert-bench-", dir=args.workdir)
     rows = []
-    imports, _, _ = _popen_wait4([sys.executable, "-c", "import deepseek_jax.convert.convert, orbax.checkpoint, "
+    imports, _, _ = _popen_wait4([sys.executable, "-c", "import deepseek_jax.checkpoint.convert.convert, orbax.checkpoint, "
                                                          "tensorstore, jax; jax.devices()"])
     print(f"peak RSS of the imports alone (jax, orbax, tensorstore): {imports:.2f} GB", flush=True)
     try:

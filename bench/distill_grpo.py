@@ -25,10 +25,15 @@ import jax
 import numpy as np
 
 import deepseek_jax as dsj
-from deepseek_jax.data import BOS_ID, EOS_ID
-from deepseek_jax.distill import DistillConfig, distill
-from deepseek_jax.grpo import GRPOConfig, evaluate_accuracy, grpo, heldout_arithmetic
-from deepseek_jax.train import TrainConfig, _read_history, evaluate_arithmetic, fit, load_train_checkpoint
+from deepseek_jax.checkpoint.train_dir import load_train_checkpoint
+from deepseek_jax.data.tasks.arithmetic import BOS_ID, EOS_ID
+from deepseek_jax.posttrain.distill import DistillConfig, distill
+from deepseek_jax.posttrain.grpo import GRPOConfig, grpo
+from deepseek_jax.posttrain.rollouts import evaluate_accuracy, heldout_arithmetic
+from deepseek_jax.training.config import TrainConfig
+from deepseek_jax.training.evaluate import evaluate_arithmetic
+from deepseek_jax.training.loop import _read_history
+from deepseek_jax.training.run import fit
 
 TEACHER = dsj.presets["tiny-v3-arith"].replace(bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 # A dense Qwen2-style student (GQA, q/k/v biases, no MoE, no MTP): 201,792 parameters, 45% of the teacher's
@@ -50,8 +55,8 @@ def scores(workdir: str, heldout) -> dict:
 
 def rollout_throughput(workdir: str, repeats: int = 5) -> dict:
     """Samples/s of GRPO's rollout (16 prompts x G=8, up to 5 new tokens, temperature 1), compile excluded."""
-    from deepseek_jax.grpo import rollout
-    from deepseek_jax.rewards import arithmetic_prompts, arithmetic_stop_ids
+    from deepseek_jax.posttrain.rewards import arithmetic_prompts, arithmetic_stop_ids
+    from deepseek_jax.posttrain.rollouts import rollout
 
     config, params = load_train_checkpoint(workdir)
     ids, answers = arithmetic_prompts(7, 16, stream=1)
@@ -76,7 +81,7 @@ def figure(root: str, path: str, results: dict) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     rows = _read_history(os.path.join(results["teacher_dir"], "metrics.jsonl"))
     axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8)
-    axes[0].set(title=f"teacher (tiny-v3) training: answer CE", xlabel="step", yscale="log")
+    axes[0].set(title="teacher (tiny-v3) training: answer CE", xlabel="step", yscale="log")
     rows = _read_history(os.path.join(results["grpo_dir"], "metrics.jsonl"))
     axes[1].plot([r["step"] for r in rows], [r["accuracy"] for r in rows], lw=0.8, alpha=0.6,
                  label="sampled accuracy (T=1)")

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import deepseek_jax as dsj  # noqa: E402
 from hf_reference import hf_model  # noqa: E402
+
+import deepseek_jax as dsj  # noqa: E402
 
 BENCH_100M = dsj.presets["tiny-v3"].replace(
     vocab_size=32000, hidden_size=512, intermediate_size=1408, moe_intermediate_size=256, num_hidden_layers=8,

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.fp8_weights import Fp8Weight
-from deepseek_jax.linear import MatmulRecipe
+from deepseek_jax.layers.linear import MatmulRecipe
+from deepseek_jax.quant.weights import Fp8Weight
 
 DIMS = (((1,), (0,)), ((), ()))
 

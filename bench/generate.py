@@ -29,10 +29,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import deepseek_jax as dsj  # noqa: E402
-from deepseek_jax import decode, generation, kvcache  # noqa: E402
-from deepseek_jax.sampling import SamplingParams  # noqa: E402
 from hf_reference import hf_model  # noqa: E402
+
+import deepseek_jax as dsj  # noqa: E402
+from deepseek_jax.inference import generation
+from deepseek_jax.inference import steps as decode
+from deepseek_jax.inference.sampling import SamplingParams  # noqa: E402
+from deepseek_jax.layers import kv_cache as kvcache  # noqa: E402
 
 # A small V3-shaped model (MLA with q-LoRA, YaRN, 1 dense + 3 MoE layers with grouped sigmoid routing).
 BENCH_CONFIG = dsj.presets["tiny-v3"].replace(

@@ -47,7 +47,7 @@ _LOAD = r"""
 import json, resource, sys, time
 import jax
 import deepseek_jax as dsj
-from deepseek_jax.sharding import make_mesh
+from deepseek_jax.parallel.mesh import make_mesh
 jax.devices()
 after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 mesh = make_mesh(sys.argv[2]) if sys.argv[2] != "none" else None

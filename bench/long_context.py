@@ -25,9 +25,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import deepseek_jax as dsj  # noqa: E402
-from deepseek_jax import decode, kvcache  # noqa: E402
 from forward import _time  # noqa: E402
+
+import deepseek_jax as dsj  # noqa: E402
+from deepseek_jax.inference import steps as decode
+from deepseek_jax.layers import kv_cache as kvcache  # noqa: E402
 
 RAM_BUDGET = 12e9  # run (not only compile) what needs less than this
 

@@ -25,7 +25,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import deepseek_jax as dsj  # noqa: E402
-from deepseek_jax.plan import plan  # noqa: E402
+from deepseek_jax.tools.plan import plan  # noqa: E402
 
 CASES = {
     "v3x4": dict(overrides={"num_hidden_layers": 4}, topology="v5p:4x4x4", mesh="fsdp=8,expert=8", batch=64),

@@ -15,8 +15,10 @@ import os
 import numpy as np
 
 import deepseek_jax as dsj
-from deepseek_jax.data import EOS_ID, arithmetic_text, encode
-from deepseek_jax.train import TrainConfig, fit, is_train_workdir
+from deepseek_jax.checkpoint.train_dir import is_train_workdir
+from deepseek_jax.data.tasks.arithmetic import EOS_ID, arithmetic_text, encode
+from deepseek_jax.training.config import TrainConfig
+from deepseek_jax.training.run import fit
 
 
 def main():

@@ -28,9 +28,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import deepseek_jax as dsj  # noqa: E402
-from deepseek_jax.checkpoint import hf_tensor_map, set_leaf  # noqa: E402
 from generate import _best  # noqa: E402
+
+import deepseek_jax as dsj  # noqa: E402
+from deepseek_jax.checkpoint.hf_dir import set_leaf
+from deepseek_jax.checkpoint.hf_map import hf_tensor_map  # noqa: E402
 
 
 def build(layers: int, seed: int = 0):

@@ -23,12 +23,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.dirname(__file__))
-import deepseek_jax as dsj  # noqa: E402
-from deepseek_jax.data import make_dataset  # noqa: E402
-from deepseek_jax.sharding import make_mesh  # noqa: E402
-from deepseek_jax.train import TrainConfig, Trainer  # noqa: E402
 from forward import BENCH_100M  # noqa: E402
 from hf_reference import hf_model  # noqa: E402
+
+import deepseek_jax as dsj  # noqa: E402
+from deepseek_jax.data.packing import make_dataset  # noqa: E402
+from deepseek_jax.parallel.mesh import make_mesh  # noqa: E402
+from deepseek_jax.training.config import TrainConfig
+from deepseek_jax.training.trainer import Trainer  # noqa: E402
 
 
 def ours_tokens_per_s(config, precision, batch, seq, steps):

@@ -1,16 +1,26 @@
-"""deepseek-jax: DeepSeek V2 / V2-Lite / V3 / R1 in JAX and Flax."""
+"""deepseek-jax: DeepSeek V2 / V2-Lite / V3 / R1 and the R1-Distill students in JAX and Flax.
 
-from .block import Block
-from .checkpoint import load_pretrained
-from .config import ConfigError, ModelConfig, RopeScaling, presets
-from .generation import generate
-from .model import Transformer, attention_layout, attention_mask
-from .options import ModelOptions
+The package's folders are its architecture (docs/architecture.md): ``config`` -> ``parallel`` / ``quant`` ->
+``layers`` -> ``moe`` -> ``models`` -> ``checkpoint`` / ``data`` -> ``inference`` / ``training`` -> ``posttrain``
+/ ``tools`` -> ``cli``. The public surface is re-exported here.
+"""
+
+from deepseek_jax.checkpoint.load import load_pretrained
+from deepseek_jax.config import (
+    ConfigError,
+    ModelConfig,
+    ModelOptions,
+    RopeScaling,
+    presets,
+)
+from deepseek_jax.inference.generation import generate
+from deepseek_jax.layers.attention.layout import attention_layout, attention_mask
+from deepseek_jax.models.block import Block
+from deepseek_jax.models.transformer import Transformer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Block", "ConfigError", "ModelConfig", "ModelOptions", "RopeScaling", "Transformer", "attention_layout",
-    "attention_mask",
-    "generate", "load_pretrained", "presets",
+    "attention_mask", "generate", "load_pretrained", "presets",
 ]

@@ -1,6 +1,6 @@
 """Checkpoints the converter tests read: transformers ``save_pretrained`` output (fp32, bf16, with the MTP
 layer), a PyTorch state dict, and a hand-made FP8 release-layout checkpoint. Built independently of
-``deepseek_jax.convert`` (own FP8 quantizer, ``safetensors`` library for writing)."""
+``deepseek_jax.checkpoint.convert`` (own FP8 quantizer, ``safetensors`` library for writing)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import os
 
 import numpy as np
 import torch
+from hf_reference import hf_model, hf_mtp_model, save_with_mtp, torch_logits
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from deepseek_jax import ModelConfig
-from hf_reference import hf_model, hf_mtp_model, save_with_mtp, torch_logits
 
 TOKENS = np.random.RandomState(0).randint(0, 300, (2, 12)).astype(np.int32)
 
@@ -58,7 +58,7 @@ def make_hf(path: str, config: ModelConfig, mtp: bool, dtype=torch.float32, seed
 
 
 def block_quantize(w: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The release format, written here from REFERENCE.md: per 128x128 block scale = amax / 448."""
+    """The release format, written here from docs/reference.md: per 128x128 block scale = amax / 448."""
     rows, cols = w.shape
     br, bc = math.ceil(rows / 128), math.ceil(cols / 128)
     scale = torch.empty(br, bc)
@@ -89,7 +89,7 @@ def make_fp8(path: str, ue8m0: bool = False, n_files: int = 3, config: ModelConf
     """A V3-layout FP8 checkpoint (with MTP layer) sharded over ``n_files``; returns
     (transformers model holding the dequantized weights, {key: original tensor})."""
     src = path + "-fp32"
-    model = make_hf(src, config, mtp=True)
+    make_hf(src, config, mtp=True)
     tensors = read_all(src)
     out, dequant = {}, {}
     for k, v in tensors.items():

@@ -1,4 +1,5 @@
-"""Tiny random checkpoints shared by the inference tests (built once per test session, then cached).
+"""Tiny random checkpoints shared by the inference tests (built once per test session, then cached), and a word-level
+tokenizer whose ids fit them.
 
 Each is a transformers model with sharper-than-default random weights (so greedy argmaxes are not near
 ties), saved with ``save_pretrained`` (plus an MTP layer for V3) and loaded with ``load_pretrained``.
@@ -8,12 +9,16 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import shutil
 import tempfile
 import warnings
 
-import deepseek_jax as dsj
 from hf_reference import hf_model, hf_mtp_model, save_with_mtp
+
+import deepseek_jax as dsj
+from deepseek_jax.data.chat_template import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER
+from deepseek_jax.data.tokenizer import BOS_TOKEN, EOS_TOKEN
 
 # Prompts of mixed lengths (one of a single token) shared by the tests, so they share compiled steps.
 PROMPTS = [[5, 17, 300, 2, 9, 44, 1, 8, 77, 3, 120], [3], [250, 11, 60, 2, 7, 7, 100]]
@@ -35,3 +40,20 @@ def tiny_checkpoint(name: str, seed: int = 0):
         warnings.simplefilter("ignore")
         loaded_config, params = dsj.load_pretrained(path)
     return loaded_config, params, hf, path
+
+
+def word_tokenizer(path, vocab_size=512):
+    """A word-level tokenizer.json whose ids fit the tiny models' vocabulary, with DeepSeek's specials."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    specials = [BOS_TOKEN, EOS_TOKEN, USER, ASSISTANT, THINK_OPEN, THINK_CLOSE]
+    words = [f"w{i}" for i in range(vocab_size - len(specials) - 1)]
+    vocab = {t: i for i, t in enumerate(specials + ["[UNK]"] + words)}
+    tk = HFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tk.add_special_tokens(specials[:2])
+    tk.add_tokens(specials[2:])
+    tk.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import deepseek_jax as dsj
-from deepseek_jax.train import TrainConfig
+from deepseek_jax.training.config import TrainConfig
 
 # Small but complete: a dense layer, an MoE layer (sigmoid, 4 groups, correction bias), an MTP module.
 CONFIG = dsj.presets["tiny-v3"].replace(num_hidden_layers=2)
@@ -33,8 +33,8 @@ def run_steps(mesh_spec: str | None, n_steps: int = 2, devices=None, tc: TrainCo
     """Train ``n_steps`` on fixed batches; return the per-step losses and the final params (numpy)."""
     import jax
 
-    from deepseek_jax.sharding import make_mesh
-    from deepseek_jax.train import Trainer
+    from deepseek_jax.parallel.mesh import make_mesh
+    from deepseek_jax.training.trainer import Trainer
 
     trainer = Trainer(CONFIG, tc, make_mesh(mesh_spec, devices))
     state = trainer.init_state()

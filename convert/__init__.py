@@ -1,1 +1,0 @@
-"""Checkpoint conversion (installed as ``deepseek_jax.convert``)."""

@@ -1,0 +1,51 @@
+"""A ``deepseek-jax train`` work directory as a checkpoint: its config and the params of a saved step.
+
+A work directory holds ``config.json``, ``train_config.json`` and ``checkpoints/`` (an Orbax
+``CheckpointManager``: per step a ``state`` item, the whole train state, and a ``meta`` JSON item; see
+``training/checkpoints.py``). Reading the params needs neither the trainer nor the optimizer: only the ``params``
+subtree of the state is restored (an Orbax partial restore), straight into the shardings asked for; the
+optimizer's moments stay on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from deepseek_jax.config.model import ModelConfig
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_ITEM, META_ITEM = "state", "meta"
+
+
+def is_train_workdir(path: str | os.PathLike) -> bool:
+    path = os.fspath(path)
+    return all(os.path.exists(os.path.join(path, f)) for f in ("config.json", "train_config.json", CHECKPOINTS_DIR))
+
+
+def load_train_checkpoint(workdir: str | os.PathLike, step: Optional[int] = None, shardings=None):
+    """``(config, params)`` from a train work directory: step ``step`` (default the latest finished one).
+
+    ``shardings``: a params-shaped tree of ``Sharding`` to restore each leaf into (each process reads only its
+    shards' chunks); default the first device. The params come back in the dtype they were saved in (the
+    run's master weights)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    workdir = os.fspath(workdir)
+    config = ModelConfig.from_pretrained(workdir)
+    directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS_DIR))
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no finished checkpoint to load")
+        meta = manager.item_metadata(step)[STATE_ITEM]
+        meta = getattr(meta, "tree", meta)["params"]
+        if shardings is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: one, meta)
+        target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s), meta, shardings)
+        restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
+        restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)}))
+    return config, restored[STATE_ITEM]["params"]

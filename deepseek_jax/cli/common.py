@@ -1,0 +1,80 @@
+"""Pieces every training-like subcommand (train, distill, grpo, plan) shares: config overrides, the shared flags,
+the tokenizer of the data, and the arithmetic report."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair!r}: expected key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def checkpoint_tokenizer_dir(init_from):
+    """Where the tokenizer files of checkpoint ``init_from`` are (a converted directory keeps them in
+    ``hf_files/``), or None when it has no ``tokenizer.json``."""
+    if init_from is None:
+        return None
+    for d in (init_from, os.path.join(init_from, "hf_files")):
+        if os.path.isfile(os.path.join(d, "tokenizer.json")):
+            return d
+    return None
+
+
+def data_tokenizer(data, tokenizer_file):
+    """The ``tokenizers.Tokenizer`` that text data is encoded with (``tokenizer_file``, else the DeepSeek
+    tokenizer), or None for the built-in data and for sources that are all pre-tokenized ``.npy`` (unless a
+    tokenizer is given: its EOS then splits 1-D files)."""
+    if data in (None, "arithmetic"):
+        return None
+    from deepseek_jax.data.readers import expand_source
+
+    if tokenizer_file is None and all(p.endswith(".npy") for p in expand_source(data)):
+        return None
+    from tokenizers import Tokenizer
+
+    from deepseek_jax.data.tokenizer import default_tokenizer_path
+
+    path = tokenizer_file if tokenizer_file else str(default_tokenizer_path())
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers error does not name the file
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+
+
+def report_arithmetic(workdir: str) -> None:
+    """What the model learned: exact greedy answers on held-out sums, and a few of them."""
+    from deepseek_jax.checkpoint.train_dir import load_train_checkpoint
+    from deepseek_jax.training.evaluate import evaluate_arithmetic
+
+    config, params = load_train_checkpoint(workdir)
+    report = evaluate_arithmetic(config, params)
+    print(f"held-out arithmetic: {report['exact']:.1%} of {report['answers']} answers exactly right "
+          f"(greedy decoding)")
+    for question, answer, truth in report["samples"]:
+        mark = "ok" if answer == truth else f"wrong, {truth}"
+        print(f"  {question}{answer}   ({mark})")
+
+
+def add_run_arguments(p, *, workdir: str, steps: int) -> None:
+    """The flags every training-like command (train, distill) shares: where, how long, batch and optimizer."""
+    p.add_argument("--workdir", default=workdir)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32")

@@ -1,0 +1,434 @@
+"""Model configuration: one frozen dataclass whose field names are the HF ``config.json`` names.
+
+Only architecture lives here. Runtime choices (compute dtype, remat, MoE dispatch, matmul recipe) are in
+``config/options.py`` so that one checkpoint's config never changes with how it is run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Optional
+
+ROUTER_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+DENSE_ONLY_FIELDS = ("head_dim", "mlp_bias", "use_sliding_window")  # Qwen2 / Llama fields, not in DeepSeek's
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+# The R1-Distill students: dense decoders with grouped-query attention (docs/reference.md, section 6).
+DENSE_MODEL_TYPES = ("qwen2", "llama")
+SUPPORTED_MODEL_TYPES = MLA_MODEL_TYPES + DENSE_MODEL_TYPES
+ROPE_TYPES = {"deepseek_v2": ("yarn",), "deepseek_v3": ("yarn",), "qwen2": ("llama3",), "llama": ("llama3",)}
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field, the value and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN or llama3 parameters (``rope_scaling`` / ``rope_parameters`` in config.json).
+
+    ``type="llama3"`` (Llama-3.1/3.3, so R1-Distill-Llama) uses ``factor``, ``low_freq_factor``,
+    ``high_freq_factor`` and ``original_max_position_embeddings``; the beta / mscale fields are YaRN's.
+
+    The optional fields are None when config.json leaves them out, and then mean what transformers makes of
+    an absent key: no ``mscale_all_dim`` means no YaRN softmax-scale factor; ``attention_factor`` (the cos/sin
+    multiplier) is derived from ``mscale`` / ``mscale_all_dim`` when both are given, else from ``factor``.
+    """
+
+    type: str = "yarn"
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    attention_factor: Optional[float] = None
+    truncate: bool = True  # floor/ceil the correction range (YaRN's default)
+    low_freq_factor: Optional[float] = None  # llama3
+    high_freq_factor: Optional[float] = None  # llama3
+
+    def to_hf_dict(self, rope_theta: float) -> dict:
+        if self.type == "llama3":
+            return {"rope_type": "llama3", "type": "llama3", "rope_theta": rope_theta, "factor": self.factor,
+                    "low_freq_factor": self.low_freq_factor, "high_freq_factor": self.high_freq_factor,
+                    "original_max_position_embeddings": self.original_max_position_embeddings}
+        d = {
+            "rope_type": self.type,
+            "type": self.type,
+            "rope_theta": rope_theta,
+            "factor": self.factor,
+            "original_max_position_embeddings": self.original_max_position_embeddings,
+            "beta_fast": self.beta_fast,
+            "beta_slow": self.beta_slow,
+        }
+        for name in ("mscale", "mscale_all_dim", "attention_factor"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
+        if not self.truncate:
+            d["truncate"] = False
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a DeepSeek V2 / V2-Lite / V3 / R1 model, or of an R1-Distill student (``model_type``
+    "qwen2" / "llama": dense layers with grouped-query attention; the MLA and MoE fields are then unused).
+    Field names follow HF ``config.json``."""
+
+    model_type: str = "deepseek_v3"
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    num_key_value_heads: int = 128
+    # MLA
+    q_lora_rank: Optional[int] = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # MoE
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 3
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    n_group: int = 8
+    topk_group: int = 4
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = True
+    # MTP
+    num_nextn_predict_layers: int = 1
+    # misc
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = RopeScaling(mscale=1.0, mscale_all_dim=1.0)
+    rope_interleave: bool = True  # rope on pairs (x0, x1), (x2, x3)... as released; False: halves (V3, students)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    # dense students (qwen2 / llama)
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    mlp_bias: bool = False
+    use_sliding_window: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: Optional[int] = 0
+    eos_token_id: Optional[int] = 1
+
+    def __post_init__(self):
+        _validate(self)
+
+    # ----- derived values -------------------------------------------------------------------------
+    @property
+    def uses_mla(self) -> bool:
+        """DeepSeek's latent attention (True) or a dense student's grouped-query attention (False)."""
+        return self.model_type in MLA_MODEL_TYPES
+
+    @property
+    def attn_head_dim(self) -> int:
+        """A dense student's per-head q/k/v width."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims rope rotates per head: MLA's rope part, or a dense student's whole head."""
+        return self.qk_rope_head_dim if self.uses_mla else self.attn_head_dim
+
+    @property
+    def qkv_bias(self) -> bool:
+        """q/k/v projections carry a bias: always in Qwen2, ``attention_bias`` in Llama (o_proj too)."""
+        return self.model_type == "qwen2" or (self.model_type == "llama" and self.attention_bias)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_dim(self) -> int:
+        """Values cached per token per layer: MLA's latent ``c_kv`` plus the shared rope key (absorbed path),
+        or a dense student's keys and values (``2 * num_key_value_heads * head_dim``)."""
+        if not self.uses_mla:
+            return 2 * self.num_key_value_heads * self.attn_head_dim
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """``qk_head_dim**-0.5``, times ``mscale(factor, mscale_all_dim)**2`` whenever YaRN is on.
+
+        The official inference code applies the YaRN factor only when ``max_seq_len`` exceeds the original
+        context; transformers applies it whenever ``rope_type == "yarn"``. We follow transformers (parity).
+        Dense students: ``head_dim**-0.5`` (llama3 rope scaling leaves it alone).
+        """
+        if not self.uses_mla:
+            return self.attn_head_dim**-0.5
+        scale = self.qk_head_dim**-0.5
+        rs = self.rope_scaling
+        if rs is not None and rs.mscale_all_dim:
+            m = yarn_get_mscale(rs.factor, rs.mscale_all_dim)
+            scale = scale * m * m
+        return scale
+
+    @property
+    def has_correction_bias(self) -> bool:
+        return self.topk_method == "noaux_tc"
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """DeepSeek's rule: MoE iff ``idx >= first_k_dense_replace and idx % moe_layer_freq == 0``."""
+        return (
+            self.n_routed_experts > 0
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    @property
+    def layer_runs(self) -> tuple[tuple[str, int, int], ...]:
+        """Contiguous runs of same-kind layers as ``(name, start, length)``; each run is one ``nn.scan``.
+
+        The released models have one dense run then one MoE run (``dense_layers``, ``moe_layers``); other
+        ``moe_layer_freq`` values give several runs, numbered per kind.
+        """
+        kinds = ["moe" if self.is_moe_layer(i) else "dense" for i in range(self.num_hidden_layers)]
+        runs: list[tuple[str, int, int]] = []
+        for i, kind in enumerate(kinds):
+            if runs and runs[-1][0] == kind:
+                runs[-1] = (kind, runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((kind, i, 1))
+        per_kind = {k: sum(1 for r in runs if r[0] == k) for k in ("dense", "moe")}
+        seen = {"dense": 0, "moe": 0}
+        named = []
+        for kind, start, length in runs:
+            name = f"{kind}_layers" if per_kind[kind] == 1 else f"{kind}_layers_{seen[kind]}"
+            seen[kind] += 1
+            named.append((name, start, length))
+        return tuple(named)
+
+    # ----- HF config.json ------------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
+        """Build from a config.json dict (``rope_scaling`` of older files or ``rope_parameters`` of 5.x)."""
+        d = dict(d)
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = d.get("architectures")
+            raise ConfigError(
+                f"{source}: unsupported architecture model_type={model_type!r} (architectures={archs}); "
+                f"expected one of {SUPPORTED_MODEL_TYPES}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in names and key not in ("rope_scaling", "rope_theta"):
+                kwargs[key] = value
+        if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
+            kwargs["num_nextn_predict_layers"] = d["num_mtp_layers"]
+        if model_type == "deepseek_v2":
+            # V2 configs omit the V3-only fields; their defaults must not leak in.
+            kwargs.setdefault("num_nextn_predict_layers", 0)
+            kwargs.setdefault("scoring_func", "softmax")
+            kwargs.setdefault("topk_method", "greedy")
+            kwargs.setdefault("norm_topk_prob", False)
+        if model_type in MLA_MODEL_TYPES:
+            for key in DENSE_ONLY_FIELDS:  # transformers' V3 config sets head_dim to the rope part; these
+                kwargs.pop(key, None)  # fields belong to the dense students only
+        if model_type in DENSE_MODEL_TYPES:
+            # A dense student: every layer a dense MLP, no MTP; rope pairs the two halves of each head
+            # (transformers' rotate_half), which is how these checkpoints were trained.
+            kwargs.update(n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=0,
+                          num_nextn_predict_layers=0, rope_interleave=False, q_lora_rank=None)
+            heads = kwargs.get("num_attention_heads") or 1
+            if kwargs.get("head_dim") in (None, kwargs.get("hidden_size", 0) // heads):
+                kwargs.pop("head_dim", None)  # the default: one config whether or not config.json spells it out
+        for key in ("n_group", "topk_group"):
+            if kwargs.get(key) is None and key in kwargs:
+                kwargs[key] = 1
+        rope = d.get("rope_parameters") or d.get("rope_scaling")
+        theta = d.get("rope_theta")
+        rope_scaling = None
+        if isinstance(rope, dict):
+            theta = rope.get("rope_theta", theta)
+            rtype = rope.get("rope_type", rope.get("type", "default"))
+            if rtype not in ("default", None):
+                known = {f.name for f in dataclasses.fields(RopeScaling)}
+                # A null beta_* means YaRN's default (transformers reads them with `or`).
+                rs = {k: v for k, v in rope.items() if k in known and not (v is None and k.startswith("beta_"))}
+                rs["type"] = rtype
+                rope_scaling = RopeScaling(**rs)
+        elif rope is not None:
+            raise ConfigError(f"{source}: field 'rope_scaling' must be a dict or null, found {type(rope).__name__}")
+        kwargs["rope_scaling"] = rope_scaling
+        if theta is not None:
+            kwargs["rope_theta"] = float(theta)
+        if isinstance(kwargs.get("eos_token_id"), list):
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
+        """Read ``config.json`` from a checkpoint directory (or the file itself)."""
+        path = os.fspath(path)
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        return cls.from_hf_dict(read_config_json(file), source=file)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json dict that transformers 5.x (and older readers of ``rope_scaling``) accept."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_hf_dict(self.rope_theta)
+        d["rope_parameters"] = (
+            {"rope_type": "default", "rope_theta": self.rope_theta}
+            if self.rope_scaling is None
+            else self.rope_scaling.to_hf_dict(self.rope_theta)
+        )
+        if not self.uses_mla:
+            return self._dense_hf_dict()
+        for name in DENSE_ONLY_FIELDS:  # transformers' DeepSeek configs set their own head_dim (a null would win)
+            d.pop(name)
+        d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        d["num_mtp_layers"] = self.num_nextn_predict_layers
+        return d
+
+    def _dense_hf_dict(self) -> dict[str, Any]:
+        """The config.json of a Qwen2 / Llama checkpoint (only the fields those architectures have)."""
+        names = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "hidden_act", "rms_norm_eps", "max_position_embeddings",
+                 "rope_theta", "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id")
+        d = {n: getattr(self, n) for n in names}
+        d["head_dim"] = self.attn_head_dim
+        if self.model_type == "llama":
+            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+            d["architectures"] = ["LlamaForCausalLM"]
+        else:
+            d.update(use_sliding_window=False, sliding_window=None)
+            d["architectures"] = ["Qwen2ForCausalLM"]
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        d["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_hf_dict(self.rope_theta)
+        d["rope_parameters"] = rope if self.rope_scaling is None else d["rope_scaling"]
+        return d
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def read_config_json(file: str) -> dict[str, Any]:
+    """The raw dict of a config.json, with errors that name the file."""
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: no config.json found")
+    try:
+        with open(file) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{file}: not a JSON object")
+    return d
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature ``0.1 * mscale * ln(scale) + 1`` (1 when not extending)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _validate(c: ModelConfig) -> None:
+    def need(cond: bool, field: str, expected: str):
+        if not cond:
+            raise ConfigError(f"field '{field}' = {getattr(c, field)!r}: expected {expected}")
+
+    if c.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"field 'model_type' = {c.model_type!r}: expected one of {SUPPORTED_MODEL_TYPES}")
+    for name in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+        "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "moe_layer_freq",
+    ):
+        v = getattr(c, name)
+        need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "a positive integer")
+    for name in ("intermediate_size", "moe_intermediate_size", "n_routed_experts", "n_shared_experts",
+                 "first_k_dense_replace", "num_nextn_predict_layers", "num_experts_per_tok", "n_group",
+                 "topk_group"):
+        v = getattr(c, name)
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name, "a non-negative integer")
+    need(c.q_lora_rank is None or (isinstance(c.q_lora_rank, int) and c.q_lora_rank > 0), "q_lora_rank",
+         "null or a positive integer")
+    need(c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "an even number (rope rotates pairs)")
+    need(c.hidden_act == "silu", "hidden_act", "'silu'")
+    need(c.rms_norm_eps > 0, "rms_norm_eps", "a positive number")
+    if not c.uses_mla:
+        _validate_dense(c)
+        return
+    need(c.num_key_value_heads == c.num_attention_heads, "num_key_value_heads",
+         f"equal to num_attention_heads={c.num_attention_heads} (MLA has no grouped KV heads)")
+    need(isinstance(c.rope_interleave, bool), "rope_interleave", "true or false")
+    need(c.rope_interleave or c.model_type == "deepseek_v3", "rope_interleave",
+         "true for deepseek_v2 (V2 checkpoints rotate interleaved pairs; only V3 configs may select halves)")
+    need(not c.attention_bias, "attention_bias", "false (no released DeepSeek model uses attention biases)")
+    need(not c.tie_word_embeddings, "tie_word_embeddings", "false (DeepSeek models have an untied head)")
+    need(c.first_k_dense_replace <= c.num_hidden_layers, "first_k_dense_replace",
+         f"at most num_hidden_layers={c.num_hidden_layers}")
+    has_moe = any(c.is_moe_layer(i) for i in range(c.num_hidden_layers)) or (
+        c.num_nextn_predict_layers > 0 and c.n_routed_experts > 0)
+    if has_moe:
+        need(c.topk_method in ROUTER_METHODS, "topk_method", f"one of {ROUTER_METHODS}")
+        need(c.scoring_func in SCORING_FUNCS, "scoring_func", f"one of {SCORING_FUNCS}")
+        need(c.moe_intermediate_size > 0, "moe_intermediate_size", "a positive integer")
+        need(c.n_group >= 1 and c.n_routed_experts % c.n_group == 0, "n_group",
+             f"a divisor of n_routed_experts={c.n_routed_experts}")
+        need(1 <= c.topk_group <= c.n_group, "topk_group", f"between 1 and n_group={c.n_group}")
+        per_group = c.n_routed_experts // c.n_group
+        need(1 <= c.num_experts_per_tok <= c.topk_group * per_group, "num_experts_per_tok",
+             f"between 1 and topk_group * experts per group = {c.topk_group * per_group}")
+        if c.topk_method == "noaux_tc":
+            need(per_group >= 2 or c.n_group == 1, "n_group",
+                 "groups of at least 2 experts (noaux_tc scores a group by its top-2 sum)")
+    if any(not c.is_moe_layer(i) for i in range(c.num_hidden_layers)):
+        need(c.intermediate_size > 0, "intermediate_size", "a positive integer (there are dense layers)")
+    if c.rope_scaling is not None:
+        rs = c.rope_scaling
+        if rs.type != "yarn":
+            raise ConfigError(f"field 'rope_scaling.type' = {rs.type!r}: expected 'yarn' (or no rope_scaling)")
+        if rs.factor is None or not (rs.factor >= 1 and rs.original_max_position_embeddings > 0):
+            raise ConfigError(f"field 'rope_scaling' = {rs!r}: expected factor >= 1 and a positive original length")
+
+
+def _validate_dense(c: ModelConfig) -> None:
+    def need(cond: bool, field: str, expected: str):
+        if not cond:
+            raise ConfigError(f"field '{field}' = {getattr(c, field)!r}: expected {expected}")
+
+    h, hk = c.num_attention_heads, c.num_key_value_heads
+    need(isinstance(hk, int) and hk > 0 and h % hk == 0, "num_key_value_heads",
+         f"a positive divisor of num_attention_heads={h} (grouped-query attention)")
+    need(c.head_dim is not None or c.hidden_size % h == 0, "hidden_size",
+         f"a multiple of num_attention_heads={h} (or give head_dim)")
+    need(c.attn_head_dim % 2 == 0, "head_dim", "an even number (rope rotates pairs)")
+    need(c.intermediate_size > 0, "intermediate_size", "a positive integer")
+    need(c.n_routed_experts == 0, "n_routed_experts", f"0 ({c.model_type} models are dense)")
+    need(c.num_nextn_predict_layers == 0, "num_nextn_predict_layers", f"0 ({c.model_type} models have no MTP)")
+    need(not c.rope_interleave, "rope_interleave", f"false ({c.model_type} rotates the two halves of each head)")
+    need(not c.mlp_bias, "mlp_bias", "false (no released R1-Distill model has MLP biases)")
+    need(not c.use_sliding_window, "use_sliding_window",
+         "false (sliding-window layers are not implemented; no R1-Distill release uses them)")
+    need(c.model_type == "llama" or not c.attention_bias, "attention_bias",
+         "false for qwen2 (its q/k/v biases are implied by the architecture)")
+    rs = c.rope_scaling
+    if rs is not None:
+        if rs.type not in ROPE_TYPES[c.model_type]:
+            raise ConfigError(f"field 'rope_scaling.type' = {rs.type!r}: expected one of {ROPE_TYPES[c.model_type]} "
+                              f"for {c.model_type} (or no rope_scaling)")
+        if None in (rs.low_freq_factor, rs.high_freq_factor) or not rs.high_freq_factor > rs.low_freq_factor > 0 \
+                or not rs.factor >= 1 or rs.original_max_position_embeddings <= 0:
+            raise ConfigError(f"field 'rope_scaling' = {rs!r}: llama3 needs factor >= 1, "
+                              f"high_freq_factor > low_freq_factor > 0 and a positive original length")

@@ -1,0 +1,191 @@
+"""Prefill and decode steps over the KV cache (``layers/kv_cache.py``): ``Transformer`` in its "prefill" and
+"decode" modes, on the training params as they are.
+
+Prefill runs the full MLA path over right-padded prompts and fills the cache; decode runs the absorbed path
+(docs/reference.md, section 1) for T new tokens per sequence at per-sequence positions. A dense R1-Distill
+student runs the same steps over a cache of its rotated keys and values (``layers/gqa.py``; the absorbed and the
+expanded decode are the same for it).
+
+The jitted entry points donate the cache. On several devices, ``inference/generation.py``'s ``generate(mesh=...)``
+places the params by the training rules and the cache over the batch axes; these steps follow their inputs' shardings.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config.options import ModelOptions
+from deepseek_jax.layers import kv_cache
+from deepseek_jax.layers.attention.layout import attention_layout, cache_layout
+from deepseek_jax.models.transformer import Transformer
+
+
+def _write_all(entries: dict, new: dict, positions: jax.Array) -> dict:
+    return {name: kv_cache.write(entries[name], new[name], positions) for name in entries}
+
+
+def _cache_len(cache: kv_cache.Cache) -> int:
+    return jax.tree.leaves(cache["main"])[0].shape[2]
+
+
+PREFILL_CHUNK = 2048  # prompts longer than this are prefilled in chunks of this many tokens
+
+
+def prefill_core(params, cache, tokens, lengths, *, config, options, mtp: bool = False,
+                 chunk: Optional[int] = PREFILL_CHUNK):
+    """Prefill of right-padded prompts ``tokens [B,T]`` with ``lengths [B]``.
+
+    Writes slots 0..T-1 of the main cache (slots past a prompt's length hold padding, never attended to)
+    and, with ``mtp``, the first MTP module's cache (its row at position p pairs h_{p-1} with token p).
+    Up to ``chunk`` tokens the whole prompt runs the full MLA path at once; a longer prompt (T a multiple of
+    ``chunk``) is prefilled ``chunk`` tokens at a time (``lax.scan``), each chunk attending to the cache written
+    so far plus itself on the absorbed path, so peak memory follows the chunk, not the prompt.
+    Returns ``(cache, logits [B,V] at each prompt's last token, hidden [B,2,D] at its last two positions)``.
+    """
+    b, t = tokens.shape
+    if chunk is not None and t > chunk:
+        return _prefill_chunked(params, cache, tokens, lengths, config=config, options=options, mtp=mtp,
+                                chunk=chunk)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    seg = (positions < lengths[:, None]).astype(jnp.int32)
+    model = Transformer(config, options, mode="prefill")
+    logits, hidden, new = model.apply({"params": params}, tokens, positions, layout=attention_layout(seg),
+                                      out_index=(lengths - 1)[:, None])
+    cache = dict(cache)
+    cache["main"] = _write_all(cache["main"], new, positions)
+    if mtp:
+        h_prev = jnp.concatenate([jnp.zeros_like(hidden[:, :1]), hidden[:, :-1]], axis=1)
+        seg_m = seg.at[:, 0].set(0)  # no MTP row at position 0
+        _, _, new = Transformer(config, options, mode="prefill", part="mtp_0").apply(
+            {"params": params}, tokens, positions, layout=attention_layout(seg_m), h_prev=h_prev,
+            out_index=jnp.zeros((b, 1), jnp.int32))
+        cache["mtp"] = _write_all(cache["mtp"], new, positions)
+    return cache, logits[:, 0], jnp.take_along_axis(hidden, _last_two(lengths)[..., None], axis=1)
+
+
+def _last_two(lengths: jax.Array) -> jax.Array:
+    """``[B,2]``: each prompt's last two positions (the first twice for a one-token prompt)."""
+    return jnp.stack([jnp.maximum(lengths - 2, 0), lengths - 1], axis=1)
+
+
+def _prefill_chunked(params, cache, tokens, lengths, *, config, options, mtp, chunk):
+    b, t = tokens.shape
+    if t % chunk:
+        raise ValueError(f"a chunked prefill needs a prompt length that is a multiple of the chunk, got {t} "
+                         f"and {chunk}")
+    n = t // chunk
+    wanted = jnp.concatenate([_last_two(lengths), (lengths - 1)[:, None]], axis=1)  # hidden x2, logits
+
+    def one_chunk(carry, c):
+        cache, h_last = carry
+        tok = jax.lax.dynamic_slice_in_dim(tokens, c * chunk, chunk, axis=1)
+        pos = c * chunk + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+        cache, logits, hidden = decode_core(params, cache, tok, pos, config=config, options=options,
+                                            out_index=jnp.clip(wanted[:, 2:] - c * chunk, 0, chunk - 1))
+        if mtp:  # row p pairs h_{p-1} (from the previous chunk for its first row) with token p
+            h_prev = jnp.concatenate([h_last, hidden[:, :-1]], axis=1)
+            cache, _, _ = mtp_core(params, cache, h_prev, tok, pos, config=config, options=options,
+                                   out_index=jnp.zeros((b, 1), jnp.int32))
+        h_sel = jnp.take_along_axis(hidden, jnp.clip(wanted[:, :2] - c * chunk, 0, chunk - 1)[..., None], axis=1)
+        return (cache, hidden[:, -1:]), (logits[:, 0], h_sel)
+
+    h0 = jnp.zeros((b, 1, config.hidden_size), options.compute_dtype)
+    (cache, _), (logits, h_sel) = jax.lax.scan(one_chunk, (cache, h0), jnp.arange(n))
+    # Each wanted position is taken from the chunk that holds it.
+    owner = wanted // chunk  # [B,3]
+    batch = jnp.arange(b)
+    h2 = jnp.stack([h_sel[owner[:, i], batch, i] for i in range(2)], axis=1)
+    return cache, logits[owner[:, 2], batch], h2
+
+
+def decode_core(params, cache, tokens, positions, *, config, options, absorb: bool = True, out_index=None):
+    """T new tokens per sequence ``tokens [B,T]`` at consecutive ``positions [B,T]`` over the cache.
+
+    Returns ``(cache with their entries written, logits [B,T,V] (or at ``out_index [B,G]`` only), hidden
+    [B,T,D])``. ``absorb``: MLA's absorbed path (False: the cache expanded to per-head keys, for comparison).
+    """
+    model = Transformer(config, options, mode="decode", absorb=absorb)
+    logits, hidden, new = model.apply({"params": params}, tokens, positions, cache=cache["main"],
+                                      layout=cache_layout(positions, _cache_len(cache)), out_index=out_index)
+    cache = dict(cache)
+    cache["main"] = _write_all(cache["main"], new, positions)
+    return cache, logits, hidden
+
+
+def mtp_core(params, cache, h_prev, tokens, positions, *, config, options, depth: int = 0, out_index=None):
+    """MTP module ``depth`` on rows pairing ``h_prev [B,T,D]`` (positions p-1) with ``tokens [B,T]`` (p).
+
+    Returns ``(cache, logits [B,T,V] for the tokens at p+1, hidden [B,T,D])``.
+    """
+    name = f"mtp_{depth}"
+    layout = cache_layout(positions, _cache_len(cache), first_slot=depth + 1)
+    model = Transformer(config, options, mode="decode", part=name)
+    logits, hidden, new = model.apply({"params": params}, tokens, positions, cache=cache["mtp"], layout=layout,
+                                      h_prev=h_prev, out_index=out_index)
+    cache = dict(cache)
+    cache["mtp"] = {**cache["mtp"], name: kv_cache.write(cache["mtp"][name], new[name], positions)}
+    return cache, logits, hidden
+
+
+_STATIC = ("config", "options")
+prefill = jax.jit(prefill_core, static_argnames=_STATIC + ("mtp", "chunk"), donate_argnames=("cache",))
+decode_step = jax.jit(decode_core, static_argnames=_STATIC + ("absorb",), donate_argnames=("cache",))
+mtp_step = jax.jit(mtp_core, static_argnames=_STATIC + ("depth",), donate_argnames=("cache",))
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Prompt lengths are padded to a power of two (at least ``minimum``) so prefill compiles per bucket."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def cache_length(prompt_bucket: int, max_new_tokens: int, extra: int = 0, multiple: int = 128) -> int:
+    """Cache slots for a prompt bucket plus the new tokens, rounded up so nearby requests share a compile."""
+    need = prompt_bucket + max_new_tokens + extra
+    return -(-need // multiple) * multiple
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _prefill_logits(params, tokens, *, config, options):
+    """Full-path logits at every position of unpadded ``tokens [B,T]``."""
+    b, t = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    seg = jnp.ones((b, t), jnp.int32)
+    model = Transformer(config, options, mode="prefill")
+    return model.apply({"params": params}, tokens, pos, layout=attention_layout(seg))[0]
+
+
+def decode_all_positions(params, tokens, *, config, options=ModelOptions(), cache_dtype="float32",
+                         absorb: bool = True, prefill_len: int = 1):
+    """Logits ``[B,T,V]`` of ``tokens [B,T]``: prefill ``prefill_len`` tokens, then decode one at a time.
+
+    A reference-shaped helper (tests, benchmarks): every position after the prefill comes from the
+    cached decode path, so it must match ``Transformer``'s full forward.
+    """
+    b, t = tokens.shape
+    cache = kv_cache.init_cache(config, b, cache_length(prefill_len, t), cache_dtype)
+    lengths = jnp.full((b,), prefill_len, jnp.int32)
+    cache, logits0, _ = prefill(params, cache, tokens[:, :prefill_len], lengths, config=config, options=options)
+    if prefill_len > 1:  # the prefill's logits at every prompt position, from the full path
+        first = _prefill_logits(params, tokens[:, :prefill_len], config=config, options=options)
+    else:
+        first = logits0[:, None]
+    out = [first]
+    for i in range(prefill_len, t):
+        pos = jnp.full((b, 1), i, jnp.int32)
+        cache, logits, _ = decode_step(params, cache, tokens[:, i:i + 1], pos, config=config, options=options,
+                                       absorb=absorb)
+        out.append(logits)
+    return jnp.concatenate(out, axis=1)
+
+
+__all__ = [
+    "bucket_length", "cache_length", "decode_all_positions", "decode_core", "decode_step", "mtp_core", "mtp_step",
+    "prefill", "prefill_core",
+]

@@ -1,0 +1,144 @@
+"""The KV cache of decoding, a plain pytree: MLA's latent (docs/reference.md, section 1) or a dense student's
+keys and values. It sits below the models: a decoder block reads its layer's entry and returns what to write.
+
+Per layer and token it holds only ``c_kv`` (after ``kv_a_layernorm``, ``kv_lora_rank`` values) and ``k_pe``
+(after rope, in our interleaved layout, ``qk_rope_head_dim`` values): 576 values for V3, against
+``2 * heads * head_dim`` for a full multi-head cache.
+
+Layout (L layers of one scanned run, B sequences, S slots, R kv_lora_rank, P qk_rope_head_dim)::
+
+    {"main": {run_name: {"c_kv": [L,B,S,R], "k_pe": [L,B,S,P]}},      # one entry per config.layer_runs
+     "mtp":  {"mtp_0": {"c_kv": [B,S,R], "k_pe": [B,S,P]}, ...}}      # only when asked for (speculative)
+
+Slot s holds the token at position s of its sequence (prompts are right-padded, so positions are slot
+indices). With ``dtype="fp8"`` values are e4m3 with one fp32 scale per cached vector (``c_kv_scale`` /
+``k_pe_scale`` ``[..., B, S]``; ``quant/blocks.py``'s quantizer), dequantized on read.
+
+A dense student (GQA, ``gqa.py``) caches its rotated keys and its values instead, ``{"k": [L,B,S,K,E],
+"v": [L,B,S,K,E]}`` per run (K key/value heads of width E; fp8 scales ``[..., B, S, K]``, one per head).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.parallel.rules import logical_sharding
+from deepseek_jax.quant.blocks import E4M3, dequantize_tiles, quantize_tiles
+
+Cache = dict[str, Any]
+CACHE_DTYPES = ("float32", "bfloat16", "fp8")
+
+
+def _storage_dtype(dtype: str):
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache dtype {dtype!r}: expected one of {CACHE_DTYPES}")
+    return E4M3 if dtype == "fp8" else jnp.dtype(dtype)
+
+
+def _shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The two cached values per token per layer and their shapes: MLA's latent and rope key, or GQA's k, v."""
+    if config.uses_mla:
+        return {"c_kv": (config.kv_lora_rank,), "k_pe": (config.qk_rope_head_dim,)}
+    heads = (config.num_key_value_heads, config.attn_head_dim)
+    return {"k": heads, "v": heads}
+
+
+def _names(entry: dict) -> tuple[str, str]:
+    return ("c_kv", "k_pe") if "c_kv" in entry else ("k", "v")
+
+
+def _entry(lead: tuple[int, ...], config: ModelConfig, dtype: str) -> dict[str, jax.Array]:
+    store = _storage_dtype(dtype)
+    e = {name: jnp.zeros((*lead, *shape), store) for name, shape in _shapes(config).items()}
+    if dtype == "fp8":
+        for name, shape in _shapes(config).items():
+            e[name + "_scale"] = jnp.ones((*lead, *shape[:-1]), jnp.float32)
+    return e
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "float32", mtp: bool = False) -> Cache:
+    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (``mtp``: MTP modules' too)."""
+    cache: Cache = {"main": {name: _entry((length, batch, max_len), config, dtype)
+                             for name, _, length in config.layer_runs}}
+    if mtp:
+        cache["mtp"] = {f"mtp_{k}": _entry((batch, max_len), config, dtype)
+                        for k in range(config.num_nextn_predict_layers)}
+    return cache
+
+
+def cache_bytes_per_token(config: ModelConfig, dtype: str = "bfloat16", mtp: bool = False) -> int:
+    """Bytes one token occupies in the cache: ``(R + P) * layers * itemsize`` (+ fp8 scales); a dense student's
+    ``2 * K * E * layers * itemsize``.
+
+    V3 in bf16: 576 * 61 * 2 = 70,272 bytes.
+    """
+    layers = config.num_hidden_layers + (config.num_nextn_predict_layers if mtp else 0)
+    store = _storage_dtype(dtype)
+    scales = 8 if config.uses_mla else 8 * config.num_key_value_heads
+    per_layer = config.kv_cache_dim * jnp.dtype(store).itemsize + (scales if dtype == "fp8" else 0)
+    return per_layer * layers
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes actually allocated by a cache pytree."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+
+def _vector_tiles(x: jax.Array) -> tuple[int, ...]:
+    """One tile per cached vector: its last dim whole."""
+    return (1,) * (x.ndim - 1) + (x.shape[-1],)
+
+
+def read(entry: dict[str, jax.Array], dtype) -> tuple[jax.Array, jax.Array]:
+    """The entry's two cached arrays (MLA: ``c_kv, k_pe``; GQA: ``k, v``; any leading dims) in ``dtype``,
+    dequantized if fp8."""
+    out = []
+    for name in _names(entry):
+        x = entry[name]
+        if name + "_scale" in entry:
+            x = dequantize_tiles(x, entry[name + "_scale"][..., None], _vector_tiles(x), dtype)
+        out.append(x.astype(dtype))
+    return out[0], out[1]
+
+
+def write(entry: dict[str, jax.Array], new: tuple[jax.Array, jax.Array], positions: jax.Array) -> dict:
+    """Store the new tokens' two cached arrays (``read``'s order) at their positions.
+
+    entry leaves ``[*lead, B, S, ...]``; new: MLA's c_kv ``[*lead, B, T, R]`` and k_pe ``[*lead, B, T, P]``, or
+    GQA's k, v ``[*lead, B, T, K, E]``; positions ``[B, T]`` (slots past the end are dropped). One scatter per
+    leaf, in place when the cache is donated.
+    """
+    b, t = positions.shape
+    batch_idx = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    first, second = _names(entry)
+    per_token = 1 if first == "c_kv" else 2  # [R] or [K, E]
+    n_lead = entry[first].ndim - 2 - per_token  # dims before [B, S]
+    where = (slice(None),) * n_lead + (batch_idx, positions)
+
+    def put(dst, src):
+        return dst.at[where].set(src.astype(dst.dtype), mode="drop")
+
+    out = {}
+    for name, x in zip((first, second), new):
+        if name + "_scale" in entry:
+            x, scale = quantize_tiles(x, _vector_tiles(x))
+            out[name + "_scale"] = put(entry[name + "_scale"], scale[..., 0])
+        out[name] = put(entry[name], x)
+    return out
+
+
+def cache_shardings(cache: Cache, mesh) -> Cache:
+    """Shardings for a cache on ``mesh``: the batch dim over the batch axes (by the logical rules of
+    ``parallel/rules.py``), everything else replicated (the latent is shared by all heads, so there is no head
+    dim to split over ``tensor``)."""
+    def one(path, x):
+        in_mtp = jax.tree_util.keystr(path).startswith("['mtp']")
+        names = ([] if in_mtp else ["layers"]) + ["act_batch", None]  # slots stay whole
+        names += [None] * (x.ndim - len(names))
+        return logical_sharding(names, x.shape, mesh)
+
+    return jax.tree_util.tree_map_with_path(one, cache)

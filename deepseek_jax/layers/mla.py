@@ -1,0 +1,147 @@
+"""Multi-head Latent Attention (DeepSeek-V2 section 2.1; docs/reference.md, section 1).
+
+Shapes: B batch, T query length, S key length, H heads, D model width, R kv_lora_rank, P qk_rope_head_dim,
+N qk_nope_head_dim, V v_head_dim.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.config.options import ModelOptions
+from deepseek_jax.layers.attention.context_parallel import attend
+from deepseek_jax.layers.attention.core import attention
+from deepseek_jax.layers.attention.layout import Layout
+from deepseek_jax.layers.linear import Linear
+from deepseek_jax.layers.norm import RMSNorm
+from deepseek_jax.layers.rope import apply_rope
+from deepseek_jax.parallel.context import context_size, gather_sequence
+
+# The q/kv latent norms are built with the reference's default eps (1e-6), not config.rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+class MLA(nn.Module):
+    config: ModelConfig
+    options: ModelOptions
+
+    def setup(self):
+        c, o = self.config, self.options
+        H, std = c.num_attention_heads, c.initializer_range
+        if c.q_lora_rank is None:
+            self.q_proj = Linear((H, c.qk_head_dim), ("embed", "heads", "qk_head"), o, init_std=std)
+        else:
+            self.q_a_proj = Linear((c.q_lora_rank,), ("embed", "q_lora"), o, init_std=std)
+            self.q_a_layernorm = RMSNorm(LATENT_NORM_EPS, "q_lora", o)
+            self.q_b_proj = Linear((H, c.qk_head_dim), ("q_lora", "heads", "qk_head"), o, init_std=std)
+        self.kv_a_proj_with_mqa = Linear((c.kv_cache_dim,), ("embed", "kv_lora"), o, init_std=std)
+        self.kv_a_layernorm = RMSNorm(LATENT_NORM_EPS, "kv_lora", o)
+        self.kv_b_proj = Linear((H, c.qk_nope_head_dim + c.v_head_dim), ("kv_lora", "heads", "kv_head"), o,
+                                init_std=std)
+        self.o_proj = Linear((c.hidden_size,), ("heads", "v_head", "embed"), o, n_in=2, init_std=std)
+
+    def query(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x ``[B,T,D]`` -> q_nope ``[B,T,H,N]``, q_pe ``[B,T,H,P]`` (rope applied)."""
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        n = self.config.qk_nope_head_dim
+        return q[..., :n], apply_rope(q[..., n:], cos, sin, self.config.rope_interleave)
+
+    def latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x ``[B,T,D]`` -> normed latent c_kv ``[B,T,R]`` and shared rope key k_pe ``[B,T,P]``.
+
+        These two are all the absorbed decode path caches (``kv_lora_rank + qk_rope_head_dim`` per token).
+        """
+        r = self.config.kv_lora_rank
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv = self.kv_a_layernorm(kv[..., :r])
+        k_pe = apply_rope(kv[..., None, r:], cos, sin, self.config.rope_interleave)[..., 0, :]
+        return c_kv, k_pe
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: Layout) -> jax.Array:
+        """The full (non-absorbed) path: expand the latent to per-head keys and values."""
+        return self.prefill(x, cos, sin, layout)[0]
+
+    def _attend(self, q, k, v, layout: Layout, self_attention: bool = False):
+        o = self.options
+        return attention(q, k, v, layout, self.config.softmax_scale, o.attention, o.attention_block,
+                         o.target_platform(), self_attention)
+
+    def _expand(self, c_kv, k_pe):
+        """Latents ``[B,S,R]``, ``[B,S,P]`` -> per-head keys ``[B,S,H,N+P]`` and values ``[B,S,H,V]``."""
+        c = self.config
+        kv = self.kv_b_proj(c_kv)  # [B,S,H,N+V]
+        k_nope, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
+        k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:-1], c.qk_rope_head_dim))
+        return jnp.concatenate([k_nope, k_pe.astype(k_nope.dtype)], axis=-1), v
+
+    def _expanded_attention(self, q_nope, q_pe, c_kv, k_pe, layout: Layout, self_attention: bool = False):
+        """Expand latents to per-head keys/values and attend; -> ``[B,T,D]``. ``self_attention``: the layout is
+        the row's own tokens at places 0..T-1 (``layers/attention/core.py``)."""
+        k, v = self._expand(c_kv, k_pe)
+        return self.o_proj(self._attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, layout, self_attention))
+
+    def prefill(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: Layout):
+        """The full path over a whole prompt; also returns the latents to cache.
+
+        x ``[B,T,D]``; ``layout`` is ``attention_layout``'s (the row's own tokens at places 0..T-1, packed
+        documents, padding) -> output ``[B,T,D]``,
+        c_kv ``[B,T,R]``, k_pe ``[B,T,P]``. Under a mesh with a context axis (T split over it), the latents are
+        all-gathered over it and each device attends with its own queries (``layers/attention/context_parallel.py``).
+        """
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        if context_size(x.shape[1]) == 1:
+            return self._expanded_attention(q_nope, q_pe, c_kv, k_pe, layout, True), c_kv, k_pe
+        k, v = self._expand(gather_sequence(c_kv), gather_sequence(k_pe))
+        keys = Layout(layout.q_index, layout.q_segment, gather_sequence(layout.k_index),
+                      gather_sequence(layout.k_segment))
+        o = self.options
+        out = attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, keys, self.config.softmax_scale, o.attention,
+                     o.attention_block, o.target_platform())
+        return self.o_proj(out), c_kv, k_pe
+
+    def decode(self, x, cos, sin, c_kv_cache, k_pe_cache, layout: Layout, absorb: bool = True):
+        """T new tokens attending to a latent cache plus themselves (decode, speculative verification, chunks of
+        a long prompt).
+
+        x ``[B,T,D]``; c_kv_cache ``[B,S,R]``, k_pe_cache ``[B,S,P]``; ``layout``'s keys are the S cached slots
+        followed by the T new tokens (``layers/attention/layout.py``'s ``cache_layout``).
+        ``absorb`` (docs/reference.md, section 1) folds ``kv_b_proj`` into the query and the output, so attention
+        runs in the R-dim latent space against one shared "head" (the cache itself) and the cache is never
+        expanded; ``absorb=False`` expands it (the naive path, for comparison).
+        Returns output ``[B,T,D]`` and the new tokens' c_kv ``[B,T,R]``, k_pe ``[B,T,P]``.
+        """
+        c = self.config
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_new, pe_new = self.latent(x, cos, sin)
+        c_all = jnp.concatenate([c_kv_cache.astype(c_new.dtype), c_new], axis=1)  # [B,S+T,R]
+        pe_all = jnp.concatenate([k_pe_cache.astype(pe_new.dtype), pe_new], axis=1)  # [B,S+T,P]
+        if not absorb:
+            return self._expanded_attention(q_nope, q_pe, c_all, pe_all, layout), c_new, pe_new
+        w = self.variables["params"]["kv_b_proj"]["kernel"]  # [R,H,N+V]
+        w_k, w_v = w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:]
+        q_abs = _einsum("bthn,rhn->bthr", q_nope, w_k, c_all.dtype)
+        q = jnp.concatenate([q_abs, q_pe.astype(q_abs.dtype)], axis=-1)  # [B,T,H,R+P]
+        k = jnp.concatenate([c_all, pe_all], axis=-1)[:, :, None, :]  # [B,S+T,1,R+P]
+        o_lat = self._attend(q, k, c_all[:, :, None, :], layout)  # [B,T,H,R]
+        out = _einsum("bthr,rhv->bthv", o_lat, w_v, c_all.dtype)  # [B,T,H,V]
+        return self.o_proj(out), c_new, pe_new
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:
+    """An einsum in a's dtype: full fp32 precision when a is fp32; fp32 accumulation requested otherwise
+    except on CPU, whose dot thunk has no bf16 x bf16 -> fp32 for these (batched matrix-vector) shapes."""
+    dtype = a.dtype
+    if dtype == jnp.float32:
+        out = jnp.einsum(spec, a, b.astype(dtype), precision=jax.lax.Precision.HIGHEST)
+    elif jax.default_backend() == "cpu":
+        out = jnp.einsum(spec, a, b.astype(dtype))
+    else:
+        out = jnp.einsum(spec, a, b.astype(dtype), preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)

@@ -1,0 +1,56 @@
+"""What a model costs, from its shapes alone (``jax.eval_shape``, no memory spent): parameter counts, the
+parameters a token is multiplied with, and model FLOPs per token (for MFU)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.models.transformer import abstract_params
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """The params tree as ``jax.ShapeDtypeStruct`` leaves (main model and MTP modules)."""
+    return nn.meta.unbox(abstract_params(config))
+
+
+def param_counts(config) -> dict[str, int]:
+    """Parameter counts from ``jax.eval_shape`` (no memory spent): main model and each MTP module's own."""
+    shapes = param_shapes(config)
+    counts = {"main": 0}
+    for key, sub in shapes.items():
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sub))
+        if key.startswith("mtp_"):
+            counts[key] = n
+        else:
+            counts["main"] += n
+    return counts
+
+
+def active_params(config, mtp: bool = True) -> float:
+    """Parameters a token is multiplied with: everything but the embedding table (a lookup), each routed expert
+    weighted by K / E (a token uses K of the E), the MTP modules only when ``mtp``."""
+    shapes = param_shapes(config)
+    total = 0.0
+    for path, x in jax.tree_util.tree_leaves_with_path(shapes):
+        keys = [str(getattr(p, "key", p)) for p in path]
+        if keys[0] == "embed_tokens" or (keys[0].startswith("mtp_") and not mtp):
+            continue
+        n = float(np.prod(x.shape))
+        if "experts" in keys and "shared_experts" not in keys:
+            n *= config.num_experts_per_tok / config.n_routed_experts
+        total += n
+    return total
+
+
+def flops_per_token(config, context: float, *, train: bool, mtp: bool = True) -> float:
+    """Model FLOPs per token: ``2 x active_params`` for the matmuls plus attention, ``2 x heads x (qk_head_dim +
+    v_head_dim)`` per layer per key attended to (``context`` keys on average: ``T / 2`` for a causal sequence of
+    T, the cache length for a decode step); training (forward + backward) is three times the forward."""
+    layers = config.num_hidden_layers + (config.num_nextn_predict_layers if mtp else 0)
+    head_dims = (config.qk_head_dim + config.v_head_dim) if config.uses_mla else 2 * config.attn_head_dim
+    attention = 2.0 * layers * config.num_attention_heads * head_dims * context
+    forward = 2.0 * active_params(config, mtp) + attention
+    return 3.0 * forward if train else forward

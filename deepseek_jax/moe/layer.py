@@ -1,0 +1,119 @@
+"""The DeepSeekMoE layer (docs/reference.md, section 2): router, routed experts (dropless by default), shared
+experts, and the router statistics the balancing needs.
+
+N tokens (batch and length flattened), D model width, E routed experts, K experts per token, I expert width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.config.options import ModelOptions
+from deepseek_jax.layers.linear import matmul_recipe
+from deepseek_jax.layers.mlp import MLP
+from deepseek_jax.moe.dispatch import dispatch_local
+from deepseek_jax.moe.expert_parallel import expert_parallel_dispatch
+from deepseek_jax.moe.router import Router
+from deepseek_jax.parallel.mesh import current_mesh
+from deepseek_jax.parallel.rules import rule_axes, token_axes
+from deepseek_jax.quant.weights import Fp8Weight
+
+
+class Experts(nn.Module):
+    """The routed experts' weights, stacked: gate/up ``[E, D, I]``, down ``[E, I, D]``; and their dispatch.
+
+    On one device every expert runs here. Under a mesh (a step traced with ``jax.set_mesh``) the dispatch runs
+    per device under ``jax.shard_map`` (``expert_parallel.py``): each device routes its own tokens, and with an
+    ``expert`` axis the rows travel to the experts' owners by all-to-all. The mesh axes come from the logical
+    rules in effect (``act_batch`` for the tokens, ``expert`` for the expert stacks, ``moe_mlp`` for their width).
+    Returns the combined output ``[N, D]`` (fp32) and the rows dropped by ``capacity_factor`` (0 when dropless).
+    ``rematerialized``: the layer runs under ``jax.checkpoint`` (``ModelOptions.moe_keep_received`` applies only
+    to layers that do not).
+    """
+
+    config: ModelConfig
+    options: ModelOptions
+    rematerialized: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array, batch: int):
+        """x ``[N, D]`` with ``N = batch x length`` tokens (sequence-major); weights / idx ``[N, K]``."""
+        c, o = self.config, self.options
+        e, d, i = c.n_routed_experts, x.shape[-1], c.moe_intermediate_size
+
+        def param(name, shape, axes):
+            init = nn.initializers.normal(c.initializer_range)
+            return self.param(name, nn.with_logical_partitioning(init, axes), shape, o.params_dtype)
+
+        wg = param("gate_proj", (e, d, i), ("expert", "embed", "moe_mlp"))
+        wu = param("up_proj", (e, d, i), ("expert", "embed", "moe_mlp"))
+        wd = param("down_proj", (e, i, d), ("expert", "moe_mlp", "embed"))
+        # The compute-dtype copy is what enters the dispatch: under FSDP the per-layer gather of the local experts
+        # (and the reduce-scatter of their gradient) moves bf16, not the fp32 master weights. The recipes cast
+        # to the compute dtype anyway, so the numbers do not change. FP8-kept stacks enter as they are (e4m3 +
+        # block scales, gathered as such): the grouped GEMM dequantizes only the experts it reads ("gather":
+        # the chosen ones; "blocked": one per block) or, for "ragged" / "dense", the device's local stack.
+        wg, wu, wd = (w if isinstance(w, Fp8Weight) else w.astype(o.compute_dtype) for w in (wg, wu, wd))
+        recipe = matmul_recipe(o)
+        mesh = current_mesh()
+        if mesh is None:
+            impl = o.grouped_impl(idx.size, e)
+            return dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl, o.moe_block_size), jnp.zeros((), jnp.int32)
+        sizes = mesh.shape
+        expert_axes = rule_axes("expert")
+        tensor_axes = rule_axes("moe_mlp")
+        ep = sizes.get(expert_axes[0], 1) if expert_axes else 1
+        # The tokens are split as the activations are: sequences over the batch axes that divide them, and
+        # (context parallelism) each sequence over the context axis.
+        split = token_axes(mesh, batch, x.shape[0] // batch)
+        # Rows a device's grouped GEMM sees: its own tokens' rows, times EP when they arrive from its peers.
+        n_split = math.prod(sizes[a] for a in split)
+        rows = idx.size // n_split * (ep if expert_axes and expert_axes[0] in split else 1)
+        impl = o.grouped_impl(rows, e // ep)
+        return expert_parallel_dispatch(
+            recipe, x, weights, idx, wg, wu, wd, mesh=mesh, token_axes=split,
+            expert_axis=expert_axes[0] if expert_axes else None, tensor_axis=tensor_axes[0] if tensor_axes else None,
+            impl=impl, block_size=o.moe_block_size, capacity_factor=o.capacity_factor,
+            exchange_rows=o.moe_exchange_rows, ragged=o.target_platform() in ("tpu", "gpu"),
+            keep_received=o.moe_keep_received and not self.rematerialized)
+
+
+class MoE(nn.Module):
+    """Routed experts plus shared experts. Returns the output and this layer's router statistics.
+
+    Statistics (per sequence, padding excluded; what the balance losses and the bias update need):
+      ``counts [B, E]``: how many of the sequence's tokens chose each expert (sum over E = K * tokens);
+      ``scores [B, E]``: sum over the sequence's tokens of the scores normalized per token, ``s / sum(s)``;
+      ``dropped []``: token-expert rows dropped by ``ModelOptions.capacity_factor`` (0 when dropless).
+    """
+
+    config: ModelConfig
+    options: ModelOptions
+    rematerialized: bool = False  # see Experts
+
+    @nn.compact
+    def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+        c, o = self.config, self.options
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        weights, idx, scores = Router(c, o, name="gate")(flat)
+        routed, dropped = Experts(c, o, self.rematerialized, name="experts")(flat, weights, idx, b)
+        out = routed.astype(o.compute_dtype).reshape(b, t, d)
+        if c.n_shared_experts > 0:
+            shared = MLP(c.n_shared_experts * c.moe_intermediate_size, o, c.initializer_range, name="shared_experts")
+            out = out + shared(x)
+        mask = valid.reshape(b * t, 1).astype(jnp.float32)
+        chosen = jax.nn.one_hot(idx, c.n_routed_experts, dtype=jnp.float32).sum(1) * mask
+        normed = scores / scores.sum(-1, keepdims=True) * mask
+        stats = {
+            "counts": chosen.reshape(b, t, -1).sum(1),
+            "scores": normed.reshape(b, t, -1).sum(1),
+            "dropped": dropped,
+        }
+        return out, stats

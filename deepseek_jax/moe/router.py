@@ -1,0 +1,95 @@
+"""The DeepSeekMoE router (docs/reference.md, section 2): per-expert scores, group-limited top-k and the combine
+weights; the aux-loss-free correction bias shifts the choice, never the weights.
+
+N tokens, E routed experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.config.options import ModelOptions
+from deepseek_jax.layers.linear import MatmulRecipe
+from deepseek_jax.ops import contract_last
+
+
+def router_scores(logits: jax.Array, scoring_func: str) -> jax.Array:
+    """Per-expert affinities in fp32: softmax (V2) or sigmoid (V3)."""
+    logits = logits.astype(jnp.float32)
+    if scoring_func == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.sigmoid(logits)
+
+
+def _group_mask(choice: jax.Array, config: ModelConfig) -> jax.Array:
+    """``[N, E]`` True for experts in the ``topk_group`` best groups.
+
+    A group is scored by its best expert (V2 ``group_limited_greedy``) or by the sum of its best two
+    (V3 ``noaux_tc``, computed on the bias-corrected scores).
+    """
+    n, e = choice.shape
+    grouped = choice.reshape(n, config.n_group, e // config.n_group)
+    if config.topk_method == "noaux_tc":
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    else:
+        group_scores = grouped.max(-1)
+    _, top_groups = jax.lax.top_k(group_scores, config.topk_group)
+    keep = jax.nn.one_hot(top_groups, config.n_group, dtype=jnp.bool_).any(axis=1)  # [N, G]
+    return jnp.repeat(keep, e // config.n_group, axis=1)
+
+
+def select_experts(scores: jax.Array, bias: jax.Array | None, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Top-K experts per token and their combine weights.
+
+    scores ``[N, E]`` fp32 from ``router_scores``; bias ``[E]`` (``noaux_tc`` only) shifts which experts are
+    chosen but never the weights, which are gathered from the unbiased scores, optionally renormalized over
+    the K chosen (``norm_topk_prob``, +1e-20 as the reference), then times ``routed_scaling_factor``.
+    Sigmoid routers renormalize for any K (V3's code and transformers do, so top-1 gets weight 1); softmax
+    routers only for K > 1, as DeepSeek's V2 code does.
+    Returns weights ``[N, K]`` fp32 and expert ids ``[N, K]`` int32.
+    """
+    choice = scores if bias is None else scores + bias.astype(jnp.float32)
+    if config.topk_method in ("group_limited_greedy", "noaux_tc") and config.n_group > 1:
+        choice = jnp.where(_group_mask(choice, config), choice, -jnp.inf)
+    _, idx = jax.lax.top_k(choice, config.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, idx, axis=-1)
+    if config.norm_topk_prob and (config.num_experts_per_tok > 1 or config.scoring_func == "sigmoid"):
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * config.routed_scaling_factor, idx.astype(jnp.int32)
+
+
+class Router(nn.Module):
+    """The gate: fp32 logits (kept out of the matmul recipe), scores, and the aux-loss-free bias."""
+
+    config: ModelConfig
+    options: ModelOptions
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        c = self.config
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), ("embed", "expert")),
+            (x.shape[-1], c.n_routed_experts),
+            self.options.params_dtype,
+        )
+        bias = None
+        if c.has_correction_bias:
+            bias = self.param(
+                "e_score_correction_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("expert",)),
+                (c.n_routed_experts,),
+                jnp.float32,
+            )
+            # Updated by the balancing rule after each step, never by gradients (DeepSeek-V3 section 2.1.2).
+            bias = jax.lax.stop_gradient(bias)
+        # MoE gating stays in fp32 under every recipe (DeepSeek-V3 section 3.3.1).
+        logits = MatmulRecipe(jnp.float32).dot_general(x, kernel, contract_last(1, x.ndim))
+        scores = router_scores(logits, c.scoring_func)
+        weights, idx = select_experts(scores, bias, c)
+        # Researchers can read every layer's decisions with apply(..., mutable=["intermediates"]).
+        self.sow("intermediates", "routing", {"experts": idx, "weights": weights})
+        return weights, idx, scores

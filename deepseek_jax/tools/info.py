@@ -1,0 +1,48 @@
+"""A preset's or checkpoint's architecture, parameter counts and KV cache size, as text (``deepseek-jax info``)."""
+
+from __future__ import annotations
+
+from deepseek_jax.models.counts import param_counts
+
+
+def _describe_dense(config, counts) -> str:
+    """A dense R1-Distill student: GQA shape, parameters, KV cache."""
+    c = config
+    rope = "plain" if c.rope_scaling is None else f"{c.rope_scaling.type} x{c.rope_scaling.factor:g}"
+    per_token = c.kv_cache_dim * c.num_hidden_layers
+    return "\n".join([
+        f"model_type            {c.model_type} (dense R1-Distill student)",
+        f"layers                {c.num_hidden_layers} dense",
+        f"hidden / heads        {c.hidden_size} / {c.num_attention_heads} query, {c.num_key_value_heads} key/value "
+        f"(head dim {c.attn_head_dim})",
+        f"mlp                   {c.intermediate_size}",
+        f"q/k/v bias            {c.qkv_bias}",
+        f"tied embeddings       {c.tie_word_embeddings}",
+        f"rope                  theta {c.rope_theta:g}, {rope}",
+        f"params (main)         {counts['main']:,}",
+        f"KV cache / token      {c.kv_cache_dim} values x {c.num_hidden_layers} layers = {per_token:,} values "
+        f"({per_token * 2:,} bytes in bf16)",
+    ])
+
+
+def describe(config) -> str:
+    counts = param_counts(config)
+    if not config.uses_mla:
+        return _describe_dense(config, counts)
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    lines = [
+        f"model_type            {config.model_type}",
+        f"layers                {config.num_hidden_layers} ({config.num_hidden_layers - moe_layers} dense, "
+        f"{moe_layers} MoE)",
+        f"hidden / heads        {config.hidden_size} / {config.num_attention_heads}",
+        f"q_lora / kv_lora      {config.q_lora_rank} / {config.kv_lora_rank}",
+        f"experts               {config.n_routed_experts} routed + {config.n_shared_experts} shared, "
+        f"{config.num_experts_per_tok} per token ({config.topk_method}, {config.scoring_func})",
+        f"MTP modules           {config.num_nextn_predict_layers}",
+        f"params (main)         {counts['main']:,}",
+    ]
+    lines += [f"params ({k}, own)     {v:,}" for k, v in counts.items() if k != "main"]
+    per_token = config.kv_cache_dim * config.num_hidden_layers
+    lines.append(f"MLA cache / token     {config.kv_cache_dim} values x {config.num_hidden_layers} layers = "
+                 f"{per_token:,} values ({per_token * 2:,} bytes in bf16)")
+    return "\n".join(lines)

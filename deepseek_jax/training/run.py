@@ -1,0 +1,125 @@
+"""Runs: the setup ``fit``, ``distill`` and ``grpo`` share, and ``fit``, the run of ``deepseek-jax train``.
+
+A run lives in a work directory: ``config.json`` and ``train_config.json`` (plus the run kind's own record, e.g.
+``grpo_config.json``), the tokenizer prompts are encoded with, ``checkpoints/``, ``metrics.jsonl``, ``tb/`` and the
+curve. ``prepare_workdir`` writes the records, ``save_tokenizer`` the tokenizer, and ``run_in_workdir`` resumes
+from the latest checkpoint (or starts fresh) and runs the loop; each run kind brings its trainer, its data and
+its step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.checkpoint.load import load_pretrained
+from deepseek_jax.checkpoint.orbax_io import is_converted_dir
+from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.data.packing import make_dataset
+from deepseek_jax.data.tasks.arithmetic import arithmetic_tokenizer
+from deepseek_jax.parallel.mesh import make_mesh
+from deepseek_jax.training.config import TrainConfig
+from deepseek_jax.training.loop import run_loop, start_or_resume
+from deepseek_jax.training.metrics import metrics_to_host, write_json
+from deepseek_jax.training.trainer import Trainer
+
+
+def prepare_workdir(workdir: str, config: ModelConfig, tc: TrainConfig, **records: dict) -> None:
+    """Create ``workdir`` and write ``config.json``, ``train_config.json`` and ``{name}.json`` per record (what
+    ``load_pretrained`` and a resumed run read back)."""
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, "config.json"), config.to_hf_dict())
+    write_json(os.path.join(workdir, "train_config.json"), dataclasses.asdict(tc))
+    for name, record in records.items():
+        write_json(os.path.join(workdir, f"{name}.json"), record)
+
+
+def save_tokenizer(workdir: str, tokenizer=None, *, arithmetic: bool = False, copy_from: Optional[str] = None):
+    """``workdir/tokenizer.json`` (by process 0), so ``deepseek-jax generate --checkpoint WORKDIR`` encodes
+    prompts as the run did: ``tokenizer``'s, else the one in ``copy_from`` (a checkpoint directory), else the
+    built-in arithmetic vocabulary's when ``arithmetic``."""
+    if jax.process_index() != 0:
+        return
+    target = os.path.join(workdir, "tokenizer.json")
+    if tokenizer is not None:
+        tokenizer.save(target)
+    elif copy_from is not None and os.path.isfile(os.path.join(copy_from, "tokenizer.json")):
+        shutil.copy2(os.path.join(copy_from, "tokenizer.json"), target)
+    elif arithmetic:
+        arithmetic_tokenizer().save(target)
+
+
+def run_in_workdir(workdir: str, trainer: Trainer, data, fresh: Callable[[], dict],
+                   step_fn: Callable[[Any, int], tuple[Any, dict]], *, desc: str,
+                   postfix: Optional[Callable[[dict, bool], dict]] = None, flops: Optional[float] = None,
+                   plot: Optional[Callable[[list, str], None]] = None, save_every: int = 100, keep: int = 3,
+                   resume: bool = True, progress: bool = True, async_save: bool = True,
+                   stop_after: Optional[int] = None) -> list[dict]:
+    """Resume from ``workdir``'s latest checkpoint (restoring ``data``'s position) or start from ``fresh()``, then
+    run ``trainer.tc.steps`` steps of ``step_fn(state, step) -> (state, host metrics)`` (``training/loop.py``);
+    ``stop_after`` ends this call after that many steps (tests). Returns this call's metric records."""
+    tc = trainer.tc
+    ckpt, start, state = start_or_resume(workdir, trainer, data, fresh, resume=resume, save_every=save_every,
+                                         keep=keep, async_save=async_save)
+    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    return run_loop(workdir, ckpt, state, start, end, tc.steps, step_fn, data.state, seed=tc.seed,
+                    max_bad_steps=tc.max_bad_steps, progress=progress, desc=desc, postfix=postfix, flops=flops,
+                    plot=plot)
+
+
+def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Optional[str] = None,
+        data: Optional[str] = None, tokenizer=None, eos_id: Optional[int] = None, arithmetic_loss: str = "all",
+        save_every: int = 100, keep: int = 3, resume: bool = True, progress: bool = True, async_save: bool = True,
+        stop_after: Optional[int] = None, init_from: Optional[str] = None, chat_style: str = "v3") -> list[dict]:
+    """Train (or resume) in ``workdir``: checkpoints in ``workdir/checkpoints``, metrics in
+    ``workdir/metrics.jsonl`` and TensorBoard events in ``workdir/tb``, the loss curve in ``workdir/loss.png``.
+    Returns this call's per-step metric records. ``stop_after`` ends early after that many steps (tests).
+    ``arithmetic_loss``: on the built-in data, "all" tokens or only the "answers" count in the loss.
+    ``init_from``: start from this checkpoint's weights (``init_params``; ``config`` must be its config, see
+    ``checkpoint/load.py``'s ``pretrained_config``) instead of a random init; a checkpoint of this work directory,
+    when there is one, still wins (the run resumes). ``chat_style``: the template chat ``.jsonl`` data is
+    rendered with."""
+    trainer = Trainer(config, tc, make_mesh(mesh_spec))
+    dataset = make_dataset(data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
+                           eos_id=eos_id, process_index=jax.process_index(), process_count=jax.process_count(),
+                           arithmetic_loss=arithmetic_loss, chat_style=chat_style)
+    if dataset.vocab_size > config.vocab_size:
+        raise ValueError(f"the data's vocabulary has {dataset.vocab_size} ids but the model's vocab_size is "
+                         f"{config.vocab_size}; set vocab_size >= {dataset.vocab_size}")
+    prepare_workdir(workdir, config, tc)
+    save_tokenizer(workdir, tokenizer, arithmetic=data in (None, "arithmetic"))
+    fresh = (lambda: trainer.state_from_params(init_params(init_from, trainer))) if init_from is not None \
+        else trainer.init_state
+
+    def step_fn(state, step):
+        state, metrics = trainer.run_step(state, trainer.put_batch(next(dataset)))
+        return state, metrics_to_host(metrics)
+
+    def postfix(m, first):
+        return dict(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_loss']:.3f}",
+                    tok_s="-" if first else f"{m['tokens_per_s']:.0f}")
+
+    return run_in_workdir(workdir, trainer, dataset, fresh, step_fn, desc="train", postfix=postfix,
+                          flops=trainer.flops_per_token(), save_every=save_every, keep=keep, resume=resume,
+                          progress=progress, async_save=async_save, stop_after=stop_after)
+
+
+def init_params(path: str, trainer: Trainer):
+    """The params of checkpoint ``path`` (HF safetensors, FP8 included; a converted Orbax directory; a train work
+    directory) in fp32 master precision, placed straight into ``trainer``'s shardings: read shard by shard, never
+    whole on a host. The checkpoint's config must be ``trainer.config``."""
+    if is_converted_dir(path):
+        config, params = load_pretrained(path, dtype=jnp.float32, mesh=trainer.mesh)
+    else:
+        config, params = load_pretrained(path, dtype=jnp.float32, shardings=trainer.param_shardings)
+    if config != trainer.config:
+        diff = [f"{f.name}: checkpoint {getattr(config, f.name)!r}, run {getattr(trainer.config, f.name)!r}"
+                for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(trainer.config, f.name)]
+        raise ValueError(f"{path}: the checkpoint's config differs from the run's ({'; '.join(diff)}); "
+                         f"fine-tuning keeps the checkpoint's architecture")
+    return jax.device_put(params, trainer.param_shardings)

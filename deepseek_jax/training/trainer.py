@@ -1,0 +1,288 @@
+"""The trainer: the sharded train state and the jitted train step for one (config, train config, mesh).
+
+The step is ``jax.jit`` with explicit in/out shardings (from the logical-axis rules in ``parallel/rules.py``) and
+the state donated. The same code runs on one CPU, simulated CPU devices, a GPU, and several processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.models.counts import flops_per_token
+from deepseek_jax.models.transformer import Transformer, abstract_params
+from deepseek_jax.parallel.mesh import mesh_context
+from deepseek_jax.parallel.rules import (
+    batch_sharding,
+    logical_rules,
+    param_shardings,
+    replicated,
+)
+from deepseek_jax.training import losses
+from deepseek_jax.training.config import TrainConfig
+from deepseek_jax.training.optimizer import (
+    learning_rate_schedule,
+    make_optimizer,
+    trainable_by_patterns,
+)
+
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+class Trainer:
+    """Builds the sharded state and the jitted step for one (config, train config, mesh).
+
+    Subclasses (``posttrain``'s ``DistillTrainer``, ``GRPOTrainer``) change the objective (``_objective``) and the
+    batch's keys (``batch_keys``, ``batch_ndims``); sharding, jit, donation, grad accumulation, clipping,
+    skipped non-finite steps and the balancing stay here."""
+
+    batch_keys: tuple[str, ...] = BATCH_KEYS
+    batch_ndims: dict = {}  # key -> rank, for batch entries that are not [B, T]
+
+    def __init__(self, config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh):
+        self.config, self.tc, self.mesh = config, tc, mesh
+        # The backend the step compiles for picks the MoE dispatch (ragged on TPU): the mesh's, not JAX's
+        # default backend (`deepseek-jax plan` compiles TPU meshes on a CPU machine).
+        platform = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else None
+        self.model = Transformer(config, dataclasses.replace(tc.model_options(), platform=platform))
+        self.schedule = learning_rate_schedule(tc.learning_rate, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+        self.alpha = tc.balance_alpha_for(config)
+        dummy = jnp.zeros((1, 2), jnp.int32)
+        boxed = abstract_params(config, self.model.options)
+        # Frozen params (--train-only / --freeze, and the MTP modules when their loss is off, so that weight
+        # decay does not shrink what no loss trains) get exactly zero updates.
+        freeze = tc.freeze + (("mtp_*",) if config.num_nextn_predict_layers and not tc.mtp_weight else ())
+        self.trainable = None
+        if tc.train_only or freeze:
+            self.trainable = trainable_by_patterns(nn.meta.unbox(boxed), tc.train_only, freeze)
+        self.optimizer = make_optimizer(self.schedule, weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2,
+                                        eps=tc.eps, clip_norm=tc.clip_norm, bf16_moments=tc.bf16_moments,
+                                        trainable=None if self.trainable is None else lambda _: self.trainable)
+        self.rules = logical_rules(tc.fsdp_over_data)
+        self.param_shardings = param_shardings(boxed, mesh, self.rules)
+        self._dummy = dummy
+        self.batch_sharding = batch_sharding(mesh)
+        self._step = None
+
+    # ----- state ------------------------------------------------------------------------------------
+    def init_state(self, seed: Optional[int] = None) -> dict:
+        """Fresh params (created directly in their shards) and optimizer state."""
+        rng = jax.random.PRNGKey(self.tc.seed if seed is None else seed)
+        init = jax.jit(lambda r: nn.meta.unbox(self.model.init(r, self._dummy)["params"]),
+                       out_shardings=self.param_shardings)
+        return self.state_from_params(init(rng))
+
+    def state_from_params(self, params) -> dict:
+        params = jax.device_put(params, self.param_shardings)
+        opt_shardings = self._mirror_param_shardings(jax.eval_shape(self.optimizer.init, params))
+        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), replicated(self.mesh))
+        return {"step": step, "params": params, "opt_state": opt_state}
+
+    def trainable_count(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts (the router's correction bias, set by the balancing rule,
+        counts as trainable when the patterns leave it so)."""
+        shapes = nn.meta.unbox(abstract_params(self.config, self.model.options))
+        sizes = [math.prod(x.shape) for x in jax.tree.leaves(shapes)]
+        flags = jax.tree.leaves(self.trainable) if self.trainable is not None else [True] * len(sizes)
+        return sum(n for n, t in zip(sizes, flags) if t), sum(sizes)
+
+    def _is_trainable(self, *path: str) -> bool:
+        node = self.trainable
+        if node is None:
+            return True
+        for k in path:
+            node = node[k]
+        return bool(node)
+
+    def state_shardings(self, state) -> Any:
+        return jax.tree.map(lambda x: x.sharding, state)
+
+    def abstract_state(self) -> Any:
+        """ShapeDtypeStructs with shardings, for restoring a checkpoint straight into its shards."""
+        params = nn.meta.unbox(abstract_params(self.config, self.model.options))
+        state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+                 "opt_state": jax.eval_shape(self.optimizer.init, params)}
+        shard = self._mirror_param_shardings(state)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shard)
+
+    def _mirror_param_shardings(self, tree):
+        """Shardings for a tree holding params-shaped subtrees (the train state, Adam's moments): a leaf whose
+        path ends with a param's path takes that param's sharding; everything else (counts, step) is
+        replicated."""
+        by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(self.param_shardings)}
+        rep = replicated(self.mesh)
+
+        def pick(path, x):
+            key = jax.tree_util.keystr(path)
+            matches = [p for p in by_path if key.endswith(p)]
+            return by_path[max(matches, key=len)] if matches and x.ndim else rep
+
+        return jax.tree_util.tree_map_with_path(pick, tree)
+
+    # ----- the step ---------------------------------------------------------------------------------
+    def _objective(self, logits, batch, norm) -> tuple[jax.Array, dict]:
+        """The main loss term from the model's logits (next-token CE here) and its metrics; every sum divides
+        by ``norm``'s global counts, so micro-batch values add up to the batch's."""
+        ce_sum, n = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        ce = ce_sum / jnp.maximum(norm["tokens"], 1.0)
+        return ce, {"loss": ce, "tokens": n}
+
+    def _loss(self, params, batch, norm=None):
+        """The total loss of (a micro-batch of) the batch; ``norm`` (``losses.loss_normalizers`` of the whole
+        global batch, default this batch's) holds the counts every sum is divided by, so micro-batch losses
+        add up to the batch's."""
+        c, tc = self.config, self.tc
+        if norm is None:
+            norm = losses.loss_normalizers(batch, c.num_nextn_predict_layers)
+        mtp_on = c.num_nextn_predict_layers > 0 and tc.mtp_weight > 0
+        with nn.logical_axis_rules(self.rules):
+            logits, aux = self.model.apply(
+                {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                return_mtp=mtp_on, return_router_stats=True,
+            )
+        mask = batch["loss_mask"]
+        n_tokens = jnp.maximum(norm["tokens"], 1.0)
+        objective, objective_parts = self._objective(logits, batch, norm)
+        mtp = losses.mtp_loss(aux.get("mtp_logits", []), batch["targets"], mask, batch["segment_ids"],
+                              tc.mtp_weight, norm["mtp_tokens"]) if mtp_on else jnp.zeros((), jnp.float32)
+        stats = aux["router_stats"]
+        mtp_stats = aux.get("mtp_router_stats", {})
+        # The expert-level (V2, batch-wise) loss is not a sum over sequences: under accumulation it is each
+        # micro-batch's own, averaged over the micro-batches.
+        per_micro = 1.0 if c.seq_aux else 1.0 / norm.get("micro_batches", 1)
+        balance = per_micro * losses.balance_loss(stats, c, self.alpha, c.seq_aux, norm["sequences"])
+        if mtp_stats:
+            balance = balance + per_micro * losses.balance_loss(mtp_stats, c, self.alpha, c.seq_aux,
+                                                                norm["mtp_sequences"])
+        z = jnp.zeros((), jnp.float32)
+        if tc.z_loss_weight:
+            z_sum, _ = losses.z_loss(logits, mask)
+            z = tc.z_loss_weight * z_sum / n_tokens
+        total = objective + mtp + balance + z
+        counts = {
+            "moe": stats["counts"].sum(1) if stats else jnp.zeros((0, 1)),
+            "mtp": mtp_stats["counts"].sum(1) if mtp_stats else jnp.zeros((0, 1)),
+        }
+        dropped = sum((s["dropped"].sum() for s in (stats, mtp_stats) if s), jnp.zeros((), jnp.int32))
+        parts = {**objective_parts, "mtp_loss": mtp, "balance_loss": balance, "z_loss": z, "total_loss": total,
+                 "input_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),
+                 "moe_dropped": dropped.astype(jnp.float32)}
+        return total, (parts, counts)
+
+    def _grads(self, params, batch):
+        """Gradients of the global batch's loss, summed over ``grad_accum`` micro-batches (a scan); every term
+        divides by the global batch's counts, so this equals one big batch whatever the padding."""
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        norm = losses.loss_normalizers(batch, self.config.num_nextn_predict_layers)
+        k = self.tc.grad_accum
+        norm["micro_batches"] = k
+        # Each gradient in its param's shards: the data-parallel sum then lowers to a reduce-scatter (not an
+        # all-reduce of the whole weight followed by a slice).
+        shard = partial(jax.lax.with_sharding_constraint, shardings=self.param_shardings)
+        if k == 1:
+            (_, aux), grads = grad_fn(params, batch, norm)
+            return shard(grads), aux
+        micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+
+        def body(acc, mb):
+            (_, aux), g = grad_fn(params, mb, norm)
+            return jax.tree.map(jnp.add, acc, (shard(g), aux)), None
+
+        zero_g = shard(jax.tree.map(jnp.zeros_like, params))
+        zero_aux = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), norm)[0][1])
+        zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_aux)
+        (grads, aux), _ = jax.lax.scan(body, (zero_g, zero_aux), micro)
+        return grads, aux
+
+    def _update_biases(self, params, counts):
+        """The aux-loss-free bias update from the global batch's expert loads, after the optimizer step."""
+        c, gamma = self.config, self.tc.bias_update_rate
+        if not c.has_correction_bias or gamma == 0:
+            return params
+        params = dict(params)
+        offset = 0
+        for name, _, length in c.layer_runs:
+            if not name.startswith("moe"):
+                continue
+            if not self._is_trainable(name, "mlp", "gate", "e_score_correction_bias"):
+                offset += length
+                continue
+            run = params[name]
+            gate = run["mlp"]["gate"]
+            new_bias = losses.update_correction_bias(gate["e_score_correction_bias"],
+                                                     counts["moe"][offset: offset + length], gamma)
+            params[name] = {**run, "mlp": {**run["mlp"], "gate": {**gate, "e_score_correction_bias": new_bias}}}
+            offset += length
+        for k in range(counts["mtp"].shape[0]):
+            name = f"mtp_{k}"
+            if not self._is_trainable(name, "block", "mlp", "gate", "e_score_correction_bias"):
+                continue
+            blk = params[name]["block"]
+            gate = blk["mlp"]["gate"]
+            new_bias = losses.update_correction_bias(gate["e_score_correction_bias"], counts["mtp"][k], gamma)
+            params[name] = {**params[name], "block": {**blk, "mlp": {**blk["mlp"], "gate": {
+                **gate, "e_score_correction_bias": new_bias}}}}
+        return params
+
+    def _train_step(self, state, batch):
+        grads, (parts, counts) = self._grads(state["params"], batch)
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        params = self._update_biases(params, counts)
+        grad_norm = optax.global_norm(grads)
+        # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
+        ok = jnp.isfinite(parts["total_loss"]) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (params, opt_state),
+                                         (state["params"], state["opt_state"]))
+        metrics = dict(parts)
+        metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+        metrics["grad_norm"] = grad_norm
+        metrics["lr"] = self.schedule(state["step"])
+        if counts["moe"].shape[0]:
+            load = counts["moe"]
+            metrics["expert_load_max_over_mean"] = load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        return new_state, metrics
+
+    def step_fn(self, state) -> Callable:
+        """The jitted step ``(state, batch) -> (state, metrics)`` with explicit shardings, state donated."""
+        if self._step is None:
+            shard = self.state_shardings(state)
+            self._step = jax.jit(self._train_step, in_shardings=(shard, self.batch_shardings()),
+                                 out_shardings=(shard, replicated(self.mesh)), donate_argnums=(0,))
+        return self._step
+
+    def run_step(self, state, batch):
+        with mesh_context(self.mesh, self.rules):
+            return self.step_fn(state)(state, batch)
+
+    def batch_shardings(self) -> dict:
+        """Every batch entry over the batch axes (dim 0; dim 1 over the context axis when it is > 1)."""
+        return {k: batch_sharding(self.mesh, self.batch_ndims.get(k, 2)) for k in self.batch_keys}
+
+    def put_batch(self, local_batch: dict) -> dict:
+        """This process's rows of the global batch -> global arrays sharded over the batch axes."""
+        out = {}
+        for k, sharding in self.batch_shardings().items():
+            x = np.asarray(local_batch[k])
+            if jax.process_count() == 1:
+                out[k] = jax.device_put(x, sharding)
+            else:
+                out[k] = jax.make_array_from_process_local_data(sharding, x)
+        return out
+
+    # ----- accounting -------------------------------------------------------------------------------
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 x active params (routed experts at K/E) + causal attention."""
+        mtp = self.config.num_nextn_predict_layers > 0 and self.tc.mtp_weight > 0
+        return flops_per_token(self.config, self.tc.seq_len / 2, train=True, mtp=mtp)

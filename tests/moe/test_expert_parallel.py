@@ -1,0 +1,255 @@
+"""deepseek_jax.moe.expert_parallel on 8 simulated CPU devices: the expert-parallel MoE against the single-device
+dropless MoE, its collectives, its per-device work, capacity dropping, small-batch decode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: the helpers
+
+SCRIPT = r"""
+import json, math
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from deepseek_jax.moe.dispatch import dispatch_local
+from deepseek_jax.moe.expert_parallel import expert_parallel_dispatch
+from deepseek_jax.layers.linear import MatmulRecipe
+from deepseek_jax.parallel.mesh import make_mesh
+from deepseek_jax.parallel.rules import largest_dividing
+
+def split(mesh, batch):  # the batch axes the tokens are split over, as the MoE module picks them
+    return largest_dividing(tuple(a for a in ("data", "fsdp", "expert") if mesh.shape[a] > 1), batch, mesh)
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name):
+    # jax.lax.ragged_all_to_all's semantics from all_gathers (XLA:CPU has no ragged all-to-all): peer i's
+    # rows input_offsets_i[me] .. + send_sizes_i[me] land in this device's output at output_offsets_i[me].
+    me = jax.lax.axis_index(axis_name)
+    ops, ins, sizes, outs = (jax.lax.all_gather(a, axis_name) for a in
+                             (operand, input_offsets, send_sizes, output_offsets))
+    start, size, src = outs[:, me], sizes[:, me], ins[:, me]  # per source peer
+    p = jnp.arange(output.shape[0])
+    hit = (p[:, None] >= start[None, :]) & (p[:, None] < (start + size)[None, :])  # [rows, peers]
+    peer = jnp.argmax(hit, axis=1)
+    row = jnp.clip(src[peer] + p - start[peer], 0, operand.shape[0] - 1)
+    got = ops[peer, row]
+    return jnp.where(hit.any(1).reshape(-1, *([1] * (output.ndim - 1))), got, output)
+
+recipe = MatmulRecipe(jnp.float32)
+E, D, I, K, B, T = 16, 32, 24, 4, 8, 6
+rng = np.random.RandomState(0)
+x = jnp.asarray(rng.normal(size=(B * T, D)), jnp.float32)
+idx = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(B * T)]), jnp.int32)
+w = jnp.asarray(rng.uniform(0.1, 1.0, size=(B * T, K)), jnp.float32)
+wg, wu = (jnp.asarray(rng.normal(0, 0.2, size=(E, D, I)), jnp.float32) for _ in range(2))
+wd = jnp.asarray(rng.normal(0, 0.2, size=(E, I, D)), jnp.float32)
+cot = jnp.asarray(rng.normal(size=(B * T, D)), jnp.float32)
+
+def ref_fn(x, w, wg, wu, wd):
+    return dispatch_local(recipe, x, w, idx, wg, wu, wd, "dense")
+
+ref = np.asarray(ref_fn(x, w, wg, wu, wd))
+ref_g = jax.grad(lambda *a: (ref_fn(*a) * cot).sum(), argnums=(0, 1, 2, 3, 4))(x, w, wg, wu, wd)
+out = {}
+jax.lax.ragged_all_to_all = emulated_ragged_all_to_all
+for spec in ["expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2"]:
+    mesh = make_mesh(spec)
+    put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))
+    tok = P(("data", "fsdp", "expert"), None)
+    args = (put(x, tok), put(w, tok), put(wg, P("expert", "fsdp", "tensor")), put(wu, P("expert", "fsdp", "tensor")),
+            put(wd, P("expert", "tensor", "fsdp")))
+    res = {}
+    # "chunked": each device's 6 tokens go through the exchange in 2 or 3 chunks (receive buffer <= 64 rows);
+    # "chunked_kept": the same, keeping each chunk's received rows for the backward pass; "ragged" (chunked):
+    # the layout of the TPU / GPU path, ragged_all_to_all (emulated here).
+    for impl, rows_cap in [("blocked", None), ("gather", None), ("chunked", 64), ("chunked_kept", 64),
+                           ("ragged", 64)]:
+        def ep(x, w, wg, wu, wd, impl=impl, rows_cap=rows_cap):
+            return expert_parallel_dispatch(recipe, x, w, put(idx, tok), wg, wu, wd, mesh=mesh,
+                                            token_axes=split(mesh, B), expert_axis="expert",
+                                            tensor_axis="tensor", impl=impl if rows_cap is None else "blocked",
+                                            block_size=4, exchange_rows=rows_cap,
+                                            keep_received=impl == "chunked_kept", ragged=impl == "ragged")[0]
+        with jax.set_mesh(mesh):
+            y = np.asarray(jax.jit(ep)(*args))
+            g = jax.jit(jax.grad(lambda *a: (ep(*a) * cot).sum(), argnums=(0, 1, 2, 3, 4)))(*args)
+        res[impl] = {"y": float(np.abs(y - ref).max()),
+                     "g": [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(g, ref_g)]}
+    out[spec] = res
+
+# Balanced routing on expert=8: every expert gets the same number of rows, so each device's grouped GEMM
+# processes exactly the global rows / 8 (its real group sizes; the buffer is the dropless worst case).
+mesh = make_mesh("expert=8")
+bal = jnp.asarray((np.arange(B * T * K).reshape(B * T, K) * 5) % E, jnp.int32)
+assert np.all(np.bincount(np.asarray(bal).ravel(), minlength=E) == B * T * K // E)
+with jax.set_mesh(mesh):
+    _, dropped, rows = jax.jit(lambda x, w: expert_parallel_dispatch(
+        recipe, x, w, bal, wg, wu, wd, mesh=mesh, token_axes=split(mesh, B),
+        expert_axis="expert", tensor_axis="tensor", impl="blocked", return_rows=True))(x, w)
+out["balanced_rows"] = np.asarray(rows).tolist()
+
+# Capacity factor 0.5 on expert=8: per (source device, destination device) only the first
+# ceil(0.5 * rows / 8) rows in (expert, token) order are sent; the rest contribute nothing and are counted.
+# With exchange_rows=96 each device's 6 tokens go in 2 chunks of 3, and the rule applies per chunk.
+cf = 0.5
+idx_np = np.asarray(idx)
+for name, chunk_tokens, rows_cap in [("capacity", 6, None), ("capacity_chunked", 3, 96)]:
+    with jax.set_mesh(mesh):
+        y_cf, dropped = jax.jit(lambda x, w: expert_parallel_dispatch(
+            recipe, x, w, idx, wg, wu, wd, mesh=mesh, token_axes=split(mesh, B), expert_axis="expert",
+            tensor_axis="tensor", impl="blocked", capacity_factor=cf, exchange_rows=rows_cap))(x, w)
+    e_loc = E // 8
+    cap = math.ceil(cf * chunk_tokens * K / 8)
+    keep = np.zeros((B * T, K), bool)
+    for start in range(0, B * T, chunk_tokens):
+        toks = range(start, start + chunk_tokens)
+        for peer in range(8):
+            rows_ = sorted((idx_np[t, j], t, j) for t in toks for j in range(K) if idx_np[t, j] // e_loc == peer)
+            for e_, t, j in rows_[:cap]:
+                keep[t, j] = True
+    expect = dispatch_local(recipe, x, jnp.where(jnp.asarray(keep), w, 0.0), idx, wg, wu, wd, "dense")
+    out[name] = {"dropped": int(dropped), "expected_dropped": int((~keep).sum()),
+                 "diff": float(np.abs(np.asarray(y_cf) - np.asarray(expect)).max())}
+
+# Small-batch decode: one sequence of one token on expert=8 (tokens replicated over the expert axis: each
+# device runs its own experts' rows, a psum combines): gather == blocked == the single-device reference.
+x1, w1, i1 = x[:1], w[:1], idx[:1]
+one = np.asarray(dispatch_local(recipe, x1, w1, i1, wg, wu, wd, "blocked"))
+small = {}
+for impl in ["gather", "blocked"]:
+    with jax.set_mesh(mesh):
+        y1 = jax.jit(lambda x, w, impl=impl: expert_parallel_dispatch(
+            recipe, x, w, i1, wg, wu, wd, mesh=mesh, token_axes=split(mesh, 1),
+            expert_axis="expert", tensor_axis="tensor", impl=impl)[0])(x1, w1)
+    small[impl] = float(np.abs(np.asarray(y1) - one).max())
+small["local_gather"] = float(np.abs(np.asarray(dispatch_local(recipe, x1, w1, i1, wg, wu, wd, "gather")) - one).max())
+out["small"] = small
+
+# The all-to-alls of one chunked layer's forward and backward (value and gradient, expert=8, 3 chunks), by
+# what they carry: rows or routing weights. The routing weights are applied on the experts'
+# side, so the backward needs no returned rows: rows go out and back in the forward (2), out again in the
+# chunk's recomputation (1, none when the received rows are kept), and the two transposes (2).
+from deepseek_jax.tools.hlo import parse_computations
+exchanges = {}
+for keep in (False, True):
+    def loss(x, w, keep=keep):
+        y = expert_parallel_dispatch(recipe, x, w, idx, wg, wu, wd, mesh=mesh, token_axes=split(mesh, B),
+                                     expert_axis="expert", tensor_axis="tensor", impl="blocked", block_size=4,
+                                     exchange_rows=64, keep_received=keep)[0]
+        return (y * cot).sum()
+    with jax.set_mesh(mesh):
+        text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    comps, _ = parse_computations(text)
+    # XLA:CPU splits each all-to-all into one piece per peer: rows f32[1, capacity, D], weights f32[1, capacity].
+    shapes = [ins.shape.split("{")[0].lstrip("(") for instrs in comps.values() for ins in instrs
+              if ins.opcode.startswith("all-to-all")]
+    exchanges["kept" if keep else "recomputed"] = {
+        "rows": sum(s_.endswith(f",{D}]") for s_ in shapes), "weights": sum(s_.count(",") == 1 for s_ in shapes),
+        "other": sum(not s_.endswith(f",{D}]") and s_.count(",") != 1 for s_ in shapes)}
+out["exchanges"] = exchanges
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run(script: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900,
+                          cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+
+
+@pytest.fixture(scope="module")
+def results():
+    return _run(SCRIPT)
+
+
+@pytest.mark.parametrize("spec", ["expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2"])
+def test_ep_equals_single_device_in_values_and_gradients(results, spec):
+    for impl, r in results[spec].items():
+        assert r["y"] < 1e-5, (spec, impl, r)
+        assert max(r["g"]) < 1e-5, (spec, impl, r)
+
+
+def test_balanced_routing_splits_the_rows_evenly(results):
+    rows = results["balanced_rows"]
+    assert rows == [8 * 6 * 4 // 8] * 8
+
+
+@pytest.mark.parametrize("name", ["capacity", "capacity_chunked"])
+def test_capacity_factor_drops_exactly_the_rule_s_rows(results, name):
+    r = results[name]
+    assert r["expected_dropped"] > 0
+    assert r["dropped"] == r["expected_dropped"]
+    assert r["diff"] < 1e-5
+
+
+def test_backward_exchanges_no_returned_rows(results):
+    """Counted in the compiled HLO of one chunked layer's value and gradient (the old combine, weighting on the
+    tokens' side, needed the returned rows in the backward: 6 row exchanges)."""
+    assert results["exchanges"]["recomputed"] == {"rows": 5, "weights": 3, "other": 0}
+    assert results["exchanges"]["kept"] == {"rows": 4, "weights": 2, "other": 0}
+
+
+def test_exchange_chunks_bound_the_receive_buffer():
+    from deepseek_jax.moe.expert_parallel import exchange_chunks
+    # V3 at 64 x 4096 on fsdp=8,expert=8: 4096 tokens x top-8 per device, 8 peers: 262,144 rows -> 4 chunks.
+    assert exchange_chunks(4096, 8, 8, 65536) == 4
+    assert exchange_chunks(4096, 8, 8, None) == 1
+    assert exchange_chunks(6, 4, 8, 64) == 3 and exchange_chunks(6, 4, 4, 64) == 2
+    assert exchange_chunks(7, 4, 8, 64) == 7  # 7 tokens: no divisor between 4 and 7
+    assert exchange_chunks(6, 4, 8, 1000) == 1
+
+
+def test_small_batch_decode_equals_the_blocked_path(results):
+    assert all(v < 1e-5 for v in results["small"].values()), results["small"]
+
+
+HLO_SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp
+import deepseek_jax as dsj
+from deepseek_jax.tools.hlo import parse_computations, _result_bytes
+from deepseek_jax.parallel.mesh import make_mesh
+from deepseek_jax.parallel.mesh import mesh_context
+from deepseek_jax.training.config import TrainConfig
+from deepseek_jax.training.trainer import BATCH_KEYS, Trainer
+
+config = dsj.presets["tiny-v3"].replace(num_hidden_layers=2, vocab_size=128, n_routed_experts=32,
+                                        moe_intermediate_size=64)
+B, T = 16, 32
+mesh = make_mesh("expert=8")
+trainer = Trainer(config, TrainConfig(batch_size=B, seq_len=T, precision="fp32"), mesh)
+state = trainer.abstract_state()
+batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                 sharding=trainer.batch_sharding) for k in BATCH_KEYS}
+with mesh_context(mesh):
+    text = trainer.step_fn(state).lower(state, batch).compile().as_text()
+comps, _ = parse_computations(text)
+ops = []
+for instrs in comps.values():
+    for ins in instrs:
+        op = ins.opcode[:-6] if ins.opcode.endswith("-start") else ins.opcode
+        if op in ("all-gather", "all-reduce", "all-to-all", "reduce-scatter"):
+            ops.append((op, _result_bytes(ins, op)))
+stack = config.n_routed_experts * config.hidden_size * config.moe_intermediate_size * 4
+dispatch = B * T * config.num_experts_per_tok * config.hidden_size * 4
+print("RESULT " + json.dumps({"ops": ops, "stack": stack, "dispatch": dispatch}))
+"""
+
+
+def test_ep_train_step_moves_rows_not_weights():
+    """The compiled expert-parallel train step (expert=8): rows travel by all-to-all, and no all-gather or
+    all-reduce is as large as one layer's expert weight stack or the global dispatch buffer."""
+    out = _run(HLO_SCRIPT)
+    threshold = min(out["stack"], out["dispatch"])
+    kinds = {op for op, _ in out["ops"]}
+    assert "all-to-all" in kinds, kinds
+    big = [(op, b) for op, b in out["ops"] if op in ("all-gather", "all-reduce") and b >= threshold]
+    assert not big, (threshold, big)
