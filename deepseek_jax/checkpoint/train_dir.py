@@ -35,7 +35,9 @@ def load_train_checkpoint(workdir: str | os.PathLike, step: Optional[int] = None
     workdir = os.fspath(workdir)
     config = ModelConfig.from_pretrained(workdir)
     directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS_DIR))
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()}
+    options = ocp.CheckpointManagerOptions(create=False)
+    with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory}: no finished checkpoint to load")

@@ -18,7 +18,7 @@ MESH = "data=2,fsdp=2,expert=2"
 SCRIPT = r"""
 import json, os, sys, tempfile, jax, jax.numpy as jnp, numpy as np
 import deepseek_jax as dsj
-from deepseek_jax.training import losses
+from deepseek_jax.posttrain.grpo import group_advantages
 from deepseek_jax.data.packing import make_dataset
 from deepseek_jax.posttrain.distill import DistillConfig, DistillTrainer
 from deepseek_jax.posttrain.teacher import TeacherShards, precompute_teacher
@@ -41,7 +41,7 @@ rng = np.random.RandomState(0)
 prompts = [[1] + rng.randint(3, 18, rng.randint(3, 7)).tolist() for _ in range(gc.batch_size)]
 completions = [rng.randint(3, 18, rng.randint(1, 6)).tolist() for _ in range(gc.batch_size)]
 host = samples_batch(prompts, completions, tc.seq_len)
-host["advantages"] = np.asarray(losses.group_advantages(jnp.asarray(rng.randint(0, 2, gc.batch_size), jnp.float32), 4))
+host["advantages"] = np.asarray(group_advantages(jnp.asarray(rng.randint(0, 2, gc.batch_size), jnp.float32), 4))
 params0 = Trainer(policy, tc, make_mesh(None, one)).init_state()["params"]
 ref_params = jax.tree.map(lambda x: x + 0.01 * np.float32(np.random.RandomState(1).normal(size=x.shape)), params0)
 
