@@ -102,4 +102,5 @@ class Embed(nn.Module):
         """Logits ``h [..., D] @ table.T`` in fp32, outside the matmul recipe (the output head stays in high
         precision)."""
         dims = (((h.ndim - 1,), (1,)), ((), ()))
-        return LogitsRecipe(self.options.compute_dtype).dot_general(h, self.embedding, dims)
+        return LogitsRecipe(self.options.compute_dtype, self.options.target_platform()).dot_general(
+            h, self.embedding, dims)

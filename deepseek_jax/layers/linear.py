@@ -28,8 +28,11 @@ from deepseek_jax.quant.weights import Fp8Weight, block_aligned_specs
 class MatmulRecipe:
     """The default recipe: inputs in the compute dtype, fp32 accumulation, output in the compute dtype."""
 
-    def __init__(self, dtype, out_dtype=None, fp8_kernel: Optional[str] = None):
+    def __init__(self, dtype, out_dtype=None, fp8_kernel: Optional[str] = None, platform: Optional[str] = None):
         self.dtype = jnp.dtype(dtype)
+        # The backend the step is compiled for (``ModelOptions.target_platform``); on "cpu" the weight gradient
+        # of ``x @ kernel`` is formed as XLA:CPU's fast matmul takes it (``_cpu_weight_grad_dot``).
+        self.platform = platform
         # Kernels kept as FP8 (``quant/weights.py``'s ``Fp8Weight``): "tpu" / "interpret" runs the Pallas
         # kernel of ``quant/kernel.py`` (dequantization per block inside it) compiled or interpreted; None
         # dequantizes in XLA.
@@ -48,10 +51,13 @@ class MatmulRecipe:
     def dot_general(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers) -> jax.Array:
         if self.fp8_kernel is not None and _kernel_applies(lhs, rhs, dimension_numbers):
             return self._fp8_kernel_dot(lhs, rhs, None)
-        out = jax.lax.dot_general(
-            lhs.astype(self.dtype), rhs.astype(self.dtype), dimension_numbers,
-            precision=self.precision, preferred_element_type=self.accum,
-        )
+        a, b = lhs.astype(self.dtype), rhs.astype(self.dtype)
+        n_in = _kernel_contraction(a, b, dimension_numbers)
+        if n_in and self.platform == "cpu" and _unsharded():
+            out = _cpu_weight_grad_dot(a, b, n_in, self.precision, self.accum)
+        else:
+            out = jax.lax.dot_general(a, b, dimension_numbers, precision=self.precision,
+                                      preferred_element_type=self.accum)
         return out.astype(self.out_dtype)
 
     def linear(self, x: jax.Array, kernel, n_in: int, axes: Optional[Sequence[str]] = None) -> jax.Array:
@@ -76,6 +82,59 @@ class MatmulRecipe:
             precision=self.precision, preferred_element_type=self.accum,
         )
         return out.astype(self.out_dtype)
+
+
+def _kernel_contraction(lhs, rhs, dimension_numbers) -> int:
+    """n when ``dimension_numbers`` is ``x @ kernel`` (x's last n dims with the kernel's first n, no batch dims) and
+    the kernel has output dims; else 0."""
+    (lc, rc), (lb, rb) = (tuple(map(tuple, d)) for d in dimension_numbers)
+    n = len(lc)
+    if lb or rb or not n or n >= rhs.ndim or n >= lhs.ndim:
+        return 0
+    if lc != tuple(range(lhs.ndim - n, lhs.ndim)) or rc != tuple(range(n)):
+        return 0
+    return n
+
+
+def _unsharded() -> bool:
+    """No mesh of more than one device is in effect (inside ``shard_map`` every array is a device's own)."""
+    mesh = current_mesh()
+    return mesh is None or bool(getattr(mesh, "manual_axes", ()))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _cpu_weight_grad_dot(x, w, n_in, precision, accum):
+    """``x @ w`` over x's last ``n_in`` dims, as ``lax.dot_general``; in the backward pass the kernel's gradient
+    ``x^T g`` is a plain ``[K, M] x [M, N]`` product of a transposed copy of x.
+
+    jax's transpose of the dot gives ``dot_general(x, g)`` contracting the token dims of both (x's dim 0, a
+    "transposed" lhs), and XLA:CPU lays that out as a product of two transposed operands that its fast matmul
+    path (XNNPACK) does not take: it runs in Eigen at 1.5-4x lower throughput than the plain form (the 88M bench
+    config's output head, ``[1024, 512]^T x [1024, 32000]``: 61 against 231-297 GFLOP/s on 2 cores), and was the
+    single largest op of the gradient after the MoE (bench/backward.py). The transposed copy of x (``[M, K]``,
+    the size of the layer's input) is kept apart by an optimization barrier, or XLA folds it back into the dot.
+    Values: the same products and sums, in the matmul's own order (fp32 rounding)."""
+    return jax.lax.dot_general(x, w, contract_last(n_in, x.ndim), precision=precision, preferred_element_type=accum)
+
+
+def _cpu_weight_grad_dot_fwd(x, w, n_in, precision, accum):
+    return _cpu_weight_grad_dot(x, w, n_in, precision, accum), (x, w)
+
+
+def _cpu_weight_grad_dot_bwd(n_in, precision, accum, res, g):
+    x, w = res
+    k = math.prod(w.shape[:n_in])
+    out_dims = tuple(range(x.ndim - n_in, g.ndim))  # g [..., *w's output dims]
+    w_out = tuple(range(n_in, w.ndim))
+    dx = jax.lax.dot_general(g, w, ((out_dims, w_out), ((), ())), precision=precision,
+                             preferred_element_type=accum)
+    x_t = jax.lax.optimization_barrier(x.reshape(-1, k).T)  # [K, M]
+    dw = jax.lax.dot_general(x_t, g.reshape(x_t.shape[1], -1), (((1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=accum)
+    return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+
+
+_cpu_weight_grad_dot.defvjp(_cpu_weight_grad_dot_fwd, _cpu_weight_grad_dot_bwd)
 
 
 def _kernel_applies(lhs, rhs, dimension_numbers) -> bool:
@@ -119,7 +178,8 @@ def fp8_kernel_mode(options: ModelOptions) -> Optional[str]:
 
 def matmul_recipe(options: ModelOptions) -> MatmulRecipe:
     if options.matmul == "default":
-        return MatmulRecipe(options.compute_dtype, fp8_kernel=fp8_kernel_mode(options))
+        return MatmulRecipe(options.compute_dtype, fp8_kernel=fp8_kernel_mode(options),
+                            platform=options.target_platform())
     if options.matmul == "fp8":
         return Fp8Recipe(options.compute_dtype)
     raise NotImplementedError(f"matmul recipe {options.matmul!r} is not available yet")
@@ -131,8 +191,8 @@ class LogitsRecipe(MatmulRecipe):
     dtype, and both transposed dots output it, so the head's weight gradient (a whole ``[D, vocab]`` partial sum
     on every device before the data-parallel reduction) is 16-bit, not an fp32 copy of the vocabulary matrix."""
 
-    def __init__(self, dtype):
-        super().__init__(dtype, jnp.float32)
+    def __init__(self, dtype, platform: Optional[str] = None):
+        super().__init__(dtype, jnp.float32, platform=platform)
 
     def dot_general(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers) -> jax.Array:
         if self.dtype.itemsize >= 4:
@@ -188,7 +248,8 @@ class Linear(nn.Module):
             kernel_shape,
             self.options.params_dtype,
         )
-        recipe = LogitsRecipe(self.options.compute_dtype) if self.high_precision else matmul_recipe(self.options)
+        recipe = (LogitsRecipe(self.options.compute_dtype, self.options.target_platform()) if self.high_precision
+                  else matmul_recipe(self.options))
         y = recipe.linear(x, kernel, self.n_in, self.axes)
         if not self.use_bias:
             return y

@@ -87,7 +87,8 @@ class Router(nn.Module):
             # Updated by the balancing rule after each step, never by gradients (DeepSeek-V3 section 2.1.2).
             bias = jax.lax.stop_gradient(bias)
         # MoE gating stays in fp32 under every recipe (DeepSeek-V3 section 3.3.1).
-        logits = MatmulRecipe(jnp.float32).dot_general(x, kernel, contract_last(1, x.ndim))
+        logits = MatmulRecipe(jnp.float32, platform=self.options.target_platform()).dot_general(
+            x, kernel, contract_last(1, x.ndim))
         scores = router_scores(logits, c.scoring_func)
         weights, idx = select_experts(scores, bias, c)
         # Researchers can read every layer's decisions with apply(..., mutable=["intermediates"]).

@@ -183,9 +183,14 @@ def test_blocked_dispatch_work_is_bounded():
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_blocked_dispatch_backward_keeps_no_per_block_weights():
-    """The gradient of the blocked dispatch holds no ``[blocks, D, I]`` stack of per-block expert weight slices
-    (on a TPU compile of V3 those were 8.4 GB each): the backward slices each block's weights again."""
+@pytest.mark.parametrize("layers", [1, 3])
+def test_blocked_dispatch_backward_keeps_no_per_block_weights(layers):
+    """The gradient of the blocked dispatch holds no per-block copy of expert weights: no ``[blocks, D, I]`` stack
+    of the blocks' slices (on a TPU compile of V3 those were 8.4 GB each) and no ``[blocks, E, D, I]`` stack of
+    whole expert stacks (what a ``cond`` around the slicing kept: the gradient of the 88M bench model cost 24x its
+    forward); and no block's ``cond`` returns a whole stack (its gradient: one ``[E, D, I]`` add per block). The
+    backward slices each block's weights again and adds its ``[D, I]`` gradients in place. ``layers``: the dispatch
+    inside a scan over layers, as the model runs it (its per-layer residuals are stacked there)."""
     import re
 
     from deepseek_jax.layers.linear import MatmulRecipe
@@ -194,13 +199,19 @@ def test_blocked_dispatch_backward_keeps_no_per_block_weights():
     n, d, i, e, k, m = 64, 48, 80, 4, 2, 8
     n_blocks = (n * k + e * (m - 1)) // m
     x, w, idx, wg, wu, wd = _routed_rows(n, d, i, e, k)
+    ws = [jnp.stack([a * (1 + 0.1 * j) for j in range(layers)]) for a in (wg, wu, wd)]
 
-    def loss(*a):
-        return dispatch_local(MatmulRecipe(jnp.float32), *a, impl="blocked", block_size=m).sum()
+    def loss(x, w, idx, wg, wu, wd):
+        def layer(h, lw):
+            return h + dispatch_local(MatmulRecipe(jnp.float32), h, w, idx, *lw, impl="blocked", block_size=m), None
 
-    hlo = jax.jit(jax.grad(loss, argnums=(0, 3, 4, 5))).lower(x, w, idx, wg, wu, wd).compile().as_text()
-    stacks = re.findall(rf"\[{n_blocks},({d},{i}|{i},{d})\]", hlo)
+        return jax.lax.scan(layer, x, (wg, wu, wd))[0].sum()
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 3, 4, 5))).lower(x, w, idx, *ws).compile().as_text()
+    stacks = re.findall(rf"\[(?:{layers},)?{n_blocks},(?:{e},)?(?:{d},{i}|{i},{d})\]", hlo)
     assert not stacks, f"per-block weight stacks in the backward: {stacks}"
+    whole = [c for c in re.findall(r"= \(([^)]*)\) conditional\(", hlo) if re.search(rf"\[{e},({d},{i}|{i},{d})\]", c)]
+    assert not whole, f"a block's cond returns whole expert stacks: {whole}"
 
 
 @pytest.mark.parametrize("impl", ["ragged", "blocked", "gather", "dense"])
