@@ -101,7 +101,7 @@ def test_throughput_figures_are_positive_and_finite(report):
 
 
 def _hand_count_params(m: dict) -> dict:
-    """The smoke model's parameters from its shapes (REFERENCE.md's MLA and DeepSeekMoE layouts), by what a
+    """The smoke model's parameters from its shapes (docs/reference.md's MLA and DeepSeekMoE layouts), by what a
     decode step reads: routed experts (each), the embedding table, and everything else."""
     d, h = m["hidden"], m["heads"]
     qk = m["qk_nope_head_dim"] + m["qk_rope_head_dim"]

@@ -10,8 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+from train_helpers import TRAIN
 
 from deepseek_jax.parallel.context import zigzag_order
+
+TRAIN_LR = TRAIN.learning_rate
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: the helpers
 
@@ -78,7 +81,10 @@ def test_context_parallel_train_step_and_prefill_equal_one_device():
     out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
     for spec in SPECS:
         np.testing.assert_allclose(out[spec]["losses"], out["ref"], rtol=1e-5, err_msg=spec)
-        assert out[spec]["max_param_diff"] < 1e-5, (spec, out[spec])
+        # Adam divides by |g|: a gradient near eps whose last bits differ (8 devices reduce in another order)
+        # moves its update by a visible fraction of one step; measured 1.1e-5. 1e-4 is 1% of one step at lr 1e-2,
+        # a wrong shard moves whole steps (~1e-2).
+        assert out[spec]["max_param_diff"] < 1e-2 * TRAIN_LR, (spec, out[spec])
     for spec in ["data=2,context=4", "context=8"]:
         r = out["prefill " + spec]
         assert r["logits"] < 1e-4 and r["cache"] < 1e-4, (spec, r)

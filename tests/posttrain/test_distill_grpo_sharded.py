@@ -111,7 +111,10 @@ def test_grpo_and_distill_steps_on_8_devices_equal_one_device():
     out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
     for key in ("grpo", "distill_full", "distill_topk"):
         np.testing.assert_allclose(out[key]["sharded"], out[key]["one"], rtol=1e-5, atol=1e-7, err_msg=key)
-        assert out[key]["max_param_diff"] < 1e-5, (key, out[key]["max_param_diff"])
+        # Adam divides by |g|, so gradients near eps that differ in their last bits (another reduction order)
+        # move their update by a visible fraction of one step (measured 1.1e-5 for GRPO); 1e-4 is 1% of one step
+        # at lr 1e-2, where a wrong shard moves whole steps.
+        assert out[key]["max_param_diff"] < 1e-4, (key, out[key]["max_param_diff"])
     np.testing.assert_allclose(out["distill_shards"]["shards"], out["distill_shards"]["online"], rtol=1e-6)
     assert out["distill_shards"]["max_param_diff"] < 1e-6
     # The first GRPO step's loss is docs/reference.md's formula on the same log-probs (numpy, per-sample mean then
