@@ -26,12 +26,12 @@ within its sorted rows for a peer (by expert, then by token), the rows past that
 contribute nothing (their routing weight is not renormalized) and are counted in the returned ``dropped``.
 
 The worst-case receive buffer of one exchange is EP x (a device's rows). ``exchange_rows`` bounds it: a device's
-tokens then go through steps 1-6 in equal chunks, one after another under ``lax.scan``, each chunk under
-``jax.checkpoint`` (its buffers are recomputed in the backward rather than kept for every chunk). Dropless
-stays dropless: the worst case is per chunk. With ``keep_received`` (for a layer that is not rematerialized)
-the chunks keep their received rows for the backward, so the exchange to the experts does not run again (the
-grouped GEMM is recomputed from them); in a rematerialized layer the layer's recomputation would run it anyway,
-so there nothing is kept.
+tokens then go through steps 1-6 in equal chunks (the last padded with tokens that route nowhere), one after
+another under ``lax.scan``, each chunk under ``jax.checkpoint`` (its buffers are recomputed in the backward
+rather than kept for every chunk). Dropless stays dropless: the worst case is per chunk. With
+``keep_received`` (for a layer that is not rematerialized) the chunks keep their received rows for the
+backward, so the exchange to the experts does not run again (the grouped GEMM is recomputed from them); in a
+rematerialized layer the layer's recomputation would run it anyway, so there nothing is kept.
 
 When the tokens cannot be split over ``expert`` (a decode step with fewer sequences than devices), every device
 of an expert group holds the same tokens: each runs only the rows routed to its own experts and a ``psum``
@@ -78,7 +78,7 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
     sent = _cap_per_expert(per_expert, capacity)  # [EP, E_loc]: rows sent to each peer, per its local expert
     send_sizes = sent.sum(1)
     starts = _exclusive_cumsum(per_expert.sum(1))  # peer j's chunk in the sorted order (before capping)
-    dropped = rows - send_sizes.sum()
+    dropped = counts.sum() - send_sizes.sum()  # real rows only: a padded chunk's rows route nowhere
 
     # 2. What everyone sends: all_sent[i, j, e] = rows device i sends to device j for j's local expert e.
     all_sent = jax.lax.all_gather(sent, expert_axis)  # [EP(src), EP(dst), E_loc]
@@ -147,31 +147,38 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
     return combine(y_sorted[rank], jnp.ones_like(weights)), dropped, from_peer.sum()  # already weighted
 
 
-def exchange_chunks(tokens: int, k: int, ep: int, exchange_rows: Optional[int]) -> int:
-    """How many equal chunks a device's ``tokens`` go through the all-to-all in: the fewest (dividing
-    ``tokens``) whose worst-case receive buffer, ``ep * k * tokens / chunks`` rows, stays within
-    ``exchange_rows`` (or the next divisor up; at worst one token per chunk)."""
+def exchange_chunks(tokens: int, k: int, ep: int, exchange_rows: Optional[int]) -> tuple[int, int]:
+    """``(chunks, chunk_tokens)``: how a device's ``tokens`` go through the all-to-all. The fewest chunks whose
+    worst-case receive buffer, ``ep * k * chunk_tokens`` rows, stays within ``exchange_rows`` (one token per
+    chunk at worst), each of ``ceil(tokens / chunks)`` tokens: the last chunk is padded (by fewer than
+    ``chunks`` tokens that route nowhere), so any token count takes ``ceil(ep * k * tokens / exchange_rows)``
+    chunks or one more, never a divisor hunt (4,078 tokens at 64 rows each and 65,536: 4 chunks, not 2,039)."""
     if exchange_rows is None or ep * k * tokens <= exchange_rows:
-        return 1
-    need = math.ceil(ep * k * tokens / exchange_rows)
-    return next(c for c in range(need, tokens + 1) if tokens % c == 0)
+        return 1, tokens
+    most = max(1, exchange_rows // (ep * k))  # tokens per chunk the buffer allows
+    chunks = -(-tokens // most)
+    return chunks, -(-tokens // chunks)
 
 
-def _in_chunks(body, chunks: int, keep_received: bool):
-    """``body`` (one device's exchange of its tokens) run over ``chunks`` equal slices of the tokens in turn,
-    each rematerialized in the backward pass (keeping only its received rows with ``keep_received``)."""
+def _in_chunks(body, chunks: int, chunk_tokens: int, n_experts: int, keep_received: bool):
+    """``body`` (one device's exchange of its tokens) run over ``chunks`` slices of ``chunk_tokens`` tokens in
+    turn, each rematerialized in the backward pass (keeping only its received rows with ``keep_received``). The
+    tokens are padded to ``chunks * chunk_tokens`` with rows routed to expert ``n_experts`` (none: they are sorted
+    after every real row, counted for no expert, so never sent) and weight 0."""
     step = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(RECEIVED)
                           if keep_received else None)
 
     def run(x, weights, idx, wg, wu, wd):
-        n = x.shape[0]
+        n, pad = x.shape[0], chunks * chunk_tokens - x.shape[0]
 
         def one(_, part):
             return None, step(*part, wg, wu, wd)
 
-        parts = tuple(a.reshape(chunks, n // chunks, *a.shape[1:]) for a in (x, weights, idx))
+        padded = (jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(weights, ((0, pad), (0, 0))),
+                  jnp.pad(idx, ((0, pad), (0, 0)), constant_values=n_experts))
+        parts = tuple(a.reshape(chunks, chunk_tokens, *a.shape[1:]) for a in padded)
         _, (y, dropped, rows) = jax.lax.scan(one, None, parts)
-        return y.reshape(n, -1), dropped.sum(), rows.sum()
+        return y.reshape(chunks * chunk_tokens, -1)[:n], dropped.sum(), rows.sum()
 
     return run
 
@@ -234,14 +241,14 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
     w_out = P(expert, tensor, None)
     if expert is not None and expert in split:
         k = idx.shape[1]
-        chunks = exchange_chunks(rows_per_device // k, k, ep, exchange_rows)
-        rows_per_chunk = rows_per_device // chunks
+        chunks, chunk_tokens = exchange_chunks(rows_per_device // k, k, ep, exchange_rows)
+        rows_per_chunk = chunk_tokens * k
         capacity = rows_per_chunk if capacity_factor is None else max(
             1, min(rows_per_chunk, math.ceil(capacity_factor * rows_per_chunk / ep)))
         body = partial(_ep_body, recipe, expert_axis=expert, tensor_axis=tensor, n_experts=e, impl=impl,
                        block_size=block_size, capacity=capacity, ragged=ragged)
         if chunks > 1:
-            body = _in_chunks(body, chunks, keep_received)
+            body = _in_chunks(body, chunks, chunk_tokens, e, keep_received)
     elif expert is not None:
         body = partial(_replicated_body, recipe, expert_axis=expert, tensor_axis=tensor, n_experts=e, impl=impl,
                        block_size=block_size)

@@ -93,6 +93,24 @@ with jax.set_mesh(mesh):
         expert_axis="expert", tensor_axis="tensor", impl="blocked", return_rows=True))(x, w)
 out["balanced_rows"] = np.asarray(rows).tolist()
 
+# 5 tokens per device (40 on expert=8) with a 64-row buffer: 3 chunks of 2, the last one padded by a token
+# that routes nowhere; values, gradients, drop count and real rows equal the unchunked dispatch's.
+n5 = 40
+def five(x, w, rows_cap):
+    return expert_parallel_dispatch(recipe, x, w, idx[:n5], wg, wu, wd, mesh=mesh, token_axes=split(mesh, n5),
+                                    expert_axis="expert", tensor_axis="tensor", impl="blocked", block_size=4,
+                                    exchange_rows=rows_cap, return_rows=True)
+padded = {}
+with jax.set_mesh(mesh):
+    for rows_cap in (None, 64):
+        y5, d5, r5 = jax.jit(lambda x, w: five(x, w, rows_cap))(x[:n5], w[:n5])
+        g5 = jax.jit(jax.grad(lambda x, w: (five(x, w, rows_cap)[0] * cot[:n5]).sum(), argnums=(0, 1)))(x[:n5], w[:n5])
+        padded[str(rows_cap)] = (np.asarray(y5), [np.asarray(a) for a in g5], int(d5), np.asarray(r5).tolist())
+(y_a, g_a, d_a, r_a), (y_b, g_b, d_b, r_b) = padded["None"], padded["64"]
+out["padded_chunks"] = {"y": float(np.abs(y_a - y_b).max()),
+                        "g": max(float(np.abs(a - b).max()) for a, b in zip(g_a, g_b)),
+                        "dropped": [d_a, d_b], "rows": [r_a, r_b]}
+
 # Capacity factor 0.5 on expert=8: per (source device, destination device) only the first
 # ceil(0.5 * rows / 8) rows in (expert, token) order are sent; the rest contribute nothing and are counted.
 # With exchange_rows=96 each device's 6 tokens go in 2 chunks of 3, and the rule applies per chunk.
@@ -200,11 +218,28 @@ def test_backward_exchanges_no_returned_rows(results):
 def test_exchange_chunks_bound_the_receive_buffer():
     from deepseek_jax.moe.expert_parallel import exchange_chunks
     # V3 at 64 x 4096 on fsdp=8,expert=8: 4096 tokens x top-8 per device, 8 peers: 262,144 rows -> 4 chunks.
-    assert exchange_chunks(4096, 8, 8, 65536) == 4
-    assert exchange_chunks(4096, 8, 8, None) == 1
-    assert exchange_chunks(6, 4, 8, 64) == 3 and exchange_chunks(6, 4, 4, 64) == 2
-    assert exchange_chunks(7, 4, 8, 64) == 7  # 7 tokens: no divisor between 4 and 7
-    assert exchange_chunks(6, 4, 8, 1000) == 1
+    assert exchange_chunks(4096, 8, 8, 65536) == (4, 1024)
+    assert exchange_chunks(4096, 8, 8, None) == (1, 4096)
+    assert exchange_chunks(6, 4, 8, 64) == (3, 2) and exchange_chunks(6, 4, 4, 64) == (2, 3)
+    assert exchange_chunks(6, 4, 8, 1000) == (1, 6)
+    # Token counts with no good divisor: the last chunk is padded (the old divisor rule took 7, 2,039 and 8,191).
+    assert exchange_chunks(7, 4, 8, 64) == (4, 2)
+    assert exchange_chunks(4078, 8, 8, 65536) == (4, 1020)
+    assert exchange_chunks(8191, 8, 8, 65536) == (8, 1024)
+    for tokens in [1, 2, 3, 5, 97, 1000, 4078, 4095, 8191, 12289, 65521]:
+        for k, ep, cap in [(8, 8, 65536), (6, 16, 4096), (4, 8, 64), (2, 2, 7)]:
+            chunks, per = exchange_chunks(tokens, k, ep, cap)
+            assert chunks * per >= tokens and (chunks - 1) * per < tokens  # every token, padding < one chunk
+            assert ep * k * per <= max(cap, ep * k)  # the receive buffer bound (one token at worst)
+            # the fewest: one chunk less would overflow the buffer
+            assert chunks == 1 or ep * k * -(-tokens // (chunks - 1)) > max(cap, ep * k)
+
+
+def test_padded_chunks_equal_one_exchange(results):
+    r = results["padded_chunks"]
+    assert r["y"] < 1e-5 and r["g"] < 1e-5, r
+    assert r["dropped"] == [0, 0]
+    assert r["rows"][0] == r["rows"][1] and sum(r["rows"][0]) == 40 * 4  # padding is never sent
 
 
 def test_small_batch_decode_equals_the_blocked_path(results):
