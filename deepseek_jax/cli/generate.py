@@ -114,10 +114,14 @@ def _options(args):
 
 
 def _report(stats: dict) -> str:
-    parts = [f"prefill {stats['prompt_tokens']} tok in {stats['prefill_s']:.2f}s "
-             f"({stats['prefill_tokens_per_s']:.1f} tok/s)",
-             f"decode {stats['generated_tokens'] - stats['batch']} tok in {stats['decode_s']:.2f}s "
-             f"({stats['decode_tokens_per_s']:.1f} tok/s)"]
+    """The footer: each time with what it covers. The prefill and the first decode step include compiling on a
+    first call; the decode rate is over the tokens after the first step, in the time they took."""
+    parts = [f"prefill {stats['prompt_tokens']} prompt tok in {stats['prefill_s']:.2f}s (compile included)",
+             f"decode {stats['generated_tokens'] - stats['batch']} tok in {stats['decode_s']:.2f}s: first step "
+             f"{stats['decode_first_step_s']:.2f}s (compile included)"]
+    if stats["decode_steady_tokens"]:
+        parts[-1] += (f", then {stats['decode_steady_tokens']} tok in {stats['decode_steady_s']:.4g}s "
+                      f"({stats['decode_tokens_per_s']:.1f} tok/s)")
     if "acceptance_rate" in stats:
         parts.append(f"draft acceptance {stats['acceptance_rate']:.0%}")
     return "[" + "; ".join(parts) + "]"

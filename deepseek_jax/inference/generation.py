@@ -253,9 +253,14 @@ def _finish_stats(st: dict, seqs, t_decode: float, first_step: Optional[tuple[fl
     t_end = time.perf_counter()
     st["decode_s"] = t_end - t_decode
     st["generated_tokens"] = sum(len(s.tokens) for s in seqs)
+    # The first decode step compiles on a first call: its time is reported apart, the rate is over the rest.
+    st["decode_first_step_s"] = (first_step[0] if first_step is not None else t_end) - t_decode
     if first_step is not None and st["steps"] > 1:
-        st["decode_tokens_per_s"] = (st["generated_tokens"] - first_step[1]) / (t_end - first_step[0])
+        st["decode_steady_tokens"] = st["generated_tokens"] - first_step[1]
+        st["decode_steady_s"] = t_end - first_step[0]
+        st["decode_tokens_per_s"] = st["decode_steady_tokens"] / st["decode_steady_s"]
     else:
+        st["decode_steady_tokens"], st["decode_steady_s"] = 0, 0.0
         st["decode_tokens_per_s"] = float("nan")
     st["prefill_tokens_per_s"] = st["prompt_tokens"] / st["prefill_s"]
     if speculative:

@@ -1,8 +1,10 @@
 """deepseek_jax.generate_cli: ``deepseek-jax generate`` / ``chat`` print what ``generate`` produces."""
 
 import io
+import re
 import sys
 
+import numpy as np
 from tiny_inference import tiny_checkpoint, word_tokenizer
 
 from deepseek_jax.cli import main
@@ -22,7 +24,12 @@ def test_generate_and_chat_commands(tmp_path, capsys, monkeypatch):
     assert main(["generate", *args, "--prompt", "w5 w6"]) == 0
     out = capsys.readouterr()
     assert out.out == want.texts[0] + "\n"
-    assert "tok/s" in out.err
+    footer = re.search(r"decode (\d+) tok in [\d.]+s: first step [\d.]+s \(compile included\), then (\d+) tok in "
+                       r"([\d.e-]+)s \(([\d.]+) tok/s\)", out.err)
+    assert footer, out.err
+    n, steady, secs, rate = int(footer[1]), int(footer[2]), float(footer[3]), float(footer[4])
+    assert (n, steady) == (len(want.tokens[0]) - 1, len(want.tokens[0]) - 2)
+    np.testing.assert_allclose(rate, steady / secs, rtol=0.01)  # as printed, rounded
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("w5 w6\n/exit\n"))
     assert main(["chat", *args]) == 0
