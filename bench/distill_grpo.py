@@ -111,8 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--figure", default=os.path.join(os.path.dirname(__file__), "..", "docs", "distill_grpo.png"))
     p.add_argument("--teacher-steps", type=int, default=1200)
     p.add_argument("--teacher-dir", default=None,
-                   help="use this train work directory as the teacher (e.g. the main job's `deepseek-jax train "
-                        "--workdir runs/tiny-v3`, which trains the same 1200 steps) instead of training one")
+                   help="use this train work directory as the teacher (it must hold a --teacher-steps checkpoint; the "
+                        "main job, `deepseek-jax train`, now trains 3000 steps at lr 3e-3, not this teacher's 1200 "
+                        "at 1e-2) instead of training one")
     p.add_argument("--grpo-steps", type=int, default=100)
     p.add_argument("--grpo-lr", type=float, default=3e-5)
     p.add_argument("--grpo-dir", default="grpo", help="the GRPO stage's directory under --workdir")

@@ -54,27 +54,34 @@ def data_tokenizer(data, tokenizer_file):
         raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
 
 
-def report_arithmetic(workdir: str) -> None:
-    """What the model learned: exact greedy answers on held-out sums, and a few of them."""
+def report_arithmetic(workdir: str) -> dict:
+    """What the model learned: exact greedy answers on held-out sums, and a few of them. The figures are also
+    written to ``workdir/heldout.json`` (whole or not at all)."""
     from deepseek_jax.checkpoint.train_dir import load_train_checkpoint
     from deepseek_jax.training.evaluate import evaluate_arithmetic
 
     config, params = load_train_checkpoint(workdir)
     report = evaluate_arithmetic(config, params)
+    path = os.path.join(workdir, "heldout.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"exact": report["exact"], "answers": report["answers"],
+                   "samples": [list(s) for s in report["samples"]]}, f, indent=1)
+    os.replace(path + ".tmp", path)
     print(f"held-out arithmetic: {report['exact']:.1%} of {report['answers']} answers exactly right "
           f"(greedy decoding)")
     for question, answer, truth in report["samples"]:
         mark = "ok" if answer == truth else f"wrong, {truth}"
         print(f"  {question}{answer}   ({mark})")
+    return report
 
 
-def add_run_arguments(p, *, workdir: str, steps: int) -> None:
+def add_run_arguments(p, *, workdir: str, steps: int, lr: float) -> None:
     """The flags every training-like command (train, distill) shares: where, how long, batch and optimizer."""
     p.add_argument("--workdir", default=workdir)
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32")

@@ -117,7 +117,7 @@ def register(sub) -> None:
     p.add_argument("--data", default=None, help="'arithmetic' (default), or files as train's --data")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json for text data (as train's --tokenizer)")
     p.add_argument("--arithmetic-loss", choices=("answers", "all"), default="answers")
-    add_run_arguments(p, workdir="runs/distill", steps=600)
+    add_run_arguments(p, workdir="runs/distill", steps=600, lr=1e-2)
     p.add_argument("--mtp-weight", type=float, default=0.3, help="a V3 student's MTP loss weight on the data")
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,expert=2 (default: all devices on data)")
     p.add_argument("--save-every", type=int, default=100)

@@ -167,7 +167,7 @@ def register(sub) -> None:
                    help="tokenizer.json (or a directory with one) for text data (default: the DeepSeek tokenizer)")
     p.add_argument("--eos-id", type=int, default=None,
                    help="the id that ends each document of a 1-D .npy (default: the model config's eos_token_id)")
-    add_run_arguments(p, workdir="runs/tiny-v3", steps=1200)
+    add_run_arguments(p, workdir="runs/tiny-v3", steps=3000, lr=3e-3)
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="none")
     p.add_argument("--mtp-weight", type=float, default=0.3,
                    help="weight of the MTP loss; 0 turns it off (the MTP modules are then frozen)")

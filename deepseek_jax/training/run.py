@@ -21,7 +21,7 @@ from deepseek_jax.checkpoint.load import load_pretrained
 from deepseek_jax.checkpoint.orbax_io import is_converted_dir
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.data.packing import make_dataset
-from deepseek_jax.data.tasks.arithmetic import arithmetic_tokenizer
+from deepseek_jax.data.tasks.arithmetic import ARITHMETIC_TOKENIZER_CONFIG, arithmetic_tokenizer
 from deepseek_jax.parallel.mesh import make_mesh
 from deepseek_jax.training.config import TrainConfig
 from deepseek_jax.training.loop import run_loop, start_or_resume
@@ -41,17 +41,22 @@ def prepare_workdir(workdir: str, config: ModelConfig, tc: TrainConfig, **record
 
 def save_tokenizer(workdir: str, tokenizer=None, *, arithmetic: bool = False, copy_from: Optional[str] = None):
     """``workdir/tokenizer.json`` (by process 0), so ``deepseek-jax generate --checkpoint WORKDIR`` encodes
-    prompts as the run did: ``tokenizer``'s, else the one in ``copy_from`` (a checkpoint directory), else the
-    built-in arithmetic vocabulary's when ``arithmetic``."""
+    prompts as the run did: ``tokenizer``'s, else the one in ``copy_from`` (a checkpoint directory, with its
+    ``tokenizer_config.json``), else the built-in arithmetic vocabulary's when ``arithmetic``, with a
+    ``tokenizer_config.json`` naming its ``<bos>`` / ``<eos>`` (without it a prompt would be encoded without the
+    BOS every training document starts with)."""
     if jax.process_index() != 0:
         return
     target = os.path.join(workdir, "tokenizer.json")
     if tokenizer is not None:
         tokenizer.save(target)
     elif copy_from is not None and os.path.isfile(os.path.join(copy_from, "tokenizer.json")):
-        shutil.copy2(os.path.join(copy_from, "tokenizer.json"), target)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if os.path.isfile(os.path.join(copy_from, name)):
+                shutil.copy2(os.path.join(copy_from, name), os.path.join(workdir, name))
     elif arithmetic:
         arithmetic_tokenizer().save(target)
+        write_json(os.path.join(workdir, "tokenizer_config.json"), ARITHMETIC_TOKENIZER_CONFIG)
 
 
 def run_in_workdir(workdir: str, trainer: Trainer, data, fresh: Callable[[], dict],

@@ -13,6 +13,9 @@ ARITHMETIC_VOCAB_SIZE = 3 + len(ARITHMETIC_CHARS)
 _CHAR_TO_ID = {ch: 3 + i for i, ch in enumerate(ARITHMETIC_CHARS)}
 _ID_TO_CHAR = {i: ch for ch, i in _CHAR_TO_ID.items()}
 _SPECIAL_NAMES = {PAD_ID: "<pad>", BOS_ID: "<bos>", EOS_ID: "<eos>"}
+# tokenizer_config.json beside the saved vocabulary: which of its tokens begin and end a document
+ARITHMETIC_TOKENIZER_CONFIG = {"bos_token": _SPECIAL_NAMES[BOS_ID], "eos_token": _SPECIAL_NAMES[EOS_ID],
+                               "pad_token": _SPECIAL_NAMES[PAD_ID]}
 EQUALS_ID, NEWLINE_ID = _CHAR_TO_ID["="], _CHAR_TO_ID["\n"]
 
 DEFAULT_ARITHMETIC_DOCUMENTS = 20_000
