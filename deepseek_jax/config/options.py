@@ -34,8 +34,8 @@ class ModelOptions:
         TPU and "blocked" elsewhere.
     moe_block_size: rows per block for "blocked" (None: chosen from the token count).
     capacity_factor: None (dropless, the default) or c > 0: under expert parallelism each device sends at most
-        ``ceil(c * rows / EP)`` of an exchange's rows to each peer and drops the rest (``moe/expert_parallel.py``),
-        counted in the router statistics' ``dropped``.
+        ``ceil(c * rows / EP)`` of an exchange's rows to each peer, shared max-min fairly over the peer's experts,
+        and drops the rest (``moe/expert_parallel.py``), counted per expert in the router statistics' ``dropped``.
     moe_exchange_rows: under expert parallelism, the most rows one all-to-all exchange may have to receive on a
         device (its worst-case buffer, ``EP x rows sent per device``). A device's tokens are exchanged in as few
         equal chunks as keep under it, one after another, each rematerialized in the backward, so the MoE's

@@ -21,9 +21,12 @@ the row's ``[I]`` intermediate before the down projection: a dot over I, from a 
 holds anyway). Under remat the return exchange is then not run again in the backward pass.
 
 Dropless by default: a peer slot holds the worst case (all of a device's rows). With ``capacity_factor`` c a
-device sends at most ``ceil(c * rows / EP)`` rows to each peer (``rows``: those of one exchange, see below);
-within its sorted rows for a peer (by expert, then by token), the rows past that capacity are dropped: they
-contribute nothing (their routing weight is not renormalized) and are counted in the returned ``dropped``.
+device sends at most ``ceil(c * rows / EP)`` rows to each peer (``rows``: those of one exchange, see below),
+shared max-min fairly among that peer's local experts (``_cap_per_expert``: every expert keeps its rows up to a
+common level, the slot's remainder goes one row each to the first experts above it; so counts ``[5, 5, 5, 5]``
+at capacity 10 keep ``[3, 3, 2, 2]``, where the first experts used to take everything and the last ones none).
+Within an expert the rows kept are its first in token order. A dropped row contributes nothing (its routing
+weight is not renormalized, as in GShard and Switch) and is counted, per expert, in the returned ``dropped``.
 
 The worst-case receive buffer of one exchange is EP x (a device's rows). ``exchange_rows`` bounds it: a device's
 tokens then go through steps 1-6 in equal chunks (the last padded with tokens that route nowhere), one after
@@ -64,7 +67,8 @@ def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
 def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_axis: Optional[str], n_experts: int,
              impl: str, block_size: Optional[int], capacity: int, ragged: bool):
     """One device's share (see the module docstring). x ``[n, D]``; weights / idx ``[n, K]``; w* ``[E_loc, ...]``.
-    Returns the combined output ``[n, D]`` (fp32) and the number of rows this device dropped."""
+    Returns the combined output ``[n, D]`` (fp32), the rows this device dropped per expert ``[E]`` and the real
+    rows its grouped GEMM ran."""
     n, k = idx.shape
     e_loc = wg.shape[0]
     ep = n_experts // e_loc
@@ -72,13 +76,19 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
     rows = n * k
     peers = jnp.arange(ep, dtype=jnp.int32)
 
-    # 1. This device's rows sorted by expert, so by destination peer; each peer's chunk capped.
+    # 1. This device's rows sorted by expert, so by destination peer; each peer's share capped, fairly over its
+    # local experts. Kept rows: the first sent[e] of expert e's run (token order). ``send_order`` lists the kept
+    # rows first, peer after peer (the compact layout the exchange sends), then the dropped ones.
     order, counts, rank = sort_rows(idx, n_experts)
-    per_expert = counts.reshape(ep, e_loc)
-    sent = _cap_per_expert(per_expert, capacity)  # [EP, E_loc]: rows sent to each peer, per its local expert
+    sent = _cap_per_expert(counts.reshape(ep, e_loc), capacity)  # [EP, E_loc]: rows sent per peer's local expert
     send_sizes = sent.sum(1)
-    starts = _exclusive_cumsum(per_expert.sum(1))  # peer j's chunk in the sorted order (before capping)
-    dropped = counts.sum() - send_sizes.sum()  # real rows only: a padded chunk's rows route nowhere
+    compact_start = _exclusive_cumsum(send_sizes)  # peer j's kept rows in the compact layout
+    dropped = counts - sent.reshape(-1)  # [E]; a padded chunk's rows route to expert E: never counted or sent
+    pos = jnp.arange(rows, dtype=jnp.int32)
+    expert_of = idx.reshape(-1)[order]  # [rows] sorted: E for padding
+    run_start = jnp.append(_exclusive_cumsum(counts), counts.sum())
+    kept = pos - run_start[expert_of] < jnp.append(sent.reshape(-1), 0)[expert_of]
+    send_order = order if capacity >= rows else order[jnp.argsort(~kept, stable=True)]
 
     # 2. What everyone sends: all_sent[i, j, e] = rows device i sends to device j for j's local expert e.
     all_sent = jax.lax.all_gather(sent, expert_axis)  # [EP(src), EP(dst), E_loc]
@@ -89,18 +99,18 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
     # 3. Rows to the experts' owners. Received chunks: source i's at recv_start[i], sorted by local expert.
     slot = jnp.arange(capacity, dtype=jnp.int32)
     ok = slot[None, :] < send_sizes[:, None]  # [EP, capacity]
-    src = jnp.where(ok, starts[:, None] + slot[None, :], rows)  # each peer's slot: sorted rows, then padding
+    src = jnp.where(ok, compact_start[:, None] + slot[None, :], rows)  # each peer's slot: kept rows, then padding
 
     def slab_send(a):  # fixed shape: one slot of ``capacity`` rows per peer
         slab = jnp.concatenate([a, jnp.zeros((1, *a.shape[1:]), a.dtype)])[src]
         return jax.lax.all_to_all(slab, expert_axis, 0, 0, tiled=True).reshape(ep * capacity, *a.shape[1:])
 
-    xs = x[order // k]
+    xs = x[send_order // k]
     if ragged:
         recv_start = _exclusive_cumsum(recv_sizes)
         dst_offsets = jnp.sum(jnp.where(peers[:, None] < me, pair, 0), axis=0)  # after earlier sources' chunks
-        recv = jax.lax.ragged_all_to_all(xs, jnp.zeros((ep * capacity, x.shape[1]), x.dtype), starts, send_sizes,
-                                         dst_offsets, recv_sizes, axis_name=expert_axis)
+        recv = jax.lax.ragged_all_to_all(xs, jnp.zeros((ep * capacity, x.shape[1]), x.dtype), compact_start,
+                                         send_sizes, dst_offsets, recv_sizes, axis_name=expert_axis)
     else:
         recv, recv_start = slab_send(xs), peers * capacity
     recv = checkpoint_name(recv, RECEIVED)
@@ -110,7 +120,7 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
     filled = within < recv_sizes[src_of]
     # Their routing weights, one fp32 number per row, always by the fixed-shape exchange: a ragged exchange of
     # [rows, 1] pads each row to a full 128-lane tile on TPU (512 bytes a row), the [EP, capacity] slab does not.
-    w_slab = checkpoint_name(slab_send(weights.reshape(-1)[order].astype(jnp.float32)), RECEIVED)
+    w_slab = checkpoint_name(slab_send(weights.reshape(-1)[send_order].astype(jnp.float32)), RECEIVED)
     w_recv = jnp.where(filled, w_slab[src_of * capacity + jnp.where(filled, within, 0)], 0.0)
 
     # 4. Group the received rows by local expert (across sources), run the grouped GEMM, apply the weights.
@@ -125,8 +135,7 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
     if tensor_axis is not None:  # the expert width is split over tensor: partial sums
         y_recv = jax.lax.psum(y_recv, tensor_axis)
 
-    # 5. Results back to the rows' owners, into a compact layout (each peer's kept rows, peer after peer).
-    compact_start = _exclusive_cumsum(send_sizes)
+    # 5. Results back to the rows' owners, into the compact layout (each peer's kept rows, peer after peer).
     if ragged:
         # At the expert owner: source i's results go after i's chunks from the owners before this one.
         back_offsets = jnp.sum(jnp.where(peers[None, :] < me, pair, 0), axis=1)
@@ -139,10 +148,8 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
         slot_base = peers * capacity
 
     # 6. Sorted order, then token order; dropped rows give 0; each token's K weighted results summed.
-    pos = jnp.arange(rows, dtype=jnp.int32)
-    peer = jnp.clip(jnp.searchsorted(starts, pos, side="right") - 1, 0, ep - 1).astype(jnp.int32)
-    slot_in_peer = pos - starts[peer]
-    kept = slot_in_peer < send_sizes[peer]
+    peer = jnp.minimum(expert_of // e_loc, ep - 1)
+    slot_in_peer = _exclusive_cumsum(kept.astype(jnp.int32)) - compact_start[peer]  # place among the peer's kept
     y_sorted = jnp.where(kept[:, None], back[jnp.where(kept, slot_base[peer] + slot_in_peer, 0)], 0)
     return combine(y_sorted[rank], jnp.ones_like(weights)), dropped, from_peer.sum()  # already weighted
 
@@ -178,16 +185,28 @@ def _in_chunks(body, chunks: int, chunk_tokens: int, n_experts: int, keep_receiv
                   jnp.pad(idx, ((0, pad), (0, 0)), constant_values=n_experts))
         parts = tuple(a.reshape(chunks, chunk_tokens, *a.shape[1:]) for a in padded)
         _, (y, dropped, rows) = jax.lax.scan(one, None, parts)
-        return y.reshape(chunks * chunk_tokens, -1)[:n], dropped.sum(), rows.sum()
+        return y.reshape(chunks * chunk_tokens, -1)[:n], dropped.sum(0), rows.sum()
 
     return run
 
 
 def _cap_per_expert(per_expert: jax.Array, capacity: int) -> jax.Array:
-    """Rows sent per (peer, local expert) when each peer takes at most ``capacity``: the peer's rows in expert
-    order, the tail past the capacity dropped."""
-    ends = jnp.minimum(jnp.cumsum(per_expert, axis=1), capacity)
-    return jnp.diff(ends, axis=1, prepend=0)
+    """Rows sent per (peer, local expert) ``[EP, E_loc]`` when each peer takes at most ``capacity`` rows, shared
+    max-min fairly (water-filling): every expert keeps its rows up to a common level L, the largest with
+    ``sum(min(count, L)) <= capacity``; the capacity left over (fewer rows than there are experts above L) goes
+    one row each to the first experts above L. ``[[5, 5, 5, 5]]`` at 10 -> ``[[3, 3, 2, 2]]``; ``[[9, 1, 0, 4]]``
+    at 10 -> ``[[5, 1, 0, 4]]``."""
+    m = per_expert.shape[-1]
+    srt = jnp.sort(per_expert, axis=-1)
+    smaller = _exclusive_cumsum(srt)  # rows of the experts below the i-th smallest
+    need = smaller + srt * (m - jnp.arange(m))  # rows sent at level srt[..., i]: non-decreasing in i
+    whole = jnp.sum(need <= capacity, axis=-1, keepdims=True)  # experts kept whole
+    served = jnp.take_along_axis(jnp.concatenate([smaller, srt.sum(-1, keepdims=True)], -1), whole, -1)
+    fits = whole == m
+    level = jnp.where(fits, jnp.iinfo(jnp.int32).max, (capacity - served) // jnp.maximum(m - whole, 1))
+    above = per_expert > level
+    spare = jnp.where(fits, 0, capacity - served - level * (m - whole))
+    return jnp.minimum(per_expert, level) + (above & (jnp.cumsum(above, axis=-1) <= spare))
 
 
 def _replicated_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_axis: Optional[str],
@@ -202,7 +221,7 @@ def _replicated_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, t
     local = jnp.where(mine, local, e_loc)
     y = dispatch_local(recipe, x, jnp.where(mine, weights, 0.0), local, wg, wu, wd, impl, block_size)
     axes = (expert_axis,) + ((tensor_axis,) if tensor_axis else ())
-    return jax.lax.psum(y, axes), jnp.zeros((), jnp.int32), mine.sum()
+    return jax.lax.psum(y, axes), jnp.zeros((n_experts,), jnp.int32), mine.sum()
 
 
 def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token_axes: tuple,
@@ -219,8 +238,8 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
     (``ragged`` selects ``ragged_all_to_all``), in chunks whose receive buffer stays within ``exchange_rows``;
     otherwise tokens are replicated over it and a ``psum`` combines. ``keep_received``: the chunks keep their
     received rows for the backward pass (for a layer that is not rematerialized; see the module docstring).
-    Returns the combined output ``[N, D]`` (fp32) and the number of rows dropped over the whole batch (0 unless
-    ``capacity_factor``); with ``return_rows`` also the real rows each device's grouped GEMM processed (padding
+    Returns the combined output ``[N, D]`` (fp32) and the rows dropped per expert over the whole batch ``[E]`` (0
+    unless ``capacity_factor``); with ``return_rows`` also the real rows each device's grouped GEMM processed (padding
     excluded), one entry per device in mesh order.
     """
     sizes = mesh.shape
@@ -280,4 +299,4 @@ def _local_body(recipe, x, weights, idx, wg, wu, wd, *, tensor_axis: Optional[st
     y = dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl, block_size)
     if tensor_axis is not None:
         y = jax.lax.psum(y, tensor_axis)
-    return y, jnp.zeros((), jnp.int32), jnp.asarray(idx.size, jnp.int32)
+    return y, jnp.zeros((wg.shape[0],), jnp.int32), jnp.asarray(idx.size, jnp.int32)

@@ -32,7 +32,8 @@ class Experts(nn.Module):
     per device under ``jax.shard_map`` (``expert_parallel.py``): each device routes its own tokens, and with an
     ``expert`` axis the rows travel to the experts' owners by all-to-all. The mesh axes come from the logical
     rules in effect (``act_batch`` for the tokens, ``expert`` for the expert stacks, ``moe_mlp`` for their width).
-    Returns the combined output ``[N, D]`` (fp32) and the rows dropped by ``capacity_factor`` (0 when dropless).
+    Returns the combined output ``[N, D]`` (fp32) and the rows dropped by ``capacity_factor`` per expert ``[E]``
+    (0 when dropless).
     ``rematerialized``: the layer runs under ``jax.checkpoint`` (``ModelOptions.moe_keep_received`` applies only
     to layers that do not).
     """
@@ -64,7 +65,8 @@ class Experts(nn.Module):
         mesh = current_mesh()
         if mesh is None:
             impl = o.grouped_impl(idx.size, e)
-            return dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl, o.moe_block_size), jnp.zeros((), jnp.int32)
+            y = dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl, o.moe_block_size)
+            return y, jnp.zeros((e,), jnp.int32)
         sizes = mesh.shape
         expert_axes = rule_axes("expert")
         tensor_axes = rule_axes("moe_mlp")
@@ -90,7 +92,8 @@ class MoE(nn.Module):
     Statistics (per sequence, padding excluded; what the balance losses and the bias update need):
       ``counts [B, E]``: how many of the sequence's tokens chose each expert (sum over E = K * tokens);
       ``scores [B, E]``: sum over the sequence's tokens of the scores normalized per token, ``s / sum(s)``;
-      ``dropped []``: token-expert rows dropped by ``ModelOptions.capacity_factor`` (0 when dropless).
+      ``dropped [E]``: token-expert rows dropped per expert by ``ModelOptions.capacity_factor`` over the batch (0
+      when dropless); ``counts`` are the routing decisions, drops included.
     """
 
     config: ModelConfig

@@ -105,21 +105,26 @@ with jax.set_mesh(mesh):
     for rows_cap in (None, 64):
         y5, d5, r5 = jax.jit(lambda x, w: five(x, w, rows_cap))(x[:n5], w[:n5])
         g5 = jax.jit(jax.grad(lambda x, w: (five(x, w, rows_cap)[0] * cot[:n5]).sum(), argnums=(0, 1)))(x[:n5], w[:n5])
-        padded[str(rows_cap)] = (np.asarray(y5), [np.asarray(a) for a in g5], int(d5), np.asarray(r5).tolist())
+        padded[str(rows_cap)] = (np.asarray(y5), [np.asarray(a) for a in g5], int(np.asarray(d5).sum()),
+                                 np.asarray(r5).tolist())
 (y_a, g_a, d_a, r_a), (y_b, g_b, d_b, r_b) = padded["None"], padded["64"]
 out["padded_chunks"] = {"y": float(np.abs(y_a - y_b).max()),
                         "g": max(float(np.abs(a - b).max()) for a, b in zip(g_a, g_b)),
                         "dropped": [d_a, d_b], "rows": [r_a, r_b]}
 
-# Capacity factor 0.5 on expert=8: per (source device, destination device) only the first
-# ceil(0.5 * rows / 8) rows in (expert, token) order are sent; the rest contribute nothing and are counted.
-# With exchange_rows=96 each device's 6 tokens go in 2 chunks of 3, and the rule applies per chunk.
-cf = 0.5
+# Capacity on expert=8: per (source device, destination device) at most ceil(cf * rows / 8) rows are sent,
+# shared round-robin over the destination's local experts in expert order (one row each per round while rows
+# last), each expert's kept rows its first in token order; the rest contribute nothing and are counted per
+# expert. With exchange_rows=96 each device's 6 tokens go in 2 chunks of 3, and the rule applies per chunk.
+# "skewed": every token routes to experts 0-3 (devices 0 and 1), whose capacity then binds on all of them.
 idx_np = np.asarray(idx)
-for name, chunk_tokens, rows_cap in [("capacity", 6, None), ("capacity_chunked", 3, 96)]:
+skewed = np.stack([rng.permutation(4) for _ in range(B * T)])  # experts 0-3: devices 0 and 1 only
+for name, chunk_tokens, rows_cap, cf, route in [("capacity", 6, None, 0.5, idx_np),
+                                               ("capacity_chunked", 3, 96, 0.5, idx_np),
+                                               ("capacity_skewed", 6, None, 2.0, skewed.astype(np.int32))]:
     with jax.set_mesh(mesh):
         y_cf, dropped = jax.jit(lambda x, w: expert_parallel_dispatch(
-            recipe, x, w, idx, wg, wu, wd, mesh=mesh, token_axes=split(mesh, B), expert_axis="expert",
+            recipe, x, w, jnp.asarray(route), wg, wu, wd, mesh=mesh, token_axes=split(mesh, B), expert_axis="expert",
             tensor_axis="tensor", impl="blocked", capacity_factor=cf, exchange_rows=rows_cap))(x, w)
     e_loc = E // 8
     cap = math.ceil(cf * chunk_tokens * K / 8)
@@ -127,11 +132,18 @@ for name, chunk_tokens, rows_cap in [("capacity", 6, None), ("capacity_chunked",
     for start in range(0, B * T, chunk_tokens):
         toks = range(start, start + chunk_tokens)
         for peer in range(8):
-            rows_ = sorted((idx_np[t, j], t, j) for t in toks for j in range(K) if idx_np[t, j] // e_loc == peer)
-            for e_, t, j in rows_[:cap]:
-                keep[t, j] = True
-    expect = dispatch_local(recipe, x, jnp.where(jnp.asarray(keep), w, 0.0), idx, wg, wu, wd, "dense")
-    out[name] = {"dropped": int(dropped), "expected_dropped": int((~keep).sum()),
+            runs = [[(t, j) for t in toks for j in range(K) if route[t, j] == peer * e_loc + e] for e in range(e_loc)]
+            taken, left = [0] * e_loc, cap
+            while left and any(taken[e] < len(runs[e]) for e in range(e_loc)):
+                for e in range(e_loc):
+                    if left and taken[e] < len(runs[e]):
+                        taken[e], left = taken[e] + 1, left - 1
+            for e in range(e_loc):
+                for t, j in runs[e][:taken[e]]:
+                    keep[t, j] = True
+    expect = dispatch_local(recipe, x, jnp.where(jnp.asarray(keep), w, 0.0), jnp.asarray(route), wg, wu, wd, "dense")
+    out[name] = {"dropped": np.asarray(dropped).tolist(),
+                 "expected_dropped": np.bincount(route[~keep], minlength=E).tolist(),
                  "diff": float(np.abs(np.asarray(y_cf) - np.asarray(expect)).max())}
 
 # Small-batch decode: one sequence of one token on expert=8 (tokens replicated over the expert axis: each
@@ -200,12 +212,19 @@ def test_balanced_routing_splits_the_rows_evenly(results):
     assert rows == [8 * 6 * 4 // 8] * 8
 
 
-@pytest.mark.parametrize("name", ["capacity", "capacity_chunked"])
+@pytest.mark.parametrize("name", ["capacity", "capacity_chunked", "capacity_skewed"])
 def test_capacity_factor_drops_exactly_the_rule_s_rows(results, name):
     r = results[name]
-    assert r["expected_dropped"] > 0
-    assert r["dropped"] == r["expected_dropped"]
+    assert sum(r["expected_dropped"]) > 0
+    assert r["dropped"] == r["expected_dropped"]  # per expert
     assert r["diff"] < 1e-5
+
+
+def test_skewed_capacity_drops_from_every_busy_expert(results):
+    # Every token chose experts 0-3: each source sends 6 rows to each of them, 12 per destination device, whose
+    # slot holds 6. Fair: 3 rows of each expert kept per source, 3 x 8 sources dropped from each. The old rule
+    # (the slot filled in local-expert order) kept experts 0 and 2 whole and dropped every row of 1 and 3.
+    assert results["capacity_skewed"]["dropped"] == [24] * 4 + [0] * 12
 
 
 def test_backward_exchanges_no_returned_rows(results):
@@ -288,3 +307,28 @@ def test_ep_train_step_moves_rows_not_weights():
     assert "all-to-all" in kinds, kinds
     big = [(op, b) for op, b in out["ops"] if op in ("all-gather", "all-reduce") and b >= threshold]
     assert not big, (threshold, big)
+
+
+def test_capacity_is_shared_max_min_fairly_over_local_experts():
+    """``_cap_per_expert`` against round-robin by hand (one row per expert with rows left, in expert order, until
+    the slot is full), on the issue's case and 300 random ones."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from deepseek_jax.moe.expert_parallel import _cap_per_expert
+
+    def by_hand(counts, cap):
+        taken = [0] * len(counts)
+        while cap and any(t < c for t, c in zip(taken, counts)):
+            for e, c in enumerate(counts):
+                if cap and taken[e] < c:
+                    taken[e], cap = taken[e] + 1, cap - 1
+        return taken
+
+    assert np.asarray(_cap_per_expert(jnp.array([[5, 5, 5, 5]]), 10)).tolist() == [[3, 3, 2, 2]]  # was [5, 5, 0, 0]
+    rng = np.random.RandomState(1)
+    for _ in range(300):
+        m, cap = int(rng.randint(1, 9)), int(rng.randint(1, 40))
+        counts = rng.randint(0, 15, size=(3, m)) * (rng.rand(3, m) < 0.8)
+        got = np.asarray(_cap_per_expert(jnp.asarray(counts, jnp.int32), cap))
+        assert got.tolist() == [by_hand(list(c), cap) for c in counts], (counts, cap)
