@@ -48,7 +48,8 @@ def _run(args) -> int:
                         speculative=False if args.no_speculative else None, eval_every=args.eval_every,
                         eval_prompts=args.eval_prompts, filter_groups=args.filter_groups,
                         max_sample_rounds=args.max_sample_rounds)
-        tc = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup, min_lr_ratio=1.0,
+        tc = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup,
+                         min_lr_ratio=args.min_lr_ratio,
                          weight_decay=args.weight_decay, grad_accum=args.grad_accum, seed=args.seed,
                          batch_size=gc.batch_size, bias_update_rate=args.bias_update_rate)
         if args.init_from is None and args.preset is None:
@@ -130,7 +131,10 @@ def register(sub) -> None:
                         "(up to --max-sample-rounds rounds of --prompts-per-step) to fill the batch")
     p.add_argument("--max-sample-rounds", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="warmup, in GRPO steps")
+    p.add_argument("--min-lr-ratio", type=float, default=1.0,
+                   help="cosine decay over the run's steps x --iterations updates down to lr x this (default 1.0: a "
+                        "constant lr after warmup, as DeepSeekMath's GRPO)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--bias-update-rate", type=float, default=0.0,

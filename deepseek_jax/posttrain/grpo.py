@@ -151,7 +151,9 @@ class GRPOTrainer(Trainer):
     def __init__(self, config: ModelConfig, tc: TrainConfig, mesh, gc: GRPOConfig):
         if tc.batch_size != gc.batch_size:
             tc = dataclasses.replace(tc, batch_size=gc.batch_size)
-        super().__init__(config, dataclasses.replace(tc, mtp_weight=0.0, z_loss_weight=0.0), mesh)
+        # ``iterations`` optimizer updates per GRPO step: the schedule spans all of them (warmup in GRPO steps).
+        super().__init__(config, dataclasses.replace(tc, mtp_weight=0.0, z_loss_weight=0.0), mesh,
+                         updates_per_step=gc.iterations)
         self.gc = gc
         shard = batch_sharding(mesh)
         self._logp = jax.jit(self._token_logp, in_shardings=(self.param_shardings, shard, shard, shard, shard),

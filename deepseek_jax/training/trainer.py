@@ -48,13 +48,16 @@ class Trainer:
     batch_keys: tuple[str, ...] = BATCH_KEYS
     batch_ndims: dict = {}  # key -> rank, for batch entries that are not [B, T]
 
-    def __init__(self, config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh):
+    def __init__(self, config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, updates_per_step: int = 1):
+        """``updates_per_step``: optimizer updates per run step (GRPO's iterations); the learning-rate schedule,
+        which counts updates, spans ``tc.steps`` x that, warmup included."""
         self.config, self.tc, self.mesh = config, tc, mesh
         # The backend the step compiles for picks the MoE dispatch (ragged on TPU): the mesh's, not JAX's
         # default backend (`deepseek-jax plan` compiles TPU meshes on a CPU machine).
         platform = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else None
         self.model = Transformer(config, dataclasses.replace(tc.model_options(), platform=platform))
-        self.schedule = learning_rate_schedule(tc.learning_rate, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+        self.schedule = learning_rate_schedule(tc.learning_rate, tc.warmup_steps * updates_per_step,
+                                               tc.steps * updates_per_step, tc.min_lr_ratio)
         self.alpha = tc.balance_alpha_for(config)
         dummy = jnp.zeros((1, 2), jnp.int32)
         boxed = abstract_params(config, self.model.options)

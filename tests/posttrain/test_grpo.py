@@ -178,3 +178,25 @@ def test_short_grpo_run_raises_the_reward(tmp_path, filter_groups):
             assert r["sample_rounds"] == 3 or drawn >= 4, r  # drew again until 4 differ, or ran out of rounds
         else:
             assert r["sample_rounds"] == 1
+
+
+def test_the_schedule_spans_every_update_of_the_run():
+    """GRPO makes ``iterations`` optimizer updates per step: warmup and cosine count them all, so the lr at
+    update ``s * iterations`` is the schedule's at step ``s`` of ``steps`` (it used to reach its floor halfway)."""
+    import math
+
+    import deepseek_jax as dsj
+    from deepseek_jax.parallel.mesh import make_mesh
+    from deepseek_jax.posttrain.grpo import GRPOTrainer
+    from deepseek_jax.training.config import TrainConfig
+
+    steps, warmup, lr, floor = 10, 2, 1e-3, 0.1
+    for iterations in (1, 3):
+        gc = GRPOConfig(group_size=2, prompts_per_step=2, iterations=iterations)
+        tc = TrainConfig(steps=steps, learning_rate=lr, warmup_steps=warmup, min_lr_ratio=floor)
+        tr = GRPOTrainer(dsj.presets["tiny-v3-arith"].replace(num_hidden_layers=1), tc, make_mesh(None), gc)
+        for s in range(steps + 1):
+            u = s * iterations
+            want = lr * s / warmup if s < warmup else lr * (floor + (1 - floor) * 0.5 * (
+                1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
+            assert float(tr.schedule(u)) == pytest.approx(want, rel=1e-5, abs=1e-9), (iterations, s)
