@@ -1,5 +1,5 @@
-"""The routed experts on one device's rows: sort the token-expert rows by expert, run the grouped GEMM, combine each
-token's K results with its routing weights."""
+"""The routed experts on one device's rows: sort the token-expert rows by expert, run the grouped GEMM (each row
+scaled by its routing weight), sum each token's K results."""
 
 from __future__ import annotations
 
@@ -21,15 +21,18 @@ def sort_rows(idx: jax.Array, n_experts: int):
     return order, counts, rank
 
 
-def combine(y_rows: jax.Array, weights: jax.Array) -> jax.Array:
-    """Weighted sum over each token's K expert outputs ``[N*K, D]`` -> ``[N, D]`` in fp32."""
-    n, k = weights.shape
-    return jnp.einsum("nkd,nk->nd", y_rows.reshape(n, k, -1).astype(jnp.float32), weights)
+def combine(y_rows: jax.Array, k: int) -> jax.Array:
+    """Each token's K expert outputs ``[N*K, D]`` (already scaled by their routing weights) summed in fp32:
+    ``[N, D]``."""
+    return y_rows.reshape(-1, k, y_rows.shape[-1]).astype(jnp.float32).sum(1)
 
 
 def dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl: str, block_size: Optional[int] = None):
-    """Every expert on this device: sort the rows, grouped GEMM, combine. x ``[N, D]``, weights / idx ``[N, K]``."""
+    """Every expert on this device: sort the rows, grouped GEMM, combine. x ``[N, D]``, weights / idx ``[N, K]``.
+    Each row's routing weight scales its ``[I]`` intermediate inside the grouped GEMM, before the down projection,
+    exactly as under expert parallelism (``expert_parallel.py``), so both paths round alike in bf16."""
     k = idx.shape[1]
     order, counts, rank = sort_rows(idx, wg.shape[0])
-    y = grouped_swiglu(recipe, x, order // k, counts, wg, wu, wd, impl, block_size)
-    return combine(y[rank], weights)
+    y = grouped_swiglu(recipe, x, order // k, counts, wg, wu, wd, impl, block_size,
+                       row_scale=weights.reshape(-1)[order].astype(jnp.float32))
+    return combine(y[rank], k)

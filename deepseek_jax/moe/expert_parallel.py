@@ -151,7 +151,7 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
     peer = jnp.minimum(expert_of // e_loc, ep - 1)
     slot_in_peer = _exclusive_cumsum(kept.astype(jnp.int32)) - compact_start[peer]  # place among the peer's kept
     y_sorted = jnp.where(kept[:, None], back[jnp.where(kept, slot_base[peer] + slot_in_peer, 0)], 0)
-    return combine(y_sorted[rank], jnp.ones_like(weights)), dropped, from_peer.sum()  # already weighted
+    return combine(y_sorted[rank], k), dropped, from_peer.sum()  # already weighted
 
 
 def exchange_chunks(tokens: int, k: int, ep: int, exchange_rows: Optional[int]) -> tuple[int, int]:

@@ -32,8 +32,10 @@ GROUPED_IMPLS = ("ragged", "blocked", "gather", "dense")
 
 @jax.custom_vjp
 def scale_rows(y: jax.Array, w: jax.Array) -> jax.Array:
-    """``y [M, F] * w [M]`` in y's dtype (as DeepSeek's reference scales the expert outputs: the weights cast to
-    the activations' dtype). The gradient wrt ``w`` sums the row's products (formed in y's dtype) in fp32;
+    """``y [M, F] * w [M]`` in y's dtype: the weights cast to the activations' dtype, as DeepSeek's reference
+    does. The MoE applies it to the ``[I]`` intermediate before the down projection (the reference scales the
+    expert's ``[D]`` output after it: equal in exact arithmetic, not bit for bit in bf16), on one device and under
+    expert parallelism alike. The gradient wrt ``w`` sums the row's products (formed in y's dtype) in fp32;
     neither pass converts ``y`` or its cotangent to fp32 (the TPU compiler kept such copies, 1.75 GiB each at
     V3's scale, when this was done in fp32 on the experts' outputs)."""
     return y * w.astype(y.dtype)[:, None]

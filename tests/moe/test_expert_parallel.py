@@ -160,6 +160,19 @@ for impl in ["gather", "blocked"]:
 small["local_gather"] = float(np.abs(np.asarray(dispatch_local(recipe, x1, w1, i1, wg, wu, wd, "gather")) - one).max())
 out["small"] = small
 
+# bf16 (the training dtype on accelerators): expert parallelism on expert=8 and one device apply the routing
+# weights at the same place (the bf16 intermediate, before down_proj), so they agree to fp32 summation order.
+# The old single-device path scaled the fp32 output after down_proj instead: about one bf16 ulp apart.
+bf = MatmulRecipe(jnp.bfloat16)
+xb, wgb, wub, wdb = (a.astype(jnp.bfloat16) for a in (x, wg, wu, wd))
+single_bf = np.asarray(jax.jit(lambda x, w: dispatch_local(bf, x, w, idx, wgb, wub, wdb, "blocked", 4))(xb, w))
+with jax.set_mesh(mesh):
+    ep_bf = np.asarray(jax.jit(lambda x, w: expert_parallel_dispatch(
+        bf, x, w, idx, wgb, wub, wdb, mesh=mesh, token_axes=split(mesh, B), expert_axis="expert",
+        tensor_axis="tensor", impl="blocked", block_size=4)[0])(xb, w))
+out["bf16"] = {"ep_vs_single": float(np.abs(ep_bf - single_bf).max()), "scale": float(np.abs(single_bf).max()),
+               "vs_fp32": float(np.abs(single_bf - ref).max())}
+
 # The all-to-alls of one chunked layer's forward and backward (value and gradient, expert=8, 3 chunks), by
 # what they carry: rows or routing weights. The routing weights are applied on the experts'
 # side, so the backward needs no returned rows: rows go out and back in the forward (2), out again in the
@@ -205,6 +218,12 @@ def test_ep_equals_single_device_in_values_and_gradients(results, spec):
     for impl, r in results[spec].items():
         assert r["y"] < 1e-5, (spec, impl, r)
         assert max(r["g"]) < 1e-5, (spec, impl, r)
+
+
+def test_bf16_expert_parallel_equals_one_device(results):
+    r = results["bf16"]
+    assert r["vs_fp32"] > 1e-3 * r["scale"]  # bf16 rounding is really there
+    assert r["ep_vs_single"] <= 1e-6 * r["scale"], r
 
 
 def test_balanced_routing_splits_the_rows_evenly(results):
