@@ -37,7 +37,7 @@ def _run(args) -> int:
     try:
         mix = args.mix if args.loss == "mix" else LOSSES[args.loss]
         dc = DistillConfig(mix=mix, temperature=args.temperature, top_k=args.top_k, kl_weight=args.kl_weight,
-                           ce_weight=args.ce_weight)
+                           ce_weight=args.ce_weight, teacher_precision=args.teacher_precision)
         tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr,
                          warmup_steps=args.warmup, grad_accum=args.grad_accum, precision=args.precision,
                          seed=args.seed, mtp_weight=args.mtp_weight)
@@ -55,7 +55,8 @@ def _run(args) -> int:
             dataset = make_dataset(args.data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed,
                                    tokenizer=tokenizer, arithmetic_loss=args.arithmetic_loss)
             precompute_teacher(teacher_config, params, dataset, tc.steps, args.precompute_teacher, top_k=args.top_k,
-                               temperature=args.temperature, mesh=mesh, teacher_name=args.teacher)
+                               temperature=args.temperature, mesh=mesh, teacher_name=args.teacher,
+                               options=tc.model_options(args.teacher_precision))
             print(f"wrote the teacher's top-{args.top_k} for {tc.steps} batches to {args.precompute_teacher}",
                   file=sys.stderr)
             return 0
@@ -110,6 +111,9 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="the teacher's top-k ids plus a rest bucket (0: full vocab)")
     p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--teacher-precision", choices=("fp32", "bf16", "fp8"), default="fp32",
+                   help="the teacher's compute precision, in the step and in --precompute-teacher alike (default "
+                        "fp32, whatever --precision the student trains in)")
     p.add_argument("--ce-weight", type=float, default=0.0, help="weight of next-token CE on the data's targets")
     p.add_argument("--sequence-prompts", type=int, default=0, metavar="N",
                    help="sequence-level: train on the teacher's greedy answers to N arithmetic questions "

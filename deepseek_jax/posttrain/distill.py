@@ -40,7 +40,7 @@ from deepseek_jax.posttrain.teacher import (
     load_teacher,
 )
 from deepseek_jax.training import losses
-from deepseek_jax.training.config import TrainConfig
+from deepseek_jax.training.config import PRECISIONS, TrainConfig
 from deepseek_jax.training.metrics import metrics_to_host
 from deepseek_jax.training.run import prepare_workdir, run_in_workdir, save_tokenizer
 from deepseek_jax.training.trainer import BATCH_KEYS, Trainer
@@ -55,6 +55,8 @@ class DistillConfig:
     top_k: int = 0  # 0: the full vocabulary; else the teacher's top-k ids and a bucket for the rest
     kl_weight: float = 1.0
     ce_weight: float = 0.0  # next-token CE on the data's own targets (sequence level: the teacher's samples)
+    # The teacher's compute precision (fp32 / bf16 / fp8), whatever the student's, in the step and precomputed
+    teacher_precision: str = "fp32"
 
     def __post_init__(self):
         if not 0.0 <= self.mix <= 1.0:
@@ -63,6 +65,8 @@ class DistillConfig:
             raise ValueError(f"temperature = {self.temperature}: expected > 0")
         if self.top_k < 0:
             raise ValueError(f"top_k = {self.top_k}: expected >= 0 (0 = the full vocabulary)")
+        if self.teacher_precision not in PRECISIONS:
+            raise ValueError(f"teacher_precision = {self.teacher_precision!r}: expected one of {PRECISIONS}")
         if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
             raise ValueError(f"kl_weight = {self.kl_weight}, ce_weight = {self.ce_weight}: expected >= 0, "
                              "not both 0")
@@ -91,7 +95,8 @@ class DistillTrainer(Trainer):
         if teacher_config is not None and dc.kl_weight > 0:
             check_vocab(teacher_config, config)
             platform = mesh.devices.flat[0].platform
-            self.teacher = Transformer(teacher_config, dataclasses.replace(tc.model_options(), platform=platform))
+            options = dataclasses.replace(tc.model_options(dc.teacher_precision), platform=platform)
+            self.teacher = Transformer(teacher_config, options)
             boxed = abstract_params(teacher_config, self.teacher.options)
             self.teacher_shardings = param_shardings(boxed, mesh, self.rules)
         elif dc.kl_weight > 0:

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ import numpy as np
 
 from deepseek_jax.checkpoint.load import load_pretrained
 from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.data.corpus import Corpus
 from deepseek_jax.data.packing import Dataset
 from deepseek_jax.data.tasks.arithmetic import ARITHMETIC_VOCAB_SIZE, decode
@@ -43,12 +44,14 @@ def load_teacher(path: str, mesh=None):
 
 def precompute_teacher(teacher_config: ModelConfig, teacher_params, dataset, steps: int, out_dir: str, *,
                        top_k: int, temperature: float = 1.0, mesh=None, batches_per_shard: int = 64,
-                       teacher_name: str = "teacher", progress: bool = True) -> str:
+                       teacher_name: str = "teacher", progress: bool = True,
+                       options: Optional[ModelOptions] = None) -> str:
     """Run the teacher over the first ``steps`` batches of ``dataset`` (what a distillation run with the same
     data arguments reads) and write, per batch, its inputs and the teacher's top-k log-probabilities and ids at
     ``temperature`` to ``out_dir``: ``.npz`` shards of ``batches_per_shard`` batches and ``teacher_shards.json``.
     Everything is written into a temporary directory renamed to ``out_dir`` at the end, so an interrupted run
-    leaves nothing that looks complete. The teacher is sharded over ``mesh`` (default: all devices on data)."""
+    leaves nothing that looks complete. The teacher is sharded over ``mesh`` (default: all devices on data) and
+    runs with ``options`` (default fp32: ``DistillConfig.teacher_precision``'s default, as in the step)."""
     from tqdm import tqdm
 
     if os.path.exists(out_dir):
@@ -56,8 +59,8 @@ def precompute_teacher(teacher_config: ModelConfig, teacher_params, dataset, ste
     if top_k < 1 or top_k > teacher_config.vocab_size:
         raise ValueError(f"top_k = {top_k}: expected 1..{teacher_config.vocab_size} (the teacher's vocab_size)")
     mesh = make_mesh(None) if mesh is None else mesh
-    model = Transformer(teacher_config)
-    params = jax.device_put(teacher_params, param_shardings(abstract_params(teacher_config), mesh))
+    model = Transformer(teacher_config, ModelOptions() if options is None else options)
+    params = jax.device_put(teacher_params, param_shardings(abstract_params(teacher_config, model.options), mesh))
     shard = batch_sharding(mesh)
 
     @jax.jit

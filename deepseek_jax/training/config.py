@@ -64,11 +64,15 @@ class TrainConfig:
             return self.balance_alpha
         return V3_SEQUENCE_BALANCE_ALPHA if config.topk_method == "noaux_tc" else config.aux_loss_alpha
 
-    def model_options(self) -> ModelOptions:
+    def model_options(self, precision: Optional[str] = None) -> ModelOptions:
         """fp32: everything fp32. bf16: fp32 master weights, bf16 compute. fp8: bf16 compute with DeepSeek's
-        E4M3 tile/block recipe on every linear layer's GEMMs."""
-        dtype = "float32" if self.precision == "fp32" else "bfloat16"
-        matmul = "fp8" if self.precision == "fp8" else "default"
+        E4M3 tile/block recipe on every linear layer's GEMMs. ``precision``: another than the run's (a
+        distillation teacher's)."""
+        precision = self.precision if precision is None else precision
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
+        dtype = "float32" if precision == "fp32" else "bfloat16"
+        matmul = "fp8" if precision == "fp8" else "default"
         return ModelOptions(dtype=dtype, param_dtype="float32", remat=self.remat, matmul=matmul,
                             moe_dispatch=self.moe_dispatch, capacity_factor=self.capacity_factor,
                             moe_keep_received=self.moe_keep_received, attention=self.attention,

@@ -135,3 +135,34 @@ def test_a_student_equal_to_its_teacher_has_zero_kl_on_packed_rows():
     assert float(parts["tokens"]) > 20
     assert abs(float(parts["kl"])) < 1e-5 and abs(float(parts["reverse_kl"])) < 1e-5
     assert float(off["kl"]) > 1e-3  # measured 0.021 (a random init is near uniform; aligned: < 1e-5)
+
+
+def test_the_teacher_runs_at_its_own_precision_in_the_step_and_precomputed(tmp_path):
+    """A bf16 student's in-step teacher and the precomputed shards give the same top-k (both at the teacher's
+    precision, fp32 by default); in the step it used to run at the student's bf16."""
+    from deepseek_jax.data.packing import make_dataset
+    from deepseek_jax.models.transformer import Transformer
+    from deepseek_jax.parallel.mesh import make_mesh, mesh_context
+    from deepseek_jax.posttrain.distill import DistillTrainer
+    from deepseek_jax.posttrain.teacher import precompute_teacher
+    from deepseek_jax.training.config import TrainConfig
+
+    config = dsj.presets["tiny-v3-arith"].replace(num_hidden_layers=2, num_nextn_predict_layers=0)
+    tc = TrainConfig(steps=1, batch_size=4, seq_len=32, mtp_weight=0.0, seed=0, precision="bf16")
+    mesh = make_mesh(None, jax.devices()[:1])
+    data = lambda: make_dataset(None, seq_len=32, batch_size=4, seed=3)  # noqa: E731
+    params = Transformer(config).init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"]
+    precompute_teacher(config, params, data(), 1, str(tmp_path / "shards"), top_k=4, progress=False, mesh=mesh)
+    shard = np.load(tmp_path / "shards" / "shard_00000.npz")
+    got = {}
+    for precision in ("fp32", "bf16"):
+        dc = DistillConfig(top_k=4, teacher_precision=precision)
+        trainer = DistillTrainer(config, tc, mesh, dc, teacher_config=config)
+        assert trainer.model.options.dtype == "bfloat16"  # the student's
+        batch = trainer.put_batch(next(data()))
+        with mesh_context(mesh, trainer.rules):
+            got[precision] = np.asarray(trainer._teacher_targets(trainer.put_teacher(params), batch)["teacher_logp"])
+    np.testing.assert_allclose(got["fp32"], shard["teacher_logp"][0], atol=1e-5)
+    assert np.abs(got["bf16"] - shard["teacher_logp"][0]).max() > 1e-3  # bf16 really differs
+    with pytest.raises(ValueError, match="teacher_precision"):
+        DistillConfig(teacher_precision="fp16")
