@@ -9,7 +9,8 @@ checks stop conditions (EOS ids, stop strings, max new tokens) and stops when ev
 Speculative decoding (``speculative=True``, V3/R1 checkpoints with an MTP module): each step the MTP module
 drafts one token from the main model's last hidden state, the main model verifies ``[next, draft]`` in one
 decode step of two tokens, and the draft is accepted by rejection sampling (``sampling.speculative_accept``),
-which keeps the target distribution; greedy output is the same as plain greedy. A step emits 1 or 2 tokens.
+which keeps the target distribution; greedy output is the same as plain greedy in fp32 (in bf16 the two-token
+verify step rounds differently, so a near-tie can go the other way). A step emits 1 or 2 tokens.
 """
 
 from __future__ import annotations

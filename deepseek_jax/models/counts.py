@@ -45,12 +45,18 @@ def active_params(config, mtp: bool = True) -> float:
     return total
 
 
-def flops_per_token(config, context: float, *, train: bool, mtp: bool = True) -> float:
-    """Model FLOPs per token: ``2 x active_params`` for the matmuls plus attention, ``2 x heads x (qk_head_dim +
-    v_head_dim)`` per layer per key attended to (``context`` keys on average: ``T / 2`` for a causal sequence of
-    T, the cache length for a decode step); training (forward + backward) is three times the forward."""
+def attention_flops_per_key(config, *, train: bool, mtp: bool = True) -> float:
+    """Attention FLOPs of one query attending one key: ``2 x heads x (qk_head_dim + v_head_dim)`` per layer;
+    training (forward + backward) is three times the forward."""
     layers = config.num_hidden_layers + (config.num_nextn_predict_layers if mtp else 0)
     head_dims = (config.qk_head_dim + config.v_head_dim) if config.uses_mla else 2 * config.attn_head_dim
-    attention = 2.0 * layers * config.num_attention_heads * head_dims * context
-    forward = 2.0 * active_params(config, mtp) + attention
+    forward = 2.0 * layers * config.num_attention_heads * head_dims
     return 3.0 * forward if train else forward
+
+
+def flops_per_token(config, context: float, *, train: bool, mtp: bool = True) -> float:
+    """Model FLOPs per token: ``2 x active_params`` for the matmuls plus attention over ``context`` keys on
+    average (``(T + 1) / 2`` for a causal document of T tokens, the cache length for a decode step); training
+    (forward + backward) is three times the forward."""
+    matmuls = 2.0 * active_params(config, mtp) * (3.0 if train else 1.0)
+    return matmuls + attention_flops_per_key(config, train=train, mtp=mtp) * context

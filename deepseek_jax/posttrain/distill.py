@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.data.packing import make_dataset
+from deepseek_jax.models.counts import attention_flops_per_key, flops_per_token
 from deepseek_jax.models.transformer import Transformer, abstract_params
 from deepseek_jax.parallel.mesh import make_mesh, mesh_context
 from deepseek_jax.parallel.rules import param_shardings, replicated
@@ -104,6 +105,15 @@ class DistillTrainer(Trainer):
                 raise ValueError("precomputed teacher logits are top-k (values and ids): set top_k > 0")
             self.batch_keys = BATCH_KEYS + TEACHER_KEYS
             self.batch_ndims = {k: 3 for k in TEACHER_KEYS}
+
+    def step_flops(self, tokens: float, attended_keys: float) -> float:
+        """The student's training FLOPs plus the in-step teacher's forward over the same tokens."""
+        flops = super().step_flops(tokens, attended_keys)
+        if self.teacher is not None:
+            t = self.teacher.config
+            flops += (flops_per_token(t, 0.0, train=False, mtp=False) * tokens
+                      + attention_flops_per_key(t, train=False, mtp=False) * attended_keys)
+        return flops
 
     def put_teacher(self, params):
         return jax.device_put(params, self.teacher_shardings)
@@ -228,6 +238,6 @@ def distill(config: ModelConfig, tc: TrainConfig, dc: DistillConfig, workdir: st
         return out
 
     return run_in_workdir(workdir, trainer, dataset, trainer.init_state, step_fn, desc="distill", postfix=postfix,
-                          flops=trainer.flops_per_token(), save_every=save_every, keep=keep, resume=resume,
+                          save_every=save_every, keep=keep, resume=resume,
                           progress=progress, async_save=async_save, stop_after=stop_after)
 

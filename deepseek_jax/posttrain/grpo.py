@@ -301,7 +301,7 @@ def grpo(gc: GRPOConfig, tc: TrainConfig, workdir: str, *, init_from: Optional[s
     def fresh():
         return trainer.state_from_params(start_params.pop())
 
-    return run_in_workdir(workdir, trainer, prompts, fresh, step_fn, desc="grpo", postfix=postfix,
+    return run_in_workdir(workdir, trainer, prompts, fresh, step_fn, desc="grpo", postfix=postfix, mfu=False,
                           plot=plot_grpo_curves, save_every=save_every, keep=keep, resume=resume,
                           progress=progress, async_save=async_save, stop_after=stop_after)
 

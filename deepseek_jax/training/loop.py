@@ -31,7 +31,8 @@ def start_or_resume(workdir: str, trainer: Trainer, data, fresh: Callable[[], di
 def run_loop(workdir: str, ckpt: "Checkpointer", state, start: int, end: int, total: int,
              step_fn: Callable[[Any, int], tuple[Any, dict]], data_state: Callable[[], dict], *, seed: int,
              max_bad_steps: int, progress: bool = True, desc: str = "train",
-             postfix: Optional[Callable[[dict, bool], dict]] = None, flops: Optional[float] = None,
+             postfix: Optional[Callable[[dict, bool], dict]] = None,
+             flops: Optional[Callable[[dict], float]] = None,
              plot: Callable[[list, str], None] = None) -> list[dict]:
     """The loop shared by ``train``, ``distill`` and ``grpo``: steps ``start..end-1`` of ``total``, each
     ``step_fn(state, step) -> (state, host metrics)``; a progress bar (``postfix(metrics, first_step)``), one JSON
@@ -66,7 +67,7 @@ def run_loop(workdir: str, ckpt: "Checkpointer", state, start: int, end: int, to
             if "input_tokens" in m:
                 m["tokens_per_s"] = None if first else m["input_tokens"] / max(t - t_last, 1e-9)
                 if flops is not None:
-                    m["mfu"] = None if first else mfu(flops, m["tokens_per_s"])
+                    m["mfu"] = None if first else mfu(flops(m), t - t_last)
             t_last = t
             records.append(m)
             if main:

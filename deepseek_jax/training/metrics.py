@@ -55,8 +55,9 @@ def log_line(record: dict) -> str:
     return json.dumps(record, separators=(",", ":"))
 
 
-def mfu(flops_per_token: float, tokens_per_s: float) -> Optional[float]:
+def mfu(flops: float, seconds: float) -> Optional[float]:
+    """Model FLOPs utilization of ``flops`` done in ``seconds`` over every device (None: unknown peak)."""
     peak = peak_flops_per_device()
     if peak is None:
         return None
-    return flops_per_token * tokens_per_s / (peak * jax.device_count())
+    return flops / max(seconds, 1e-9) / (peak * jax.device_count())

@@ -61,20 +61,21 @@ def save_tokenizer(workdir: str, tokenizer=None, *, arithmetic: bool = False, co
 
 def run_in_workdir(workdir: str, trainer: Trainer, data, fresh: Callable[[], dict],
                    step_fn: Callable[[Any, int], tuple[Any, dict]], *, desc: str,
-                   postfix: Optional[Callable[[dict, bool], dict]] = None, flops: Optional[float] = None,
+                   postfix: Optional[Callable[[dict, bool], dict]] = None, mfu: bool = True,
                    plot: Optional[Callable[[list, str], None]] = None, save_every: int = 100, keep: int = 3,
                    resume: bool = True, progress: bool = True, async_save: bool = True,
                    stop_after: Optional[int] = None) -> list[dict]:
     """Resume from ``workdir``'s latest checkpoint (restoring ``data``'s position) or start from ``fresh()``, then
     run ``trainer.tc.steps`` steps of ``step_fn(state, step) -> (state, host metrics)`` (``training/loop.py``);
-    ``stop_after`` ends this call after that many steps (tests). Returns this call's metric records."""
+    ``stop_after`` ends this call after that many steps (tests); ``mfu``: log each step's model FLOPs utilization
+    (``trainer.step_flops`` of the step's tokens and attended keys). Returns this call's metric records."""
     tc = trainer.tc
     ckpt, start, state = start_or_resume(workdir, trainer, data, fresh, resume=resume, save_every=save_every,
                                          keep=keep, async_save=async_save)
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     return run_loop(workdir, ckpt, state, start, end, tc.steps, step_fn, data.state, seed=tc.seed,
-                    max_bad_steps=tc.max_bad_steps, progress=progress, desc=desc, postfix=postfix, flops=flops,
-                    plot=plot)
+                    max_bad_steps=tc.max_bad_steps, progress=progress, desc=desc, postfix=postfix, plot=plot,
+                    flops=(lambda m: trainer.step_flops(m["input_tokens"], m["attended_keys"])) if mfu else None)
 
 
 def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Optional[str] = None,
@@ -110,7 +111,7 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
                     tok_s="-" if first else f"{m['tokens_per_s']:.0f}")
 
     return run_in_workdir(workdir, trainer, dataset, fresh, step_fn, desc="train", postfix=postfix,
-                          flops=trainer.flops_per_token(), save_every=save_every, keep=keep, resume=resume,
+                          save_every=save_every, keep=keep, resume=resume,
                           progress=progress, async_save=async_save, stop_after=stop_after)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from deepseek_jax.config.model import ModelConfig
-from deepseek_jax.models.counts import flops_per_token
+from deepseek_jax.models.counts import attention_flops_per_key, flops_per_token
 from deepseek_jax.models.transformer import Transformer, abstract_params
 from deepseek_jax.parallel.mesh import mesh_context
 from deepseek_jax.parallel.rules import (
@@ -179,6 +179,9 @@ class Trainer:
         dropped = sum((s["dropped"].sum() for s in (stats, mtp_stats) if s), jnp.zeros((), jnp.int32))
         parts = {**objective_parts, "mtp_loss": mtp, "balance_loss": balance, "z_loss": z, "total_loss": total,
                  "input_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),
+                 # keys the real tokens attend to (causal, within their document): the attention's FLOPs
+                 "attended_keys": jnp.where(batch["segment_ids"] > 0, batch["positions"] + 1, 0).sum()
+                 .astype(jnp.float32),
                  "moe_dropped": dropped.astype(jnp.float32)}
         return total, (parts, counts)
 
@@ -285,7 +288,13 @@ class Trainer:
         return out
 
     # ----- accounting -------------------------------------------------------------------------------
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6 x active params (routed experts at K/E) + causal attention."""
+    def step_flops(self, tokens: float, attended_keys: float) -> float:
+        """Model FLOPs of a training step over ``tokens`` real tokens attending ``attended_keys`` keys in all
+        (the step's metrics hold both): 6 x active params (routed experts at K/E) per token + attention per key."""
         mtp = self.config.num_nextn_predict_layers > 0 and self.tc.mtp_weight > 0
-        return flops_per_token(self.config, self.tc.seq_len / 2, train=True, mtp=mtp)
+        return (flops_per_token(self.config, 0.0, train=True, mtp=mtp) * tokens
+                + attention_flops_per_key(self.config, train=True, mtp=mtp) * attended_keys)
+
+    def flops_per_token(self) -> float:
+        """``step_flops`` per token of rows that are each one whole document (a causal context of (T + 1) / 2)."""
+        return self.step_flops(1.0, (self.tc.seq_len + 1) / 2)

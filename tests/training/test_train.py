@@ -242,6 +242,37 @@ def test_peak_flops_table():
         assert peak_flops(kind) == want, kind
 
 
+def test_step_flops_count_each_document_s_own_causal_context(trainer_and_state):
+    """MFU's FLOPs: the step's real tokens and the keys they attend (within their document, causally), not a
+    T / 2 context for every row; a distillation step adds its teacher's forward."""
+    from deepseek_jax.models.counts import active_params
+
+    trainer, state = trainer_and_state
+    b = batch(0)
+    seg = np.asarray(b["segment_ids"])
+    docs = [int((seg[r] == s).sum()) for r in range(seg.shape[0]) for s in np.unique(seg[r]) if s > 0]
+    assert len(docs) > seg.shape[0]  # packed rows
+    keys = sum(n * (n + 1) // 2 for n in docs)
+    _, metrics = trainer.step_fn(state)(jax.tree.map(jnp.copy, state), trainer.put_batch(b))
+    assert float(metrics["input_tokens"]) == sum(docs) == (seg > 0).sum()
+    assert float(metrics["attended_keys"]) == keys
+    c = CONFIG
+    layers = c.num_hidden_layers + c.num_nextn_predict_layers
+    per_key = 3 * 2 * layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
+    want = 6 * active_params(c, True) * sum(docs) + per_key * keys
+    assert trainer.step_flops(sum(docs), keys) == pytest.approx(want, rel=1e-12)
+    assert keys < sum(docs) * (seg.shape[1] + 1) / 2  # shorter than whole-row documents
+
+    from deepseek_jax.posttrain.distill import DistillConfig, DistillTrainer
+
+    student = CONFIG.replace(num_hidden_layers=1, num_nextn_predict_layers=0)
+    tc = TrainConfig(steps=1, batch_size=4, seq_len=64, mtp_weight=0.0)
+    with_teacher = DistillTrainer(student, tc, make_mesh(None), DistillConfig(), teacher_config=CONFIG)
+    alone = DistillTrainer(student, tc, make_mesh(None), DistillConfig(top_k=4))  # precomputed: no teacher
+    teacher = 2 * active_params(CONFIG, False) * 10 + per_key / 3 * c.num_hidden_layers / layers * 55
+    assert with_teacher.step_flops(10, 55) - alone.step_flops(10, 55) == pytest.approx(teacher, rel=1e-12)
+
+
 def test_mesh_spec_parsing():
     assert parse_mesh_spec("data=2,fsdp=2,expert=2", 8) == {"data": 2, "fsdp": 2, "expert": 2, "context": 1,
                                                             "tensor": 1}
