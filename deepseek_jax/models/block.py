@@ -35,7 +35,7 @@ def attention_module(config: ModelConfig):
 
 
 class Block(nn.Module):
-    """One decoder layer. ``__call__(h, layer_cache, cos, sin, layout, valid) -> (h, out)``; ``out`` per ``mode``
+    """One decoder layer. ``__call__(h, layer_cache, cos, sin, layout, segments) -> (h, out)``; ``out`` per ``mode``
     (module docstring). ``layer_cache``: this layer's cache entry (``layers/kv_cache.py`` layout, ``[B,S,.]``
     leaves) in "decode", None otherwise. ``layout``: the rows' own tokens (train, prefill), or the cached slots
     followed by the new tokens (decode; ``layers/attention/layout.py``'s ``cache_layout``).
@@ -54,7 +54,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array, layer_cache, cos: jax.Array, sin: jax.Array, layout: Layout,
-                 valid: jax.Array):
+                 segments: jax.Array):
         c, o = self.config, self.options
         if self.mode != "decode":  # whole rows: split like training activations (batch; context when long)
             h = constrain(h, ACT)
@@ -71,7 +71,7 @@ class Block(nn.Module):
         h = h + a
         x = RMSNorm(c.rms_norm_eps, "embed", o, name="post_attention_layernorm")(h)
         if self.moe:
-            y, stats = MoE(c, o, self.rematerialized, name="mlp")(x, valid)
+            y, stats = MoE(c, o, self.rematerialized, name="mlp")(x, segments)
         else:
             y, stats = MLP(c.intermediate_size, o, c.initializer_range, name="mlp")(x), None
         if self.mode == "train":

@@ -29,7 +29,7 @@ class MTPModule(nn.Module):
     absorb: bool = True
 
     @nn.compact
-    def __call__(self, h_prev, emb, layer_cache, cos, sin, layout, valid):
+    def __call__(self, h_prev, emb, layer_cache, cos, sin, layout, segments):
         """h_prev, emb ``[B, T', D]`` aligned (emb is of the token k places ahead) -> the normed hidden state and
         the block's output (``Block``: router statistics in training, the new cache values in inference)."""
         c, o = self.config, self.options
@@ -39,5 +39,5 @@ class MTPModule(nn.Module):
             jnp.concatenate([e, h], axis=-1)
         )
         x, out = Block(c, o, moe=c.n_routed_experts > 0, mode=self.mode, absorb=self.absorb, name="block")(
-            x, layer_cache, cos, sin, layout, valid)
+            x, layer_cache, cos, sin, layout, segments)
         return RMSNorm(c.rms_norm_eps, "embed", o, name="shared_head_norm")(x), out

@@ -131,12 +131,11 @@ class Transformer(nn.Module):
         else:
             pos_z, seg_z = positions, segment_ids
         cos, sin = rope_cos_sin(pos_z, c)
-        valid = seg_z > 0
         moe_stats = []
         for name, _, length in c.layer_runs:
             is_moe = name.startswith("moe")
             h, stats = _stack(o, length, train=True)(c, o, moe=is_moe, rematerialized=o.remat != "none", name=name)(
-                h, None, cos, sin, layout, valid)
+                h, None, cos, sin, layout, seg_z)
             if is_moe:
                 moe_stats.append(stats)
         if ctx > 1:
@@ -167,7 +166,7 @@ class Transformer(nn.Module):
                 seg_k = _shift(mtp_segment_ids(segment_ids, k), k)
                 cos_k, sin_k = rope_cos_sin(_shift(positions[:, k:], k), c)
                 h_prev, stats = MTPModule(c, o, name=f"mtp_{k - 1}")(
-                    h_prev, _shift(x_emb[:, k:], k), None, cos_k, sin_k, attention_layout(seg_k), seg_k > 0
+                    h_prev, _shift(x_emb[:, k:], k), None, cos_k, sin_k, attention_layout(seg_k), seg_k
                 )
                 hidden.append(h_prev)
                 mtp_stats.append(stats)
@@ -189,18 +188,19 @@ class Transformer(nn.Module):
     def _cached(self, embed, logits_of, tokens, positions, cache, layout, h_prev, out_index):
         c, o = self.config, self.options
         cos, sin = rope_cos_sin(positions, c)
-        valid = layout.q_segment > 0
+        segments = layout.q_segment
         h = embed(tokens)
         new = {}
         if self.part == "main":
             for name, _, length in c.layer_runs:
                 stack = _stack(o, length, train=False)(c, o, moe=name.startswith("moe"), mode=self.mode,
                                                       absorb=self.absorb, name=name)
-                h, new[name] = stack(h, None if cache is None else cache[name], cos, sin, layout, valid)
+                h, new[name] = stack(h, None if cache is None else cache[name], cos, sin, layout, segments)
             h = RMSNorm(c.rms_norm_eps, "embed", o, name="norm")(h)
         else:
             mtp = MTPModule(c, o, mode=self.mode, absorb=self.absorb, name=self.part)
-            h, new[self.part] = mtp(h_prev, h, None if cache is None else cache[self.part], cos, sin, layout, valid)
+            h, new[self.part] = mtp(h_prev, h, None if cache is None else cache[self.part], cos, sin, layout,
+                                    segments)
         picked = h if out_index is None else jnp.take_along_axis(h, out_index[..., None], axis=1)
         return logits_of(picked), h, new
 

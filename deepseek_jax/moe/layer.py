@@ -89,9 +89,13 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """Routed experts plus shared experts. Returns the output and this layer's router statistics.
 
-    Statistics (per sequence, padding excluded; what the balance losses and the bias update need):
-      ``counts [B, E]``: how many of the sequence's tokens chose each expert (sum over E = K * tokens);
-      ``scores [B, E]``: sum over the sequence's tokens of the scores normalized per token, ``s / sum(s)``;
+    Statistics (per row, padding excluded; what the balance losses and the bias update need):
+      ``counts [B, E]``: how many of the row's tokens chose each expert (sum over E = K * tokens);
+      ``scores [B, E]``: sum over the row's tokens of the scores normalized per token, ``s / sum(s)``;
+      with ``config.seq_aux`` (DeepSeek's sequence-wise balance loss), per document of a packed row:
+      ``doc_balance [B]``: the sum over the row's documents of ``sum_e f_e P_e`` (``training/losses.py``'s
+      ``balance_loss``), ``documents [B]``: how many documents the row holds. ``segments`` (``[B, T]``) name
+      them: ids 1..T, 0 for padding;
       ``dropped [E]``: token-expert rows dropped per expert by ``ModelOptions.capacity_factor`` over the batch (0
       when dropless); ``counts`` are the routing decisions, drops included.
     """
@@ -101,7 +105,7 @@ class MoE(nn.Module):
     rematerialized: bool = False  # see Experts
 
     @nn.compact
-    def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+    def __call__(self, x: jax.Array, segments: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
         c, o = self.config, self.options
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
@@ -111,12 +115,30 @@ class MoE(nn.Module):
         if c.n_shared_experts > 0:
             shared = MLP(c.n_shared_experts * c.moe_intermediate_size, o, c.initializer_range, name="shared_experts")
             out = out + shared(x)
-        mask = valid.reshape(b * t, 1).astype(jnp.float32)
-        chosen = jax.nn.one_hot(idx, c.n_routed_experts, dtype=jnp.float32).sum(1) * mask
-        normed = scores / scores.sum(-1, keepdims=True) * mask
-        stats = {
-            "counts": chosen.reshape(b, t, -1).sum(1),
-            "scores": normed.reshape(b, t, -1).sum(1),
-            "dropped": dropped,
-        }
+        mask = (segments > 0).reshape(b * t, 1).astype(jnp.float32)
+        chosen = (jax.nn.one_hot(idx, c.n_routed_experts, dtype=jnp.float32).sum(1) * mask).reshape(b, t, -1)
+        normed = (scores / scores.sum(-1, keepdims=True) * mask).reshape(b, t, -1)
+        stats = {"counts": chosen.sum(1), "scores": normed.sum(1), "dropped": dropped}
+        if c.seq_aux:
+            stats["doc_balance"], stats["documents"] = document_balance(chosen, normed, segments,
+                                                                         c.num_experts_per_tok)
         return out, stats
+
+
+def document_balance(chosen: jax.Array, normed: jax.Array, segments: jax.Array, k: int):
+    """Per row ``[B]``: the sum over its documents of ``sum_e f_e P_e`` (``f_e = E / (K T_d) * c_e``, ``P_e =
+    S_e / T_d`` over document d's ``T_d`` tokens), and the number of documents. ``chosen`` / ``normed``
+    ``[B, T, E]`` (padding zeroed); ``segments [B, T]`` ids 1..T (0: padding; a larger id counts as T). Summed
+    per document by id, so rows in context parallelism's zig-zag order work alike."""
+    b, t, e = chosen.shape
+    rows = jnp.arange(b)[:, None]
+    doc = jnp.clip(segments, 0, t)
+
+    def per_doc(a):  # [B, T, E] -> [B, T, E]: row r's document d in slot d - 1
+        return jnp.zeros((b, t + 1, e), jnp.float32).at[rows, doc].add(a)[:, 1:]
+
+    counts, sums = per_doc(chosen), per_doc(normed)
+    tokens = counts.sum(-1, keepdims=True) / k
+    safe = jnp.maximum(tokens, 1.0)
+    balance = (e / (k * safe) * counts * (sums / safe)).sum((1, 2))
+    return balance, (tokens[..., 0] > 0).sum(-1).astype(jnp.float32)

@@ -58,41 +58,41 @@ def balance_loss(stats: dict, config: ModelConfig, alpha: float, sequence_wise: 
     """DeepSeek's balance loss ``alpha * sum_i f_i P_i`` per MoE layer, summed over layers.
 
     ``f_i = E / (K * T) * (tokens choosing i)``, ``P_i = (1/T) * sum_t s'_{i,t}``. Sequence-wise (V3, and V2
-    with ``seq_aux``): computed per sequence and averaged over the sequences that hold tokens (``num_sequences``
-    of them when given, a scalar or one per layer: the global batch's count under gradient accumulation);
-    otherwise (V2 expert-level) over the whole batch.
+    with ``seq_aux``): computed per sequence, a document of a packed row being a sequence of its own (the MoE's
+    ``doc_balance`` and ``documents`` statistics), and averaged over the documents (``num_sequences`` of them
+    when given, a scalar or one per layer: the global batch's count under gradient accumulation); otherwise (V2
+    expert-level) over the whole batch.
     """
     if not stats or alpha == 0:
         return jnp.zeros((), jnp.float32)
-    counts, scores = stats["counts"], stats["scores"]  # [L, B, E]
-    if not sequence_wise:
-        counts, scores = counts.sum(1, keepdims=True), scores.sum(1, keepdims=True)
+    if sequence_wise:
+        if num_sequences is None:
+            num_sequences = stats["documents"].sum(-1)
+        per_layer = stats["doc_balance"].sum(-1) / jnp.maximum(num_sequences, 1.0)  # [L]
+        return alpha * per_layer.sum()
+    counts, scores = stats["counts"].sum(1), stats["scores"].sum(1)  # [L, E]: the whole batch
     e, k = config.n_routed_experts, config.num_experts_per_tok
-    tokens = jnp.maximum(counts.sum(-1, keepdims=True) / k, 1.0)  # [L, B, 1]
-    f = e / (k * tokens) * counts
-    p = scores / tokens
-    per_seq = (f * p).sum(-1)  # [L, B]
-    has_tokens = (counts.sum(-1) > 0).astype(jnp.float32)
-    if num_sequences is None or not sequence_wise:
-        num_sequences = has_tokens.sum(-1)
-    per_layer = (per_seq * has_tokens).sum(-1) / jnp.maximum(num_sequences, 1.0)
-    return alpha * per_layer.sum()
+    tokens = jnp.maximum(counts.sum(-1, keepdims=True) / k, 1.0)  # [L, 1]
+    return alpha * (e / (k * tokens) * counts * (scores / tokens)).sum()
 
 
 def loss_normalizers(batch: dict, mtp_depths: int) -> dict:
     """The counts each loss term divides by, taken from the whole (global) batch: counted tokens, per MTP
-    depth its counted tokens, and the sequences holding tokens (main stack and per MTP depth, for the
+    depth its counted tokens, and the documents holding tokens (main stack and per MTP depth, for the
     sequence-wise balance loss). Each micro-batch's loss divides its sums by these, so the micro-batches add
     up to exactly the big batch's loss and gradient whatever their padding or packing."""
     mask, seg = batch["loss_mask"].astype(jnp.float32), batch["segment_ids"]
-    rows = lambda s: (s > 0).any(axis=1).sum().astype(jnp.float32)  # noqa: E731
+    def documents(s):  # distinct positive segment ids, row by row
+        s = jnp.sort(s, axis=1)
+        return ((s[:, :1] > 0).sum() + ((s[:, 1:] != s[:, :-1]) & (s[:, 1:] > 0)).sum()).astype(jnp.float32)
+
     depths = range(1, mtp_depths + 1)
     return {
         "tokens": mask.sum(),
         "mtp_tokens": jnp.stack([mtp_targets(batch["targets"], mask, seg, k)[1].sum() for k in depths])
         if mtp_depths else jnp.zeros((0,), jnp.float32),
-        "sequences": rows(seg),
-        "mtp_sequences": jnp.stack([rows(mtp_segment_ids(seg, k)) for k in depths])
+        "sequences": documents(seg),
+        "mtp_sequences": jnp.stack([documents(mtp_segment_ids(seg, k)) for k in depths])
         if mtp_depths else jnp.zeros((0,), jnp.float32),
     }
 

@@ -78,7 +78,7 @@ def test_scan_equals_a_plain_loop_over_blocks(model_params):
         block = dsj.Block(CONFIG, dsj.ModelOptions(), moe=name.startswith("moe"))
         for i in range(length):
             layer = jax.tree.map(lambda x: x[i], params[name])
-            h, _ = block.apply({"params": layer}, h, None, cos, sin, attention_layout(seg), seg > 0)
+            h, _ = block.apply({"params": layer}, h, None, cos, sin, attention_layout(seg), seg)
     from deepseek_jax.layers.norm import rms_norm
     h = rms_norm(h, params["norm"]["scale"], CONFIG.rms_norm_eps)
     logits = h @ params["lm_head"]["kernel"]

@@ -27,31 +27,56 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: th
 
 # ----- losses against their formulas --------------------------------------------------------------
 def test_balance_loss_matches_formula():
+    """Sequence-wise (V3): per document of a packed row, f_i = E/(K T_d) count_i and P_i = mean_t s'_i, averaged
+    over the documents (the MoE's ``document_balance``); expert-level (V2): over the whole batch."""
+    from deepseek_jax.moe.layer import document_balance
+
     rng = np.random.RandomState(0)
     c = CONFIG
-    layers, b, e, k = 2, 3, c.n_routed_experts, c.num_experts_per_tok
-    t = np.array([10, 7, 4])
-    counts = np.zeros((layers, b, e))
-    scores = np.zeros((layers, b, e))
+    layers, b, t, e, k = 2, 3, 12, c.n_routed_experts, c.num_experts_per_tok
+    segments = np.array([[1] * 5 + [2] * 4 + [3] * 3, [1] * 7 + [0] * 5, [2] * 6 + [1] * 4 + [0] * 2])
+    chosen = np.zeros((layers, b, t, e))
+    normed = np.zeros((layers, b, t, e))
     for layer in range(layers):
-        for s in range(b):
-            for _ in range(t[s]):
-                counts[layer, s, rng.choice(e, k, replace=False)] += 1
-                p = rng.uniform(size=e)
-                scores[layer, s] += p / p.sum()
-    stats = {"counts": jnp.asarray(counts), "scores": jnp.asarray(scores)}
-    # Sequence-wise (V3): per sequence f_i = E/(K T) count_i, P_i = mean_t s'_i; averaged over sequences.
-    expected = sum(np.mean([np.sum(e / (k * t[s]) * counts[l, s] * scores[l, s] / t[s]) for s in range(b)])
-                   for l in range(layers))
+        for r in range(b):
+            for i in range(t):
+                if segments[r, i]:  # each document prefers its own experts: balanced per row, not per document
+                    pool = (np.arange(k + 1) + (k + 1) * (segments[r, i] - 1)) % e
+                    chosen[layer, r, i, rng.choice(pool, k, replace=False)] = 1
+                    p = rng.uniform(size=e) * np.isin(np.arange(e), pool)
+                    normed[layer, r, i] = p / p.sum()
+    per_layer = [document_balance(jnp.asarray(chosen[l], jnp.float32), jnp.asarray(normed[l], jnp.float32),
+                                  jnp.asarray(segments), k) for l in range(layers)]
+    stats = {"counts": jnp.asarray(chosen.sum(2)), "scores": jnp.asarray(normed.sum(2)),
+             "doc_balance": jnp.stack([x[0] for x in per_layer]), "documents": jnp.stack([x[1] for x in per_layer])}
+    docs = [(r, d) for r in range(b) for d in np.unique(segments[r]) if d > 0]
+    assert np.asarray(stats["documents"]).tolist() == [[3, 1, 2]] * layers
+
+    def by_hand(l, rows_as_documents=False):
+        out = []
+        for r, d in docs if not rows_as_documents else [(r, None) for r in range(b)]:
+            sel = segments[r] > 0 if d is None else segments[r] == d
+            n = sel.sum()
+            out.append(np.sum(e / (k * n) * chosen[l, r, sel].sum(0) * normed[l, r, sel].sum(0) / n))
+        return np.mean(out)
+
+    expected = sum(by_hand(l) for l in range(layers))
     got = losses.balance_loss(stats, c, 0.5, sequence_wise=True)
     assert float(got) == pytest.approx(0.5 * expected, rel=1e-5)
+    rows_only = sum(by_hand(l, rows_as_documents=True) for l in range(layers))  # the old rule: one row, one sequence
+    assert abs(rows_only - expected) > 0.05 * expected
     # Expert-level (V2): the same over the whole batch.
-    tot = t.sum()
-    expected = sum(np.sum(e / (k * tot) * counts[l].sum(0) * scores[l].sum(0) / tot) for l in range(layers))
+    tot = (segments > 0).sum()
+    expected = sum(np.sum(e / (k * tot) * chosen[l].sum((0, 1)) * normed[l].sum((0, 1)) / tot) for l in range(layers))
     assert float(losses.balance_loss(stats, c, 0.5, sequence_wise=False)) == pytest.approx(0.5 * expected, rel=1e-5)
     # Perfect balance gives alpha * 1 per layer (f_i = 1, sum P_i = 1).
-    flat = {"counts": jnp.full((1, 1, e), k * 4.0 / e), "scores": jnp.full((1, 1, e), 4.0 / e)}
-    assert float(losses.balance_loss(flat, c, 1.0, True)) == pytest.approx(1.0)
+    flat = document_balance(jnp.full((1, 4, e), k / e), jnp.full((1, 4, e), 1.0 / e), jnp.ones((1, 4), jnp.int32), k)
+    stats = {"doc_balance": flat[0][None], "documents": flat[1][None]}
+    assert float(losses.balance_loss(stats, c, 1.0, True)) == pytest.approx(1.0)
+    # The global batch's normalizer counts documents, as the statistics do.
+    norm = losses.loss_normalizers({"loss_mask": segments > 0, "segment_ids": jnp.asarray(segments),
+                                    "targets": jnp.zeros((b, t), jnp.int32)}, 0)
+    assert float(norm["sequences"]) == len(docs) == 6
 
 
 def test_cross_entropy_and_mtp_targets():
