@@ -7,7 +7,10 @@
 Cases (the yardstick of the scale issues, bench/RESULTS.md):
   v3x4     DeepSeek-V3 cut to 4 layers (3 dense + 1 MoE) plus its MTP module, v5p:4x4x4 (64 chips),
            mesh fsdp=8,expert=8, global batch 64 sequences, bf16 compute, fp32 master weights and Adam moments,
-           full remat. MaxText 0.2.5 compiled the same (issue 10): 23.7 GB at 64 x 1024, 45.1 GB at 64 x 4096.
+           full remat. Anchor, quoted and not reproduced in this repository: MaxText 0.2.5 compiled for the same
+           topology and model, as reported in issue 10 (2026-11), gave 23.7 GB at 64 x 1024, 45.1 GB at 64 x 4096.
+  v3x4-moe the same with first_k_dense_replace=1: 1 dense + 3 MoE layers plus the MTP module (MoE), so the
+           expert dispatch dominates the step.
   v3-full  the whole 671B model (61 layers + MTP) on v5p:8x8x8 (512 chips), mesh fsdp=64,expert=8.
 
 Each (case, sequence length) is compiled by ``deepseek_jax.plan.plan`` and printed as its table plus one JSON
@@ -29,6 +32,8 @@ from deepseek_jax.tools.plan import plan  # noqa: E402
 
 CASES = {
     "v3x4": dict(overrides={"num_hidden_layers": 4}, topology="v5p:4x4x4", mesh="fsdp=8,expert=8", batch=64),
+    "v3x4-moe": dict(overrides={"num_hidden_layers": 4, "first_k_dense_replace": 1}, topology="v5p:4x4x4",
+                     mesh="fsdp=8,expert=8", batch=64),
     "v3-full": dict(overrides={}, topology="v5p:8x8x8", mesh="fsdp=64,expert=8", batch=512),
 }
 
