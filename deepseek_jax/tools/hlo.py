@@ -6,12 +6,15 @@ loop's backend config when it has one, else the constant the loop condition comp
 gives N trips, ``i <= N`` gives N + 1; JAX loops count from 0). Nested loops multiply. A computation reached from
 several places (a body called by two loops) counts for each.
 
-Bytes are the collective's result per device: the gathered array of an all-gather, the reduced one of an
-all-reduce, the scattered shard of a reduce-scatter. An asynchronous ``*-start`` op returns a tuple that also
-holds its operands (and u32 context words for a collective-permute); only its results are counted, and its
-``*-done`` is not counted again. ``/*index=N*/`` comments inside long tuple shapes are dropped first: their ``=``
-would otherwise look like an assignment. An instruction's attributes may span lines (a Pallas kernel's backend
-config holds newlines); only a line that is ``}`` alone ends a computation.
+Bytes are the collective's result buffer per device: the gathered array of an all-gather, the reduced one of an
+all-reduce, the scattered shard of a reduce-scatter. They are sizes from the HLO, not traffic measured: a ragged
+all-to-all counts its whole (worst-case, dropless) receive buffer, whatever the rows actually sent, and a
+collective inside a ``lax.cond`` counts once for every branch that holds it, whichever runs. An asynchronous
+``*-start`` op returns a tuple that also holds its operands (and u32 context words for a collective-permute);
+only its results are counted, and its ``*-done`` is not counted again. ``/*index=N*/`` comments inside long
+tuple shapes are dropped first: their ``=`` would otherwise look like an assignment. An instruction's attributes
+may span lines (a Pallas kernel's backend config holds newlines); only a line that is ``}`` alone ends a
+computation.
 """
 
 from __future__ import annotations

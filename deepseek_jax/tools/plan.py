@@ -114,7 +114,9 @@ class Plan:
                          f"{gb(s.alias_bytes)}  {gb(s.temp_bytes)}  {gb(s.peak_bytes)}   "
                          f"{'yes' if s.fits(self.device_memory) else 'NO ':>4}  {s.flops / 1e12:7.1f}"
                          f"  {s.compile_seconds:9.1f}")
-        lines += ["", f"collectives per step and device (loop trips counted): count / {unit}"]
+        lines += ["", f"collectives per step and device (loop trips counted): count / {unit} of result buffers",
+                  "(a ragged all-to-all counts its worst-case receive buffer, not the rows moved; a collective in a "
+                  "lax.cond counts in every branch)"]
         kinds = sorted({k for s in self.steps for k in s.collectives})
         if kinds:
             lines.append(" " * 15 + "".join(f"{k:>26}" for k in kinds))
