@@ -59,14 +59,12 @@ def report_arithmetic(workdir: str) -> dict:
     written to ``workdir/heldout.json`` (whole or not at all)."""
     from deepseek_jax.checkpoint.train_dir import load_train_checkpoint
     from deepseek_jax.training.evaluate import evaluate_arithmetic
+    from deepseek_jax.training.metrics import write_json
 
     config, params = load_train_checkpoint(workdir)
     report = evaluate_arithmetic(config, params)
-    path = os.path.join(workdir, "heldout.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"exact": report["exact"], "answers": report["answers"],
-                   "samples": [list(s) for s in report["samples"]]}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(workdir, "heldout.json"), {"exact": report["exact"], "answers": report["answers"],
+                                                       "samples": [list(s) for s in report["samples"]]})
     print(f"held-out arithmetic: {report['exact']:.1%} of {report['answers']} answers exactly right "
           f"(greedy decoding)")
     for question, answer, truth in report["samples"]:

@@ -60,3 +60,10 @@ def flops_per_token(config, context: float, *, train: bool, mtp: bool = True) ->
     (forward + backward) is three times the forward."""
     matmuls = 2.0 * active_params(config, mtp) * (3.0 if train else 1.0)
     return matmuls + attention_flops_per_key(config, train=train, mtp=mtp) * context
+
+
+def batch_flops(config, tokens: float, attended_keys: float, *, train: bool, mtp: bool = True) -> float:
+    """Model FLOPs over ``tokens`` tokens that attend ``attended_keys`` keys in all (a packed batch: each token
+    its own document's earlier keys and itself): the matmuls per token plus attention per key."""
+    return (flops_per_token(config, 0.0, train=train, mtp=mtp) * tokens
+            + attention_flops_per_key(config, train=train, mtp=mtp) * attended_keys)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.data.packing import make_dataset
-from deepseek_jax.models.counts import attention_flops_per_key, flops_per_token
+from deepseek_jax.models.counts import batch_flops
 from deepseek_jax.models.transformer import Transformer, abstract_params
 from deepseek_jax.parallel.mesh import make_mesh, mesh_context
 from deepseek_jax.parallel.rules import param_shardings, replicated
@@ -110,9 +110,7 @@ class DistillTrainer(Trainer):
         """The student's training FLOPs plus the in-step teacher's forward over the same tokens."""
         flops = super().step_flops(tokens, attended_keys)
         if self.teacher is not None:
-            t = self.teacher.config
-            flops += (flops_per_token(t, 0.0, train=False, mtp=False) * tokens
-                      + attention_flops_per_key(t, train=False, mtp=False) * attended_keys)
+            flops += batch_flops(self.teacher.config, tokens, attended_keys, train=False, mtp=False)
         return flops
 
     def put_teacher(self, params):

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from deepseek_jax.config.model import ModelConfig
-from deepseek_jax.models.counts import attention_flops_per_key, flops_per_token
+from deepseek_jax.models.counts import batch_flops
 from deepseek_jax.models.transformer import Transformer, abstract_params
 from deepseek_jax.parallel.mesh import mesh_context
 from deepseek_jax.parallel.rules import (
@@ -292,8 +292,7 @@ class Trainer:
         """Model FLOPs of a training step over ``tokens`` real tokens attending ``attended_keys`` keys in all
         (the step's metrics hold both): 6 x active params (routed experts at K/E) per token + attention per key."""
         mtp = self.config.num_nextn_predict_layers > 0 and self.tc.mtp_weight > 0
-        return (flops_per_token(self.config, 0.0, train=True, mtp=mtp) * tokens
-                + attention_flops_per_key(self.config, train=True, mtp=mtp) * attended_keys)
+        return batch_flops(self.config, tokens, attended_keys, train=True, mtp=mtp)
 
     def flops_per_token(self) -> float:
         """``step_flops`` per token of rows that are each one whole document (a causal context of (T + 1) / 2)."""
