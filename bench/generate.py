@@ -84,7 +84,7 @@ def ours_decode(params, config, tokens, steps, absorb):
 
     def step():
         s = state
-        s["cache"], s["tok"], s["seen"] = generation._decode_sample_jit(
+        s["cache"], s["tok"], s["seen"], _ = generation._decode_sample_jit(
             params, s["cache"], s["tok"], s["pos"], s["seen"], key, config=config, options=OPTIONS,
             sampling=GREEDY, absorb=absorb)
         s["pos"] = s["pos"] + 1

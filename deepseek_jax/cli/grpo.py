@@ -47,7 +47,8 @@ def _run(args) -> int:
                         beta=args.beta, iterations=args.iterations, token_level=args.token_level,
                         speculative=False if args.no_speculative else None, eval_every=args.eval_every,
                         eval_prompts=args.eval_prompts, filter_groups=args.filter_groups,
-                        max_sample_rounds=args.max_sample_rounds)
+                        max_sample_rounds=args.max_sample_rounds,
+                        tis_cap=None if args.tis_cap == 0 else args.tis_cap, rollout_dtype=args.rollout_dtype)
         tc = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup,
                          min_lr_ratio=args.min_lr_ratio,
                          weight_decay=args.weight_decay, grad_accum=args.grad_accum, seed=args.seed,
@@ -126,6 +127,11 @@ def register(sub) -> None:
     p.add_argument("--token-level", action="store_true",
                    help="normalize over all completion tokens (default: per sample, then the group mean)")
     p.add_argument("--no-speculative", action="store_true", help="no MTP speculation in the rollouts")
+    p.add_argument("--rollout-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="the rollouts' compute and cache dtype (default: bfloat16 on GPU / TPU, float32 on CPU)")
+    p.add_argument("--tis-cap", type=float, default=2.0,
+                   help="truncated importance weight min(pi_old / sampler, CAP) on each token's surrogate, "
+                        "correcting for the sampler's differences from the training forward (0: off)")
     p.add_argument("--filter-groups", action="store_true",
                    help="DAPO's dynamic sampling: train only on groups whose rewards differ, drawing more prompts "
                         "(up to --max-sample-rounds rounds of --prompts-per-step) to fill the batch")

@@ -28,8 +28,12 @@ from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.inference.sampling import (
     SamplingParams,
+    logprob_of,
     mark_seen,
+    probs_of,
+    processed_logits,
     sample,
+    sample_with_logprob,
     speculative_accept,
     target_probs,
 )
@@ -63,16 +67,16 @@ def _prompt_seen(tokens: jax.Array, lengths: jax.Array, vocab_size: int) -> jax.
 def _prefill_sample(params, cache, tokens, lengths, seen, rng, *, config, options, sampling, mtp, chunk):
     cache, logits, h2 = prefill_core(params, cache, tokens, lengths, config=config, options=options, mtp=mtp,
                                      chunk=chunk)
-    first = sample(rng, logits, seen, sampling)
+    first, logp = sample_with_logprob(rng, logits, seen, sampling)
     t_prev = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
-    return cache, first, mark_seen(seen, first), h2, t_prev
+    return cache, first, mark_seen(seen, first), h2, t_prev, logp
 
 
 def _decode_sample(params, cache, tok, pos, seen, rng, *, config, options, sampling, absorb):
     cache, logits, _ = decode_core(params, cache, tok[:, None], pos[:, None], config=config, options=options,
                                    absorb=absorb)
-    nxt = sample(rng, logits[:, 0], seen, sampling)
-    return cache, nxt, mark_seen(seen, nxt)
+    nxt, logp = sample_with_logprob(rng, logits[:, 0], seen, sampling)
+    return cache, nxt, mark_seen(seen, nxt), logp
 
 
 def _speculative_step(params, cache, n, t_prev, x, h2, seen, rng, *, config, options, sampling):
@@ -81,7 +85,9 @@ def _speculative_step(params, cache, n, t_prev, x, h2, seen, rng, *, config, opt
 
     The MTP rows at positions n-1 and n (pairing h_{p-1} with token p) are (re)computed, the second one
     drafts token n+1; then the main model runs ``[x, draft]`` at positions n, n+1.
-    Returns the new state, the emitted tokens ``[B,2]`` (1 or 2 of them valid) and ``accepted [B]``.
+    Returns the new state, the emitted tokens ``[B,2]`` (1 or 2 of them valid), ``accepted [B]`` and the
+    emitted tokens' log-probabilities ``[B,2]`` under the main model's processed distributions (what they are
+    distributed as: ``logprob_of``).
     """
     k_draft, k_accept, k_bonus = jax.random.split(rng, 3)
     pos_m = n[:, None] + jnp.arange(-1, 1, dtype=jnp.int32)
@@ -91,14 +97,15 @@ def _speculative_step(params, cache, n, t_prev, x, h2, seen, rng, *, config, opt
     pos_v = n[:, None] + jnp.arange(2, dtype=jnp.int32)
     cache, p_logits, h = decode_core(params, cache, jnp.stack([x, draft], axis=1), pos_v, config=config,
                                      options=options)
-    p0 = target_probs(p_logits[:, 0], seen, sampling)
+    x0 = processed_logits(p_logits[:, 0], seen, sampling)
+    p0 = probs_of(x0, sampling)
     if sampling.greedy:
         first = jnp.argmax(p0, axis=-1).astype(jnp.int32)
         accepted = first == draft
     else:
         q = target_probs(q_logits[:, 1], seen, sampling)
         accepted, first = speculative_accept(k_accept, p0, q, draft)
-    bonus = sample(k_bonus, p_logits[:, 1], mark_seen(seen, draft), sampling)
+    bonus, bonus_logp = sample_with_logprob(k_bonus, p_logits[:, 1], mark_seen(seen, draft), sampling)
     seen = mark_seen(mark_seen(seen, first), bonus, where=accepted)
     acc = accepted[:, None]
     state = (
@@ -108,7 +115,8 @@ def _speculative_step(params, cache, n, t_prev, x, h2, seen, rng, *, config, opt
         jnp.where(acc[..., None], h, jnp.stack([h2[:, 1], h[:, 0]], axis=1)),
         seen,
     )
-    return cache, state, jnp.stack([first, bonus], axis=1), accepted
+    logp = jnp.stack([logprob_of(x0, first), bonus_logp], axis=1)
+    return cache, state, jnp.stack([first, bonus], axis=1), accepted, logp
 
 
 _prefill_sample_jit = jax.jit(_prefill_sample, static_argnames=_STATIC + ("mtp", "chunk"),
@@ -131,6 +139,7 @@ class TokenEvent:
     index: int
     token: int
     text: Optional[str] = None
+    logprob: Optional[float] = None  # under the distribution it was drawn from (``sampling.logprob_of``)
 
 
 @dataclasses.dataclass
@@ -139,6 +148,10 @@ class GenerationResult:
     texts: Optional[list[str]]  # decoded, special tokens and stop strings cut (with a tokenizer)
     finish_reasons: list[str]  # "eos", "stop" (a stop string) or "length"
     stats: dict
+    # Per generated token, its log-probability under the distribution it was drawn from (temperature, top-k/p
+    # and min-p applied: ``sampling.logprob_of``), as the decode computed it (absorbed MLA, the cache's dtype,
+    # the two-token verify step under speculation). Greedy: the model's log-probability of its argmax.
+    logprobs: Optional[list[list[float]]] = None
 
 
 class _Sequence:
@@ -146,19 +159,21 @@ class _Sequence:
 
     def __init__(self, tokenizer, stop_strings):
         self.tokens: list[int] = []
+        self.logprobs: list[float] = []
         self.text = ""  # decoded, cut at a stop string
         self.finished: Optional[str] = None
         self._emitted = 0  # characters of text already streamed
         self._tokenizer = tokenizer
         self._stops = tuple(stop_strings)
 
-    def add(self, token: int, eos: frozenset, max_new: int) -> Optional[str]:
+    def add(self, token: int, eos: frozenset, max_new: int, logprob: Optional[float] = None) -> Optional[str]:
         """Append a token; return the text it makes printable (or None) and set ``finished`` when done.
 
         Text that could still become a stop string, or an incomplete UTF-8 sequence, is held back until
         it can no longer be cut.
         """
         self.tokens.append(token)
+        self.logprobs.append(logprob)
         if token in eos:
             self.finished = "eos"
         complete = True
@@ -267,6 +282,7 @@ def _finish_stats(st: dict, seqs, t_decode: float, first_step: Optional[tuple[fl
     if speculative:
         st["acceptance_rate"] = st["accepted"] / max(st["drafted"], 1)
     st["tokens"] = [s.tokens for s in seqs]
+    st["logprobs"] = [s.logprobs for s in seqs]
     st["texts"] = [s.text for s in seqs] if texts else None
     st["finish_reasons"] = [s.finished for s in seqs]
 
@@ -330,13 +346,13 @@ def stream(
     t0 = time.perf_counter()
     rng, key = jax.random.split(rng)
     with mesh_context(mesh):
-        cache, tok, seen, h2, t_prev = _prefill_sample_jit(params, cache, jnp.asarray(tokens), jnp.asarray(lengths),
-                                                           seen, key, mtp=speculative, chunk=prefill_chunk,
-                                                           **statics)
-    first = np.asarray(tok)
+        cache, tok, seen, h2, t_prev, logp = _prefill_sample_jit(
+            params, cache, jnp.asarray(tokens), jnp.asarray(lengths), seen, key, mtp=speculative,
+            chunk=prefill_chunk, **statics)
+    first, first_logp = np.asarray(tok), np.asarray(logp)
     st["prefill_s"] = time.perf_counter() - t0
     for i in range(b):
-        yield from _emit(seqs, i, [int(first[i])], eos, max_new_tokens)
+        yield from _emit(seqs, i, [int(first[i])], [float(first_logp[i])], eos, max_new_tokens)
 
     t1, first_step = time.perf_counter(), None
     pos = jnp.asarray(lengths)
@@ -346,21 +362,25 @@ def stream(
         active = [s.finished is None for s in seqs]
         if speculative:
             with mesh_context(mesh):
-                cache, (n, t_prev, x, h2, seen), out, accepted = _speculative_step_jit(
+                cache, (n, t_prev, x, h2, seen), out, accepted, logp = _speculative_step_jit(
                     params, cache, n, t_prev, x, h2, seen, key, **statics)
-            out, accepted = np.asarray(out), np.asarray(accepted)
+            out, accepted, logp = np.asarray(out), np.asarray(accepted), np.asarray(logp)
             st["drafted"] += sum(active)
             st["accepted"] += int(sum(bool(a) and act for a, act in zip(accepted, active)))
-            new = [[int(out[i, 0]), int(out[i, 1])] if accepted[i] else [int(out[i, 0])] for i in range(b)]
+            emitted = [2 if accepted[i] else 1 for i in range(b)]
+            new = [[int(t) for t in out[i, :m]] for i, m in enumerate(emitted)]
+            new_logp = [[float(v) for v in logp[i, :m]] for i, m in enumerate(emitted)]
         else:
             with mesh_context(mesh):
-                cache, tok, seen = _decode_sample_jit(params, cache, tok, pos, seen, key, absorb=absorb, **statics)
+                cache, tok, seen, logp = _decode_sample_jit(params, cache, tok, pos, seen, key, absorb=absorb,
+                                                            **statics)
             pos = pos + 1
             new = [[int(t)] for t in np.asarray(tok)]
+            new_logp = [[float(v)] for v in np.asarray(logp)]
         st["steps"] += 1
         for i in range(b):
             if active[i]:
-                yield from _emit(seqs, i, new[i], eos, max_new_tokens)
+                yield from _emit(seqs, i, new[i], new_logp[i], eos, max_new_tokens)
         if st["steps"] == 1:  # the first step may include compilation: rates are taken over the rest
             first_step = (time.perf_counter(), sum(len(s.tokens) for s in seqs))
     _finish_stats(st, seqs, t1, first_step, speculative, tokenizer is not None)
@@ -368,13 +388,13 @@ def stream(
         stats.update(st)
 
 
-def _emit(seqs, i, toks, eos, max_new) -> Iterator[TokenEvent]:
+def _emit(seqs, i, toks, logps, eos, max_new) -> Iterator[TokenEvent]:
     s = seqs[i]
-    for t in toks:
+    for t, lp in zip(toks, logps):
         if s.finished is not None:
             return
-        piece = s.add(t, eos, max_new)
-        yield TokenEvent(i, t, piece)
+        piece = s.add(t, eos, max_new, lp)
+        yield TokenEvent(i, t, piece, lp)
 
 
 def generate(
@@ -412,6 +432,8 @@ def generate(
         the cache and per-sequence state over the batch axes; the jitted prefill and decode steps run sharded.
     prefill_chunk: prompts longer than this many tokens (a power of two) are prefilled this many at a time,
         each chunk attending to the cache so far (None: the whole prompt at once).
+    The result's ``logprobs`` hold each generated token's log-probability as the sampler drew it (see
+    ``GenerationResult``).
     """
     stats: dict = {}
     for event in stream(config, params, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
@@ -421,4 +443,4 @@ def generate(
         if on_token is not None:
             on_token(event)
     tokens, texts, reasons = stats.pop("tokens"), stats.pop("texts"), stats.pop("finish_reasons")
-    return GenerationResult(tokens, texts, reasons, stats)
+    return GenerationResult(tokens, texts, reasons, stats, stats.pop("logprobs"))

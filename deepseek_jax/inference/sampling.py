@@ -73,20 +73,39 @@ def processed_logits(logits: jax.Array, seen: jax.Array, sp: SamplingParams) -> 
     return x
 
 
-def target_probs(logits: jax.Array, seen: jax.Array, sp: SamplingParams) -> jax.Array:
-    """The distribution a token is drawn from: one-hot on the argmax when greedy."""
-    x = processed_logits(logits, seen, sp)
+def probs_of(x: jax.Array, sp: SamplingParams) -> jax.Array:
+    """The distribution a token is drawn from, given ``processed_logits`` x: one-hot on the argmax when greedy."""
     if sp.greedy:
         return jax.nn.one_hot(jnp.argmax(x, axis=-1), x.shape[-1], dtype=jnp.float32)
     return jax.nn.softmax(x, axis=-1)
 
 
-def sample(rng: jax.Array, logits: jax.Array, seen: jax.Array, sp: SamplingParams) -> jax.Array:
-    """Next tokens ``[B]`` int32 from logits ``[B,V]``."""
+def target_probs(logits: jax.Array, seen: jax.Array, sp: SamplingParams) -> jax.Array:
+    """The distribution a token is drawn from: one-hot on the argmax when greedy."""
+    return probs_of(processed_logits(logits, seen, sp), sp)
+
+
+def logprob_of(x: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``[B]`` fp32: log-softmax of ``processed_logits`` x ``[B,V]`` at ``tokens [B]``. Sampled, that is the
+    log-probability the token was drawn with (temperature and the masks applied); greedy (x the penalized raw
+    logits), the model's own log-probability of its argmax."""
+    return jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tokens[:, None], axis=-1)[:, 0]
+
+
+def sample_with_logprob(rng: jax.Array, logits: jax.Array, seen: jax.Array,
+                        sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """Next tokens ``[B]`` int32 from logits ``[B,V]``, and their log-probabilities ``[B]`` (``logprob_of``)."""
     x = processed_logits(logits, seen, sp)
     if sp.greedy:
-        return jnp.argmax(x, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, x, axis=-1).astype(jnp.int32)
+        tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    else:
+        tokens = jax.random.categorical(rng, x, axis=-1).astype(jnp.int32)
+    return tokens, logprob_of(x, tokens)
+
+
+def sample(rng: jax.Array, logits: jax.Array, seen: jax.Array, sp: SamplingParams) -> jax.Array:
+    """Next tokens ``[B]`` int32 from logits ``[B,V]``."""
+    return sample_with_logprob(rng, logits, seen, sp)[0]
 
 
 def mark_seen(seen: jax.Array, tokens: jax.Array, where: jax.Array | None = None) -> jax.Array:

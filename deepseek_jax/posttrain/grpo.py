@@ -5,8 +5,16 @@ decode over the latent cache, MTP speculation when the policy has an MTP module)
 plain Python function of the decoded text (``rewards.py``; exact answers on the built-in arithmetic task by
 default); group-normalized advantages; then ``iterations`` optimizer steps on the same samples with the clipped
 ratio objective and the k3 KL to a frozen reference, over completion tokens only (``grpo_loss``), the
-old policy's log-probabilities fixed when the samples were drawn. With ``filter_groups`` (DAPO's dynamic sampling)
-the batch keeps only groups whose rewards differ, drawing more prompts to fill it.
+old policy's log-probabilities computed once by the training forward before the first update. With
+``filter_groups`` (DAPO's dynamic sampling) the batch keeps only groups whose rewards differ, drawing more prompts
+to fill it.
+
+Sampler / trainer mismatch: the samples come from another path than the training forward (the absorbed decode,
+MTP speculation, bf16 on accelerators), so the sampler's distribution ``mu`` is not exactly the old policy ``pi_old``
+the objective assumes. ``generate`` keeps each token's log-probability as it was drawn; every step logs
+``|log pi_old - log mu|`` over the completion tokens (mean and max), and with ``tis_cap`` the surrogate of each
+token is weighted by the truncated importance weight ``min(pi_old / mu, tis_cap)`` (the "TIS" correction RL
+frameworks adopted for vLLM-sampled rollouts; a constant, no gradient), which is 1 where the two agree.
 
 The update is ``Trainer``'s step (sharding, jit, donation, grad accumulation, clipping, the MoE balancing) with
 GRPO's objective; checkpoints, resume, the progress bar and ``metrics.jsonl`` are the shared run's
@@ -46,7 +54,7 @@ from deepseek_jax.training.run import (
 )
 from deepseek_jax.training.trainer import BATCH_KEYS, Trainer
 
-GRPO_KEYS = ("old_logp", "ref_logp", "advantages")
+GRPO_KEYS = ("old_logp", "ref_logp", "advantages", "tis_weight")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +69,10 @@ class GRPOConfig:
     clip_eps: float = 0.2
     beta: float = 0.04  # weight of the k3 KL to the reference (DeepSeekMath: 0.04)
     iterations: int = 2  # optimizer steps per batch of samples (mu)
+    # Truncated importance weight min(pi_old / sampler, tis_cap) on each token's surrogate (None: off, weight 1)
+    tis_cap: Optional[float] = 2.0
+    # The rollouts' compute (and cache) dtype: None for generate's default (bf16 on GPU / TPU, fp32 on CPU)
+    rollout_dtype: Optional[str] = None
     token_level: bool = False  # normalize over all completion tokens of the batch (not per sample, then mean)
     speculative: Optional[bool] = None  # MTP speculation in the rollouts; None: when the policy has MTP
     eval_every: int = 0  # held-out greedy accuracy every this many steps (0: only at the end, by the caller)
@@ -84,6 +96,10 @@ class GRPOConfig:
             raise ValueError(f"clip_eps = {self.clip_eps}: expected in (0, 1)")
         if self.beta < 0:
             raise ValueError(f"beta = {self.beta}: expected >= 0")
+        if self.tis_cap is not None and self.tis_cap < 1:
+            raise ValueError(f"tis_cap = {self.tis_cap}: expected >= 1 (or None: no importance weight)")
+        if self.rollout_dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"rollout_dtype = {self.rollout_dtype!r}: expected float32, bfloat16 or None")
 
     @property
     def batch_size(self) -> int:
@@ -102,6 +118,14 @@ def group_advantages(rewards: jax.Array, group_size: int, eps: float = GRPO_STD_
     return a.reshape(-1)
 
 
+def tis_weights(old_logp: jax.Array, sampler_logp: jax.Array, cap: Optional[float]) -> jax.Array:
+    """The truncated importance weight per token, ``min(pi_old / mu, cap)`` = ``min(exp(old - sampler), cap)``;
+    ones when ``cap`` is None."""
+    if cap is None:
+        return jnp.ones_like(old_logp, jnp.float32)
+    return jnp.minimum(jnp.exp(old_logp.astype(jnp.float32) - sampler_logp.astype(jnp.float32)), cap)
+
+
 def grpo_token_terms(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, advantages: jax.Array,
                      clip_eps: float):
     """Per completion token ``[B, T]``: the clipped surrogate ``min(rho A, clip(rho, 1 - eps, 1 + eps) A)`` with
@@ -117,16 +141,19 @@ def grpo_token_terms(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, 
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps: float, beta: float,
-              token_level: bool = False, num_samples=None, num_tokens=None):
+              token_level: bool = False, num_samples=None, num_tokens=None, tis_weight=None):
     """The GRPO loss, ``-objective``, with the objective
     ``mean_i 1/|o_i| sum_t [min(rho A, clip(rho) A) - beta KL]`` over the completion tokens (``mask [B, T]``) of
     each sample, then over the samples (equal groups: the mean of the group means), as docs/reference.md, section 7 and
     DeepSeekMath write it. ``token_level``: one mean over every completion token of the batch instead (DAPO's
     normalization: long completions weigh more). ``num_samples`` / ``num_tokens``: the global batch's counts
     (default this batch's), so micro-batch losses add up to the batch's. Returns ``(loss, metrics)``; metrics are
-    the mean k3 KL and clipped fraction per completion token, summable over micro-batches like the loss."""
+    the mean k3 KL and clipped fraction per completion token, summable over micro-batches like the loss.
+    ``tis_weight [B, T]`` (``tis_weights``) scales each token's surrogate, not its KL term."""
     mask = mask.astype(jnp.float32)
     surrogate, kl, clipped = grpo_token_terms(logp, old_logp, ref_logp, advantages, clip_eps)
+    if tis_weight is not None:
+        surrogate = surrogate * jax.lax.stop_gradient(tis_weight)
     per_token = (surrogate - beta * kl) * mask
     tokens = mask.sum() if num_tokens is None else num_tokens
     if token_level:
@@ -175,39 +202,68 @@ class GRPOTrainer(Trainer):
 
     def update(self, state, samples: dict, reference) -> tuple[dict, list[dict]]:
         """``iterations`` optimizer steps on ``samples`` (``rollout``'s dict): the batch of ``samples_batch`` with
-        the group advantages, and the old policy's (``state``'s) and the reference's log-probabilities fixed
-        before the first step. Returns the state and each step's host metrics."""
+        the group advantages, the old policy's (``state``'s) and the reference's log-probabilities fixed before
+        the first step, and (with the sampler's log-probabilities, ``samples["logprobs"]``) the truncated
+        importance weights. Returns the state and each step's host metrics, the mismatch's included
+        (``sampler_mismatch``)."""
         gc = self.gc
-        host = samples_batch(samples["prompts"], samples["completions"], self.tc.seq_len)
+        host = samples_batch(samples["prompts"], samples["completions"], self.tc.seq_len, samples.get("logprobs"))
         host["advantages"] = np.asarray(group_advantages(jnp.asarray(samples["rewards"]), gc.group_size))
+        sampler = host.pop("sampler_logp", None)
         zeros = np.zeros(host["targets"].shape, np.float32)  # filled on the devices below
-        batch = self.put_batch({**host, "old_logp": zeros, "ref_logp": zeros})
+        batch = self.put_batch({**host, "old_logp": zeros, "ref_logp": zeros, "tis_weight": zeros})
         batch["old_logp"] = self.token_logp(state["params"], batch)
         batch["ref_logp"] = self.token_logp(reference, batch) if gc.beta else jnp.zeros_like(batch["old_logp"])
+        mismatch = {}
+        if sampler is None:
+            batch["tis_weight"] = jnp.ones_like(batch["old_logp"])
+        else:
+            sampler = jax.device_put(sampler, batch["old_logp"].sharding)
+            batch["tis_weight"] = tis_weights(batch["old_logp"], sampler, gc.tis_cap)
+            mismatch = sampler_mismatch(batch["old_logp"], sampler, batch["tis_weight"], batch["loss_mask"],
+                                        gc.tis_cap)
         updates = []
         for _ in range(gc.iterations):
             state, metrics = self.run_step(state, batch)
-            updates.append(metrics_to_host(metrics))
+            updates.append({**metrics_to_host(metrics), **mismatch})
         return state, updates
 
     def _objective(self, logits, batch, norm):
         gc = self.gc
         logp = self._target_logp(logits, batch["targets"])
         loss, m = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"],
-                                   batch["loss_mask"], clip_eps=gc.clip_eps, beta=gc.beta,
-                                   token_level=gc.token_level, num_samples=norm["sequences"],
-                                   num_tokens=norm["tokens"])
+                            batch["loss_mask"], clip_eps=gc.clip_eps, beta=gc.beta,
+                            token_level=gc.token_level, num_samples=norm["sequences"],
+                            num_tokens=norm["tokens"], tis_weight=batch["tis_weight"])
         return loss, {"loss": loss, "tokens": batch["loss_mask"].astype(jnp.float32).sum(), **m}
 
 
+def sampler_mismatch(old_logp, sampler_logp, weight, mask, cap: Optional[float]) -> dict:
+    """Host metrics of how far the sampler's log-probabilities are from the training forward's, over the
+    completion tokens: ``sampler_logp_diff_mean`` / ``_max`` (``|log pi_old - log mu|``), the mean importance
+    weight and the fraction of tokens whose weight was truncated at ``cap``."""
+    m = mask.astype(jnp.float32)
+    n = jnp.maximum(m.sum(), 1.0)
+    diff = jnp.abs(old_logp - sampler_logp) * m
+    ratio = jnp.exp(old_logp - sampler_logp)
+    out = {"sampler_logp_diff_mean": diff.sum() / n, "sampler_logp_diff_max": diff.max(),
+           "tis_weight_mean": (weight * m).sum() / n,
+           "tis_truncated": ((ratio > cap) * m).sum() / n if cap is not None else jnp.zeros(())}
+    return {k: float(v) for k, v in out.items()}
+
+
 # ----- samples -> a batch ---------------------------------------------------------------------------------
-def samples_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], seq_len: int) -> dict:
+def samples_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], seq_len: int,
+                  logprobs: Optional[Sequence[Sequence[float]]] = None) -> dict:
     """Rows ``prompt + completion`` as a train batch: ``inputs``/``targets`` shifted by one, padded to ``seq_len``;
-    ``loss_mask`` 1 exactly where the target is a completion token (the prompt and padding never count)."""
+    ``loss_mask`` 1 exactly where the target is a completion token (the prompt and padding never count). With
+    ``logprobs`` (the sampler's, one per completion token) also ``sampler_logp``, aligned with the targets."""
     b = len(prompts)
     batch = {"inputs": np.zeros((b, seq_len), np.int32), "targets": np.zeros((b, seq_len), np.int32),
              "positions": np.zeros((b, seq_len), np.int32), "segment_ids": np.zeros((b, seq_len), np.int32),
              "loss_mask": np.zeros((b, seq_len), np.float32)}
+    if logprobs is not None:
+        batch["sampler_logp"] = np.zeros((b, seq_len), np.float32)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         seq = list(p) + list(c)
         n = len(seq) - 1
@@ -219,6 +275,10 @@ def samples_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
         batch["positions"][i, :n] = np.arange(n)
         batch["segment_ids"][i, :n] = 1
         batch["loss_mask"][i, len(p) - 1:n] = 1.0
+        if logprobs is not None:
+            if len(logprobs[i]) != len(c):
+                raise ValueError(f"sample {i}: {len(logprobs[i])} log-probabilities for {len(c)} completion tokens")
+            batch["sampler_logp"][i, len(p) - 1:n] = logprobs[i]
     return batch
 
 
@@ -278,7 +338,7 @@ def grpo(gc: GRPOConfig, tc: TrainConfig, workdir: str, *, init_from: Optional[s
         return rollout(config, params, ids, answers, group_size=gc.group_size, max_new_tokens=gc.max_new_tokens,
                        temperature=gc.temperature, seed=tc.seed * 1_000_003 + step + 10_000_019 * round_,
                        stop_ids=prompts.stop_ids, reward_fn=reward_fn, tokenizer=tokenizer,
-                       speculative=speculative, mesh=gen_mesh)
+                       speculative=speculative, mesh=gen_mesh, dtype=gc.rollout_dtype)
 
     def step_fn(state, step):
         start_params.clear()
@@ -325,7 +385,7 @@ def _draw(sample: Callable[[int], dict], gc: GRPOConfig) -> tuple[dict, dict, li
 def _step_metrics(first: dict, ro: dict, rounds: list[dict], updates: list[dict], group_size: int) -> dict:
     """What a GRPO step logs: the fresh samples' reward and accuracy, the batch's groups, the sampling's
     throughput, and the update's metrics (loss, KL, clip fraction and gradient norm averaged over the iterations,
-    the rest the last iteration's)."""
+    the rest the last iteration's; the sampler mismatch is the batch's, one value per step)."""
     lengths = [len(c) for c in ro["completions"]]
     drawn = sum(len(r["completions"]) for r in rounds)
     m = {"reward": float(first["rewards"].mean()), "accuracy": float(first["correct"].mean()),

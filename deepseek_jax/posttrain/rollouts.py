@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.data.tasks.arithmetic import decode
 from deepseek_jax.inference.generation import generate
 from deepseek_jax.inference.sampling import SamplingParams
@@ -87,21 +88,23 @@ def _texts(ids_list, tokenizer) -> list[str]:
 
 def rollout(config: ModelConfig, params, prompts: Sequence[Sequence[int]], answers: Sequence[str], *,
             group_size: int, max_new_tokens: int, temperature: float, seed: int, stop_ids: Sequence[int],
-            reward_fn: RewardFn = exact_answer, tokenizer=None, speculative: bool = False, mesh=None) -> dict:
-    """``group_size`` samples of each prompt (consecutive rows), their completions (the stop token included),
-    rewards and exact-answer accuracy, and the sampling's throughput."""
+            reward_fn: RewardFn = exact_answer, tokenizer=None, speculative: bool = False, mesh=None,
+            dtype: Optional[str] = None) -> dict:
+    """``group_size`` samples of each prompt (consecutive rows), their completions (the stop token included)
+    with each token's log-probability as the sampler drew it, rewards and exact-answer accuracy, and the
+    sampling's throughput. ``dtype``: the decode's compute and cache dtype (None: ``generate``'s default)."""
     rows = [list(p) for p in prompts for _ in range(group_size)]
     row_answers = [a for a in answers for _ in range(group_size)]
     t0 = time.perf_counter()
     out = generate(config, params, rows, max_new_tokens=max_new_tokens,
                    sampling=SamplingParams(temperature=temperature), seed=seed, eos_token_id=list(stop_ids),
-                   speculative=speculative, mesh=mesh)
+                   speculative=speculative, mesh=mesh, options=None if dtype is None else ModelOptions(dtype=dtype))
     wall = time.perf_counter() - t0
     prompt_texts, completion_texts = _texts(rows, tokenizer), _texts(out.tokens, tokenizer)
     rewards = score(reward_fn, prompt_texts, completion_texts, row_answers)
     correct = score(exact_answer, prompt_texts, completion_texts, row_answers)
-    return {"prompts": rows, "completions": out.tokens, "rewards": rewards, "correct": correct,
-            "texts": completion_texts, "seconds": wall, "stats": out.stats}
+    return {"prompts": rows, "completions": out.tokens, "logprobs": out.logprobs, "rewards": rewards,
+            "correct": correct, "texts": completion_texts, "seconds": wall, "stats": out.stats}
 
 
 def informative_groups(rewards, group_size: int) -> np.ndarray:
@@ -115,7 +118,7 @@ def select_groups(rollouts: Sequence[dict], group_size: int, num_groups: int) ->
     """Dynamic sampling's batch from the rollouts of several rounds (``rollout``'s dicts): the first ``num_groups``
     informative groups in the order drawn, then, if too few, the other groups in the order drawn. Adds
     ``informative`` (how many of the kept groups differ)."""
-    keys = ("prompts", "completions", "rewards", "correct", "texts")
+    keys = ("prompts", "completions", "logprobs", "rewards", "correct", "texts")
     rows = {k: [x for ro in rollouts for x in ro[k]] for k in keys}
     good = informative_groups(np.asarray(rows["rewards"]), group_size)
     order = np.concatenate([np.flatnonzero(good), np.flatnonzero(~good)])[:num_groups]

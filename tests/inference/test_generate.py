@@ -111,3 +111,28 @@ def test_greedy_with_repetition_penalty_matches_transformers():
     assert st["decode_steady_tokens"] == st["generated_tokens"] - 2 * st["batch"]  # one at prefill, one at step 1
     np.testing.assert_allclose(st["decode_first_step_s"] + st["decode_steady_s"], st["decode_s"], rtol=1e-9)
     np.testing.assert_allclose(st["decode_tokens_per_s"], st["decode_steady_tokens"] / st["decode_steady_s"])
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_logprobs_are_the_sampled_tokens_log_probabilities(speculative):
+    """``GenerationResult.logprobs`` (what GRPO keeps from sampling time) against a full forward of each prompt
+    plus its completion: ``log_softmax(logits / T)`` at every generated token (fp32, 1e-4), plain and speculative
+    (the bonus token's and the verified token's alike); greedy gives the model's own log-probability of its
+    argmax."""
+    import jax
+    import jax.numpy as jnp
+
+    import deepseek_jax as dsj
+
+    config, params, _, _ = tiny_checkpoint("tiny-v3")
+    forward = jax.jit(lambda p, toks: dsj.Transformer(config).apply({"params": p}, toks))
+    for sp in (SamplingParams(temperature=0.8), SamplingParams()):
+        res = gen.generate(config, params, PROMPTS, max_new_tokens=NEW, eos_token_id=None, sampling=sp, seed=3,
+                           speculative=speculative)
+        for prompt, tokens, logps in zip(PROMPTS, res.tokens, res.logprobs):
+            assert len(logps) == len(tokens) == NEW
+            logits = forward(params, jnp.asarray([prompt + tokens[:-1]]))[0, len(prompt) - 1:]
+            full = jax.nn.log_softmax(logits / (sp.temperature or 1.0), axis=-1)
+            want = np.asarray(full)[np.arange(NEW), tokens]
+            np.testing.assert_allclose(logps, want, atol=1e-4)
+            assert (np.asarray(logps) < 0).all()

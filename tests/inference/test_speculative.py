@@ -90,11 +90,11 @@ def test_speculative_step_samples_from_the_main_models_distribution():
     cache = kvcache.init_cache(config, b, 32, mtp=True)
     seen = jnp.zeros((b, config.vocab_size), jnp.bool_)
     statics = dict(config=config, options=dsj.ModelOptions(), sampling=sp)
-    cache, _, seen, h2, t_prev = gen._prefill_sample_jit(params, cache, jnp.asarray(tokens), lengths, seen,
+    cache, _, seen, h2, t_prev, _ = gen._prefill_sample_jit(params, cache, jnp.asarray(tokens), lengths, seen,
                                                          jax.random.PRNGKey(0), mtp=True, chunk=None,
                                                          **statics)
     x_vec = jnp.full((b,), x, jnp.int32)  # condition on one next token
-    cache, state, out, accepted = gen._speculative_step_jit(params, cache, lengths, t_prev, x_vec, h2, seen,
+    cache, state, out, accepted, _ = gen._speculative_step_jit(params, cache, lengths, t_prev, x_vec, h2, seen,
                                                             jax.random.PRNGKey(1), **statics)
     out, accepted = np.asarray(out), np.asarray(accepted)
 

@@ -49,7 +49,7 @@ def run_grpo(mesh):
     tr = GRPOTrainer(policy, tc, mesh, gc)
     state = tr.state_from_params(jax.tree.map(np.asarray, params0))
     zeros = np.zeros(host["targets"].shape, np.float32)
-    batch = tr.put_batch({**host, "old_logp": zeros, "ref_logp": zeros})
+    batch = tr.put_batch({**host, "old_logp": zeros, "ref_logp": zeros, "tis_weight": zeros + 1})  # weights 1
     logp = tr.token_logp(state["params"], batch)
     batch["old_logp"] = logp + jnp.asarray(np.random.RandomState(2).normal(0, 0.3, logp.shape), jnp.float32)
     batch["ref_logp"] = tr.token_logp(jax.device_put(ref_params, tr.param_shardings), batch)
