@@ -7,11 +7,13 @@ N tokens (batch and length flattened), D model width, E routed experts, K expert
 from __future__ import annotations
 
 import math
-from typing import Any
+from functools import partial
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
@@ -21,7 +23,7 @@ from deepseek_jax.moe.dispatch import dispatch_local
 from deepseek_jax.moe.expert_parallel import expert_parallel_dispatch
 from deepseek_jax.moe.router import Router
 from deepseek_jax.parallel.mesh import current_mesh
-from deepseek_jax.parallel.rules import rule_axes, token_axes
+from deepseek_jax.parallel.rules import rule_axes, token_axes, token_split
 from deepseek_jax.quant.weights import Fp8Weight
 
 
@@ -108,34 +110,66 @@ class MoE(nn.Module):
     def __call__(self, x: jax.Array, segments: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
         c, o = self.config, self.options
         b, t, d = x.shape
-        flat = x.reshape(b * t, d)
-        weights, idx, scores = Router(c, o, name="gate")(flat)
-        routed, dropped = Experts(c, o, self.rematerialized, name="experts")(flat, weights, idx, b)
+        weights, idx, scores = Router(c, o, name="gate")(x)  # [B, T, K], [B, T, K], [B, T, E]
+        k = idx.shape[-1]
+        routed, dropped = Experts(c, o, self.rematerialized, name="experts")(
+            x.reshape(b * t, d), weights.reshape(b * t, k), idx.reshape(b * t, k), b)
         out = routed.astype(o.compute_dtype).reshape(b, t, d)
         if c.n_shared_experts > 0:
             shared = MLP(c.n_shared_experts * c.moe_intermediate_size, o, c.initializer_range, name="shared_experts")
             out = out + shared(x)
-        mask = (segments > 0).reshape(b * t, 1).astype(jnp.float32)
-        chosen = (jax.nn.one_hot(idx, c.n_routed_experts, dtype=jnp.float32).sum(1) * mask).reshape(b, t, -1)
-        normed = (scores / scores.sum(-1, keepdims=True) * mask).reshape(b, t, -1)
-        stats = {"counts": chosen.sum(1), "scores": normed.sum(1), "dropped": dropped}
-        if c.seq_aux:
-            stats["doc_balance"], stats["documents"] = document_balance(chosen, normed, segments,
-                                                                         c.num_experts_per_tok)
-        return out, stats
+        return out, {"dropped": dropped, **router_stats(idx, scores, segments, c)}
 
 
-def document_balance(chosen: jax.Array, normed: jax.Array, segments: jax.Array, k: int):
+def router_stats(idx: jax.Array, scores: jax.Array, segments: jax.Array, config: ModelConfig) -> dict[str, Any]:
+    """``MoE``'s statistics (its docstring) from the choices ``[B, T, K]``, scores ``[B, T, E]`` and segment ids
+    ``[B, T]``. Under a mesh they are computed per device on its own tokens (``shard_map``): only the per-row sums
+    cross devices, by a ``psum`` over the context axis when it splits the sequence. (Left to GSPMD, the per-document
+    scatter made XLA all-gather every token's choices and segment ids.)"""
+    mesh = current_mesh()
+    if mesh is None or getattr(mesh, "manual_axes", ()):
+        return _row_stats(idx, scores, segments, config, segments.shape[1], ())
+    batch, ctx = token_split(mesh, *segments.shape)
+    bt, ct = batch or None, ctx or None
+    out_specs = {"counts": P(bt, None), "scores": P(bt, None)}
+    if config.seq_aux:
+        out_specs.update(doc_balance=P(bt), documents=P(bt))
+    local = partial(_row_stats, config=config, length=segments.shape[1], ctx=ctx)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(bt, ct, None), P(bt, ct, None), P(bt, ct)),
+                         out_specs=out_specs)(idx, scores, segments)
+
+
+def _row_stats(idx, scores, segments, config: ModelConfig, length: int, ctx: tuple) -> dict[str, Any]:
+    """The statistics of the rows ``idx`` / ``scores`` / ``segments`` hold (``length`` tokens each, split over
+    the ``ctx`` axes when there are any: their partial sums are added over them)."""
+    def total(a):
+        return jax.lax.psum(a, ctx) if ctx else a
+
+    mask = (segments > 0)[..., None].astype(jnp.float32)
+    chosen = jax.nn.one_hot(idx, config.n_routed_experts, dtype=jnp.float32).sum(-2) * mask
+    normed = scores / scores.sum(-1, keepdims=True) * mask
+    stats = {"counts": total(chosen.sum(1)), "scores": total(normed.sum(1))}
+    if config.seq_aux:
+        stats["doc_balance"], stats["documents"] = document_balance(
+            chosen, normed, segments, config.num_experts_per_tok, length, total)
+    return stats
+
+
+def document_balance(chosen: jax.Array, normed: jax.Array, segments: jax.Array, k: int,
+                     length: Optional[int] = None, total: Optional[Callable] = None):
     """Per row ``[B]``: the sum over its documents of ``sum_e f_e P_e`` (``f_e = E / (K T_d) * c_e``, ``P_e =
     S_e / T_d`` over document d's ``T_d`` tokens), and the number of documents. ``chosen`` / ``normed``
-    ``[B, T, E]`` (padding zeroed); ``segments [B, T]`` ids 1..T (0: padding; a larger id counts as T). Summed
-    per document by id, so rows in context parallelism's zig-zag order work alike."""
+    ``[B, T, E]`` (padding zeroed); ``segments [B, T]`` ids 1..length (0: padding; a larger id counts as
+    ``length``, by default T). Summed per document by id, so rows in context parallelism's zig-zag order work
+    alike; ``total`` adds the per-document sums over the devices that hold parts of a row."""
     b, t, e = chosen.shape
+    length = t if length is None else length
     rows = jnp.arange(b)[:, None]
-    doc = jnp.clip(segments, 0, t)
+    doc = jnp.clip(segments, 0, length)
 
-    def per_doc(a):  # [B, T, E] -> [B, T, E]: row r's document d in slot d - 1
-        return jnp.zeros((b, t + 1, e), jnp.float32).at[rows, doc].add(a)[:, 1:]
+    def per_doc(a):  # [B, T, E] -> [B, length, E]: row r's document d in slot d - 1
+        sums = jnp.zeros((b, length + 1, e), jnp.float32).at[rows, doc].add(a)[:, 1:]
+        return sums if total is None else total(sums)
 
     counts, sums = per_doc(chosen), per_doc(normed)
     tokens = counts.sum(-1, keepdims=True) / k

@@ -6,14 +6,19 @@ N tokens, E routed experts, K experts per token.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.layers.linear import MatmulRecipe
 from deepseek_jax.ops import contract_last
+from deepseek_jax.parallel.mesh import current_mesh
+from deepseek_jax.parallel.rules import token_split
 
 
 def router_scores(logits: jax.Array, scoring_func: str) -> jax.Array:
@@ -25,31 +30,31 @@ def router_scores(logits: jax.Array, scoring_func: str) -> jax.Array:
 
 
 def _group_mask(choice: jax.Array, config: ModelConfig) -> jax.Array:
-    """``[N, E]`` True for experts in the ``topk_group`` best groups.
+    """``[..., E]`` True for experts in the ``topk_group`` best groups.
 
     A group is scored by its best expert (V2 ``group_limited_greedy``) or by the sum of its best two
     (V3 ``noaux_tc``, computed on the bias-corrected scores).
     """
-    n, e = choice.shape
-    grouped = choice.reshape(n, config.n_group, e // config.n_group)
+    *lead, e = choice.shape
+    grouped = choice.reshape(*lead, config.n_group, e // config.n_group)
     if config.topk_method == "noaux_tc":
         group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
     else:
         group_scores = grouped.max(-1)
     _, top_groups = jax.lax.top_k(group_scores, config.topk_group)
-    keep = jax.nn.one_hot(top_groups, config.n_group, dtype=jnp.bool_).any(axis=1)  # [N, G]
-    return jnp.repeat(keep, e // config.n_group, axis=1)
+    keep = jax.nn.one_hot(top_groups, config.n_group, dtype=jnp.bool_).any(axis=-2)  # [..., G]
+    return jnp.repeat(keep, e // config.n_group, axis=-1)
 
 
 def select_experts(scores: jax.Array, bias: jax.Array | None, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """Top-K experts per token and their combine weights.
 
-    scores ``[N, E]`` fp32 from ``router_scores``; bias ``[E]`` (``noaux_tc`` only) shifts which experts are
+    scores ``[..., E]`` fp32 from ``router_scores``; bias ``[E]`` (``noaux_tc`` only) shifts which experts are
     chosen but never the weights, which are gathered from the unbiased scores, optionally renormalized over
     the K chosen (``norm_topk_prob``, +1e-20 as the reference), then times ``routed_scaling_factor``.
     Sigmoid routers renormalize for any K (V3's code and transformers do, so top-1 gets weight 1); softmax
     routers only for K > 1, as DeepSeek's V2 code does.
-    Returns weights ``[N, K]`` fp32 and expert ids ``[N, K]`` int32.
+    Returns weights ``[..., K]`` fp32 and expert ids ``[..., K]`` int32.
     """
     choice = scores if bias is None else scores + bias.astype(jnp.float32)
     if config.topk_method in ("group_limited_greedy", "noaux_tc") and config.n_group > 1:
@@ -61,8 +66,33 @@ def select_experts(scores: jax.Array, bias: jax.Array | None, config: ModelConfi
     return weights * config.routed_scaling_factor, idx.astype(jnp.int32)
 
 
+def _select_per_shard(scores: jax.Array, bias: Optional[jax.Array], config: ModelConfig):
+    """``select_experts`` on scores ``[B, T, E]``, under a mesh run per device on its own tokens (``shard_map``
+    over the batch and context axes the tokens are split over; the bias ``[E]`` is replicated, E floats).
+
+    Routing is per token, so no device needs another's scores. Left to GSPMD, XLA:CPU's partitioner does not
+    split ``top_k`` over its batch dims: it all-gathered every token's scores ``[B, T, E]`` (and the grouped
+    ``[B, T, G, E / G]``) in each MoE layer and pass, and with them the choices. (The TPU compiler splits
+    ``top_k`` itself; this way the step's routing is per shard on every backend, and the CPU HLO, which the
+    tests read, says what a TPU runs.)"""
+    mesh = current_mesh()
+    if mesh is None or getattr(mesh, "manual_axes", ()) or scores.ndim != 3:
+        return select_experts(scores, bias, config)
+    batch, ctx = token_split(mesh, *scores.shape[:2])
+    spec = P(batch or None, ctx or None, None)
+    if bias is None:
+        return jax.shard_map(lambda s: select_experts(s, None, config), mesh=mesh, in_specs=spec,
+                             out_specs=(spec, spec))(scores)
+    return jax.shard_map(lambda s, v: select_experts(s, v, config), mesh=mesh, in_specs=(spec, P()),
+                         out_specs=(spec, spec))(scores, bias)
+
+
 class Router(nn.Module):
-    """The gate: fp32 logits (kept out of the matmul recipe), scores, and the aux-loss-free bias."""
+    """The gate: fp32 logits (kept out of the matmul recipe), scores, and the aux-loss-free bias.
+
+    Takes the tokens ``[B, T, D]`` (or any leading dims) and returns weights / ids ``[..., K]`` and scores
+    ``[..., E]``. Under a mesh the choice runs per device on its own tokens (``_select_per_shard``).
+    """
 
     config: ModelConfig
     options: ModelOptions
@@ -90,7 +120,7 @@ class Router(nn.Module):
         logits = MatmulRecipe(jnp.float32, platform=self.options.target_platform()).dot_general(
             x, kernel, contract_last(1, x.ndim))
         scores = router_scores(logits, c.scoring_func)
-        weights, idx = select_experts(scores, bias, c)
+        weights, idx = _select_per_shard(scores, bias, c)
         # Researchers can read every layer's decisions with apply(..., mutable=["intermediates"]).
         self.sow("intermediates", "routing", {"experts": idx, "weights": weights})
         return weights, idx, scores

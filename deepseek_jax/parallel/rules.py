@@ -95,15 +95,20 @@ def dividing_axes(name: str, dim: int, mesh) -> tuple[str, ...]:
     return largest_dividing(tuple(a for a in rule_axes(name) if mesh.shape.get(a, 1) > 1), dim, mesh)
 
 
-def token_axes(mesh, batch: int, length: Optional[int] = None) -> tuple[str, ...]:
-    """The mesh axes ``batch x length`` tokens are split over, in order, as the activations are: the
-    ``act_batch`` axes that divide the batch, then the ``act_length`` (context) axes where they divide the
-    sequence."""
-    split = dividing_axes("act_batch", batch, mesh)
+def token_split(mesh, batch: int, length: Optional[int] = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(batch axes, length axes)``: how ``batch x length`` tokens are split, as the activations are: the
+    ``act_batch`` axes that divide the batch, and the ``act_length`` (context) axes where they divide the
+    sequence (else none)."""
     ctx = tuple(a for a in rule_axes("act_length") if mesh.shape.get(a, 1) > 1)
-    if length is not None and ctx and length % math.prod(mesh.shape[a] for a in ctx) == 0:
-        split += ctx
-    return split
+    if length is None or not ctx or length % math.prod(mesh.shape[a] for a in ctx):
+        ctx = ()
+    return dividing_axes("act_batch", batch, mesh), ctx
+
+
+def token_axes(mesh, batch: int, length: Optional[int] = None) -> tuple[str, ...]:
+    """The mesh axes ``batch x length`` tokens are split over, in order (``token_split``'s two, joined)."""
+    split, ctx = token_split(mesh, batch, length)
+    return split + ctx
 
 
 def mesh_axes_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh, rules) -> PartitionSpec:

@@ -310,22 +310,33 @@ for instrs in comps.values():
     for ins in instrs:
         op = ins.opcode[:-6] if ins.opcode.endswith("-start") else ins.opcode
         if op in ("all-gather", "all-reduce", "all-to-all", "reduce-scatter"):
-            ops.append((op, _result_bytes(ins, op)))
+            ops.append((op, _result_bytes(ins, op), ins.shape))
 stack = config.n_routed_experts * config.hidden_size * config.moe_intermediate_size * 4
 dispatch = B * T * config.num_experts_per_tok * config.hidden_size * 4
-print("RESULT " + json.dumps({"ops": ops, "stack": stack, "dispatch": dispatch}))
+print("RESULT " + json.dumps({"ops": ops, "stack": stack, "dispatch": dispatch, "batch": [B, T]}))
 """
 
 
 def test_ep_train_step_moves_rows_not_weights():
-    """The compiled expert-parallel train step (expert=8): rows travel by all-to-all, and no all-gather or
-    all-reduce is as large as one layer's expert weight stack or the global dispatch buffer."""
+    """The compiled expert-parallel train step (expert=8): rows travel by all-to-all; no all-gather or
+    all-reduce is as large as one layer's expert weight stack or the global dispatch buffer; and routing stays on
+    each device's tokens: no collective carries an array over every token (``[B, T, ...]`` or ``[B * T, ...]``),
+    as the all-gathered scores ``[B, T, E]``, choices and weights ``[B * T, K]`` did (issue 23.10)."""
+    import re
+
     out = _run(HLO_SCRIPT)
     threshold = min(out["stack"], out["dispatch"])
-    kinds = {op for op, _ in out["ops"]}
+    kinds = {op for op, _, _ in out["ops"]}
     assert "all-to-all" in kinds, kinds
-    big = [(op, b) for op, b in out["ops"] if op in ("all-gather", "all-reduce") and b >= threshold]
+    big = [(op, b) for op, b, _ in out["ops"] if op in ("all-gather", "all-reduce") and b >= threshold]
     assert not big, (threshold, big)
+    b, t = out["batch"]
+    # Except the token ids [B, T] int32, which the embedding lookup replicates by design (layers/embed.py).
+    every_token = [(op, shape) for op, _, shape in out["ops"] if op != "all-to-all"
+                   for dtype, dims in re.findall(r"(\w+)\[([\d,]+)\]", shape)
+                   if (dims.split(",")[:2] == [str(b), str(t)] or dims.split(",")[0] == str(b * t))
+                   and (dtype, dims) != ("s32", f"{b},{t}")]
+    assert not every_token, every_token
 
 
 def test_capacity_is_shared_max_min_fairly_over_local_experts():
