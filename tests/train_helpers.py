@@ -41,9 +41,9 @@ def run_steps(mesh_spec: str | None, n_steps: int = 2, devices=None, tc: TrainCo
     losses = []
     for i in range(n_steps):
         local = batch(i)
-        if jax.process_count() > 1:
-            per = local["inputs"].shape[0] // jax.process_count()
-            local = {k: v[jax.process_index() * per:(jax.process_index() + 1) * per] for k, v in local.items()}
+        if jax.process_count() > 1:  # this process's rows only (parts of them go to its devices)
+            start, stop = trainer.process_rows()
+            local = {k: v[start:stop] for k, v in local.items()}
         state, metrics = trainer.run_step(state, trainer.put_batch(local))
         losses.append(float(metrics["total_loss"]))
     from jax.experimental import multihost_utils

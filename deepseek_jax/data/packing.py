@@ -69,11 +69,14 @@ class Dataset:
     """An endless, seeded, resumable iterator of packed batches (see the module docstring).
 
     With ``process_count > 1`` each process yields rows ``[p*b, (p+1)*b)`` of every global batch of
-    ``batch_size`` rows, ``b = batch_size // process_count``; the global batch does not depend on it.
+    ``batch_size`` rows, ``b = batch_size // process_count``; or, with ``rows=(start, stop)``, exactly those rows
+    (what ``Trainer.process_rows`` says a process's devices hold: several processes may feed the same rows, when
+    the context or tensor axis spans them). The global batch does not depend on either.
     """
 
     def __init__(self, corpus: Corpus, *, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 process_index: int = 0, process_count: int = 1, vocab_size: Optional[int] = None,
+                 process_index: int = 0, process_count: int = 1, rows: Optional[tuple[int, int]] = None,
+                 vocab_size: Optional[int] = None,
                  special: SpecialIds = SpecialIds(BOS_ID, EOS_ID, PAD_ID),
                  decode: Optional[Callable[..., str]] = None,
                  loss_filter: Optional[Callable[[dict], np.ndarray]] = None):
@@ -90,7 +93,13 @@ class Dataset:
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), check_seed(seed)
         self.shuffle = shuffle
         self.process_index, self.process_count = int(process_index), int(process_count)
-        self.local_batch_size = self.batch_size // self.process_count
+        if rows is None:
+            b = self.batch_size // self.process_count
+            rows = (self.process_index * b, (self.process_index + 1) * b)
+        if not 0 <= int(rows[0]) < int(rows[1]) <= self.batch_size:
+            raise DataError(f"rows={tuple(rows)}: expected 0 <= start < stop <= batch_size={self.batch_size}")
+        self.rows = (int(rows[0]), int(rows[1]))
+        self.local_batch_size = self.rows[1] - self.rows[0]
         self.special = special
         self.vocab_size = int(vocab_size) if vocab_size is not None else corpus.max_token() + 1
         self.decode = decode
@@ -140,7 +149,7 @@ class Dataset:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        ours = range(self.process_index * self.local_batch_size, (self.process_index + 1) * self.local_batch_size)
+        ours = range(*self.rows)
         rows = []
         for i in range(self.batch_size):
             if i in ours:
@@ -204,7 +213,8 @@ class Dataset:
 
 
 def make_dataset(source: Union[str, os.PathLike, None] = None, *, seq_len: int, batch_size: int, seed: int = 0,
-                 tokenizer=None, process_index: int = 0, process_count: int = 1, shuffle: bool = True,
+                 tokenizer=None, process_index: int = 0, process_count: int = 1,
+                 rows: Optional[tuple[int, int]] = None, shuffle: bool = True,
                  eos_id: Optional[int] = None, text_field: str = "text", txt_documents: str = "paragraphs",
                  arithmetic_documents: int = DEFAULT_ARITHMETIC_DOCUMENTS, arithmetic_loss: str = "all",
                  chat_style: str = "v3") -> Dataset:
@@ -223,7 +233,7 @@ def make_dataset(source: Union[str, os.PathLike, None] = None, *, seq_len: int, 
     tokenizer's size, or for ``.npy`` without a tokenizer the largest id + 1.
     """
     common = dict(seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                  process_index=process_index, process_count=process_count)
+                  process_index=process_index, process_count=process_count, rows=rows)
     if source is None or os.fspath(source) == "arithmetic":
         if tokenizer is not None:
             raise DataError("the arithmetic data has its own character vocabulary; pass tokenizer=None with it")

@@ -169,6 +169,24 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(axes if axes else None, *rest))
 
 
+def process_rows(mesh: Mesh, batch: int, length: int) -> tuple[int, int]:
+    """``(start, stop)``: the rows of a ``[batch, length]`` global batch (``batch_sharding``) that this process's
+    devices hold, whole or in part. With the context (or tensor) axis spanning processes, several processes hold
+    the same rows (each a slice of their tokens, or a replica); ``Trainer.put_batch`` takes them whole and places
+    each device's part. Raises if they are not one contiguous range (a mesh whose device order interleaves the
+    processes along the batch)."""
+    index = batch_sharding(mesh).addressable_devices_indices_map((batch, length))
+    spans = sorted({(rows.start or 0, batch if rows.stop is None else rows.stop) for rows, *_ in index.values()})
+    start, stop = spans[0]
+    for lo, hi in spans[1:]:
+        if lo > stop:
+            raise ValueError(f"process {jax.process_index()}'s devices hold rows {spans} of the global batch of "
+                             f"{batch}: not one contiguous range; build the mesh with each process's devices "
+                             "together along the batch axes")
+        stop = max(stop, hi)
+    return start, stop
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

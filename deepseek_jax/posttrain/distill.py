@@ -215,7 +215,7 @@ def distill(config: ModelConfig, tc: TrainConfig, dc: DistillConfig, workdir: st
                                              seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed)
     else:
         dataset = make_dataset(data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed,
-                               tokenizer=tokenizer, arithmetic_loss=arithmetic_loss)
+                               tokenizer=tokenizer, arithmetic_loss=arithmetic_loss, rows=trainer.process_rows())
         if dataset.vocab_size > config.vocab_size:
             raise ValueError(f"the data's vocabulary has {dataset.vocab_size} ids but the student's vocab_size is "
                              f"{config.vocab_size}")

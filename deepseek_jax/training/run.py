@@ -92,7 +92,7 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     rendered with."""
     trainer = Trainer(config, tc, make_mesh(mesh_spec))
     dataset = make_dataset(data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
-                           eos_id=eos_id, process_index=jax.process_index(), process_count=jax.process_count(),
+                           eos_id=eos_id, rows=trainer.process_rows(),
                            arithmetic_loss=arithmetic_loss, chat_style=chat_style)
     if dataset.vocab_size > config.vocab_size:
         raise ValueError(f"the data's vocabulary has {dataset.vocab_size} ids but the model's vocab_size is "

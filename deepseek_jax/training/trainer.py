@@ -25,6 +25,7 @@ from deepseek_jax.parallel.rules import (
     batch_sharding,
     logical_rules,
     param_shardings,
+    process_rows,
     replicated,
 )
 from deepseek_jax.training import losses
@@ -276,15 +277,38 @@ class Trainer:
         """Every batch entry over the batch axes (dim 0; dim 1 over the context axis when it is > 1)."""
         return {k: batch_sharding(self.mesh, self.batch_ndims.get(k, 2)) for k in self.batch_keys}
 
+    def process_rows(self) -> tuple[int, int]:
+        """``(start, stop)``: the rows of the global batch this process feeds (``parallel/rules.py``'s
+        ``process_rows``): ``(0, batch_size)`` in one process."""
+        if jax.process_count() == 1:
+            return 0, self.tc.batch_size
+        return process_rows(self.mesh, self.tc.batch_size, self.tc.seq_len)
+
     def put_batch(self, local_batch: dict) -> dict:
-        """This process's rows of the global batch -> global arrays sharded over the batch axes."""
+        """Host rows -> global arrays sharded over the batch axes (and the context axis). In one process the
+        whole batch; in several, each process gives its ``process_rows()`` rows, whole (every token), or the
+        whole global batch, and each of its devices is given its part: a block of rows, a slice of their tokens
+        when the context axis spans processes, or a replica."""
         out = {}
+        multi = jax.process_count() > 1
+        start, stop = self.process_rows() if multi else (0, 0)
         for k, sharding in self.batch_shardings().items():
             x = np.asarray(local_batch[k])
-            if jax.process_count() == 1:
+            if not multi:
                 out[k] = jax.device_put(x, sharding)
-            else:
-                out[k] = jax.make_array_from_process_local_data(sharding, x)
+                continue
+            b = self.tc.batch_size
+            if x.shape[0] not in (b, stop - start):
+                raise ValueError(f"batch entry {k!r}: {x.shape[0]} rows; process {jax.process_index()} feeds rows "
+                                 f"[{start}, {stop}) of the global batch of {b} (or all {b})")
+            offset = 0 if x.shape[0] == b else start
+
+            def part(index, x=x, offset=offset):
+                rows = index[0]
+                return x[(slice((rows.start or 0) - offset, (b if rows.stop is None else rows.stop) - offset),
+                          *index[1:])]
+
+            out[k] = jax.make_array_from_callback((b, *x.shape[1:]), sharding, part)
         return out
 
     # ----- accounting -------------------------------------------------------------------------------

@@ -122,6 +122,14 @@ def test_process_slices_concatenate_to_global_batch():
     assert procs[0].state() == procs[2].state()
     with pytest.raises(data_corpus.DataError, match="not divisible by process_count=4"):
         packing.make_dataset(None, process_count=4, **kw)
+    # Rows given as a range (Trainer.process_rows): overlapping ranges, as processes that share rows feed them.
+    ranges = [(0, 6), (1, 4), (3, 6)]
+    procs = [packing.make_dataset(None, rows=r, **kw) for r in ranges]
+    for step in range(5):
+        for (lo, hi), ds in zip(ranges, procs):
+            _assert_same([next(ds)], [{k: v[lo:hi] for k, v in reference[step].items()}])
+    with pytest.raises(data_corpus.DataError, match=r"rows=\(4, 9\): expected 0 <= start < stop <= batch_size=6"):
+        packing.make_dataset(None, rows=(4, 9), **kw)
 
 
 # ----- readers -------------------------------------------------------------------------------------------

@@ -365,32 +365,45 @@ import json, os, sys
 from deepseek_jax.parallel.mesh import initialize_distributed
 initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 import jax
-from train_helpers import run_steps
-losses, params, _ = run_steps("data=2,fsdp=2,expert=2")
+from deepseek_jax.parallel.mesh import make_mesh
+from deepseek_jax.training.trainer import Trainer
+from train_helpers import CONFIG, TRAIN, run_steps
 assert jax.device_count() == 8 and jax.local_device_count() == 4
-print("RESULT " + json.dumps({"losses": losses}))
+out = {}
+for spec in SPECS:
+    out[spec] = {"losses": run_steps(spec)[0], "rows": Trainer(CONFIG, TRAIN, make_mesh(spec)).process_rows()}
+print("RESULT " + json.dumps(out))
 """
+# data x fsdp x expert: each process holds whole rows (its half of the batch). context=8: the sequence is split
+# over both processes, each feeds every row and its devices take their slices of the tokens (issue 23.9).
+TWO_PROCESS_SPECS = ["data=2,fsdp=2,expert=2", "context=8"]
 
 
 @pytest.mark.slow
 def test_two_processes_match_one():
+    """Two processes of 4 devices each against one of 8, on a mesh whose batch axes span the processes and on
+    one whose context axis does: the same losses."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = _subprocess_env(4)
-    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, f"127.0.0.1:{port}", str(i)], env=env,
+    script = TWO_PROCESS_SCRIPT.replace("SPECS", repr(TWO_PROCESS_SPECS), 1)
+    procs = [subprocess.Popen([sys.executable, "-c", script, f"127.0.0.1:{port}", str(i)], env=env,
                               cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
-    multi = [json.loads([l for l in o.splitlines() if l.startswith("RESULT ")][-1][7:])["losses"] for o, _ in outs]
+    multi = [json.loads([l for l in o.splitlines() if l.startswith("RESULT ")][-1][7:]) for o, _ in outs]
     single = _run_json("import json\nfrom train_helpers import run_steps\n"
-                       "print('RESULT ' + json.dumps({'losses': run_steps('data=2,fsdp=2,expert=2')[0]}))",
-                       _subprocess_env(8))["losses"]
-    np.testing.assert_allclose(multi[0], single, rtol=1e-5)
-    np.testing.assert_allclose(multi[1], single, rtol=1e-5)
+                       f"print('RESULT ' + json.dumps({{s: run_steps(s)[0] for s in {TWO_PROCESS_SPECS!r}}}))",
+                       _subprocess_env(8))
+    assert [m["data=2,fsdp=2,expert=2"]["rows"] for m in multi] == [[0, 4], [4, 8]]
+    assert [m["context=8"]["rows"] for m in multi] == [[0, 8], [0, 8]]
+    for spec in TWO_PROCESS_SPECS:
+        np.testing.assert_allclose(multi[0][spec]["losses"], single[spec], rtol=1e-5)
+        np.testing.assert_allclose(multi[1][spec]["losses"], single[spec], rtol=1e-5)
 
 
 # ----- checkpoints and resume -------------------------------------------------------------------------
