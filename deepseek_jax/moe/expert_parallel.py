@@ -1,7 +1,7 @@
 """Expert parallelism: the routed experts under ``jax.shard_map`` (docs/architecture.md, "Expert parallelism").
 
-Routing, the shared experts and the router statistics stay outside, under GSPMD; only the dispatch runs per
-device. Every device holds its own tokens (the batch axes split them) and ``E / EP`` experts (the ``expert``
+The router's choice and statistics run per device in their own ``shard_map``s (``router.py``, ``layer.py``); the
+shared experts stay under GSPMD. Every device holds its own tokens (the batch axes split them) and ``E / EP`` experts (the ``expert``
 axis splits the expert stacks; ``fsdp`` is gathered once per layer and pass before entering, as for any FSDP
 weight, and ``tensor`` splits the expert width, reduced by a ``psum`` at the end). Per layer, on each device:
 
