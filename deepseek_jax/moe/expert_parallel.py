@@ -1,9 +1,10 @@
 """Expert parallelism: the routed experts under ``jax.shard_map`` (docs/architecture.md, "Expert parallelism").
 
 The router's choice and statistics run per device in their own ``shard_map``s (``router.py``, ``layer.py``); the
-shared experts stay under GSPMD. Every device holds its own tokens (the batch axes split them) and ``E / EP`` experts (the ``expert``
-axis splits the expert stacks; ``fsdp`` is gathered once per layer and pass before entering, as for any FSDP
-weight, and ``tensor`` splits the expert width, reduced by a ``psum`` at the end). Per layer, on each device:
+shared experts stay under GSPMD. Every device holds its own tokens (the batch axes split them) and ``E / EP``
+experts (the ``expert`` axis splits the expert stacks; ``fsdp`` is gathered once per layer and pass before
+entering, as for any FSDP weight, and ``tensor`` splits the expert width, reduced by a ``psum`` at the end). Per
+layer, on each device:
 
 1. sort its N*K token-expert rows by expert (so by the device that owns the expert);
 2. exchange per-expert counts (a small all-gather over ``expert``): every device learns the layout of what it

@@ -124,9 +124,25 @@ class Plan:
                 if s.compiled:
                     cells = [s.collectives.get(k, CollectiveStats()) for k in kinds]
                     lines.append(f"{s.name:<15}" + "".join(f"{c.count:>14,d} {c.bytes / scale:>10.2f}" for c in cells))
+            lines += self._balanced_ragged(scale, unit)
         else:
             lines.append("  none")
         return "\n".join(lines)
+
+    def _balanced_ragged(self, scale: float, unit: str) -> list[str]:
+        """Rows a ragged all-to-all moves under balanced routing, by hand: a dropless exchange's receive buffer holds
+        EP x a device's rows (the worst case, all of every peer's rows to one device); balanced, each device
+        receives as many rows as it sends, 1 / EP of it, and (EP - 1) / EP of those from other chips."""
+        ep = self.mesh.get("expert", 1)
+        out = []
+        for s in self.steps:
+            ragged = s.collectives.get("ragged-all-to-all") if s.compiled else None
+            if ragged is not None and ep > 1:
+                got, remote = ragged.bytes / ep / scale, ragged.bytes * (ep - 1) / ep / ep / scale
+                out.append(f"{s.name}: under balanced routing the ragged all-to-alls receive ~{got:.2f} {unit} per "
+                           f"step (1/{ep} of the buffers, dropless), {remote:.2f} {unit} of it from other chips "
+                           "(by hand)")
+        return out
 
 
 # ----- devices ------------------------------------------------------------------------------------------------

@@ -86,3 +86,20 @@ def test_plan_exits_nonzero_when_a_step_does_not_fit(tmp_path):
     data = json.loads(out.read_text())
     assert data["fits"] is False and data["device_memory"] == 100_000
     assert data["steps"][0]["peak_bytes"] > 100_000
+
+
+def test_plan_table_says_what_a_ragged_exchange_moves_under_balanced_routing():
+    """A dropless ragged all-to-all's buffer holds EP x a device's rows; balanced, a device receives 1 / EP of it,
+    (EP - 1) / EP of that from other chips: 5.17 GB of buffers on expert=8 -> 0.65 GB received, 0.57 GB remote."""
+    from deepseek_jax.tools.hlo import CollectiveStats
+    from deepseek_jax.tools.plan import Plan, StepPlan
+
+    step = StepPlan("train", True, temp_bytes=19 * 10**9, collectives={"ragged-all-to-all": CollectiveStats(9, 5.17e9),
+                                                "all-gather": CollectiveStats(12, 8.46e9)})
+    plan = Plan("m", "v5p:4x4x4", "TPU v5", 64, None, {"fsdp": 8, "expert": 8}, 64, 1024, 1024, "bf16", "full", 1,
+                [step])
+    line = [x for x in plan.table().splitlines() if "balanced routing" in x]
+    assert line == ["train: under balanced routing the ragged all-to-alls receive ~0.65 GB per step (1/8 of the "
+                    "buffers, dropless), 0.57 GB of it from other chips (by hand)"]
+    plan.mesh = {"fsdp": 64}
+    assert "balanced routing" not in plan.table()
