@@ -1,0 +1,141 @@
+"""DeepSeek Sparse Attention (DSA, DeepSeek-V3.2): the lightning indexer's top-k selection and MLA over the
+selected latent entries only, both blockwise (docs/reference.md, V3.2).
+
+The indexer scores every visible key s for query t, ``I[t, s] = sum_j w[t, j] ReLU(scale q[t, j] . k[s])`` (fp32),
+and each query keeps its ``topk`` best keys; attention then reads only those. Neither ever forms the ``[T, S]``
+score matrix: queries go in blocks of ``q_block`` (a ``lax.scan``), and for each the indexer walks the keys in
+blocks of ``k_block``, merging each block's candidates with the ``topk`` kept so far (a running top-k); the
+attention of a query block gathers its ``[q_block, topk]`` latent rows and attends in the absorbed (latent) form,
+under ``jax.checkpoint`` so that the backward pass keeps no block's gathered rows.
+
+Shapes: B batch, T queries, S keys, H heads (the indexer's Hi, or MLA's), D the indexer's head dim, R + P the
+latent entry (``kv_lora_rank`` + ``qk_rope_head_dim``), K = min(topk, S).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.layers.attention.layout import Layout, visible
+
+NEG = -jnp.inf
+
+
+def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, scale: float) -> jax.Array:
+    """``I [B,T,S]`` fp32 of queries ``q [B,T,Hi,D]`` against keys ``k [B,S,D]`` with head weights ``w [B,T,Hi]``:
+    ``sum_j w[t, j] ReLU(scale q[t, j] . k[s])`` (the reference's order: scale, ReLU, weighted head sum)."""
+    s = jnp.einsum("bthd,bsd->bths", q.astype(jnp.float32), k.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("bth,bths->bts", w.astype(jnp.float32), jax.nn.relu(s * scale),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def _blocks(n: int, block: int) -> tuple[int, int]:
+    """``(block, count)``: ``n`` padded up to a multiple of ``min(block, n)``."""
+    block = max(1, min(block, n))
+    return block, -(-n // block)
+
+
+def _pad_to(x: jax.Array, axis: int, n: int, value=0) -> jax.Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def indexer_topk(q: jax.Array, k: jax.Array, w: jax.Array, layout: Layout, topk: int, scale: float,
+                 q_block: int = 128, k_block: int = 512) -> tuple[jax.Array, jax.Array]:
+    """Each query's ``topk`` visible keys by index score (``index_scores``), blockwise with a running top-k.
+
+    ``layout``: who sees whom (causal, packed documents apart, padding seen by no one). Returns the keys' slots
+    ``idx [B,T,K]`` int32 and ``valid [B,T,K]``: False where the query sees fewer than K keys (those slots are
+    filler, never attended). A query's kept set is exactly the top-K of its visible scores (ties aside).
+    """
+    b, t, hi, d = q.shape
+    s = k.shape[1]
+    kk = min(topk, s)
+    qb, nq = _blocks(t, q_block)
+    kb, nk = _blocks(s, k_block)
+    qs = _pad_to(q, 1, qb * nq).reshape(b, nq, qb, hi, d).swapaxes(0, 1)
+    ws = _pad_to(w, 1, qb * nq).reshape(b, nq, qb, hi).swapaxes(0, 1)
+    q_index = _pad_to(layout.q_index, 1, qb * nq).reshape(b, nq, qb).swapaxes(0, 1)
+    q_segment = _pad_to(layout.q_segment, 1, qb * nq, -1).reshape(b, nq, qb).swapaxes(0, 1)
+    ks = _pad_to(k, 1, kb * nk).reshape(b, nk, kb, d).swapaxes(0, 1)
+    k_index = _pad_to(layout.k_index, 1, kb * nk).reshape(b, nk, kb).swapaxes(0, 1)
+    k_segment = _pad_to(layout.k_segment, 1, kb * nk).reshape(b, nk, kb).swapaxes(0, 1)  # 0: padding
+    slots = jnp.arange(kb * nk, dtype=jnp.int32).reshape(nk, kb)
+
+    def query_block(_, qpart):
+        qq, qw, qi, qseg = qpart
+
+        def key_block(kept, kpart):
+            vals, idx = kept
+            kx, ki, kseg, slot = kpart
+            sc = index_scores(qq, kx, qw, scale)  # [B, qb, kb]
+            sc = jnp.where(visible(Layout(qi, qseg, ki, kseg)), sc, NEG)
+            merged_vals = jnp.concatenate([vals, sc], axis=-1)
+            merged_idx = jnp.concatenate([idx, jnp.broadcast_to(slot, sc.shape)], axis=-1)
+            vals, pick = jax.lax.top_k(merged_vals, kk)
+            return (vals, jnp.take_along_axis(merged_idx, pick, axis=-1)), None
+
+        init = (jnp.full((b, qb, kk), NEG, jnp.float32), jnp.zeros((b, qb, kk), jnp.int32))
+        (vals, idx), _ = jax.lax.scan(key_block, init, (ks, k_index, k_segment, slots))
+        return None, (idx, vals > NEG)
+
+    _, (idx, valid) = jax.lax.scan(query_block, None, (qs, ws, q_index, q_segment))
+    idx = idx.swapaxes(0, 1).reshape(b, nq * qb, kk)[:, :t]
+    valid = valid.swapaxes(0, 1).reshape(b, nq * qb, kk)[:, :t]
+    return idx, valid
+
+
+def sparse_latent_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, valid: jax.Array, scale: float,
+                            rank: int, q_block: int = 64) -> jax.Array:
+    """MLA in the absorbed (latent) form over each query's selected entries only.
+
+    ``q [B,T,H,R+P]``: absorbed queries (``q_nope W_uk`` then ``q_pe``); ``kv [B,S,R+P]``: the latent cache rows
+    (``c_kv`` then ``k_pe``); ``idx`` / ``valid`` ``[B,T,K]`` from ``indexer_topk``. Per query block the K rows
+    are gathered, scored (fp32), softmaxed over the valid ones and their first ``rank`` dims (``c_kv``) averaged:
+    -> ``[B,T,H,R]`` in q's dtype (0 for a query with no valid entry). Memory per block ``[B, q_block, K, R+P]``;
+    the blocks run under ``jax.checkpoint`` (their gathered rows are recomputed in the backward pass).
+    """
+    b, t, h, e = q.shape
+    qb, nq = _blocks(t, q_block)
+    kk = idx.shape[-1]
+    qs = _pad_to(q, 1, qb * nq).reshape(b, nq, qb, h, e).swapaxes(0, 1)
+    ids = _pad_to(idx, 1, qb * nq).reshape(b, nq, qb, kk).swapaxes(0, 1)
+    oks = _pad_to(valid, 1, qb * nq, False).reshape(b, nq, qb, kk).swapaxes(0, 1)
+
+    @partial(jax.checkpoint, prevent_cse=False)
+    def block(qq, ii, ok, kv):
+        rows = jax.vmap(lambda table, sel: table[sel])(kv, ii)  # [B, qb, K, R+P]
+        sc = jnp.einsum("bthe,btke->bthk", qq, rows, preferred_element_type=jnp.float32,
+                        precision=jax.lax.Precision.HIGHEST) * scale
+        mask = ok[:, :, None, :]
+        p = jax.nn.softmax(jnp.where(mask, sc, -1e30), axis=-1)
+        p = jnp.where(mask, p, 0.0)
+        out = jnp.einsum("bthk,btkr->bthr", p, rows[..., :rank].astype(jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST)
+        return out.astype(q.dtype)
+
+    def step(_, part):
+        return None, block(*part, kv)
+
+    _, out = jax.lax.scan(step, None, (qs, ids, oks))
+    return out.swapaxes(0, 1).reshape(b, nq * qb, h, rank)[:, :t]
+
+
+def indexer_kl_loss(index_logits: jax.Array, attention_probs: jax.Array, mask: jax.Array) -> jax.Array:
+    """The indexer's training loss (DeepSeek-V3.2): per query, ``KL(p || softmax(I))`` where the target ``p`` is the
+    main attention's probabilities summed over heads and L1-normalized over the keys in ``mask``, and the
+    indexer's distribution is the softmax of its scores over the same keys; summed over the queries that have
+    any. ``index_logits`` / ``attention_probs`` / ``mask`` ``[B,T,S]`` (the dense warm-up: the visible keys; the
+    sparse stage: the selected ones, gathered to ``[B,T,K]``); ``attention_probs`` is a target (no gradient).
+    Returns the sum over queries (fp32); divide by the query count for a mean."""
+    p = jax.lax.stop_gradient(jnp.where(mask, attention_probs.astype(jnp.float32), 0.0))
+    total = p.sum(-1, keepdims=True)
+    p = p / jnp.where(total > 0, total, 1.0)
+    logq = jax.nn.log_softmax(jnp.where(mask, index_logits.astype(jnp.float32), -1e30), axis=-1)
+    kl = jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0).sum(-1)
+    return jnp.where(total[..., 0] > 0, kl, 0.0).sum()
