@@ -10,14 +10,16 @@ import torch
 
 from deepseek_jax import ModelConfig
 
+_HF_CLASSES = {"deepseek_v2": "DeepseekV2", "deepseek_v3": "DeepseekV3", "deepseek_v32": "DeepseekV32"}
+
 
 def hf_config(config: ModelConfig):
     """The transformers config object for one of our configs."""
-    from transformers import DeepseekV2Config, DeepseekV3Config
+    import transformers
 
     d = config.to_hf_dict()
     d.pop("rope_scaling")
-    cls = DeepseekV3Config if config.model_type == "deepseek_v3" else DeepseekV2Config
+    cls = getattr(transformers, _HF_CLASSES[config.model_type] + "Config")
     keep = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ or k in ("rope_parameters",)}
     hf = cls(**keep)
     hf._attn_implementation = "eager"
@@ -30,10 +32,10 @@ def hf_model(config: ModelConfig, seed: int = 0, bias_scale: float = 0.0, init_s
     bias_scale: std of a random ``e_score_correction_bias`` (V3), big enough to change expert choices.
     init_std: re-draw all weights with this std (default: transformers' init).
     """
-    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
-    cls = DeepseekV3ForCausalLM if config.model_type == "deepseek_v3" else DeepseekV2ForCausalLM
+    cls = getattr(transformers, _HF_CLASSES[config.model_type] + "ForCausalLM")
     model = cls(hf_config(config)).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

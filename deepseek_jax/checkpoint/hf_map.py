@@ -79,6 +79,16 @@ def _layer_templates(c: ModelConfig, moe: bool):
         ((a, "kv_b_proj", "kernel"), f"{a}.kv_b_proj.weight", (r, h, nv), (h * nv, r), True),
         ((a, "o_proj", "kernel"), f"{a}.o_proj.weight", (h, c.v_head_dim, d), (d, h * c.v_head_dim), True),
     ]
+    if c.has_indexer:  # DeepSeek-V3.2's lightning indexer (layers/indexer.py)
+        hi, di, ix = c.index_n_heads, c.index_head_dim, f"{a}.indexer"
+        t += [
+            ((a, "indexer", "wq_b", "kernel"), f"{ix}.wq_b.weight", (c.q_lora_rank, hi, di),
+             (hi * di, c.q_lora_rank), True),
+            ((a, "indexer", "wk", "kernel"), f"{ix}.wk.weight", (d, di), (di, d), True),
+            ((a, "indexer", "k_norm_scale"), f"{ix}.k_norm.weight", (di,), (di,), False),
+            ((a, "indexer", "k_norm_bias"), f"{ix}.k_norm.bias", (di,), (di,), False),
+            ((a, "indexer", "weights_proj"), f"{ix}.weights_proj.weight", (d, hi), (hi, d), True),
+        ]
     if not moe:
         i = c.intermediate_size
         t += [

@@ -15,11 +15,13 @@ from typing import Any, Optional
 ROUTER_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 DENSE_ONLY_FIELDS = ("head_dim", "mlp_bias", "use_sliding_window")  # Qwen2 / Llama fields, not in DeepSeek's
-MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+INDEXER_FIELDS = ("index_topk", "index_head_dim", "index_n_heads")  # DeepSeek-V3.2's sparse attention (DSA)
 # The R1-Distill students: dense decoders with grouped-query attention (docs/reference.md, section 6).
 DENSE_MODEL_TYPES = ("qwen2", "llama")
 SUPPORTED_MODEL_TYPES = MLA_MODEL_TYPES + DENSE_MODEL_TYPES
-ROPE_TYPES = {"deepseek_v2": ("yarn",), "deepseek_v3": ("yarn",), "qwen2": ("llama3",), "llama": ("llama3",)}
+ROPE_TYPES = {"deepseek_v2": ("yarn",), "deepseek_v3": ("yarn",), "deepseek_v32": ("yarn",), "qwen2": ("llama3",),
+              "llama": ("llama3",)}
 
 
 class ConfigError(ValueError):
@@ -108,6 +110,10 @@ class ModelConfig:
     seq_aux: bool = True
     # MTP
     num_nextn_predict_layers: int = 1
+    # DSA (deepseek_v32 only): the lightning indexer's heads and head dim, and the keys each query attends to
+    index_topk: int = 2048
+    index_head_dim: int = 128
+    index_n_heads: int = 64
     # misc
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
@@ -133,6 +139,11 @@ class ModelConfig:
     def uses_mla(self) -> bool:
         """DeepSeek's latent attention (True) or a dense student's grouped-query attention (False)."""
         return self.model_type in MLA_MODEL_TYPES
+
+    @property
+    def has_indexer(self) -> bool:
+        """DeepSeek-V3.2: every MLA layer has a lightning indexer and attends to its top ``index_topk`` keys."""
+        return self.model_type == "deepseek_v32"
 
     @property
     def attn_head_dim(self) -> int:
@@ -296,7 +307,11 @@ class ModelConfig:
             return self._dense_hf_dict()
         for name in DENSE_ONLY_FIELDS:  # transformers' DeepSeek configs set their own head_dim (a null would win)
             d.pop(name)
-        d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        d["architectures"] = [{"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}.get(
+            self.model_type, "DeepseekV2ForCausalLM")]
+        if not self.has_indexer:
+            for name in INDEXER_FIELDS:
+                d.pop(name)
         d["num_mtp_layers"] = self.num_nextn_predict_layers
         return d
 
@@ -373,7 +388,14 @@ def _validate(c: ModelConfig) -> None:
          f"equal to num_attention_heads={c.num_attention_heads} (MLA has no grouped KV heads)")
     need(isinstance(c.rope_interleave, bool), "rope_interleave", "true or false")
     need(c.rope_interleave or c.model_type == "deepseek_v3", "rope_interleave",
-         "true for deepseek_v2 (V2 checkpoints rotate interleaved pairs; only V3 configs may select halves)")
+         "true for deepseek_v2 / v32 (their checkpoints rotate interleaved pairs; only V3 configs may select halves)")
+    if c.has_indexer:
+        for name in INDEXER_FIELDS:
+            v = getattr(c, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "a positive integer")
+        need(c.q_lora_rank is not None, "q_lora_rank", "a positive integer (the indexer reads the query latent)")
+        need(c.index_head_dim % 2 == 0 and c.index_head_dim >= c.qk_rope_head_dim, "index_head_dim",
+             f"an even number >= qk_rope_head_dim={c.qk_rope_head_dim} (rope turns its first dims)")
     need(not c.attention_bias, "attention_bias", "false (no released DeepSeek model uses attention biases)")
     need(not c.tie_word_embeddings, "tie_word_embeddings", "false (DeepSeek models have an untied head)")
     need(c.first_k_dense_replace <= c.num_hidden_layers, "first_k_dense_replace",

@@ -10,6 +10,8 @@ from deepseek_jax.config.model import ModelConfig, RopeScaling
 _V2_ROPE = RopeScaling(factor=40.0, mscale=0.707, mscale_all_dim=0.707)
 
 DEEPSEEK_V3 = ModelConfig()  # the dataclass defaults are V3's published config.json
+# V3's weights plus a lightning indexer per layer (64 heads x 128, top-2048): DeepSeek-V3.2(-Exp)'s config.json.
+DEEPSEEK_V32 = DEEPSEEK_V3.replace(model_type="deepseek_v32", index_topk=2048, index_head_dim=128, index_n_heads=64)
 
 DEEPSEEK_V2_LITE = ModelConfig(
     model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
@@ -101,6 +103,7 @@ presets: dict[str, ModelConfig] = _Presets(
         "deepseek-v3": DEEPSEEK_V3,
         "deepseek-r1": DEEPSEEK_V3,
         "deepseek-v3.1": DEEPSEEK_V3,
+        "deepseek-v3.2": DEEPSEEK_V32,
         "tiny-v3": TINY_V3,
         "tiny-v3-arith": TINY_V3_ARITH,
         "tiny-v2": TINY_V2,

@@ -15,6 +15,8 @@ from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.layers.attention.context_parallel import attend
 from deepseek_jax.layers.attention.core import attention
 from deepseek_jax.layers.attention.layout import Layout
+from deepseek_jax.layers.attention.sparse import indexer_topk, sparse_latent_attention
+from deepseek_jax.layers.indexer import Indexer
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.norm import RMSNorm
 from deepseek_jax.layers.rope import apply_rope
@@ -42,15 +44,21 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear((H, c.qk_nope_head_dim + c.v_head_dim), ("kv_lora", "heads", "kv_head"), o,
                                 init_std=std)
         self.o_proj = Linear((c.hidden_size,), ("heads", "v_head", "embed"), o, n_in=2, init_std=std)
+        if c.has_indexer:
+            self.indexer = Indexer(c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim, o, init_std=std)
 
-    def query(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x ``[B,T,D]`` -> q_nope ``[B,T,H,N]``, q_pe ``[B,T,H,P]`` (rope applied)."""
+    def query(self, x: jax.Array, cos: jax.Array, sin: jax.Array, with_latent: bool = False):
+        """x ``[B,T,D]`` -> q_nope ``[B,T,H,N]``, q_pe ``[B,T,H,P]`` (rope applied); with ``with_latent`` also the
+        query latent ``[B,T,L]`` (``q_a_layernorm``'s output, which V3.2's indexer reads)."""
+        latent = None
         if self.config.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            latent = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(latent)
         n = self.config.qk_nope_head_dim
-        return q[..., :n], apply_rope(q[..., n:], cos, sin, self.config.rope_interleave)
+        q_nope, q_pe = q[..., :n], apply_rope(q[..., n:], cos, sin, self.config.rope_interleave)
+        return (q_nope, q_pe, latent) if with_latent else (q_nope, q_pe)
 
     def latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x ``[B,T,D]`` -> normed latent c_kv ``[B,T,R]`` and shared rope key k_pe ``[B,T,P]``.
@@ -94,6 +102,8 @@ class MLA(nn.Module):
         c_kv ``[B,T,R]``, k_pe ``[B,T,P]``. Under a mesh with a context axis (T split over it), the latents are
         all-gathered over it and each device attends with its own queries (``layers/attention/context_parallel.py``).
         """
+        if self.config.has_indexer:
+            return self._sparse_prefill(x, cos, sin, layout)
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         if context_size(x.shape[1]) == 1:
@@ -104,6 +114,37 @@ class MLA(nn.Module):
         o = self.options
         out = attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, keys, self.config.softmax_scale, o.attention,
                      o.attention_block, o.target_platform())
+        return self.o_proj(out), c_kv, k_pe
+
+    def _absorbed_weights(self):
+        """``kv_b_proj`` split into its key part ``[R,H,N]`` and value part ``[R,H,V]``."""
+        w = nn.meta.unbox(self.variables["params"]["kv_b_proj"]["kernel"])  # [R,H,N+V] (boxed while initializing)
+        n = self.config.qk_nope_head_dim
+        return w[..., :n], w[..., n:]
+
+    def _sparse_prefill(self, x, cos, sin, layout: Layout):
+        """DeepSeek-V3.2 (DSA): the indexer picks each query's top ``index_topk`` visible keys
+        (``sparse.indexer_topk``, blockwise), and attention runs in the absorbed form over those latent entries
+        only (``sparse.sparse_latent_attention``): O(T k), never a ``[T, T]`` score. Returns as ``prefill``."""
+        c, o = self.config, self.options
+        if context_size(x.shape[1]) > 1:
+            raise NotImplementedError("DeepSeek-V3.2 sparse attention under context parallelism is not "
+                                      "implemented yet (the indexer keys would travel with the latent)")
+        q_nope, q_pe, q_latent = self.query(x, cos, sin, with_latent=True)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        qi, ki, wi = self.indexer(x, q_latent, cos, sin)
+        block = o.attention_block
+        idx, valid = indexer_topk(qi, ki, wi, layout, c.index_topk, c.index_head_dim ** -0.5,
+                                  q_block=min(block, 128), k_block=block)
+        if self.is_initializing():
+            self.kv_b_proj(c_kv)  # creates the weight the absorbed form reads
+        w_k, w_v = self._absorbed_weights()
+        dtype = c_kv.dtype
+        q = jnp.concatenate([_einsum("bthn,rhn->bthr", q_nope, w_k, dtype), q_pe.astype(dtype)], axis=-1)
+        kv = jnp.concatenate([c_kv, k_pe.astype(dtype)], axis=-1)
+        o_lat = sparse_latent_attention(q, kv, idx, valid, c.softmax_scale, c.kv_lora_rank,
+                                        q_block=min(block, 64))
+        out = _einsum("bthr,rhv->bthv", o_lat, w_v, dtype)
         return self.o_proj(out), c_kv, k_pe
 
     def decode(self, x, cos, sin, c_kv_cache, k_pe_cache, layout: Layout, absorb: bool = True):
@@ -118,14 +159,16 @@ class MLA(nn.Module):
         Returns output ``[B,T,D]`` and the new tokens' c_kv ``[B,T,R]``, k_pe ``[B,T,P]``.
         """
         c = self.config
+        if c.has_indexer:
+            raise NotImplementedError("DeepSeek-V3.2 decode (the latent cache plus the indexer's key cache) is not "
+                                      "implemented yet; the full forward (training, scoring) is")
         q_nope, q_pe = self.query(x, cos, sin)
         c_new, pe_new = self.latent(x, cos, sin)
         c_all = jnp.concatenate([c_kv_cache.astype(c_new.dtype), c_new], axis=1)  # [B,S+T,R]
         pe_all = jnp.concatenate([k_pe_cache.astype(pe_new.dtype), pe_new], axis=1)  # [B,S+T,P]
         if not absorb:
             return self._expanded_attention(q_nope, q_pe, c_all, pe_all, layout), c_new, pe_new
-        w = self.variables["params"]["kv_b_proj"]["kernel"]  # [R,H,N+V]
-        w_k, w_v = w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:]
+        w_k, w_v = self._absorbed_weights()
         q_abs = _einsum("bthn,rhn->bthr", q_nope, w_k, c_all.dtype)
         q = jnp.concatenate([q_abs, q_pe.astype(q_abs.dtype)], axis=-1)  # [B,T,H,R+P]
         k = jnp.concatenate([c_all, pe_all], axis=-1)[:, :, None, :]  # [B,S+T,1,R+P]
