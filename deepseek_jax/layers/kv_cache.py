@@ -8,6 +8,7 @@ Per layer and token it holds only ``c_kv`` (after ``kv_a_layernorm``, ``kv_lora_
 Layout (L layers of one scanned run, B sequences, S slots, R kv_lora_rank, P qk_rope_head_dim)::
 
     {"main": {run_name: {"c_kv": [L,B,S,R], "k_pe": [L,B,S,P]}},      # one entry per config.layer_runs
+                                                                    # (V3.2: also "index_k" [L,B,S,Di])
      "mtp":  {"mtp_0": {"c_kv": [B,S,R], "k_pe": [B,S,P]}, ...}}      # only when asked for (speculative)
 
 Slot s holds the token at position s of its sequence (prompts are right-padded, so positions are slot
@@ -20,6 +21,7 @@ A dense student (GQA, ``gqa.py``) caches its rotated keys and its values instead
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -40,15 +42,21 @@ def _storage_dtype(dtype: str):
 
 
 def _shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The two cached values per token per layer and their shapes: MLA's latent and rope key, or GQA's k, v."""
+    """The values cached per token per layer and their shapes: MLA's latent and rope key (and, for V3.2, the
+    lightning indexer's key, its small companion), or GQA's k, v."""
     if config.uses_mla:
-        return {"c_kv": (config.kv_lora_rank,), "k_pe": (config.qk_rope_head_dim,)}
+        shapes = {"c_kv": (config.kv_lora_rank,), "k_pe": (config.qk_rope_head_dim,)}
+        if config.has_indexer:
+            shapes["index_k"] = (config.index_head_dim,)
+        return shapes
     heads = (config.num_key_value_heads, config.attn_head_dim)
     return {"k": heads, "v": heads}
 
 
-def _names(entry: dict) -> tuple[str, str]:
-    return ("c_kv", "k_pe") if "c_kv" in entry else ("k", "v")
+def _names(entry: dict) -> tuple[str, ...]:
+    if "c_kv" not in entry:
+        return ("k", "v")
+    return ("c_kv", "k_pe", "index_k") if "index_k" in entry else ("c_kv", "k_pe")
 
 
 def _entry(lead: tuple[int, ...], config: ModelConfig, dtype: str) -> dict[str, jax.Array]:
@@ -71,15 +79,16 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "floa
 
 
 def cache_bytes_per_token(config: ModelConfig, dtype: str = "bfloat16", mtp: bool = False) -> int:
-    """Bytes one token occupies in the cache: ``(R + P) * layers * itemsize`` (+ fp8 scales); a dense student's
-    ``2 * K * E * layers * itemsize``.
+    """Bytes one token occupies in the cache: ``(R + P) * layers * itemsize`` (V3.2: ``R + P + Di``; + fp8
+    scales, one fp32 per cached vector); a dense student's ``2 * K * E * layers * itemsize``.
 
-    V3 in bf16: 576 * 61 * 2 = 70,272 bytes.
+    V3 in bf16: 576 * 61 * 2 = 70,272 bytes; V3.2: (576 + 128) * 61 * 2 = 85,888.
     """
     layers = config.num_hidden_layers + (config.num_nextn_predict_layers if mtp else 0)
     store = _storage_dtype(dtype)
-    scales = 8 if config.uses_mla else 8 * config.num_key_value_heads
-    per_layer = config.kv_cache_dim * jnp.dtype(store).itemsize + (scales if dtype == "fp8" else 0)
+    scales = 4 * len(_shapes(config)) if config.uses_mla else 8 * config.num_key_value_heads
+    values = sum(math.prod(shape) for shape in _shapes(config).values())
+    per_layer = values * jnp.dtype(store).itemsize + (scales if dtype == "fp8" else 0)
     return per_layer * layers
 
 
@@ -93,20 +102,20 @@ def _vector_tiles(x: jax.Array) -> tuple[int, ...]:
     return (1,) * (x.ndim - 1) + (x.shape[-1],)
 
 
-def read(entry: dict[str, jax.Array], dtype) -> tuple[jax.Array, jax.Array]:
-    """The entry's two cached arrays (MLA: ``c_kv, k_pe``; GQA: ``k, v``; any leading dims) in ``dtype``,
-    dequantized if fp8."""
+def read(entry: dict[str, jax.Array], dtype) -> tuple[jax.Array, ...]:
+    """The entry's cached arrays (MLA: ``c_kv, k_pe`` and V3.2's ``index_k``; GQA: ``k, v``; any leading dims)
+    in ``dtype``, dequantized if fp8."""
     out = []
     for name in _names(entry):
         x = entry[name]
         if name + "_scale" in entry:
             x = dequantize_tiles(x, entry[name + "_scale"][..., None], _vector_tiles(x), dtype)
         out.append(x.astype(dtype))
-    return out[0], out[1]
+    return tuple(out)
 
 
-def write(entry: dict[str, jax.Array], new: tuple[jax.Array, jax.Array], positions: jax.Array) -> dict:
-    """Store the new tokens' two cached arrays (``read``'s order) at their positions.
+def write(entry: dict[str, jax.Array], new: tuple[jax.Array, ...], positions: jax.Array) -> dict:
+    """Store the new tokens' cached arrays (``read``'s order) at their positions.
 
     entry leaves ``[*lead, B, S, ...]``; new: MLA's c_kv ``[*lead, B, T, R]`` and k_pe ``[*lead, B, T, P]``, or
     GQA's k, v ``[*lead, B, T, K, E]``; positions ``[B, T]`` (slots past the end are dropped). One scatter per
@@ -114,7 +123,8 @@ def write(entry: dict[str, jax.Array], new: tuple[jax.Array, jax.Array], positio
     """
     b, t = positions.shape
     batch_idx = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-    first, second = _names(entry)
+    names = _names(entry)
+    first = names[0]
     per_token = 1 if first == "c_kv" else 2  # [R] or [K, E]
     n_lead = entry[first].ndim - 2 - per_token  # dims before [B, S]
     where = (slice(None),) * n_lead + (batch_idx, positions)
@@ -123,7 +133,9 @@ def write(entry: dict[str, jax.Array], new: tuple[jax.Array, jax.Array], positio
         return dst.at[where].set(src.astype(dst.dtype), mode="drop")
 
     out = {}
-    for name, x in zip((first, second), new):
+    if len(new) != len(names):
+        raise ValueError(f"{len(new)} arrays to write into a cache entry of {names}")
+    for name, x in zip(names, new):
         if name + "_scale" in entry:
             x, scale = quantize_tiles(x, _vector_tiles(x))
             out[name + "_scale"] = put(entry[name + "_scale"], scale[..., 0])

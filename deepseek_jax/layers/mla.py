@@ -123,31 +123,42 @@ class MLA(nn.Module):
         return w[..., :n], w[..., n:]
 
     def _sparse_prefill(self, x, cos, sin, layout: Layout):
-        """DeepSeek-V3.2 (DSA): the indexer picks each query's top ``index_topk`` visible keys
-        (``sparse.indexer_topk``, blockwise), and attention runs in the absorbed form over those latent entries
-        only (``sparse.sparse_latent_attention``): O(T k), never a ``[T, T]`` score. Returns as ``prefill``."""
-        c, o = self.config, self.options
+        """DeepSeek-V3.2 (DSA) over whole rows. Returns as ``prefill``, plus the indexer keys to cache."""
         if context_size(x.shape[1]) > 1:
             raise NotImplementedError("DeepSeek-V3.2 sparse attention under context parallelism is not "
                                       "implemented yet (the indexer keys would travel with the latent)")
+        return self._sparse(x, cos, sin, layout)
+
+    def _sparse(self, x, cos, sin, layout: Layout, cached=None):
+        """DeepSeek-V3.2 (DSA): the indexer picks each query's top ``index_topk`` visible keys
+        (``sparse.indexer_topk``, blockwise), and attention runs in the absorbed form over those latent entries
+        only (``sparse.sparse_latent_attention``): O(T k) attention, never a ``[T, S]`` score. ``cached``: the
+        cache's ``(c_kv, k_pe, index_k)`` ``[B,S,...]``, which the new tokens' keys follow (``layout``'s keys
+        are the S slots then the T new tokens). -> output ``[B,T,D]`` and the new tokens' c_kv, k_pe, index_k."""
+        c, o = self.config, self.options
         q_nope, q_pe, q_latent = self.query(x, cos, sin, with_latent=True)
-        c_kv, k_pe = self.latent(x, cos, sin)
-        qi, ki, wi = self.indexer(x, q_latent, cos, sin)
+        c_new, pe_new = self.latent(x, cos, sin)
+        qi, ki_new, wi = self.indexer(x, q_latent, cos, sin)
+        c_all, pe_all, ki_all = c_new, pe_new, ki_new
+        if cached is not None:
+            c_all, pe_all, ki_all = (jnp.concatenate([old.astype(new.dtype), new], axis=1)
+                                     for old, new in zip(cached, (c_new, pe_new, ki_new)))
         block = o.attention_block
-        idx, valid = indexer_topk(qi, ki, wi, layout, c.index_topk, c.index_head_dim ** -0.5,
+        idx, valid = indexer_topk(qi, ki_all, wi, layout, c.index_topk, c.index_head_dim ** -0.5,
                                   q_block=min(block, 128), k_block=block)
         if self.is_initializing():
-            self.kv_b_proj(c_kv)  # creates the weight the absorbed form reads
+            self.kv_b_proj(c_new)  # creates the weight the absorbed form reads
         w_k, w_v = self._absorbed_weights()
-        dtype = c_kv.dtype
+        dtype = c_all.dtype
         q = jnp.concatenate([_einsum("bthn,rhn->bthr", q_nope, w_k, dtype), q_pe.astype(dtype)], axis=-1)
-        kv = jnp.concatenate([c_kv, k_pe.astype(dtype)], axis=-1)
+        kv = jnp.concatenate([c_all, pe_all.astype(dtype)], axis=-1)
         o_lat = sparse_latent_attention(q, kv, idx, valid, c.softmax_scale, c.kv_lora_rank,
                                         q_block=min(block, 64))
         out = _einsum("bthr,rhv->bthv", o_lat, w_v, dtype)
-        return self.o_proj(out), c_kv, k_pe
+        return self.o_proj(out), c_new, pe_new, ki_new
 
-    def decode(self, x, cos, sin, c_kv_cache, k_pe_cache, layout: Layout, absorb: bool = True):
+    def decode(self, x, cos, sin, c_kv_cache, k_pe_cache, layout: Layout, absorb: bool = True,
+               index_k_cache=None):
         """T new tokens attending to a latent cache plus themselves (decode, speculative verification, chunks of
         a long prompt).
 
@@ -157,11 +168,13 @@ class MLA(nn.Module):
         runs in the R-dim latent space against one shared "head" (the cache itself) and the cache is never
         expanded; ``absorb=False`` expands it (the naive path, for comparison).
         Returns output ``[B,T,D]`` and the new tokens' c_kv ``[B,T,R]``, k_pe ``[B,T,P]``.
+        DeepSeek-V3.2 (``index_k_cache [B,S,Di]``, the indexer's cached keys): the indexer scores the cache and the
+        new tokens, and attention reads each query's top-k latent entries only, always in the absorbed form
+        (``absorb`` is ignored); the new tokens' indexer keys are returned too.
         """
         c = self.config
         if c.has_indexer:
-            raise NotImplementedError("DeepSeek-V3.2 decode (the latent cache plus the indexer's key cache) is not "
-                                      "implemented yet; the full forward (training, scoring) is")
+            return self._sparse(x, cos, sin, layout, (c_kv_cache, k_pe_cache, index_k_cache))
         q_nope, q_pe = self.query(x, cos, sin)
         c_new, pe_new = self.latent(x, cos, sin)
         c_all = jnp.concatenate([c_kv_cache.astype(c_new.dtype), c_new], axis=1)  # [B,S+T,R]

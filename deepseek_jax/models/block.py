@@ -67,7 +67,10 @@ class Block(nn.Module):
             a, *new = attn.prefill(x, cos, sin, layout)
         else:
             absorb = {"absorb": self.absorb} if c.uses_mla else {}  # GQA caches keys and values: nothing to absorb
-            a, *new = attn.decode(x, cos, sin, *kv_cache.read(layer_cache, o.compute_dtype), layout, **absorb)
+            cached = kv_cache.read(layer_cache, o.compute_dtype)
+            if len(cached) == 3:  # V3.2: the latent, the rope key and the indexer's key
+                absorb["index_k_cache"] = cached[2]
+            a, *new = attn.decode(x, cos, sin, *cached[:2], layout, **absorb)
         h = h + a
         x = RMSNorm(c.rms_norm_eps, "embed", o, name="post_attention_layernorm")(h)
         if self.moe:

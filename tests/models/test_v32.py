@@ -116,3 +116,25 @@ def test_hf_orbax_hf_round_trip_is_bit_exact_and_transformers_loads_it(converted
     assert type(back).__name__ == "DeepseekV32ForCausalLM"
     tokens = np.random.RandomState(3).randint(0, V32.vocab_size, (2, 9))
     np.testing.assert_allclose(torch_logits(back, tokens), torch_logits(ref, tokens), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 4])
+def test_decode_equals_the_full_forward(converted, prefill_chunk):
+    """Greedy generation over the latent cache plus the indexer's key cache, prompts longer than ``index_topk``
+    (so the cached steps select too), whole or in chunks of 4 (each chunk attends to the cache so far): every
+    generated token is the full forward's argmax, and its log-probability equals the full forward's (1e-4)."""
+    from deepseek_jax.inference.generation import generate
+    from deepseek_jax.layers import kv_cache
+
+    _, config, params = converted
+    rng = np.random.RandomState(4)
+    prompts = [rng.randint(0, V32.vocab_size, n).tolist() for n in (9, 6, 12)]
+    res = generate(config, params, prompts, max_new_tokens=8, eos_token_id=None, prefill_chunk=prefill_chunk)
+    forward = jax.jit(lambda p, t: dsj.Transformer(config).apply({"params": p}, t))
+    for prompt, tokens, logps in zip(prompts, res.tokens, res.logprobs):
+        logits = np.asarray(forward(params, jnp.asarray([prompt + tokens[:-1]])))[0, len(prompt) - 1:]
+        assert tokens == logits.argmax(-1).tolist()
+        full = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), -1))[np.arange(len(tokens)), tokens]
+        np.testing.assert_allclose(logps, full, atol=1e-4)
+    # The cache holds the indexer's keys beside the latent: 576 + 128 values per token and layer in the preset.
+    assert kv_cache.cache_bytes_per_token(dsj.presets["deepseek-v3.2"], "bfloat16") == (576 + 128) * 61 * 2
