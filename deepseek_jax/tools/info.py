@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from deepseek_jax.layers import kv_cache
 from deepseek_jax.models.counts import param_counts
 
 
@@ -42,7 +43,12 @@ def describe(config) -> str:
         f"params (main)         {counts['main']:,}",
     ]
     lines += [f"params ({k}, own)     {v:,}" for k, v in counts.items() if k != "main"]
-    per_token = config.kv_cache_dim * config.num_hidden_layers
-    lines.append(f"MLA cache / token     {config.kv_cache_dim} values x {config.num_hidden_layers} layers = "
-                 f"{per_token:,} values ({per_token * 2:,} bytes in bf16)")
+    if config.has_indexer:
+        lines.append(f"sparse attention      indexer {config.index_n_heads} heads x {config.index_head_dim}, "
+                     f"top-{config.index_topk} keys per query")
+    values = config.kv_cache_dim + (config.index_head_dim if config.has_indexer else 0)
+    what = f"{config.kv_cache_dim} + {config.index_head_dim} (indexer key)" if config.has_indexer else f"{values}"
+    per_token = values * config.num_hidden_layers
+    lines.append(f"MLA cache / token     {what} values x {config.num_hidden_layers} layers = "
+                 f"{per_token:,} values ({kv_cache.cache_bytes_per_token(config, 'bfloat16'):,} bytes in bf16)")
     return "\n".join(lines)

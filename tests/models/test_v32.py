@@ -136,5 +136,10 @@ def test_decode_equals_the_full_forward(converted, prefill_chunk):
         assert tokens == logits.argmax(-1).tolist()
         full = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), -1))[np.arange(len(tokens)), tokens]
         np.testing.assert_allclose(logps, full, atol=1e-4)
-    # The cache holds the indexer's keys beside the latent: 576 + 128 values per token and layer in the preset.
+    # The cache holds the indexer's keys beside the latent: 576 + 128 values per token and layer in the preset,
+    # and `deepseek-jax info` says so.
+    from deepseek_jax.tools.info import describe
+
     assert kv_cache.cache_bytes_per_token(dsj.presets["deepseek-v3.2"], "bfloat16") == (576 + 128) * 61 * 2
+    assert "576 + 128 (indexer key) values x 61 layers = 42,944 values (85,888 bytes in bf16)" in describe(
+        dsj.presets["deepseek-v3.2"])
