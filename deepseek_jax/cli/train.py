@@ -53,7 +53,8 @@ def _train_config(args):
                        bias_update_rate=args.bias_update_rate, bf16_moments=args.bf16_moments,
                        balance_alpha=args.balance_alpha, fsdp_over_data=args.fsdp_over_data,
                        capacity_factor=args.capacity_factor, train_only=tuple(args.train_only),
-                       freeze=tuple(args.freeze))
+                       freeze=tuple(args.freeze), indexer_stage=args.indexer_stage,
+                       indexer_loss_weight=args.indexer_loss_weight)
 
 
 def _copy_tokenizer_config(args, tokenizer_file) -> None:
@@ -176,6 +177,10 @@ def register(sub) -> None:
     p.add_argument("--balance-alpha", type=float, default=None,
                    help="weight of the balance loss (default: 0.0001 for aux-loss-free noaux_tc models, as in the "
                         "DeepSeek-V3 paper; the config's aux_loss_alpha for V2 routers)")
+    p.add_argument("--indexer-stage", choices=("warmup", "sparse"), default=None,
+                   help="DeepSeek-V3.2: train the lightning indexer by its KL to the attention, alone on dense "
+                        "attention (warmup) or with everything on top-k attention (sparse)")
+    p.add_argument("--indexer-loss-weight", type=float, default=1.0, help="weight of the indexer's KL")
     p.add_argument("--bf16-moments", action="store_true")
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,expert=2 (default: all devices on data)")
     p.add_argument("--fsdp-over-data", action="store_true",

@@ -57,6 +57,11 @@ class ModelOptions:
         implementation, for tests), "auto" (whenever the queries or keys span more than ``attention_block``, for a
         row's self-attention: splash on TPU, cudnn on GPU in bf16 / fp16; blockwise otherwise).
     attention_block: query / key block of the blockwise core.
+    indexer_loss: DeepSeek-V3.2's indexer training (``layers/mla.py``): None (inference; the indexer only selects),
+        "warmup" (the dense warm-up stage: attention runs densely and each layer adds the KL from the main
+        attention's distribution over the visible keys, summed over heads and L1-normalized, to the indexer's),
+        "sparse" (the sparse stage: top-k attention, the indexer's input detached from the main loss, the KL over
+        the selected keys). The KL sums are sown into the ``indexer_kl`` collection.
     fp8_weight_matmul: how a linear layer multiplies by an FP8-kept kernel (``quant/weights.py``'s ``Fp8Weight``):
     "pallas"
         (``quant/kernel.py``: a Pallas kernel that dequantizes each 128x128 block inside the matmul; off TPU it runs in
@@ -77,6 +82,7 @@ class ModelOptions:
     matmul: str = "default"
     attention: str = "auto"
     attention_block: int = 512
+    indexer_loss: Optional[str] = None
     fp8_weight_matmul: str = "auto"
 
     def __post_init__(self):
@@ -89,6 +95,8 @@ class ModelOptions:
                 jnp.dtype(getattr(self, name))
             except TypeError:
                 raise ValueError(f"ModelOptions.{name} = {getattr(self, name)!r}: not a dtype") from None
+        if self.indexer_loss not in (None, "warmup", "sparse"):
+            raise ValueError(f"ModelOptions.indexer_loss = {self.indexer_loss!r}: expected None, 'warmup' or 'sparse'")
         if self.scan_unroll < 1:
             raise ValueError(f"ModelOptions.scan_unroll = {self.scan_unroll}: expected >= 1")
         if self.attention_block < 1:

@@ -14,8 +14,14 @@ from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.layers.attention.context_parallel import attend
 from deepseek_jax.layers.attention.core import attention
-from deepseek_jax.layers.attention.layout import Layout
-from deepseek_jax.layers.attention.sparse import indexer_topk, sparse_latent_attention
+from deepseek_jax.layers.attention.layout import Layout, visible
+from deepseek_jax.layers.attention.sparse import (
+    index_scores,
+    indexer_kl_loss,
+    indexer_topk,
+    selected_index_scores,
+    sparse_latent_attention,
+)
 from deepseek_jax.layers.indexer import Indexer
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.norm import RMSNorm
@@ -136,24 +142,41 @@ class MLA(nn.Module):
         cache's ``(c_kv, k_pe, index_k)`` ``[B,S,...]``, which the new tokens' keys follow (``layout``'s keys
         are the S slots then the T new tokens). -> output ``[B,T,D]`` and the new tokens' c_kv, k_pe, index_k."""
         c, o = self.config, self.options
+        stage = o.indexer_loss if cached is None else None  # the indexer's training stage (ModelOptions)
         q_nope, q_pe, q_latent = self.query(x, cos, sin, with_latent=True)
         c_new, pe_new = self.latent(x, cos, sin)
-        qi, ki_new, wi = self.indexer(x, q_latent, cos, sin)
+        if stage is None:
+            qi, ki_new, wi = self.indexer(x, q_latent, cos, sin)
+        else:  # trained by its own KL only: its input is detached from the main loss
+            qi, ki_new, wi = self.indexer(jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent), cos, sin)
         c_all, pe_all, ki_all = c_new, pe_new, ki_new
         if cached is not None:
             c_all, pe_all, ki_all = (jnp.concatenate([old.astype(new.dtype), new], axis=1)
                                      for old, new in zip(cached, (c_new, pe_new, ki_new)))
-        block = o.attention_block
-        idx, valid = indexer_topk(qi, ki_all, wi, layout, c.index_topk, c.index_head_dim ** -0.5,
-                                  q_block=min(block, 128), k_block=block)
         if self.is_initializing():
             self.kv_b_proj(c_new)  # creates the weight the absorbed form reads
         w_k, w_v = self._absorbed_weights()
         dtype = c_all.dtype
         q = jnp.concatenate([_einsum("bthn,rhn->bthr", q_nope, w_k, dtype), q_pe.astype(dtype)], axis=-1)
         kv = jnp.concatenate([c_all, pe_all.astype(dtype)], axis=-1)
-        o_lat = sparse_latent_attention(q, kv, idx, valid, c.softmax_scale, c.kv_lora_rank,
-                                        q_block=min(block, 64))
+        i_scale = c.index_head_dim ** -0.5
+        if stage == "warmup":
+            # Dense attention (the main model is frozen in this stage) and the KL over every visible key.
+            out = self._expanded_attention(q_nope, q_pe, c_new, pe_new, layout, True)
+            seen = visible(layout)
+            scores = jnp.einsum("bthe,bse->bhts", q.astype(jnp.float32), kv.astype(jnp.float32),
+                                precision=jax.lax.Precision.HIGHEST) * c.softmax_scale
+            probs = jax.nn.softmax(jnp.where(seen[:, None], scores, -1e30), axis=-1).sum(1)
+            self.sow("indexer_kl", "kl", indexer_kl_loss(index_scores(qi, ki_new, wi, i_scale), probs, seen))
+            return out, c_new, pe_new, ki_new
+        block = o.attention_block
+        idx, valid = indexer_topk(qi, ki_all, wi, layout, c.index_topk, i_scale, q_block=min(block, 128),
+                                  k_block=block)
+        o_lat, probs = sparse_latent_attention(q, kv, idx, valid, c.softmax_scale, c.kv_lora_rank,
+                                               q_block=min(block, 64), return_probs=True)
+        if stage == "sparse":  # the KL over the selected keys
+            logits = selected_index_scores(qi, ki_all, wi, idx, i_scale, q_block=min(block, 64))
+            self.sow("indexer_kl", "kl", indexer_kl_loss(logits, probs, valid))
         out = _einsum("bthr,rhv->bthv", o_lat, w_v, dtype)
         return self.o_proj(out), c_new, pe_new, ki_new
 

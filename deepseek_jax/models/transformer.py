@@ -46,7 +46,7 @@ def _stack(options: ModelOptions, length: int, train: bool):
         block = nn.remat(Block, policy=remat_policy(options.remat), prevent_cse=False)
     return nn.scan(
         block,
-        variable_axes={"params": 0, "intermediates": 0},
+        variable_axes={"params": 0, "intermediates": 0, "indexer_kl": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=length,

@@ -42,6 +42,10 @@ class TrainConfig:
     moe_keep_received: bool = False  # ModelOptions.moe_keep_received
     attention: str = "auto"  # ModelOptions.attention
     attention_block: int = 512  # ModelOptions.attention_block
+    # DeepSeek-V3.2's indexer training (ModelOptions.indexer_loss): None, "warmup" (only the indexer trains, by its
+    # KL to the dense attention) or "sparse" (everything trains on top-k attention, the indexer by its KL)
+    indexer_stage: Optional[str] = None
+    indexer_loss_weight: float = 1.0
     train_only: tuple[str, ...] = ()  # globs over '/'-joined param paths: only these are updated (all if empty)
     freeze: tuple[str, ...] = ()  # globs of params that are never updated
     seed: int = 0
@@ -76,4 +80,4 @@ class TrainConfig:
         return ModelOptions(dtype=dtype, param_dtype="float32", remat=self.remat, matmul=matmul,
                             moe_dispatch=self.moe_dispatch, capacity_factor=self.capacity_factor,
                             moe_keep_received=self.moe_keep_received, attention=self.attention,
-                            attention_block=self.attention_block)
+                            attention_block=self.attention_block, indexer_loss=self.indexer_stage)

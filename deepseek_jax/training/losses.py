@@ -89,6 +89,7 @@ def loss_normalizers(batch: dict, mtp_depths: int) -> dict:
     depths = range(1, mtp_depths + 1)
     return {
         "tokens": mask.sum(),
+        "input_tokens": (seg > 0).sum().astype(jnp.float32),  # real tokens (V3.2's indexer KL is per query)
         "mtp_tokens": jnp.stack([mtp_targets(batch["targets"], mask, seg, k)[1].sum() for k in depths])
         if mtp_depths else jnp.zeros((0,), jnp.float32),
         "sequences": documents(seg),

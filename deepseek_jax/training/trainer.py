@@ -65,9 +65,16 @@ class Trainer:
         # Frozen params (--train-only / --freeze, and the MTP modules when their loss is off, so that weight
         # decay does not shrink what no loss trains) get exactly zero updates.
         freeze = tc.freeze + (("mtp_*",) if config.num_nextn_predict_layers and not tc.mtp_weight else ())
+        train_only = tc.train_only
+        if tc.indexer_stage is not None:
+            if not config.has_indexer:
+                raise ValueError(f"indexer_stage={tc.indexer_stage!r}: this {config.model_type} model has no "
+                                 "lightning indexer (DeepSeek-V3.2, model_type deepseek_v32)")
+            if tc.indexer_stage == "warmup" and not train_only:
+                train_only = ("*/indexer/*",)  # the dense warm-up trains the indexer alone
         self.trainable = None
-        if tc.train_only or freeze:
-            self.trainable = trainable_by_patterns(nn.meta.unbox(boxed), tc.train_only, freeze)
+        if train_only or freeze:
+            self.trainable = trainable_by_patterns(nn.meta.unbox(boxed), train_only, freeze)
         self.optimizer = make_optimizer(self.schedule, weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2,
                                         eps=tc.eps, clip_norm=tc.clip_norm, bf16_moments=tc.bf16_moments,
                                         trainable=None if self.trainable is None else lambda _: self.trainable)
@@ -149,11 +156,22 @@ class Trainer:
         if norm is None:
             norm = losses.loss_normalizers(batch, c.num_nextn_predict_layers)
         mtp_on = c.num_nextn_predict_layers > 0 and tc.mtp_weight > 0
+        indexer_kl = None
         with nn.logical_axis_rules(self.rules):
-            logits, aux = self.model.apply(
-                {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                return_mtp=mtp_on, return_router_stats=True,
-            )
+            if self.model.options.indexer_loss is None:
+                logits, aux = self.model.apply(
+                    {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                    return_mtp=mtp_on, return_router_stats=True,
+                )
+            else:  # DeepSeek-V3.2's indexer stages: every layer sows (KL sum, queries)
+                (logits, aux), sown = self.model.apply(
+                    {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                    return_mtp=mtp_on, return_router_stats=True, mutable=["indexer_kl"],
+                )
+                # The mean over layers and real tokens of the global batch (micro-batches add up to it).
+                sums = jnp.concatenate([x.reshape(-1) for x in jax.tree.leaves(sown)])
+                queries = norm.get("input_tokens", (batch["segment_ids"] > 0).sum().astype(jnp.float32))
+                indexer_kl = sums.sum() / (sums.size * jnp.maximum(queries, 1.0))
         mask = batch["loss_mask"]
         n_tokens = jnp.maximum(norm["tokens"], 1.0)
         objective, objective_parts = self._objective(logits, batch, norm)
@@ -173,6 +191,8 @@ class Trainer:
             z_sum, _ = losses.z_loss(logits, mask)
             z = tc.z_loss_weight * z_sum / n_tokens
         total = objective + mtp + balance + z
+        if indexer_kl is not None:
+            total = total + tc.indexer_loss_weight * indexer_kl
         counts = {
             "moe": stats["counts"].sum(1) if stats else jnp.zeros((0, 1)),
             "mtp": mtp_stats["counts"].sum(1) if mtp_stats else jnp.zeros((0, 1)),
@@ -184,6 +204,8 @@ class Trainer:
                  "attended_keys": jnp.where(batch["segment_ids"] > 0, batch["positions"] + 1, 0).sum()
                  .astype(jnp.float32),
                  "moe_dropped": dropped.astype(jnp.float32)}
+        if indexer_kl is not None:
+            parts["indexer_kl"] = indexer_kl
         return total, (parts, counts)
 
     def _grads(self, params, batch):

@@ -143,3 +143,92 @@ def test_decode_equals_the_full_forward(converted, prefill_chunk):
     assert kv_cache.cache_bytes_per_token(dsj.presets["deepseek-v3.2"], "bfloat16") == (576 + 128) * 61 * 2
     assert "576 + 128 (indexer key) values x 61 layers = 42,944 values (85,888 bytes in bf16)" in describe(
         dsj.presets["deepseek-v3.2"])
+
+
+def test_sparse_stage_kl_is_the_selected_sets_kl_from_dense_quantities(converted):
+    """One V3.2 attention layer with ``indexer_loss="sparse"``: the sown KL equals ``KL(p || softmax(I))`` over
+    each query's selected keys, with p the dense attention's probabilities (visible and selected keys, summed over
+    heads, L1-normalized) and I the dense index scores, both gathered at the selection."""
+    from deepseek_jax.layers.attention.layout import attention_layout, visible
+    from deepseek_jax.layers.attention.sparse import index_scores, indexer_kl_loss, indexer_topk
+    from deepseek_jax.layers.mla import MLA
+    from deepseek_jax.layers.rope import rope_cos_sin
+
+    _, config, params = converted
+    layer = jax.tree.map(lambda a: a[0], params["dense_layers"]["self_attn"])
+    # Sharper index scores than the random init's (which are nearly flat): a KL far from 0.
+    layer["indexer"] = {**layer["indexer"], "weights_proj": layer["indexer"]["weights_proj"] * 100}
+    rng = np.random.RandomState(5)
+    x = jnp.asarray(rng.normal(size=(2, 11, config.hidden_size)), jnp.float32)
+    cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(11), (2, 11)), config)
+    seg = jnp.asarray([[1] * 11, [1] * 6 + [2] * 4 + [0]])
+    layout = attention_layout(seg)
+    mla = MLA(config, dsj.ModelOptions(indexer_loss="sparse"))
+    _, sown = mla.apply({"params": layer}, x, cos, sin, layout, method=MLA.prefill, mutable=["indexer_kl"])
+    got = float(jax.tree.leaves(sown)[0])
+
+    def parts(m):
+        q_nope, q_pe, q_lat = m.query(x, cos, sin, with_latent=True)
+        c_kv, k_pe = m.latent(x, cos, sin)
+        w = m.variables["params"]["kv_b_proj"]["kernel"]
+        q = jnp.concatenate([jnp.einsum("bthn,rhn->bthr", q_nope, w[..., :config.qk_nope_head_dim]), q_pe], -1)
+        return q, jnp.concatenate([c_kv, k_pe], -1), m.indexer(x, q_lat, cos, sin)
+
+    q, kv, (qi, ki, wi) = MLA(config, dsj.ModelOptions()).apply({"params": layer}, method=parts)
+    idx, valid = indexer_topk(qi, ki, wi, layout, config.index_topk, config.index_head_dim ** -0.5)
+    chosen = np.zeros((2, 11, 11), bool)
+    b_i, t_i, k_i = np.nonzero(np.asarray(valid))  # (a query with fewer than k keys has filler slots: skip them)
+    chosen[b_i, t_i, np.asarray(idx)[b_i, t_i, k_i]] = True
+    mask = np.asarray(visible(layout)) & chosen
+    scores = np.einsum("bthe,bse->bhts", np.asarray(q), np.asarray(kv)) * config.softmax_scale
+    scores = np.where(mask[:, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs = np.nan_to_num(probs / probs.sum(-1, keepdims=True)).sum(1)  # [B, T, S], summed over heads
+    dense_i = np.asarray(index_scores(qi, ki, wi, config.index_head_dim ** -0.5))
+    take = lambda a: np.take_along_axis(a, np.asarray(idx), -1)  # noqa: E731
+    want = float(indexer_kl_loss(jnp.asarray(take(dense_i)), jnp.asarray(take(probs)), valid))
+    assert got == pytest.approx(want, rel=1e-4) and got > 0.1
+
+
+def test_indexer_stages_train_what_they_should():
+    """The dense warm-up trains the indexer alone (every other weight bit-identical) and lowers its KL to the
+    attention; the sparse stage trains everything, the indexer through its KL only (weight 0: unchanged)."""
+    from deepseek_jax.parallel.mesh import make_mesh
+    from deepseek_jax.training.config import TrainConfig
+    from deepseek_jax.training.trainer import Trainer
+
+    config = V32.replace(num_hidden_layers=2, vocab_size=64)
+    rng = np.random.RandomState(6)
+    toks = rng.randint(3, 64, (4, 17))
+    batch = {"inputs": toks[:, :-1].astype(np.int32), "targets": toks[:, 1:].astype(np.int32),
+             "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1)), "segment_ids": np.ones((4, 16), np.int32),
+             "loss_mask": np.ones((4, 16), np.float32)}
+
+    def run(stage, steps, weight=1.0):
+        tc = TrainConfig(batch_size=4, seq_len=16, learning_rate=1e-2, warmup_steps=1, weight_decay=0.0,
+                         indexer_stage=stage, indexer_loss_weight=weight, mtp_weight=0.0)
+        tr = Trainer(config, tc, make_mesh(None))
+        state = tr.init_state()
+        before = jax.tree.map(np.asarray, state["params"])
+        kls = []
+        for _ in range(steps):
+            state, m = tr.run_step(state, tr.put_batch(batch))
+            kls.append(float(m["indexer_kl"]))
+        after = jax.tree.map(np.asarray, state["params"])
+        flat = lambda t: {"/".join(str(getattr(k, "key", k)) for k in p): v  # noqa: E731
+                          for p, v in jax.tree_util.tree_leaves_with_path(t)}
+        moved = {k: not np.array_equal(v, flat(after)[k]) for k, v in flat(before).items()}
+        return kls, moved
+
+    kls, moved = run("warmup", 25)
+    assert all(moved[k] for k in moved if "/indexer/" in k)
+    assert not any(moved[k] for k in moved if "/indexer/" not in k and "e_score_correction_bias" not in k)
+    assert kls[-1] < 0.7 * kls[0], kls
+    _, moved = run("sparse", 2)
+    assert all(moved[k] for k in moved if "/indexer/" in k)
+    assert moved["dense_layers/self_attn/kv_b_proj/kernel"]
+    _, moved = run("sparse", 2, weight=0.0)
+    assert not any(moved[k] for k in moved if "/indexer/" in k)
+    assert moved["dense_layers/self_attn/kv_b_proj/kernel"]
+    with pytest.raises(ValueError, match="no lightning indexer"):
+        Trainer(dsj.presets["tiny-v3"], TrainConfig(indexer_stage="warmup"), make_mesh(None))

@@ -90,8 +90,39 @@ def indexer_topk(q: jax.Array, k: jax.Array, w: jax.Array, layout: Layout, topk:
     return idx, valid
 
 
+def _query_blocks(arrays, t: int, q_block: int, fills):
+    """``[B,T,...]`` arrays -> ``[nq, B, qb, ...]`` blocks of ``qb`` queries (T padded with ``fills``)."""
+    qb, nq = _blocks(t, q_block)
+    return qb, nq, tuple(_pad_to(a, 1, qb * nq, f).reshape(a.shape[0], nq, qb, *a.shape[2:]).swapaxes(0, 1)
+                         for a, f in zip(arrays, fills))
+
+
+def _unblock(x: jax.Array, t: int) -> jax.Array:
+    """``[nq, B, qb, ...]`` -> ``[B, T, ...]``."""
+    nq, b, qb = x.shape[:3]
+    return x.swapaxes(0, 1).reshape(b, nq * qb, *x.shape[3:])[:, :t]
+
+
+def selected_index_scores(q: jax.Array, k: jax.Array, w: jax.Array, idx: jax.Array, scale: float,
+                          q_block: int = 64) -> jax.Array:
+    """The index scores of each query's selected keys, ``[B,T,K]`` (``index_scores`` at ``idx``): the indexer's
+    logits for its KL over the selected set. Blockwise over queries (``[B, q_block, K, Di]`` gathered at a time)."""
+    t = q.shape[1]
+    _, _, (qs, ws, ids) = _query_blocks((q, w, idx), t, q_block, (0, 0, 0))
+
+    def step(_, part):
+        qq, qw, ii = part
+        keys = jax.vmap(lambda table, sel: table[sel])(k, ii).astype(jnp.float32)  # [B, qb, K, Di]
+        s = jnp.einsum("bthd,btkd->bthk", qq.astype(jnp.float32), keys, precision=jax.lax.Precision.HIGHEST)
+        return None, jnp.einsum("bth,bthk->btk", qw.astype(jnp.float32), jax.nn.relu(s * scale),
+                                precision=jax.lax.Precision.HIGHEST)
+
+    _, out = jax.lax.scan(step, None, (qs, ws, ids))
+    return _unblock(out, t)
+
+
 def sparse_latent_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, valid: jax.Array, scale: float,
-                            rank: int, q_block: int = 64) -> jax.Array:
+                            rank: int, q_block: int = 64, return_probs: bool = False):
     """MLA in the absorbed (latent) form over each query's selected entries only.
 
     ``q [B,T,H,R+P]``: absorbed queries (``q_nope W_uk`` then ``q_pe``); ``kv [B,S,R+P]``: the latent cache rows
@@ -99,13 +130,11 @@ def sparse_latent_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, valid: 
     are gathered, scored (fp32), softmaxed over the valid ones and their first ``rank`` dims (``c_kv``) averaged:
     -> ``[B,T,H,R]`` in q's dtype (0 for a query with no valid entry). Memory per block ``[B, q_block, K, R+P]``;
     the blocks run under ``jax.checkpoint`` (their gathered rows are recomputed in the backward pass).
+    ``return_probs``: also the attention probabilities summed over heads, ``[B,T,K]`` fp32 (the indexer's KL
+    target in the sparse stage).
     """
-    b, t, h, e = q.shape
-    qb, nq = _blocks(t, q_block)
-    kk = idx.shape[-1]
-    qs = _pad_to(q, 1, qb * nq).reshape(b, nq, qb, h, e).swapaxes(0, 1)
-    ids = _pad_to(idx, 1, qb * nq).reshape(b, nq, qb, kk).swapaxes(0, 1)
-    oks = _pad_to(valid, 1, qb * nq, False).reshape(b, nq, qb, kk).swapaxes(0, 1)
+    t = q.shape[1]
+    _, _, (qs, ids, oks) = _query_blocks((q, idx, valid), t, q_block, (0, 0, False))
 
     @partial(jax.checkpoint, prevent_cse=False)
     def block(qq, ii, ok, kv):
@@ -117,13 +146,13 @@ def sparse_latent_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, valid: 
         p = jnp.where(mask, p, 0.0)
         out = jnp.einsum("bthk,btkr->bthr", p, rows[..., :rank].astype(jnp.float32),
                          precision=jax.lax.Precision.HIGHEST)
-        return out.astype(q.dtype)
+        return out.astype(q.dtype), p.sum(2)
 
     def step(_, part):
         return None, block(*part, kv)
 
-    _, out = jax.lax.scan(step, None, (qs, ids, oks))
-    return out.swapaxes(0, 1).reshape(b, nq * qb, h, rank)[:, :t]
+    _, (out, probs) = jax.lax.scan(step, None, (qs, ids, oks))
+    return (_unblock(out, t), _unblock(probs, t)) if return_probs else _unblock(out, t)
 
 
 def indexer_kl_loss(index_logits: jax.Array, attention_probs: jax.Array, mask: jax.Array) -> jax.Array:
