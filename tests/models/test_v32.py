@@ -56,9 +56,9 @@ def test_packed_documents_equal_each_document_alone(converted):
     np.testing.assert_allclose(got[0, 7:13], torch_logits(ref, b[None])[0], atol=TOL)
 
 
-def test_gradients_flow_into_the_indexer_only_through_its_loss_and_the_model_trains(converted):
+def test_the_main_loss_gives_the_indexer_no_gradient(converted):
     """The main loss has no gradient into the indexer (top-k is not differentiable: the reference detaches it);
-    every other weight gets one."""
+    the attention weights get one (its own KL is what trains it: test_indexer_stages_train_what_they_should)."""
     _, config, params = converted
     tokens = jnp.asarray(np.random.RandomState(2).randint(0, V32.vocab_size, (2, 11)))
 
