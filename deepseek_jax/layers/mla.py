@@ -172,9 +172,10 @@ class MLA(nn.Module):
         block = o.attention_block
         idx, valid = indexer_topk(qi, ki_all, wi, layout, c.index_topk, i_scale, q_block=min(block, 128),
                                   k_block=block)
-        o_lat, probs = sparse_latent_attention(q, kv, idx, valid, c.softmax_scale, c.kv_lora_rank,
-                                               q_block=min(block, 64), return_probs=True)
-        if stage == "sparse":  # the KL over the selected keys
+        o_lat = sparse_latent_attention(q, kv, idx, valid, c.softmax_scale, c.kv_lora_rank,
+                                        q_block=min(block, 64), return_probs=stage == "sparse")
+        if stage == "sparse":  # the KL over the selected keys, against the attention's own probabilities
+            o_lat, probs = o_lat
             logits = selected_index_scores(qi, ki_all, wi, idx, i_scale, q_block=min(block, 64))
             self.sow("indexer_kl", "kl", indexer_kl_loss(logits, probs, valid))
         out = _einsum("bthr,rhv->bthv", o_lat, w_v, dtype)

@@ -146,7 +146,7 @@ def sparse_latent_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, valid: 
         p = jnp.where(mask, p, 0.0)
         out = jnp.einsum("bthk,btkr->bthr", p, rows[..., :rank].astype(jnp.float32),
                          precision=jax.lax.Precision.HIGHEST)
-        return out.astype(q.dtype), p.sum(2)
+        return out.astype(q.dtype), (p.sum(2) if return_probs else None)
 
     def step(_, part):
         return None, block(*part, kv)
