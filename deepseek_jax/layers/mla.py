@@ -6,22 +6,18 @@ N qk_nope_head_dim, V v_head_dim.
 
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
-from deepseek_jax.layers.attention.context_parallel import attend
+from deepseek_jax.layers.attention.context_parallel import attend, sparse_attend
 from deepseek_jax.layers.attention.core import attention
 from deepseek_jax.layers.attention.layout import Layout, visible
-from deepseek_jax.layers.attention.sparse import (
-    index_scores,
-    indexer_kl_loss,
-    indexer_topk,
-    selected_index_scores,
-    sparse_latent_attention,
-)
+from deepseek_jax.layers.attention.sparse import index_scores, indexer_kl_loss, sparse_core
 from deepseek_jax.layers.indexer import Indexer
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.norm import RMSNorm
@@ -114,13 +110,18 @@ class MLA(nn.Module):
         c_kv, k_pe = self.latent(x, cos, sin)
         if context_size(x.shape[1]) == 1:
             return self._expanded_attention(q_nope, q_pe, c_kv, k_pe, layout, True), c_kv, k_pe
-        k, v = self._expand(gather_sequence(c_kv), gather_sequence(k_pe))
         keys = Layout(layout.q_index, layout.q_segment, gather_sequence(layout.k_index),
                       gather_sequence(layout.k_segment))
+        return self._context_attention(q_nope, q_pe, gather_sequence(c_kv), gather_sequence(k_pe), keys), c_kv, k_pe
+
+    def _context_attention(self, q_nope, q_pe, c_all, pe_all, keys: Layout):
+        """Context parallelism's dense attention: the device's queries against the whole row's latents
+        (``c_all`` / ``pe_all`` and ``keys``' key side gathered along the sequence) -> ``[B,T,D]``."""
+        k, v = self._expand(c_all, pe_all)
         o = self.options
         out = attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, keys, self.config.softmax_scale, o.attention,
                      o.attention_block, o.target_platform())
-        return self.o_proj(out), c_kv, k_pe
+        return self.o_proj(out)
 
     def _absorbed_weights(self):
         """``kv_b_proj`` split into its key part ``[R,H,N]`` and value part ``[R,H,V]``."""
@@ -130,9 +131,6 @@ class MLA(nn.Module):
 
     def _sparse_prefill(self, x, cos, sin, layout: Layout):
         """DeepSeek-V3.2 (DSA) over whole rows. Returns as ``prefill``, plus the indexer keys to cache."""
-        if context_size(x.shape[1]) > 1:
-            raise NotImplementedError("DeepSeek-V3.2 sparse attention under context parallelism is not "
-                                      "implemented yet (the indexer keys would travel with the latent)")
         return self._sparse(x, cos, sin, layout)
 
     def _sparse(self, x, cos, sin, layout: Layout, cached=None):
@@ -150,9 +148,18 @@ class MLA(nn.Module):
         else:  # trained by its own KL only: its input is detached from the main loss
             qi, ki_new, wi = self.indexer(jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent), cos, sin)
         c_all, pe_all, ki_all = c_new, pe_new, ki_new
+        parallel = cached is None and context_size(x.shape[1]) > 1  # T split over the context axis
         if cached is not None:
             c_all, pe_all, ki_all = (jnp.concatenate([old.astype(new.dtype), new], axis=1)
                                      for old, new in zip(cached, (c_new, pe_new, ki_new)))
+        elif parallel:  # the indexer keys travel with the latent: one all-gather of 576 + Di values per token
+            keys = [gather_sequence(a) for a in (c_new, pe_new, ki_new, layout.k_index, layout.k_segment)]
+            # Back in the row's order (the zig-zag order's inverse, read from the keys' places), so that the
+            # top-k breaks ties between equal index scores as one device does: to the earlier key.
+            order = jnp.argsort(keys[3], axis=1)
+            c_all, pe_all, ki_all, k_index, k_segment = (jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (
+                a.ndim - 2)), axis=1) for a in keys)
+            layout = Layout(layout.q_index, layout.q_segment, k_index, k_segment)
         if self.is_initializing():
             self.kv_b_proj(c_new)  # creates the weight the absorbed form reads
         w_k, w_v = self._absorbed_weights()
@@ -162,22 +169,23 @@ class MLA(nn.Module):
         i_scale = c.index_head_dim ** -0.5
         if stage == "warmup":
             # Dense attention (the main model is frozen in this stage) and the KL over every visible key.
-            out = self._expanded_attention(q_nope, q_pe, c_new, pe_new, layout, True)
+            if parallel:
+                out = self._context_attention(q_nope, q_pe, c_all, pe_all, layout)
+            else:
+                out = self._expanded_attention(q_nope, q_pe, c_new, pe_new, layout, True)
             seen = visible(layout)
             scores = jnp.einsum("bthe,bse->bhts", q.astype(jnp.float32), kv.astype(jnp.float32),
                                 precision=jax.lax.Precision.HIGHEST) * c.softmax_scale
             probs = jax.nn.softmax(jnp.where(seen[:, None], scores, -1e30), axis=-1).sum(1)
-            self.sow("indexer_kl", "kl", indexer_kl_loss(index_scores(qi, ki_new, wi, i_scale), probs, seen))
+            self.sow("indexer_kl", "kl", indexer_kl_loss(index_scores(qi, ki_all, wi, i_scale), probs, seen))
             return out, c_new, pe_new, ki_new
         block = o.attention_block
-        idx, valid = indexer_topk(qi, ki_all, wi, layout, c.index_topk, i_scale, q_block=min(block, 128),
-                                  k_block=block)
-        o_lat = sparse_latent_attention(q, kv, idx, valid, c.softmax_scale, c.kv_lora_rank,
-                                        q_block=min(block, 64), return_probs=stage == "sparse")
+        core = partial(sparse_core, topk=c.index_topk, scale=c.softmax_scale, index_scale=i_scale,
+                       rank=c.kv_lora_rank, block=block, with_kl=stage == "sparse")
+        o_lat, kl_parts = (sparse_attend(core, q, kv, qi, ki_all, wi, layout) if parallel
+                           else core(q, kv, qi, ki_all, wi, layout))
         if stage == "sparse":  # the KL over the selected keys, against the attention's own probabilities
-            o_lat, probs = o_lat
-            logits = selected_index_scores(qi, ki_all, wi, idx, i_scale, q_block=min(block, 64))
-            self.sow("indexer_kl", "kl", indexer_kl_loss(logits, probs, valid))
+            self.sow("indexer_kl", "kl", indexer_kl_loss(*kl_parts))
         out = _einsum("bthr,rhv->bthv", o_lat, w_v, dtype)
         return self.o_proj(out), c_new, pe_new, ki_new
 

@@ -12,6 +12,13 @@ from deepseek_jax.parallel.mesh import current_mesh
 from deepseek_jax.parallel.rules import dividing_axes, rule_axes
 
 
+def _split(q, mesh):
+    """The mesh axes (or None) that split queries ``[B,T,H,...]``'s batch, heads and sequence."""
+    b, _, h = q.shape[:3]
+    ctx = tuple(a for a in rule_axes("act_length") if mesh.shape.get(a, 1) > 1)
+    return tuple(x or None for x in (dividing_axes("act_batch", b, mesh), dividing_axes("heads", h, mesh), ctx))
+
+
 def attend(q, k, v, layout: Layout, scale: float, impl: str, block: int, platform: str):
     """Attention with queries split over the context axis and keys / values whole on every device.
 
@@ -20,12 +27,7 @@ def attend(q, k, v, layout: Layout, scale: float, impl: str, block: int, platfor
     rules put them.
     """
     mesh = current_mesh()
-    sizes = mesh.shape
-    b, _, h, _ = q.shape
-    batch = dividing_axes("act_batch", b, mesh)
-    heads = dividing_axes("heads", h, mesh)
-    ctx = tuple(a for a in rule_axes("act_length") if sizes.get(a, 1) > 1)
-    bt, ht, ct = (x or None for x in (batch, heads, ctx))
+    bt, ht, ct = _split(q, mesh)
     q_spec, kv_spec = P(bt, ct, ht, None), P(bt, None, ht, None)
     lay_spec = Layout(P(bt, ct), P(bt, ct), P(bt, None), P(bt, None))
 
@@ -34,3 +36,31 @@ def attend(q, k, v, layout: Layout, scale: float, impl: str, block: int, platfor
 
     return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, lay_spec), out_specs=q_spec)(
         q, k, v, layout)
+
+
+def sparse_attend(core, q, kv, qi, ki, wi, layout: Layout):
+    """DeepSeek-V3.2's sparse attention (``sparse.sparse_core``, bound to its sizes as ``core``) with queries split
+    over the context axis: each device's queries pick their top-k among the whole row's keys and attend to those.
+
+    q ``[B,T,H,R+P]``, the indexer's qi ``[B,T,Hi,Di]`` and wi ``[B,T,Hi]`` split along T; the latent rows
+    kv ``[B,S,R+P]``, the indexer keys ki ``[B,S,Di]`` and the keys' layout whole on every device (gathered by the
+    caller). MLA's heads stay split as the rules put them; the indexer's heads are summed into one score, so every
+    head shard selects for its queries (the same choice). The sparse stage's head-summed probabilities are summed
+    over the head shards.
+    """
+    mesh = current_mesh()
+    bt, ht, ct = _split(q, mesh)
+    rows, per_query = P(bt, None, None), P(bt, ct, None)
+    in_specs = (P(bt, ct, ht, None), rows, P(bt, ct, None, None), rows, per_query,
+                Layout(P(bt, ct), P(bt, ct), P(bt, None), P(bt, None)))
+
+    def local(q, kv, qi, ki, wi, lay):
+        out, kl = core(q, kv, qi, ki, wi, lay)
+        if kl is not None and ht:
+            logits, probs, valid = kl
+            kl = (logits, jax.lax.psum(probs, ht), valid)
+        return out, kl
+
+    probe = jax.eval_shape(core, q, kv, qi, ki, wi, layout)[1]
+    out_specs = (P(bt, ct, ht, None), None if probe is None else (per_query,) * 3)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(q, kv, qi, ki, wi, layout)

@@ -80,7 +80,9 @@ def indexer_topk(q: jax.Array, k: jax.Array, w: jax.Array, layout: Layout, topk:
             vals, pick = jax.lax.top_k(merged_vals, kk)
             return (vals, jnp.take_along_axis(merged_idx, pick, axis=-1)), None
 
-        init = (jnp.full((b, qb, kk), NEG, jnp.float32), jnp.zeros((b, qb, kk), jnp.int32))
+        zero = jnp.zeros_like(qw[..., :1], jnp.int32)  # [B, qb, 1]: derived from the queries, so that under
+        # shard_map the kept set varies over the same mesh axes as they do (scan needs the carry's types equal)
+        init = (jnp.broadcast_to(zero.astype(jnp.float32) + NEG, (b, qb, kk)), jnp.broadcast_to(zero, (b, qb, kk)))
         (vals, idx), _ = jax.lax.scan(key_block, init, (ks, k_index, k_segment, slots))
         return None, (idx, vals > NEG)
 
@@ -153,6 +155,21 @@ def sparse_latent_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, valid: 
 
     _, (out, probs) = jax.lax.scan(step, None, (qs, ids, oks))
     return (_unblock(out, t), _unblock(probs, t)) if return_probs else _unblock(out, t)
+
+
+def sparse_core(q, kv, qi, ki, wi, layout: Layout, *, topk: int, scale: float, index_scale: float, rank: int,
+                block: int, with_kl: bool = False):
+    """DSA over a whole set of keys: the indexer's top-``topk`` per query (``indexer_topk``), then the absorbed
+    attention over those entries (``sparse_latent_attention``). ``q [B,T,H,R+P]``, ``kv [B,S,R+P]``, the indexer's
+    ``qi [B,T,Hi,Di]``, ``ki [B,S,Di]``, ``wi [B,T,Hi]``. -> ``[B,T,H,R]`` and, ``with_kl``, the sparse stage's KL
+    inputs ``(index logits, head-summed attention probabilities, valid)`` ``[B,T,K]`` (``indexer_kl_loss``'s
+    arguments; the probabilities sum this call's heads only), else None."""
+    idx, valid = indexer_topk(qi, ki, wi, layout, topk, index_scale, q_block=min(block, 128), k_block=block)
+    out = sparse_latent_attention(q, kv, idx, valid, scale, rank, q_block=min(block, 64), return_probs=with_kl)
+    if not with_kl:
+        return out, None
+    out, probs = out
+    return out, (selected_index_scores(qi, ki, wi, idx, index_scale, q_block=min(block, 64)), probs, valid)
 
 
 def indexer_kl_loss(index_logits: jax.Array, attention_probs: jax.Array, mask: jax.Array) -> jax.Array:
