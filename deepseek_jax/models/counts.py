@@ -54,16 +54,48 @@ def attention_flops_per_key(config, *, train: bool, mtp: bool = True) -> float:
     return 3.0 * forward if train else forward
 
 
-def flops_per_token(config, context: float, *, train: bool, mtp: bool = True) -> float:
+def indexer_flops_per_key(config, *, mtp: bool = True) -> float:
+    """DeepSeek-V3.2's lightning indexer scoring one key for one query: ``2 x index_n_heads x index_head_dim`` per
+    layer (0 without an indexer). Forward only: the top-k choice has no gradient (the sparse stage's KL over the
+    selected keys is a small part, not counted)."""
+    if not config.has_indexer:
+        return 0.0
+    layers = config.num_hidden_layers + (config.num_nextn_predict_layers if mtp else 0)
+    return 2.0 * layers * config.index_n_heads * config.index_head_dim
+
+
+def causal_selected(length: float, topk: int) -> float:
+    """The mean over a causal document of ``length`` tokens of the keys a query attends under a top-``topk``
+    selection: ``min(topk, t)`` for the t-th token."""
+    if length <= topk:
+        return (length + 1) / 2
+    return (topk * (topk + 1) / 2 + (length - topk) * topk) / length
+
+
+def flops_per_token(config, context: float, *, train: bool, mtp: bool = True, selected: float = None) -> float:
     """Model FLOPs per token: ``2 x active_params`` for the matmuls plus attention over ``context`` keys on
     average (``(T + 1) / 2`` for a causal document of T tokens, the cache length for a decode step); training
-    (forward + backward) is three times the forward."""
+    (forward + backward) is three times the forward. V3.2 attends ``selected`` keys on average (default
+    ``min(index_topk, context)``, exact for a decode step; ``causal_selected`` for a document) and its indexer
+    scores all ``context``."""
     matmuls = 2.0 * active_params(config, mtp) * (3.0 if train else 1.0)
-    return matmuls + attention_flops_per_key(config, train=train, mtp=mtp) * context
+    return matmuls + _key_flops(config, context, selected, train=train, mtp=mtp)
 
 
-def batch_flops(config, tokens: float, attended_keys: float, *, train: bool, mtp: bool = True) -> float:
+def _key_flops(config, keys: float, selected, *, train: bool, mtp: bool) -> float:
+    """Attention over ``keys`` visible keys (V3.2: over the ``selected`` ones, plus the indexer over all)."""
+    per_key = attention_flops_per_key(config, train=train, mtp=mtp)
+    if not config.has_indexer:
+        return per_key * keys
+    if selected is None:
+        selected = min(config.index_topk, keys)
+    return per_key * selected + indexer_flops_per_key(config, mtp=mtp) * keys
+
+
+def batch_flops(config, tokens: float, attended_keys: float, *, train: bool, mtp: bool = True,
+                selected_keys: float = None) -> float:
     """Model FLOPs over ``tokens`` tokens that attend ``attended_keys`` keys in all (a packed batch: each token
-    its own document's earlier keys and itself): the matmuls per token plus attention per key."""
-    return (flops_per_token(config, 0.0, train=train, mtp=mtp) * tokens
-            + attention_flops_per_key(config, train=train, mtp=mtp) * attended_keys)
+    its own document's earlier keys and itself): the matmuls per token plus attention per key. V3.2 attends
+    ``selected_keys`` in all (each token ``min(index_topk, visible)``) and its indexer scores ``attended_keys``."""
+    return (flops_per_token(config, 0.0, train=train, mtp=mtp, selected=0.0) * tokens
+            + _key_flops(config, attended_keys, selected_keys, train=train, mtp=mtp))

@@ -106,11 +106,13 @@ class DistillTrainer(Trainer):
             self.batch_keys = BATCH_KEYS + TEACHER_KEYS
             self.batch_ndims = {k: 3 for k in TEACHER_KEYS}
 
-    def step_flops(self, tokens: float, attended_keys: float) -> float:
-        """The student's training FLOPs plus the in-step teacher's forward over the same tokens."""
-        flops = super().step_flops(tokens, attended_keys)
+    def step_flops(self, tokens: float, attended_keys: float, selected_keys: float = None) -> float:
+        """The student's training FLOPs plus the in-step teacher's forward over the same tokens (a V3.2 teacher
+        is counted as attending every visible key: the step's ``selected_keys`` are the student's)."""
+        flops = super().step_flops(tokens, attended_keys, selected_keys)
         if self.teacher is not None:
-            flops += batch_flops(self.teacher.config, tokens, attended_keys, train=False, mtp=False)
+            flops += batch_flops(self.teacher.config, tokens, attended_keys, train=False, mtp=False,
+                                 selected_keys=attended_keys)
         return flops
 
     def put_teacher(self, params):

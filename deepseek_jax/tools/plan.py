@@ -327,13 +327,14 @@ def _prefill_step(config, options, mesh, batch, seq_len, cache_len, cache_dtype,
     import jax.numpy as jnp
 
     from deepseek_jax.inference.steps import prefill_core
-    from deepseek_jax.models.counts import flops_per_token
+    from deepseek_jax.models.counts import causal_selected, flops_per_token
 
     params, cache = _inference_inputs(config, options, mesh, batch, cache_len, cache_dtype, weight_dtype)
     tokens = _batch_sds(mesh, (batch, seq_len), jnp.int32)
     lengths = _batch_sds(mesh, (batch,), jnp.int32)
     fn = jax.jit(functools.partial(prefill_core, config=config, options=options), donate_argnums=(1,))
-    flops = flops_per_token(config, seq_len / 2, train=False, mtp=False) * batch * seq_len
+    selected = causal_selected(seq_len, config.index_topk) if config.has_indexer else None
+    flops = flops_per_token(config, seq_len / 2, train=False, mtp=False, selected=selected) * batch * seq_len
     return _compile("prefill", fn, (params, cache, tokens, lengths), _shard_bytes((params, cache)), flops,
                     batch * seq_len, mesh)
 

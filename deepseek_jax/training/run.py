@@ -73,9 +73,12 @@ def run_in_workdir(workdir: str, trainer: Trainer, data, fresh: Callable[[], dic
     ckpt, start, state = start_or_resume(workdir, trainer, data, fresh, resume=resume, save_every=save_every,
                                          keep=keep, async_save=async_save)
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    def flops(m):
+        return trainer.step_flops(m["input_tokens"], m["attended_keys"], m.get("selected_keys"))
+
     return run_loop(workdir, ckpt, state, start, end, tc.steps, step_fn, data.state, seed=tc.seed,
                     max_bad_steps=tc.max_bad_steps, progress=progress, desc=desc, postfix=postfix, plot=plot,
-                    flops=(lambda m: trainer.step_flops(m["input_tokens"], m["attended_keys"])) if mfu else None)
+                    flops=flops if mfu else None)
 
 
 def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Optional[str] = None,

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from deepseek_jax.config.model import ModelConfig
-from deepseek_jax.models.counts import batch_flops
+from deepseek_jax.models.counts import batch_flops, causal_selected
 from deepseek_jax.models.transformer import Transformer, abstract_params
 from deepseek_jax.parallel.mesh import mesh_context
 from deepseek_jax.parallel.rules import (
@@ -204,6 +204,9 @@ class Trainer:
                  "attended_keys": jnp.where(batch["segment_ids"] > 0, batch["positions"] + 1, 0).sum()
                  .astype(jnp.float32),
                  "moe_dropped": dropped.astype(jnp.float32)}
+        if self.config.has_indexer:  # V3.2: the keys each token's attention reads, min(index_topk, visible)
+            parts["selected_keys"] = jnp.where(batch["segment_ids"] > 0, jnp.minimum(
+                batch["positions"] + 1, self.config.index_topk), 0).sum().astype(jnp.float32)
         if indexer_kl is not None:
             parts["indexer_kl"] = indexer_kl
         return total, (parts, counts)
@@ -334,12 +337,14 @@ class Trainer:
         return out
 
     # ----- accounting -------------------------------------------------------------------------------
-    def step_flops(self, tokens: float, attended_keys: float) -> float:
+    def step_flops(self, tokens: float, attended_keys: float, selected_keys: float = None) -> float:
         """Model FLOPs of a training step over ``tokens`` real tokens attending ``attended_keys`` keys in all
-        (the step's metrics hold both): 6 x active params (routed experts at K/E) per token + attention per key."""
+        (the step's metrics hold both, and V3.2's ``selected_keys``): 6 x active params (routed experts at K/E)
+        per token + attention per key (``models/counts.py``)."""
         mtp = self.config.num_nextn_predict_layers > 0 and self.tc.mtp_weight > 0
-        return batch_flops(self.config, tokens, attended_keys, train=True, mtp=mtp)
+        return batch_flops(self.config, tokens, attended_keys, train=True, mtp=mtp, selected_keys=selected_keys)
 
     def flops_per_token(self) -> float:
         """``step_flops`` per token of rows that are each one whole document (a causal context of (T + 1) / 2)."""
-        return self.step_flops(1.0, (self.tc.seq_len + 1) / 2)
+        t, c = self.tc.seq_len, self.config
+        return self.step_flops(1.0, (t + 1) / 2, causal_selected(t, c.index_topk) if c.has_indexer else None)

@@ -313,3 +313,44 @@ def test_train_steps_and_generation_on_expert_parallel_and_context_parallel_mesh
         np.testing.assert_allclose(out[key]["losses"], out[key]["ref"], rtol=1e-5, err_msg=key)
         assert out[key]["max_param_diff"] < 2e-5, (key, out[key]["max_param_diff"])
     assert out["prefill"]["logits"] < 1e-4 and out["prefill"]["cache"] < 1e-5, out["prefill"]
+
+
+def test_flops_count_the_selected_keys_and_the_indexer_over_every_visible_key():
+    """MFU's FLOPs for V3.2: attention over min(index_topk, visible) keys per token, the indexer over every
+    visible key (2 x Hi x Di per key and layer), by hand on a packed batch; a decode step at a 128k cache costs
+    the attention of index_topk keys."""
+    from deepseek_jax.models.counts import active_params, causal_selected, flops_per_token
+    from deepseek_jax.parallel.mesh import make_mesh
+    from deepseek_jax.training.config import TrainConfig
+    from deepseek_jax.training.trainer import Trainer
+
+    config = V32.replace(num_hidden_layers=2, vocab_size=64)
+    seg = np.ones((2, 16), np.int32)
+    seg[1, 10:] = 2
+    seg[0, 13:] = 0
+    pos = np.tile(np.arange(16, dtype=np.int32), (2, 1))
+    pos[1, 10:] = np.arange(6)
+    toks = np.random.RandomState(0).randint(3, 64, (2, 16)).astype(np.int32)
+    batch = {"inputs": toks, "targets": toks, "positions": pos, "segment_ids": seg,
+             "loss_mask": (seg > 0).astype(np.float32)}
+    tr = Trainer(config, TrainConfig(batch_size=2, seq_len=16, mtp_weight=0.0), make_mesh(None))
+    state = tr.init_state()
+    _, m = tr.run_step(state, tr.put_batch(batch))
+    docs = [13, 10, 6]
+    visible = sum(n * (n + 1) // 2 for n in docs)
+    selected = sum(min(t, 4) for n in docs for t in range(1, n + 1))  # index_topk = 4
+    assert float(m["attended_keys"]) == visible and float(m["selected_keys"]) == selected
+    per_key = 3 * 2 * 2 * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
+    indexer = 2 * 2 * 8 * 16  # layers x index_n_heads x index_head_dim
+    want = 6 * active_params(config, False) * 29 + per_key * selected + indexer * visible
+    assert tr.step_flops(29.0, visible, selected) == pytest.approx(want, rel=1e-12)
+    assert [causal_selected(n, 4) for n in (3, 13)] == pytest.approx(
+        [np.mean([min(t, 4) for t in range(1, n + 1)]) for n in (3, 13)], rel=1e-12)
+    big = dsj.presets["deepseek-v3.2"]
+    v3 = big.replace(model_type="deepseek_v3")
+    dense = flops_per_token(v3, 131072, train=False, mtp=False)
+    sparse = flops_per_token(big, 131072, train=False, mtp=False)
+    head = 2 * 61 * 128 * (192 + 128)
+    weights = 2 * (active_params(big, False) - active_params(v3, False))  # the indexer's projections
+    assert dense - sparse == pytest.approx(head * (131072 - 2048) - 2 * 61 * 64 * 128 * 131072 - weights,
+                                           rel=1e-9)
