@@ -85,15 +85,25 @@ def fp8_quantized(key: str) -> bool:
     return ".layers." in key and "_proj" in key and key.endswith(".weight") and "eh_proj" not in key
 
 
-def make_fp8(path: str, ue8m0: bool = False, n_files: int = 3, config: ModelConfig = FP8_CONFIG):
-    """A V3-layout FP8 checkpoint (with MTP layer) sharded over ``n_files``; returns
-    (transformers model holding the dequantized weights, {key: original tensor})."""
+def v32_fp8_quantized(key: str) -> bool:
+    """V3.2's release adds the indexer: ``wq_b`` and ``wk`` in FP8, ``weights_proj`` in bf16 (DeepSeek's
+    inference code builds it in fp32 from the checkpoint's bf16)."""
+    if ".indexer." in key:
+        return key.endswith((".wq_b.weight", ".wk.weight"))
+    return fp8_quantized(key)
+
+
+def make_fp8(path: str, ue8m0: bool = False, n_files: int = 3, config: ModelConfig = FP8_CONFIG,
+             quantized=fp8_quantized, mtp: bool = True):
+    """A V3-layout FP8 checkpoint (with MTP layer unless not ``mtp``) sharded over ``n_files``, the keys
+    ``quantized`` picks in FP8; returns (transformers model holding the dequantized weights, {key: original
+    tensor})."""
     src = path + "-fp32"
-    make_hf(src, config, mtp=True)
+    make_hf(src, config, mtp=mtp)
     tensors = read_all(src)
     out, dequant = {}, {}
     for k, v in tensors.items():
-        if fp8_quantized(k):
+        if quantized(k):
             w8, s = block_quantize(v, ue8m0)
             out[k], out[k + "_scale_inv"] = w8, s
             dequant[k] = block_dequantize(w8, s)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from hf_reference import hf_model, torch_logits
 
 import deepseek_jax as dsj
@@ -354,3 +355,49 @@ def test_flops_count_the_selected_keys_and_the_indexer_over_every_visible_key():
     weights = 2 * (active_params(big, False) - active_params(v3, False))  # the indexer's projections
     assert dense - sparse == pytest.approx(head * (131072 - 2048) - 2 * 61 * 64 * 128 * 131072 - weights,
                                            rel=1e-9)
+
+
+def test_fp8_release_format_reads_and_exports_back(tmp_path):
+    """A V3.2 FP8 release (the indexer's wq_b / wk in e4m3 with 128x128 scales, weights_proj bf16, the norms
+    fp32; ue8m0 scales; edge blocks partial): converted logits equal transformers' on the dequantized weights,
+    and ``export --fp8`` of the FP8-kept tree gives the release's tensors back. (transformers builds no V3.2 MTP
+    layer; ours maps its indexer under the same names, checked on the map.)"""
+    from convert_fixtures import FP8_CONFIG, TOKENS, make_fp8, read_all, v32_fp8_quantized
+
+    from deepseek_jax.checkpoint.convert.convert import convert
+    from deepseek_jax.checkpoint.convert.export import release_quantized
+    from deepseek_jax.checkpoint.hf_map import hf_tensor_map
+    from deepseek_jax.cli import main
+
+    config = FP8_CONFIG.replace(model_type="deepseek_v32", index_topk=4, index_head_dim=32, index_n_heads=4)
+    src = str(tmp_path / "fp8")
+    ref, tensors = make_fp8(src, ue8m0=True, config=config, quantized=v32_fp8_quantized, mtp=False)
+    assert tensors["model.layers.1.self_attn.indexer.wq_b.weight"].dtype == torch.float8_e4m3fn
+    assert tensors["model.layers.1.self_attn.indexer.wk.weight_scale_inv"].shape == (1, 2)  # 32 x 192
+    assert tensors["model.layers.1.self_attn.indexer.weights_proj.weight"].dtype == torch.bfloat16
+    mtp_maps = {key: release_quantized(m.path, m.transpose)
+                for m in hf_tensor_map(config.replace(num_nextn_predict_layers=1)) for key, _ in m.sources
+                if key.startswith("model.layers.2.self_attn.indexer.")}
+    assert mtp_maps == {"model.layers.2.self_attn.indexer." + k: q for k, q in (
+        ("wq_b.weight", True), ("wk.weight", True), ("weights_proj.weight", False), ("k_norm.weight", False),
+        ("k_norm.bias", False))}
+    # The reference: our forward on transformers' dequantized weights (saved fp32): at these widths the indexer's
+    # scores tie at 0 (ReLU) for some queries, and transformers' top-k breaks those ties otherwise, so its logits
+    # differ there; the parity with transformers is tested above where no tie decides.
+    ref.save_pretrained(tmp_path / "dequantized")
+    conf, params = dsj.load_pretrained(str(tmp_path / "dequantized"))
+    want = np.asarray(dsj.Transformer(conf).apply({"params": params}, jnp.asarray(TOKENS)))
+    for keep in (False, True):
+        dst = str(tmp_path / f"out{keep}")
+        convert(src, dst, dtype="float32", keep_fp8=keep, progress=False)
+        conf, params = dsj.load_pretrained(dst)
+        got = np.asarray(dsj.Transformer(conf).apply({"params": params}, jnp.asarray(TOKENS)))
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    back = str(tmp_path / "back")
+    assert main(["export", dst, back, "--fp8", "--no-progress"]) == 0
+    got = read_all(back)
+    assert set(got) == set(tensors)
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype, k
+        same = got[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else got[k]
+        assert torch.equal(same, v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v), k

@@ -50,7 +50,8 @@ DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float
           "float16": np.dtype(np.float16)}
 FP8 = np.dtype(E4M3)
 # Linear weights DeepSeek's FP8 releases keep in higher precision (docs/reference.md, section 4).
-_NOT_QUANTIZED = {("lm_head", "kernel"), ("mlp", "gate", "kernel"), ("eh_proj", "kernel")}
+_NOT_QUANTIZED = {("lm_head", "kernel"), ("mlp", "gate", "kernel"), ("eh_proj", "kernel"),
+                  ("indexer", "weights_proj")}  # V3.2: bf16 in the release (wq_b and wk are e4m3)
 
 
 def parse_size(s: str) -> int:
