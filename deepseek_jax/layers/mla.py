@@ -182,8 +182,11 @@ class MLA(nn.Module):
         block = o.attention_block
         core = partial(sparse_core, topk=c.index_topk, scale=c.softmax_scale, index_scale=i_scale,
                        rank=c.kv_lora_rank, block=block, with_kl=stage == "sparse")
-        o_lat, kl_parts = (sparse_attend(core, q, kv, qi, ki_all, wi, layout) if parallel
-                           else core(q, kv, qi, ki_all, wi, layout))
+        o_lat, kl_parts, chosen = (sparse_attend(core, q, kv, qi, ki_all, wi, layout) if parallel
+                                   else core(q, kv, qi, ki_all, wi, layout))
+        # Which keys each query read (slots of the cache then the new tokens; -1: none), for whoever asks for
+        # the "intermediates" collection (the notebooks' picture); under context parallelism, slots of the row.
+        self.sow("intermediates", "indexer_choice", chosen)
         if stage == "sparse":  # the KL over the selected keys, against the attention's own probabilities
             self.sow("indexer_kl", "kl", indexer_kl_loss(*kl_parts))
         out = _einsum("bthr,rhv->bthv", o_lat, w_v, dtype)

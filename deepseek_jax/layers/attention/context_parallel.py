@@ -55,12 +55,12 @@ def sparse_attend(core, q, kv, qi, ki, wi, layout: Layout):
                 Layout(P(bt, ct), P(bt, ct), P(bt, None), P(bt, None)))
 
     def local(q, kv, qi, ki, wi, lay):
-        out, kl = core(q, kv, qi, ki, wi, lay)
+        out, kl, chosen = core(q, kv, qi, ki, wi, lay)
         if kl is not None and ht:
             logits, probs, valid = kl
             kl = (logits, jax.lax.psum(probs, ht), valid)
-        return out, kl
+        return out, kl, chosen
 
     probe = jax.eval_shape(core, q, kv, qi, ki, wi, layout)[1]
-    out_specs = (P(bt, ct, ht, None), None if probe is None else (per_query,) * 3)
+    out_specs = (P(bt, ct, ht, None), None if probe is None else (per_query,) * 3, per_query)
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(q, kv, qi, ki, wi, layout)

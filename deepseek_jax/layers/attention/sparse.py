@@ -163,13 +163,15 @@ def sparse_core(q, kv, qi, ki, wi, layout: Layout, *, topk: int, scale: float, i
     attention over those entries (``sparse_latent_attention``). ``q [B,T,H,R+P]``, ``kv [B,S,R+P]``, the indexer's
     ``qi [B,T,Hi,Di]``, ``ki [B,S,Di]``, ``wi [B,T,Hi]``. -> ``[B,T,H,R]`` and, ``with_kl``, the sparse stage's KL
     inputs ``(index logits, head-summed attention probabilities, valid)`` ``[B,T,K]`` (``indexer_kl_loss``'s
-    arguments; the probabilities sum this call's heads only), else None."""
+    arguments; the probabilities sum this call's heads only), else None; and the chosen keys' slots ``[B,T,K]``,
+    -1 where fewer than K are visible."""
     idx, valid = indexer_topk(qi, ki, wi, layout, topk, index_scale, q_block=min(block, 128), k_block=block)
     out = sparse_latent_attention(q, kv, idx, valid, scale, rank, q_block=min(block, 64), return_probs=with_kl)
+    chosen = jnp.where(valid, idx, -1)
     if not with_kl:
-        return out, None
+        return out, None, chosen
     out, probs = out
-    return out, (selected_index_scores(qi, ki, wi, idx, index_scale, q_block=min(block, 64)), probs, valid)
+    return out, (selected_index_scores(qi, ki, wi, idx, index_scale, q_block=min(block, 64)), probs, valid), chosen
 
 
 def indexer_kl_loss(index_logits: jax.Array, attention_probs: jax.Array, mask: jax.Array) -> jax.Array:
