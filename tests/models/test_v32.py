@@ -401,3 +401,26 @@ def test_fp8_release_format_reads_and_exports_back(tmp_path):
         assert got[k].dtype == v.dtype, k
         same = got[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else got[k]
         assert torch.equal(same, v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v), k
+
+
+def test_fp8_cache_keeps_the_indexer_keys_in_e4m3_with_one_scale_per_token(converted):
+    """``cache_dtype="fp8"``: the indexer's keys are e4m3 with one fp32 scale per token (128 values in the real
+    model, as DeepSeek stores them) beside the latent's; decoding every position over it stays close to the full
+    forward (e4m3's 3 mantissa bits can move a near-tie in the top-k, so the bound is loose)."""
+    from deepseek_jax.inference import steps as decode
+    from deepseek_jax.layers import kv_cache
+
+    _, config, params = converted
+    cache = kv_cache.init_cache(config, 2, 16, "fp8")
+    entry = cache["main"]["dense_layers"]
+    assert entry["index_k"].dtype == jnp.float8_e4m3fn and entry["index_k"].shape[-1] == config.index_head_dim
+    assert entry["index_k_scale"].shape == entry["index_k"].shape[:-1]
+    assert kv_cache.cache_bytes_per_token(dsj.presets["deepseek-v3.2"], "fp8") == (576 + 128 + 3 * 4) * 61
+    tokens = jnp.asarray(np.random.RandomState(5).randint(0, config.vocab_size, (2, 12)), jnp.int32)
+    full = np.asarray(jax.jit(dsj.Transformer(config).apply)({"params": params}, tokens))
+    cached = np.asarray(decode.decode_all_positions(params, tokens, config=config, cache_dtype="fp8",
+                                                    prefill_len=3))
+    err = (cached - full)[:, 3:]
+    relative_rms = np.sqrt((err**2).mean() / (full[:, 3:] ** 2).mean())
+    assert 1e-4 < relative_rms < 0.15, relative_rms
+    assert (cached.argmax(-1) == full.argmax(-1)).mean() >= 0.75
