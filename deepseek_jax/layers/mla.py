@@ -147,33 +147,38 @@ class MLA(nn.Module):
             qi, ki_new, wi = self.indexer(x, q_latent, cos, sin)
         else:  # trained by its own KL only: its input is detached from the main loss
             qi, ki_new, wi = self.indexer(jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent), cos, sin)
-        c_all, pe_all, ki_all = c_new, pe_new, ki_new
         parallel = cached is None and context_size(x.shape[1]) > 1  # T split over the context axis
+        # The keys as parts laid end to end: the cache then the new tokens, each read in place (only the selected
+        # latent rows are gathered; the cache is never concatenated with the new tokens); or the row's own.
+        parts = [(c_new, pe_new, ki_new)]
         if cached is not None:
-            c_all, pe_all, ki_all = (jnp.concatenate([old.astype(new.dtype), new], axis=1)
-                                     for old, new in zip(cached, (c_new, pe_new, ki_new)))
+            parts.insert(0, tuple(old.astype(new.dtype) for old, new in zip(cached, parts[0])))
         elif parallel:  # the indexer keys travel with the latent: one all-gather of 576 + Di values per token
             keys = [gather_sequence(a) for a in (c_new, pe_new, ki_new, layout.k_index, layout.k_segment)]
             # Back in the row's order (the zig-zag order's inverse, read from the keys' places), so that the
             # top-k breaks ties between equal index scores as one device does: to the earlier key.
             order = jnp.argsort(keys[3], axis=1)
-            c_all, pe_all, ki_all, k_index, k_segment = (jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (
-                a.ndim - 2)), axis=1) for a in keys)
+            *row, k_index, k_segment = (jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)),
+                                                            axis=1) for a in keys)
+            parts = [tuple(row)]
             layout = Layout(layout.q_index, layout.q_segment, k_index, k_segment)
         if self.is_initializing():
             self.kv_b_proj(c_new)  # creates the weight the absorbed form reads
         w_k, w_v = self._absorbed_weights()
-        dtype = c_all.dtype
+        dtype = c_new.dtype
         q = jnp.concatenate([_einsum("bthn,rhn->bthr", q_nope, w_k, dtype), q_pe.astype(dtype)], axis=-1)
-        kv = jnp.concatenate([c_all, pe_all.astype(dtype)], axis=-1)
+        kv_parts = tuple((c_part, pe_part.astype(dtype)) for c_part, pe_part, _ in parts)
+        ki_parts = tuple(part[2] for part in parts)
         i_scale = c.index_head_dim ** -0.5
         if stage == "warmup":
             # Dense attention (the main model is frozen in this stage) and the KL over every visible key.
+            (c_all, pe_all, ki_all), = parts
             if parallel:
                 out = self._context_attention(q_nope, q_pe, c_all, pe_all, layout)
             else:
                 out = self._expanded_attention(q_nope, q_pe, c_new, pe_new, layout, True)
             seen = visible(layout)
+            kv = jnp.concatenate([c_all, pe_all.astype(dtype)], axis=-1)
             scores = jnp.einsum("bthe,bse->bhts", q.astype(jnp.float32), kv.astype(jnp.float32),
                                 precision=jax.lax.Precision.HIGHEST) * c.softmax_scale
             probs = jax.nn.softmax(jnp.where(seen[:, None], scores, -1e30), axis=-1).sum(1)
@@ -182,8 +187,8 @@ class MLA(nn.Module):
         block = o.attention_block
         core = partial(sparse_core, topk=c.index_topk, scale=c.softmax_scale, index_scale=i_scale,
                        rank=c.kv_lora_rank, block=block, with_kl=stage == "sparse")
-        o_lat, kl_parts, chosen = (sparse_attend(core, q, kv, qi, ki_all, wi, layout) if parallel
-                                   else core(q, kv, qi, ki_all, wi, layout))
+        o_lat, kl_parts, chosen = (sparse_attend(core, q, kv_parts, qi, ki_parts, wi, layout) if parallel
+                                   else core(q, kv_parts, qi, ki_parts, wi, layout))
         # Which keys each query read (slots of the cache then the new tokens; -1: none), for whoever asks for
         # the "intermediates" collection (the notebooks' picture); under context parallelism, slots of the row.
         self.sow("intermediates", "indexer_choice", chosen)

@@ -92,6 +92,12 @@ def test_blockwise_topk_equals_dense_topk_with_packed_documents():
                 seen = np.flatnonzero(np.isfinite(dense[b, t]))
                 best = seen[np.argsort(-dense[b, t, seen], kind="stable")][:topk]
                 assert set(np.asarray(idx)[b, t][np.asarray(valid)[b, t]].tolist()) == set(best.tolist()), (topk, b, t)
+        # The keys in parts laid end to end (decoding: the cache, then the new tokens), read in place in blocks
+        # that end where each part ends: the same choice, slot for slot.
+        cut = 11
+        parts = indexer_topk(q, (k[:, :cut], k[:, cut:]), w, layout, topk, 0.25, q_block=5, k_block=4)
+        np.testing.assert_array_equal(np.asarray(parts[0]), np.asarray(idx))
+        np.testing.assert_array_equal(np.asarray(parts[1]), np.asarray(valid))
     # the score itself: sum_j w_j relu(scale q_j . k)
     want = np.einsum("bth,bths->bts", np.asarray(w),
                      np.maximum(0.25 * np.einsum("bthd,bsd->bths", np.asarray(q), np.asarray(k)), 0))
@@ -128,6 +134,11 @@ def test_sparse_latent_attention_and_its_gradients_equal_a_dense_masked_referenc
         return _dense_latent_reference(q, kv, layout, idx, valid, scale, r)
 
     np.testing.assert_allclose(np.asarray(ours(q, kv)), np.asarray(ref(q, kv)), atol=1e-5)
+    # The rows in parts, each a (c_kv, k_pe) pair (the cache then the new tokens, never concatenated): the same.
+    cut = 9
+    split = ((kv[:, :cut, :r], kv[:, :cut, r:]), (kv[:, cut:, :r], kv[:, cut:, r:]))
+    np.testing.assert_allclose(np.asarray(sparse_latent_attention(q, split, idx, valid, scale, r, q_block=5)),
+                               np.asarray(ours(q, kv)), atol=1e-6)
     probe = jnp.asarray(rng.normal(size=(2, T, h, r)), jnp.float32)
     g_ours = jax.grad(lambda a, b: (ours(a, b) * probe).sum(), argnums=(0, 1))(q, kv)
     g_ref = jax.grad(lambda a, b: (ref(a, b) * probe).sum(), argnums=(0, 1))(q, kv)

@@ -43,15 +43,16 @@ def sparse_attend(core, q, kv, qi, ki, wi, layout: Layout):
     over the context axis: each device's queries pick their top-k among the whole row's keys and attend to those.
 
     q ``[B,T,H,R+P]``, the indexer's qi ``[B,T,Hi,Di]`` and wi ``[B,T,Hi]`` split along T; the latent rows
-    kv ``[B,S,R+P]``, the indexer keys ki ``[B,S,Di]`` and the keys' layout whole on every device (gathered by the
-    caller). MLA's heads stay split as the rules put them; the indexer's heads are summed into one score, so every
-    head shard selects for its queries (the same choice). The sparse stage's head-summed probabilities are summed
-    over the head shards.
+    kv (``[B,S,...]`` arrays in any pytree ``sparse_core`` takes), the indexer keys ki (the same) and the keys'
+    layout whole on every device (gathered by the caller). MLA's heads stay split as the rules put them; the
+    indexer's heads are summed into one score, so every head shard selects for its queries (the same choice).
+    The sparse stage's head-summed probabilities are summed over the head shards.
     """
     mesh = current_mesh()
     bt, ht, ct = _split(q, mesh)
-    rows, per_query = P(bt, None, None), P(bt, ct, None)
-    in_specs = (P(bt, ct, ht, None), rows, P(bt, ct, None, None), rows, per_query,
+    per_query = P(bt, ct, None)
+    whole = lambda tree: jax.tree.map(lambda x: P(bt, *(None,) * (x.ndim - 1)), tree)  # noqa: E731
+    in_specs = (P(bt, ct, ht, None), whole(kv), P(bt, ct, None, None), whole(ki), per_query,
                 Layout(P(bt, ct), P(bt, ct), P(bt, None), P(bt, None)))
 
     def local(q, kv, qi, ki, wi, lay):

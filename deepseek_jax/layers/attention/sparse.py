@@ -45,51 +45,85 @@ def _pad_to(x: jax.Array, axis: int, n: int, value=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def indexer_topk(q: jax.Array, k: jax.Array, w: jax.Array, layout: Layout, topk: int, scale: float,
+def _parts(k) -> tuple:
+    """Keys given whole (``[B,S,...]``) or as parts laid end to end along S (the cache, then the new tokens: never
+    concatenated, so that decoding reads the cache in place) -> a tuple of parts."""
+    return tuple(k) if isinstance(k, (tuple, list)) else (k,)
+
+
+def _take(parts, idx: jax.Array) -> jax.Array:
+    """Rows ``idx [B,...]`` (slots of the parts laid end to end) of tables ``[B,S_i,F]``, each part a table or a
+    tuple of tables whose features are concatenated after the gather -> ``[B,...,F]``."""
+    out, start = None, 0
+    for part in parts:
+        columns = part if isinstance(part, (tuple, list)) else (part,)
+        n = columns[0].shape[1]
+        local = jnp.clip(idx - start, 0, n - 1)
+        rows = [jax.vmap(lambda table, sel: table[sel])(c, local) for c in columns]
+        rows = rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=-1)
+        out = rows if out is None else jnp.where(((idx >= start) & (idx < start + n))[..., None], rows, out)
+        start += n
+    return out
+
+
+def indexer_topk(q: jax.Array, k, w: jax.Array, layout: Layout, topk: int, scale: float,
                  q_block: int = 128, k_block: int = 512) -> tuple[jax.Array, jax.Array]:
     """Each query's ``topk`` visible keys by index score (``index_scores``), blockwise with a running top-k.
 
-    ``layout``: who sees whom (causal, packed documents apart, padding seen by no one). Returns the keys' slots
-    ``idx [B,T,K]`` int32 and ``valid [B,T,K]``: False where the query sees fewer than K keys (those slots are
-    filler, never attended). A query's kept set is exactly the top-K of its visible scores (ties aside).
+    ``k``: the keys ``[B,S,D]``, or parts of them laid end to end along S (``_parts``), read in place: blocks of
+    ``k_block`` keys are sliced out of each part (a last partial block on its own), never padded or copied.
+    ``layout``: who sees whom (causal, packed documents apart, padding seen by no one), its keys the parts' slots
+    in order. Returns the keys' slots ``idx [B,T,K]`` int32 and ``valid [B,T,K]``: False where the query sees
+    fewer than K keys (those slots are filler, never attended). A query's kept set is exactly the top-K of its
+    visible scores (ties to the earlier slot).
     """
-    b, t, hi, d = q.shape
-    s = k.shape[1]
-    kk = min(topk, s)
-    qb, nq = _blocks(t, q_block)
-    kb, nk = _blocks(s, k_block)
-    qs = _pad_to(q, 1, qb * nq).reshape(b, nq, qb, hi, d).swapaxes(0, 1)
-    ws = _pad_to(w, 1, qb * nq).reshape(b, nq, qb, hi).swapaxes(0, 1)
-    q_index = _pad_to(layout.q_index, 1, qb * nq).reshape(b, nq, qb).swapaxes(0, 1)
-    q_segment = _pad_to(layout.q_segment, 1, qb * nq, -1).reshape(b, nq, qb).swapaxes(0, 1)
-    ks = _pad_to(k, 1, kb * nk).reshape(b, nk, kb, d).swapaxes(0, 1)
-    k_index = _pad_to(layout.k_index, 1, kb * nk).reshape(b, nk, kb).swapaxes(0, 1)
-    k_segment = _pad_to(layout.k_segment, 1, kb * nk).reshape(b, nk, kb).swapaxes(0, 1)  # 0: padding
-    slots = jnp.arange(kb * nk, dtype=jnp.int32).reshape(nk, kb)
+    parts = _parts(k)
+    b, t = q.shape[:2]
+    kk = min(topk, sum(part.shape[1] for part in parts))
+    _, _, (qs, ws, q_index, q_segment) = _query_blocks((q, w, layout.q_index, layout.q_segment), t, q_block,
+                                                       (0, 0, 0, -1))
 
     def query_block(_, qpart):
         qq, qw, qi, qseg = qpart
 
-        def key_block(kept, kpart):
+        def merge(kept, start, size, keys):
+            """Merge the keys at slots ``[start, start + size)`` (``keys [B, size, D]``) into the kept set."""
             vals, idx = kept
-            kx, ki, kseg, slot = kpart
-            sc = index_scores(qq, kx, qw, scale)  # [B, qb, kb]
-            sc = jnp.where(visible(Layout(qi, qseg, ki, kseg)), sc, NEG)
+            k_index = jax.lax.dynamic_slice_in_dim(layout.k_index, start, size, axis=1)
+            k_segment = jax.lax.dynamic_slice_in_dim(layout.k_segment, start, size, axis=1)
+            sc = index_scores(qq, keys, qw, scale)  # [B, qb, size]
+            sc = jnp.where(visible(Layout(qi, qseg, k_index, k_segment)), sc, NEG)
+            slots = start + jnp.arange(size, dtype=jnp.int32)
             merged_vals = jnp.concatenate([vals, sc], axis=-1)
-            merged_idx = jnp.concatenate([idx, jnp.broadcast_to(slot, sc.shape)], axis=-1)
+            merged_idx = jnp.concatenate([idx, jnp.broadcast_to(slots, sc.shape)], axis=-1)
             vals, pick = jax.lax.top_k(merged_vals, kk)
-            return (vals, jnp.take_along_axis(merged_idx, pick, axis=-1)), None
+            return vals, jnp.take_along_axis(merged_idx, pick, axis=-1)
 
         zero = jnp.zeros_like(qw[..., :1], jnp.int32)  # [B, qb, 1]: derived from the queries, so that under
         # shard_map the kept set varies over the same mesh axes as they do (scan needs the carry's types equal)
-        init = (jnp.broadcast_to(zero.astype(jnp.float32) + NEG, (b, qb, kk)), jnp.broadcast_to(zero, (b, qb, kk)))
-        (vals, idx), _ = jax.lax.scan(key_block, init, (ks, k_index, k_segment, slots))
+        qb = qq.shape[1]
+        kept = (jnp.broadcast_to(zero.astype(jnp.float32) + NEG, (b, qb, kk)), jnp.broadcast_to(zero, (b, qb, kk)))
+        offset = 0
+        for part in parts:
+            n = part.shape[1]
+            kb = min(k_block, n)
+            full = n // kb
+            if full == 1:
+                kept = merge(kept, offset, kb, part[:, :kb])
+            elif full > 1:
+                def key_block(kept, i, part=part, offset=offset, kb=kb):
+                    keys = jax.lax.dynamic_slice_in_dim(part, i * kb, kb, axis=1)
+                    return merge(kept, offset + i * kb, kb, keys), None
+
+                kept, _ = jax.lax.scan(key_block, kept, jnp.arange(full, dtype=jnp.int32))
+            if n > full * kb:
+                kept = merge(kept, offset + full * kb, n - full * kb, part[:, full * kb:])
+            offset += n
+        vals, idx = kept
         return None, (idx, vals > NEG)
 
     _, (idx, valid) = jax.lax.scan(query_block, None, (qs, ws, q_index, q_segment))
-    idx = idx.swapaxes(0, 1).reshape(b, nq * qb, kk)[:, :t]
-    valid = valid.swapaxes(0, 1).reshape(b, nq * qb, kk)[:, :t]
-    return idx, valid
+    return _unblock(idx, t), _unblock(valid, t)
 
 
 def _query_blocks(arrays, t: int, q_block: int, fills):
@@ -105,16 +139,18 @@ def _unblock(x: jax.Array, t: int) -> jax.Array:
     return x.swapaxes(0, 1).reshape(b, nq * qb, *x.shape[3:])[:, :t]
 
 
-def selected_index_scores(q: jax.Array, k: jax.Array, w: jax.Array, idx: jax.Array, scale: float,
+def selected_index_scores(q: jax.Array, k, w: jax.Array, idx: jax.Array, scale: float,
                           q_block: int = 64) -> jax.Array:
-    """The index scores of each query's selected keys, ``[B,T,K]`` (``index_scores`` at ``idx``): the indexer's
-    logits for its KL over the selected set. Blockwise over queries (``[B, q_block, K, Di]`` gathered at a time)."""
+    """The index scores of each query's selected keys, ``[B,T,K]`` (``index_scores`` at ``idx``; ``k`` whole or in
+    parts, as ``indexer_topk`` takes it): the indexer's logits for its KL over the selected set. Blockwise over
+    queries (``[B, q_block, K, Di]`` gathered at a time)."""
     t = q.shape[1]
+    parts = _parts(k)
     _, _, (qs, ws, ids) = _query_blocks((q, w, idx), t, q_block, (0, 0, 0))
 
     def step(_, part):
         qq, qw, ii = part
-        keys = jax.vmap(lambda table, sel: table[sel])(k, ii).astype(jnp.float32)  # [B, qb, K, Di]
+        keys = _take(parts, ii).astype(jnp.float32)  # [B, qb, K, Di]
         s = jnp.einsum("bthd,btkd->bthk", qq.astype(jnp.float32), keys, precision=jax.lax.Precision.HIGHEST)
         return None, jnp.einsum("bth,bthk->btk", qw.astype(jnp.float32), jax.nn.relu(s * scale),
                                 precision=jax.lax.Precision.HIGHEST)
@@ -128,7 +164,9 @@ def sparse_latent_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, valid: 
     """MLA in the absorbed (latent) form over each query's selected entries only.
 
     ``q [B,T,H,R+P]``: absorbed queries (``q_nope W_uk`` then ``q_pe``); ``kv [B,S,R+P]``: the latent cache rows
-    (``c_kv`` then ``k_pe``); ``idx`` / ``valid`` ``[B,T,K]`` from ``indexer_topk``. Per query block the K rows
+    (``c_kv`` then ``k_pe``), or parts laid end to end along S, each a ``[B,S_i,R+P]`` table or a pair ``(c_kv,
+    k_pe)`` (the cache and the new tokens, read in place: only the selected rows are gathered); ``idx`` /
+    ``valid`` ``[B,T,K]`` from ``indexer_topk``. Per query block the K rows
     are gathered, scored (fp32), softmaxed over the valid ones and their first ``rank`` dims (``c_kv``) averaged:
     -> ``[B,T,H,R]`` in q's dtype (0 for a query with no valid entry). Memory per block ``[B, q_block, K, R+P]``;
     the blocks run under ``jax.checkpoint`` (their gathered rows are recomputed in the backward pass).
@@ -136,11 +174,12 @@ def sparse_latent_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, valid: 
     target in the sparse stage).
     """
     t = q.shape[1]
+    parts = _parts(kv)
     _, _, (qs, ids, oks) = _query_blocks((q, idx, valid), t, q_block, (0, 0, False))
 
     @partial(jax.checkpoint, prevent_cse=False)
-    def block(qq, ii, ok, kv):
-        rows = jax.vmap(lambda table, sel: table[sel])(kv, ii)  # [B, qb, K, R+P]
+    def block(qq, ii, ok, parts):
+        rows = _take(parts, ii)  # [B, qb, K, R+P]
         sc = jnp.einsum("bthe,btke->bthk", qq, rows, preferred_element_type=jnp.float32,
                         precision=jax.lax.Precision.HIGHEST) * scale
         mask = ok[:, :, None, :]
@@ -151,7 +190,7 @@ def sparse_latent_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, valid: 
         return out.astype(q.dtype), (p.sum(2) if return_probs else None)
 
     def step(_, part):
-        return None, block(*part, kv)
+        return None, block(*part, parts)
 
     _, (out, probs) = jax.lax.scan(step, None, (qs, ids, oks))
     return (_unblock(out, t), _unblock(probs, t)) if return_probs else _unblock(out, t)
@@ -160,9 +199,10 @@ def sparse_latent_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, valid: 
 def sparse_core(q, kv, qi, ki, wi, layout: Layout, *, topk: int, scale: float, index_scale: float, rank: int,
                 block: int, with_kl: bool = False):
     """DSA over a whole set of keys: the indexer's top-``topk`` per query (``indexer_topk``), then the absorbed
-    attention over those entries (``sparse_latent_attention``). ``q [B,T,H,R+P]``, ``kv [B,S,R+P]``, the indexer's
-    ``qi [B,T,Hi,Di]``, ``ki [B,S,Di]``, ``wi [B,T,Hi]``. -> ``[B,T,H,R]`` and, ``with_kl``, the sparse stage's KL
-    inputs ``(index logits, head-summed attention probabilities, valid)`` ``[B,T,K]`` (``indexer_kl_loss``'s
+    attention over those entries (``sparse_latent_attention``). ``q [B,T,H,R+P]``, ``kv`` the latent rows
+    ``[B,S,R+P]`` (or parts, as ``sparse_latent_attention`` takes them), the indexer's ``qi [B,T,Hi,Di]``,
+    ``ki [B,S,Di]`` (or parts, the same lengths), ``wi [B,T,Hi]``. -> ``[B,T,H,R]`` and, ``with_kl``, the sparse
+    stage's KL inputs ``(index logits, head-summed attention probabilities, valid)`` ``[B,T,K]`` (``indexer_kl_loss``'s
     arguments; the probabilities sum this call's heads only), else None; and the chosen keys' slots ``[B,T,K]``,
     -1 where fewer than K are visible."""
     idx, valid = indexer_topk(qi, ki, wi, layout, topk, index_scale, q_block=min(block, 128), k_block=block)
