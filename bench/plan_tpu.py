@@ -1,8 +1,10 @@
-"""Per-chip memory and collectives of DeepSeek-V3 steps compiled for TPU topologies we do not have.
+"""Per-chip memory and collectives of DeepSeek-V3 (or V3.2) steps compiled for TPU topologies we do not have.
 
     pip install -e ".[tpu]"          # libtpu: the real TPU compiler, running on this CPU
     JAX_PLATFORMS=cpu python bench/plan_tpu.py --case v3x4 --seq 1024 4096
     JAX_PLATFORMS=cpu python bench/plan_tpu.py --case v3-full --seq 4096 --steps train
+    JAX_PLATFORMS=cpu python bench/plan_tpu.py --model deepseek-v3.2 --case v3x4 --seq 32768 \
+        --mesh expert=8,context=8 --steps train
 
 Cases (the yardstick of the scale issues, bench/RESULTS.md):
   v3x4     DeepSeek-V3 cut to 4 layers (3 dense + 1 MoE) plus its MTP module, v5p:4x4x4 (64 chips),
@@ -12,6 +14,9 @@ Cases (the yardstick of the scale issues, bench/RESULTS.md):
   v3x4-moe the same with first_k_dense_replace=1: 1 dense + 3 MoE layers plus the MTP module (MoE), so the
            expert dispatch dominates the step.
   v3-full  the whole 671B model (61 layers + MTP) on v5p:8x8x8 (512 chips), mesh fsdp=64,expert=8.
+
+The cases cut the ``--model`` preset (default deepseek-v3; deepseek-v3.2 is the same model plus its lightning
+indexer, index_topk 2048), so V3.2 and V3 compile on the same topology, mesh and batch.
 
 Each (case, sequence length) is compiled by ``deepseek_jax.plan.plan`` and printed as its table plus one JSON
 line (``--json FILE`` appends them to a file).
@@ -40,6 +45,8 @@ CASES = {
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(dsj.presets), default="deepseek-v3", metavar="PRESET",
+                   help="the preset the case cuts (default deepseek-v3; deepseek-v3.2 adds the indexer)")
     p.add_argument("--case", choices=sorted(CASES), default="v3x4")
     p.add_argument("--seq", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--steps", default="train", help="comma-separated: train,prefill,decode")
@@ -52,16 +59,17 @@ def main() -> int:
     p.add_argument("--json", default=None, help="append the figures, one JSON object per line")
     args = p.parse_args()
     case = CASES[args.case]
-    config = dsj.presets["deepseek-v3"].replace(**case["overrides"])
+    config = dsj.presets[args.model].replace(**case["overrides"])
     for seq in args.seq:
         t0 = time.time()
         result = plan(config, mesh=args.mesh or case["mesh"], batch=args.batch or case["batch"], seq_len=seq,
                       cache_len=args.cache_len, topology=args.topology or case["topology"], precision="bf16",
-                      remat="full", steps=args.steps.split(","), model_name=f"deepseek-v3 ({args.case})",
+                      remat="full", steps=args.steps.split(","), model_name=f"{args.model} ({args.case})",
                       train_overrides={"moe_keep_received": True} if args.keep_received else None)
         print(result.table())
         print(f"[{time.time() - t0:.0f} s]\n")
-        record = {"case": args.case, "seq": seq, "keep_received": args.keep_received, **result.to_dict()}
+        record = {"preset": args.model, "case": args.case, "seq": seq, "keep_received": args.keep_received,
+                  **result.to_dict()}
         print("JSON " + json.dumps(record))
         if args.json:
             with open(args.json, "a") as f:
