@@ -105,7 +105,7 @@ class MLA(nn.Module):
         all-gathered over it and each device attends with its own queries (``layers/attention/context_parallel.py``).
         """
         if self.config.has_indexer:
-            return self._sparse_prefill(x, cos, sin, layout)
+            return self._sparse(x, cos, sin, layout)  # DeepSeek-V3.2: plus the indexer keys to cache
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         if context_size(x.shape[1]) == 1:
@@ -128,10 +128,6 @@ class MLA(nn.Module):
         w = nn.meta.unbox(self.variables["params"]["kv_b_proj"]["kernel"])  # [R,H,N+V] (boxed while initializing)
         n = self.config.qk_nope_head_dim
         return w[..., :n], w[..., n:]
-
-    def _sparse_prefill(self, x, cos, sin, layout: Layout):
-        """DeepSeek-V3.2 (DSA) over whole rows. Returns as ``prefill``, plus the indexer keys to cache."""
-        return self._sparse(x, cos, sin, layout)
 
     def _sparse(self, x, cos, sin, layout: Layout, cached=None):
         """DeepSeek-V3.2 (DSA): the indexer picks each query's top ``index_topk`` visible keys
