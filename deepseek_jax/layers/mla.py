@@ -23,6 +23,7 @@ from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.norm import RMSNorm
 from deepseek_jax.layers.rope import apply_rope
 from deepseek_jax.parallel.context import context_size, gather_sequence
+from deepseek_jax.parallel.rules import constrain
 
 # The q/kv latent norms are built with the reference's default eps (1e-6), not config.rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -190,7 +191,10 @@ class MLA(nn.Module):
         self.sow("intermediates", "indexer_choice", chosen)
         if stage == "sparse":  # the KL over the selected keys, against the attention's own probabilities
             self.sow("indexer_kl", "kl", indexer_kl_loss(*kl_parts))
-        out = _einsum("bthr,rhv->bthv", o_lat, w_v, dtype)
+        # Pinned to the batch / sequence split: left free, the SPMD partitioner reshards o_lat along R to meet
+        # kv_b_proj's FSDP-sharded kernel, replicating [B,T,H,R] on every device.
+        o_lat = constrain(o_lat, ("act_batch", "act_length", "heads", None))
+        out = constrain(_einsum("bthr,rhv->bthv", o_lat, w_v, dtype), ("act_batch", "act_length", "heads", None))
         return self.o_proj(out), c_new, pe_new, ki_new
 
     def decode(self, x, cos, sin, c_kv_cache, k_pe_cache, layout: Layout, absorb: bool = True,

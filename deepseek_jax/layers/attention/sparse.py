@@ -143,17 +143,22 @@ def selected_index_scores(q: jax.Array, k, w: jax.Array, idx: jax.Array, scale: 
                           q_block: int = 64) -> jax.Array:
     """The index scores of each query's selected keys, ``[B,T,K]`` (``index_scores`` at ``idx``; ``k`` whole or in
     parts, as ``indexer_topk`` takes it): the indexer's logits for its KL over the selected set. Blockwise over
-    queries (``[B, q_block, K, Di]`` gathered at a time)."""
+    queries (``[B, q_block, K, Di]`` gathered at a time), each block under ``jax.checkpoint``: the backward pass
+    recomputes a block's gathered keys and per-head scores (``[B, q_block, Hi, K]``) instead of keeping them for
+    the whole sequence."""
     t = q.shape[1]
     parts = _parts(k)
     _, _, (qs, ws, ids) = _query_blocks((q, w, idx), t, q_block, (0, 0, 0))
 
-    def step(_, part):
-        qq, qw, ii = part
+    @partial(jax.checkpoint, prevent_cse=False)
+    def block(qq, qw, ii, parts):
         keys = _take(parts, ii).astype(jnp.float32)  # [B, qb, K, Di]
         s = jnp.einsum("bthd,btkd->bthk", qq.astype(jnp.float32), keys, precision=jax.lax.Precision.HIGHEST)
-        return None, jnp.einsum("bth,bthk->btk", qw.astype(jnp.float32), jax.nn.relu(s * scale),
-                                precision=jax.lax.Precision.HIGHEST)
+        return jnp.einsum("bth,bthk->btk", qw.astype(jnp.float32), jax.nn.relu(s * scale),
+                          precision=jax.lax.Precision.HIGHEST)
+
+    def step(_, part):
+        return None, block(*part, parts)
 
     _, out = jax.lax.scan(step, None, (qs, ws, ids))
     return _unblock(out, t)
