@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 import ml_dtypes
 import numpy as np
 
-from deepseek_jax.checkpoint.hf_map import TensorMap, optional_hf_keys
+from deepseek_jax.checkpoint.hf_map import TensorMap, canonical_v4_keys, optional_hf_keys
 from deepseek_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.quant.blocks import dequantize_region
@@ -66,6 +66,14 @@ class HFCheckpoint:
             self._where = {k: SINGLE_FILE for k in self._files[SINGLE_FILE].keys()}
         else:
             raise CheckpointError(f"{self.path}: no {INDEX_FILE} or {SINGLE_FILE} found")
+        self._index(self._where)
+
+    def _index(self, where: dict[str, str]) -> None:
+        """Index the tensors from ``{name in the file: file}``. The name each goes by here may differ from its
+        name in the file (``_name``) only for V4, whose files name tensors either as DeepSeek's release does or
+        as transformers' save_pretrained writes them."""
+        self._name = canonical_v4_keys(list(where))
+        self._where = {k: where[f] for k, f in self._name.items()}
         self._scales = {k[: -len("_scale_inv")]: k for k in self._where if k.endswith("_scale_inv")}
         self.keys = [k for k in self._where if not k.endswith("_scale_inv")]
 
@@ -83,18 +91,18 @@ class HFCheckpoint:
 
     def raw(self, key: str) -> np.ndarray:
         """The stored array (memory-mapped), without dequantization."""
-        return self._files[self._where[key]].get(key)
+        return self._files[self._where[key]].get(self._name[key])
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._files[self._where[key]].shape(key)
+        return self._files[self._where[key]].shape(self._name[key])
 
     def dtype(self, key: str) -> np.dtype:
-        return self._files[self._where[key]].dtype(key)
+        return self._files[self._where[key]].dtype(self._name[key])
 
     def nbytes(self, key: str) -> int:
-        n = self._files[self._where[key]].nbytes(key)
+        n = self._files[self._where[key]].nbytes(self._name[key])
         if key in self._scales:
-            n += self._files[self._where[self._scales[key]]].nbytes(self._scales[key])
+            n += self._files[self._where[self._scales[key]]].nbytes(self._name[self._scales[key]])
         return n
 
     def read(self, key: str, rows: Optional[tuple[int, int]] = None,
@@ -125,6 +133,17 @@ def target_dtype(tm: TensorMap, source_dtype: np.dtype, dtype: Optional[np.dtype
     return np.dtype(ml_dtypes.bfloat16)  # fp8 sources: dequantized to bf16 unless asked otherwise
 
 
+def check_dtype(ckpt: HFCheckpoint, key: str, tm: TensorMap, dtype: np.dtype) -> None:
+    """A source tensor's dtype is floating (FP8 included), or integer for an integer leaf (else one line naming
+    it)."""
+    if tm.integer:
+        if dtype.kind not in "iu":
+            raise CheckpointError(f"{ckpt.file_of(key)}: tensor '{key}' has dtype {dtype}, expected an integer type")
+    elif dtype.kind not in "fV" and dtype.name != "bfloat16" and "float8" not in dtype.name:
+        raise CheckpointError(f"{ckpt.file_of(key)}: tensor '{key}' has dtype {dtype}, expected a floating-point "
+                              f"type")
+
+
 def check_keys(ckpt: HFCheckpoint, config: ModelConfig, maps: list[TensorMap]) -> None:
     """Fail on a missing or an extra tensor, naming it (and its file)."""
     wanted = {k for tm in maps for k, _ in tm.sources}
@@ -134,6 +153,12 @@ def check_keys(ckpt: HFCheckpoint, config: ModelConfig, maps: list[TensorMap]) -
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(f"{ckpt.path}: tensor '{missing[0]}'{more} missing from the checkpoint")
     extra = sorted(have - wanted - optional_hf_keys(config))
+    if config.is_v4:  # V4's MTP module ("mtp.*") is not built yet: its tensors are skipped, as transformers does
+        skipped = [k for k in extra if k.startswith("mtp.")]
+        if skipped:
+            warnings.warn(f"{ckpt.path}: skipping {len(skipped)} MTP tensors ('mtp.*'): DeepSeek-V4's MTP module is "
+                          f"not implemented yet")
+        extra = [k for k in extra if not k.startswith("mtp.")]
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise CheckpointError(f"{ckpt.file_of(extra[0])}: unexpected tensor '{extra[0]}'{more} (not part of a "
@@ -143,7 +168,7 @@ def check_keys(ckpt: HFCheckpoint, config: ModelConfig, maps: list[TensorMap]) -
 def drop_absent_mtp(ckpt: HFCheckpoint, config: ModelConfig) -> ModelConfig:
     """A checkpoint with no MTP tensors at all (transformers' ``save_pretrained`` writes none) loads as the
     main model only, with ``num_nextn_predict_layers = 0``; a partial MTP layer is still an error."""
-    if config.num_nextn_predict_layers == 0:
+    if config.num_nextn_predict_layers == 0 or config.is_v4:  # V4: its MTP module is not built (check_keys)
         return config
     prefix = f"model.layers.{config.num_hidden_layers}."
     if any(k.startswith(prefix) for k in ckpt.keys):
@@ -164,10 +189,7 @@ def iter_leaves(ckpt: HFCheckpoint, config: ModelConfig, maps: list[TensorMap], 
             if tuple(src.shape) != tuple(tm.hf_shape):
                 raise CheckpointError(f"{ckpt.file_of(key)}: tensor '{key}' has shape {list(src.shape)}, "
                                       f"expected {list(tm.hf_shape)} from config.json")
-            if not np.issubdtype(src.dtype, np.floating) and src.dtype.kind != "V" and \
-                    src.dtype not in (np.dtype(ml_dtypes.bfloat16),):
-                raise CheckpointError(f"{ckpt.file_of(key)}: tensor '{key}' has dtype {src.dtype}, expected a "
-                                      f"floating-point type")
+            check_dtype(ckpt, key, tm, src.dtype)
             if check_finite and not np.isfinite(src.astype(np.float32) if src.dtype.itemsize < 4 else src).all():
                 raise CheckpointError(f"{ckpt.file_of(key)}: tensor '{key}' contains NaN or Inf")
             if out is None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 
-from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.config.model import CSA, SWA, ModelConfig
+from deepseek_jax.models.v4 import run_kinds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +28,7 @@ class TensorMap:
     hf_shape: the shape every source has in the checkpoint.
     transpose: True for linear weights stored ``[out, in]``.
     keep_fp32: stored and kept in fp32 whatever the requested dtype (the router's correction bias).
+    integer: an integer tensor in the checkpoint (V4's ``tid2eid`` table), held as fp32 values.
     """
 
     path: tuple[str, ...]
@@ -34,6 +37,7 @@ class TensorMap:
     hf_shape: tuple[int, ...]
     transpose: bool = False
     keep_fp32: bool = False
+    integer: bool = False
 
     @property
     def item_shape(self) -> tuple[int, ...]:
@@ -160,6 +164,8 @@ def _block_maps(c: ModelConfig, prefix: tuple[str, ...], layers: list[int], moe:
 def hf_tensor_map(config: ModelConfig) -> list[TensorMap]:
     """Every leaf of the params tree with its HF sources (main model and MTP modules)."""
     c = config
+    if c.is_v4:
+        return _v4_maps(c)
     d, v = c.hidden_size, c.vocab_size
     maps = [
         TensorMap(("embed_tokens", "embedding"), (v, d), (("model.embed_tokens.weight", ()),), (v, d)),
@@ -199,3 +205,109 @@ def split_point(tm: TensorMap) -> int:
         if math.prod(tm.item_shape[:n]) == in_dim:
             return n
     raise ValueError(f"{tm.path}: item shape {tm.item_shape} does not split into in={in_dim} x out")
+
+
+# ----- DeepSeek-V4 ---------------------------------------------------------------------------------------------
+# V4's tensors go by DeepSeek's release names (``layers.{i}.attn.wq_a.weight``, ``embed.weight``, ``hc_head_fn``);
+# transformers maps them onto its modules on load and back on save, where it keeps a ``model.`` prefix on some
+# (``model.layers.{i}.attn.wq_a.weight``, ``model.embed_tokens.weight``, ``model.hc_head.hc_fn``) and names the
+# attention's K=V norm ``attn.norm``. ``canonical_v4_keys`` reads either spelling.
+_V4_STYLE = re.compile(r"(^|\.)layers\.\d+\.(attn|ffn)\.|^(model\.)?hc_head")
+_V4_TOP = {"model.embed_tokens.weight": "embed.weight", "embed_tokens.weight": "embed.weight",
+           "model.norm.weight": "norm.weight", "lm_head.weight": "head.weight", "model.hc_head.hc_fn": "hc_head_fn",
+           "model.hc_head.hc_base": "hc_head_base", "model.hc_head.hc_scale": "hc_head_scale"}
+
+
+def canonical_v4_keys(keys: list[str]) -> dict[str, str]:
+    """``{name used by the map: name in the file}``: the identity unless the keys are V4's, whose spellings (see
+    above) all become the release names."""
+    if not any(_V4_STYLE.search(k) for k in keys):
+        return {k: k for k in keys}
+    out = {}
+    for k in keys:
+        name = _V4_TOP.get(k, k[len("model."):] if k.startswith("model.layers.") else k)
+        name = re.sub(r"^(layers\.\d+\.attn)\.norm\.", r"\1.kv_norm.", name)
+        out[name] = k
+    return out
+
+
+def _v4_compressor(prefix: str, path: tuple[str, ...], d: int, f: int, head: int, rate: int):
+    return [
+        (path + ("kv_proj", "kernel"), f"{prefix}.wkv.weight", (d, f), (f, d), True),
+        (path + ("gate_proj", "kernel"), f"{prefix}.wgate.weight", (d, f), (f, d), True),
+        (path + ("position_bias",), f"{prefix}.ape", (rate, f), (rate, f), False),
+        (path + ("kv_norm", "scale"), f"{prefix}.norm.weight", (head,), (head,), False),
+    ]
+
+
+def _v4_layer_templates(c: ModelConfig, layer_type: str, hashed: bool):
+    """One V4 layer's leaves: (path in the block, release suffix, our shape, its shape, transpose)."""
+    d, h, dh, lq, g, r = c.hidden_size, c.num_attention_heads, c.head_dim, c.q_lora_rank, c.o_groups, c.o_lora_rank
+    n, per_group = c.hc_mult, c.num_attention_heads // c.o_groups * c.head_dim
+    a = ("self_attn",)
+    t = [(("input_layernorm", "scale"), "attn_norm.weight", (d,), (d,), False),
+         (("post_attention_layernorm", "scale"), "ffn_norm.weight", (d,), (d,), False)]
+    for ours, theirs in (("attn_hc", "hc_attn"), ("ffn_hc", "hc_ffn")):
+        t += [((ours, "fn"), f"{theirs}_fn", ((2 + n) * n, n * d), ((2 + n) * n, n * d), False),
+              ((ours, "base"), f"{theirs}_base", ((2 + n) * n,), ((2 + n) * n,), False),
+              ((ours, "scale"), f"{theirs}_scale", (3,), (3,), False)]
+    t += [
+        (a + ("q_a_proj", "kernel"), "attn.wq_a.weight", (d, lq), (lq, d), True),
+        (a + ("q_a_norm", "scale"), "attn.q_norm.weight", (lq,), (lq,), False),
+        (a + ("q_b_proj", "kernel"), "attn.wq_b.weight", (lq, h, dh), (h * dh, lq), True),
+        (a + ("kv_proj", "kernel"), "attn.wkv.weight", (d, dh), (dh, d), True),
+        (a + ("kv_norm", "scale"), "attn.kv_norm.weight", (dh,), (dh,), False),
+        (a + ("o_a_proj",), "attn.wo_a.weight", (per_group, g, r), (g * r, per_group), True),
+        (a + ("o_b_proj", "kernel"), "attn.wo_b.weight", (g * r, d), (d, g * r), True),
+        (a + ("sinks",), "attn.attn_sink", (h,), (h,), False),
+    ]
+    if layer_type != SWA:
+        rate, overlap = c.compress_rate(layer_type), layer_type == CSA
+        t += _v4_compressor("attn.compressor", a + ("compressor",), d, dh * (2 if overlap else 1), dh, rate)
+    if layer_type == CSA:
+        hi, di, ix = c.index_n_heads, c.index_head_dim, a + ("indexer",)
+        t += [(ix + ("q_b_proj", "kernel"), "attn.indexer.wq_b.weight", (lq, hi, di), (hi * di, lq), True),
+              (ix + ("weights_proj",), "attn.indexer.weights_proj.weight", (d, hi), (hi, d), True)]
+        t += _v4_compressor("attn.indexer.compressor", ix + ("compressor",), d, 2 * di, di, c.compress_rate(CSA))
+    e, i, s = c.n_routed_experts, c.moe_intermediate_size, c.n_shared_experts * c.moe_intermediate_size
+    m = ("mlp",)
+    t.append((m + ("gate", "kernel"), "ffn.gate.weight", (d, e), (e, d), True))
+    if hashed:
+        k = c.num_experts_per_tok
+        t.append((m + ("gate", "tid2eid"), "ffn.gate.tid2eid", (c.vocab_size, k), (c.vocab_size, k), False))
+    else:
+        t.append((m + ("gate", "e_score_correction_bias"), "ffn.gate.bias", (e,), (e,), False))
+    t += [(m + ("experts", "gate_proj"), "ffn.experts.{e}.w1.weight", (d, i), (i, d), True),
+          (m + ("experts", "up_proj"), "ffn.experts.{e}.w3.weight", (d, i), (i, d), True),
+          (m + ("experts", "down_proj"), "ffn.experts.{e}.w2.weight", (i, d), (d, i), True)]
+    if s:
+        t += [(m + ("shared_experts", "gate_proj", "kernel"), "ffn.shared_experts.w1.weight", (d, s), (s, d), True),
+              (m + ("shared_experts", "up_proj", "kernel"), "ffn.shared_experts.w3.weight", (d, s), (s, d), True),
+              (m + ("shared_experts", "down_proj", "kernel"), "ffn.shared_experts.w2.weight", (s, d), (d, s), True)]
+    return t
+
+
+def _v4_maps(c: ModelConfig) -> list[TensorMap]:
+    d, v, n = c.hidden_size, c.vocab_size, c.hc_mult
+    maps = [
+        TensorMap(("embed_tokens", "embedding"), (v, d), (("embed.weight", ()),), (v, d)),
+        TensorMap(("norm", "scale"), (d,), (("norm.weight", ()),), (d,)),
+        TensorMap(("lm_head", "kernel"), (d, v), (("head.weight", ()),), (v, d), transpose=True),
+        TensorMap(("hc_head", "hc_fn"), (n, n * d), (("hc_head_fn", ()),), (n, n * d)),
+        TensorMap(("hc_head", "hc_base"), (n,), (("hc_head_base", ()),), (n,)),
+        TensorMap(("hc_head", "hc_scale"), (1,), (("hc_head_scale", ()),), (1,)),
+    ]
+    for name, start, length in c.layer_runs:
+        layer_type, hashed = run_kinds(name)
+        for path, suffix, shape, hf_shape, transpose in _v4_layer_templates(c, layer_type, hashed):
+            per_expert = "{e}" in suffix
+            lead = (length,) + ((c.n_routed_experts,) if per_expert else ())
+            sources = []
+            for j, layer in enumerate(range(start, start + length)):
+                key = f"layers.{layer}.{suffix}"
+                sources += ([(key.format(e=e), (j, e)) for e in range(c.n_routed_experts)] if per_expert
+                            else [(key, (j,))])
+            maps.append(TensorMap((name,) + path, lead + shape, tuple(sources), hf_shape, transpose,
+                                  keep_fp32=suffix.endswith(("gate.bias", "tid2eid")),
+                                  integer=suffix.endswith("tid2eid")))
+    return maps

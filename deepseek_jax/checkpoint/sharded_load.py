@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from deepseek_jax.checkpoint.hf_dir import HFCheckpoint, set_leaf, target_dtype
+from deepseek_jax.checkpoint.hf_dir import HFCheckpoint, check_dtype, set_leaf, target_dtype
 from deepseek_jax.checkpoint.hf_map import TensorMap, split_point
 from deepseek_jax.checkpoint.safetensors_io import CheckpointError
 from deepseek_jax.quant.weights import Fp8Weight, fp8_shardings
@@ -81,16 +81,15 @@ def _callback(ckpt, tm: TensorMap, dtype, lead_of: Callable, reads) -> Callable:
 
 
 def check_sources(ckpt: HFCheckpoint, maps: list[TensorMap]) -> None:
-    """Every source tensor has the shape config.json implies and a floating dtype (else one line naming it)."""
+    """Every source tensor has the shape config.json implies and a floating (or, for an integer leaf, integer)
+    dtype (else one line naming it)."""
     for tm in maps:
         for key, _ in tm.sources:
             shape, dtype = ckpt.shape(key), ckpt.dtype(key)
             if tuple(shape) != tuple(tm.hf_shape):
                 raise CheckpointError(f"{ckpt.file_of(key)}: tensor '{key}' has shape {list(shape)}, expected "
                                       f"{list(tm.hf_shape)} from config.json")
-            if dtype.kind not in "fV" and dtype.name != "bfloat16" and "float8" not in dtype.name:
-                raise CheckpointError(f"{ckpt.file_of(key)}: tensor '{key}' has dtype {dtype}, expected a "
-                                      f"floating-point type")
+            check_dtype(ckpt, key, tm, dtype)
 
 
 class _RawFp8:

@@ -13,15 +13,22 @@ import os
 from typing import Any, Optional
 
 ROUTER_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-SCORING_FUNCS = ("softmax", "sigmoid")
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 DENSE_ONLY_FIELDS = ("head_dim", "mlp_bias", "use_sliding_window")  # Qwen2 / Llama fields, not in DeepSeek's
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 INDEXER_FIELDS = ("index_topk", "index_head_dim", "index_n_heads")  # DeepSeek-V3.2's sparse attention (DSA)
+# DeepSeek-V4: attention over a sliding window plus compressed entries (CSA / HCA), hyper-connections, hash MoE.
+V4_MODEL_TYPES = ("deepseek_v4",)
+CSA, HCA, SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
+V4_LAYER_TYPES = (SWA, CSA, HCA)
+V4_MLP_LAYER_TYPES = ("hash_moe", "moe")
+V4_FIELDS = ("o_groups", "o_lora_rank", "sliding_window", "layer_types", "mlp_layer_types", "compress_rates",
+             "compress_rope_theta", "hc_mult", "hc_sinkhorn_iters", "hc_eps", "swiglu_limit")
 # The R1-Distill students: dense decoders with grouped-query attention (docs/reference.md, section 6).
 DENSE_MODEL_TYPES = ("qwen2", "llama")
-SUPPORTED_MODEL_TYPES = MLA_MODEL_TYPES + DENSE_MODEL_TYPES
-ROPE_TYPES = {"deepseek_v2": ("yarn",), "deepseek_v3": ("yarn",), "deepseek_v32": ("yarn",), "qwen2": ("llama3",),
-              "llama": ("llama3",)}
+SUPPORTED_MODEL_TYPES = MLA_MODEL_TYPES + V4_MODEL_TYPES + DENSE_MODEL_TYPES
+ROPE_TYPES = {"deepseek_v2": ("yarn",), "deepseek_v3": ("yarn",), "deepseek_v32": ("yarn",), "deepseek_v4": ("yarn",),
+              "qwen2": ("llama3",), "llama": ("llama3",)}
 
 
 class ConfigError(ValueError):
@@ -114,6 +121,20 @@ class ModelConfig:
     index_topk: int = 2048
     index_head_dim: int = 128
     index_n_heads: int = 64
+    # DeepSeek-V4 (deepseek_v4 only; ``head_dim`` and ``num_key_value_heads`` = 1 are the shared K=V head's). The
+    # released layout of each layer: its attention kind (``layer_types``) and its MoE router (``mlp_layer_types``);
+    # None: transformers' defaults for ``num_hidden_layers`` (filled in by ``__post_init__``).
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    sliding_window: int = 128
+    layer_types: Optional[tuple] = None
+    mlp_layer_types: Optional[tuple] = None
+    compress_rates: tuple = ((CSA, 4), (HCA, 128))  # config.json's dict, as sorted pairs (hashable)
+    compress_rope_theta: float = 160000.0
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    swiglu_limit: Optional[float] = None  # clamp of the experts' gate (above) and up (both sides) projections
     # misc
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
@@ -132,6 +153,8 @@ class ModelConfig:
     eos_token_id: Optional[int] = 1
 
     def __post_init__(self):
+        if self.model_type in V4_MODEL_TYPES:
+            _v4_defaults(self)
         _validate(self)
 
     # ----- derived values -------------------------------------------------------------------------
@@ -146,14 +169,29 @@ class ModelConfig:
         return self.model_type == "deepseek_v32"
 
     @property
+    def is_v4(self) -> bool:
+        """DeepSeek-V4: a shared K=V head over a sliding window plus compressed entries, hyper-connections."""
+        return self.model_type in V4_MODEL_TYPES
+
+    @property
+    def mtp_modules(self) -> int:
+        """MTP modules the model builds: ``num_nextn_predict_layers``, but none for V4 yet (its checkpoint's MTP
+        tensors are skipped on load, as transformers does)."""
+        return 0 if self.is_v4 else self.num_nextn_predict_layers
+
+    def compress_rate(self, layer_type: str) -> int:
+        """Source tokens per compressed entry of a V4 attention kind (0 for sliding-window-only layers)."""
+        return dict(self.compress_rates).get(layer_type, 0) if layer_type != SWA else 0
+
+    @property
     def attn_head_dim(self) -> int:
         """A dense student's per-head q/k/v width."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def rope_dim(self) -> int:
-        """Dims rope rotates per head: MLA's rope part, or a dense student's whole head."""
-        return self.qk_rope_head_dim if self.uses_mla else self.attn_head_dim
+        """Dims rope rotates per head: MLA's (and V4's) rope part, or a dense student's whole head."""
+        return self.qk_rope_head_dim if self.uses_mla or self.is_v4 else self.attn_head_dim
 
     @property
     def qkv_bias(self) -> bool:
@@ -194,7 +232,10 @@ class ModelConfig:
         return self.topk_method == "noaux_tc"
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """DeepSeek's rule: MoE iff ``idx >= first_k_dense_replace and idx % moe_layer_freq == 0``."""
+        """DeepSeek's rule: MoE iff ``idx >= first_k_dense_replace and idx % moe_layer_freq == 0`` (V4: every
+        layer)."""
+        if self.is_v4:
+            return True
         return (
             self.n_routed_experts > 0
             and layer_idx >= self.first_k_dense_replace
@@ -206,8 +247,20 @@ class ModelConfig:
         """Contiguous runs of same-kind layers as ``(name, start, length)``; each run is one ``nn.scan``.
 
         The released models have one dense run then one MoE run (``dense_layers``, ``moe_layers``); other
-        ``moe_layer_freq`` values give several runs, numbered per kind.
+        ``moe_layer_freq`` values give several runs, numbered per kind. V4's runs are layers of one attention kind
+        and one router, named ``{moe|hash}_{csa|hca|swa}_{first layer}``: the learned-router runs start "moe".
         """
+        if self.is_v4:
+            short = {CSA: "csa", HCA: "hca", SWA: "swa"}
+            kinds = [f"{'hash' if m == 'hash_moe' else 'moe'}_{short[a]}"
+                     for a, m in zip(self.layer_types, self.mlp_layer_types)]
+            v4_runs: list[tuple[str, int, int]] = []
+            for i, kind in enumerate(kinds):
+                if v4_runs and v4_runs[-1][0].rsplit("_", 1)[0] == kind:
+                    v4_runs[-1] = (v4_runs[-1][0], v4_runs[-1][1], v4_runs[-1][2] + 1)
+                else:
+                    v4_runs.append((f"{kind}_{i}", i, 1))
+            return tuple(v4_runs)
         kinds = ["moe" if self.is_moe_layer(i) else "dense" for i in range(self.num_hidden_layers)]
         runs: list[tuple[str, int, int]] = []
         for i, kind in enumerate(kinds):
@@ -236,10 +289,12 @@ class ModelConfig:
                 f"{source}: unsupported architecture model_type={model_type!r} (architectures={archs}); "
                 f"expected one of {SUPPORTED_MODEL_TYPES}"
             )
+        if model_type in V4_MODEL_TYPES:
+            return _v4_from_hf_dict(cls, d, source)
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
-            if key in names and key not in ("rope_scaling", "rope_theta"):
+            if key in names and key not in ("rope_scaling", "rope_theta") + V4_FIELDS:
                 kwargs[key] = value
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             kwargs["num_nextn_predict_layers"] = d["num_mtp_layers"]
@@ -303,10 +358,12 @@ class ModelConfig:
             if self.rope_scaling is None
             else self.rope_scaling.to_hf_dict(self.rope_theta)
         )
+        if self.is_v4:
+            return _v4_hf_dict(self)
         if not self.uses_mla:
             return self._dense_hf_dict()
-        for name in DENSE_ONLY_FIELDS:  # transformers' DeepSeek configs set their own head_dim (a null would win)
-            d.pop(name)
+        for name in DENSE_ONLY_FIELDS + V4_FIELDS:  # transformers' DeepSeek configs set their own head_dim (a null
+            d.pop(name)  # would win); V4's fields are not V2 / V3's
         d["architectures"] = [{"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}.get(
             self.model_type, "DeepseekV2ForCausalLM")]
         if not self.has_indexer:
@@ -381,6 +438,9 @@ def _validate(c: ModelConfig) -> None:
     need(c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "an even number (rope rotates pairs)")
     need(c.hidden_act == "silu", "hidden_act", "'silu'")
     need(c.rms_norm_eps > 0, "rms_norm_eps", "a positive number")
+    if c.is_v4:
+        _validate_v4(c)
+        return
     if not c.uses_mla:
         _validate_dense(c)
         return
@@ -454,3 +514,161 @@ def _validate_dense(c: ModelConfig) -> None:
                 or not rs.factor >= 1 or rs.original_max_position_embeddings <= 0:
             raise ConfigError(f"field 'rope_scaling' = {rs!r}: llama3 needs factor >= 1, "
                               f"high_freq_factor > low_freq_factor > 0 and a positive original length")
+
+
+# ----- DeepSeek-V4 ---------------------------------------------------------------------------------------------
+# transformers' ``DeepseekV4Config`` defaults (V4-Flash): what a V4 config.json means where it leaves a field out.
+V4_HF_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=129280, hidden_size=4096, moe_intermediate_size=2048, num_hidden_layers=43, num_attention_heads=64,
+    num_key_value_heads=1, head_dim=512, q_lora_rank=1024, num_experts_per_tok=6, n_routed_experts=256,
+    n_shared_experts=1, scoring_func="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5,
+    max_position_embeddings=1048576, rope_theta=10000.0, compress_rope_theta=160000.0, hc_mult=4,
+    hc_sinkhorn_iters=20, hc_eps=1e-6, swiglu_limit=10.0, sliding_window=128, o_groups=8, o_lora_rank=1024,
+    index_n_heads=64, index_head_dim=128, index_topk=512, num_nextn_predict_layers=1, rms_norm_eps=1e-6,
+    bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, initializer_range=0.02, hidden_act="silu",
+    attention_bias=False,
+)
+# Fields of our dataclass that V4 does not have; fixed so that one V4 config has one value of each.
+_V4_FIXED: dict[str, Any] = dict(
+    intermediate_size=0, kv_lora_rank=512, qk_nope_head_dim=128, v_head_dim=128, first_k_dense_replace=0,
+    moe_layer_freq=1, topk_method="noaux_tc", n_group=1, topk_group=1, rope_interleave=True, mlp_bias=False,
+    use_sliding_window=False,
+)
+_V4_DEFAULT_HASH_LAYERS = 3
+_LEGACY_RATE = {0: SWA, 4: CSA, 128: HCA}
+
+
+def v4_default_layer_types(n: int) -> tuple[str, ...]:
+    """transformers' default schedule: two HCA layers, then CSA / HCA alternating (CSA on odd places)."""
+    return (HCA,) * min(n, 2) + tuple(CSA if i % 2 else HCA for i in range(max(n - 2, 0)))
+
+
+def _v4_defaults(c: ModelConfig) -> None:
+    """Fill the per-layer schedules (None: transformers' defaults) and make the container fields hashable."""
+    n = c.num_hidden_layers if isinstance(c.num_hidden_layers, int) else 0
+    layer_types = c.layer_types if c.layer_types is not None else v4_default_layer_types(n)
+    mlp_types = c.mlp_layer_types if c.mlp_layer_types is not None else (
+        ("hash_moe",) * min(n, _V4_DEFAULT_HASH_LAYERS) + ("moe",) * max(0, n - _V4_DEFAULT_HASH_LAYERS))
+    rates = c.compress_rates.items() if isinstance(c.compress_rates, dict) else c.compress_rates
+    object.__setattr__(c, "layer_types", tuple(layer_types))
+    object.__setattr__(c, "mlp_layer_types", tuple(mlp_types))
+    object.__setattr__(c, "compress_rates", tuple(sorted((str(k), int(v)) for k, v in rates)))
+
+
+def _v4_from_hf_dict(cls, d: dict[str, Any], source: str) -> ModelConfig:
+    """A ``deepseek_v4`` config.json (transformers' names, its legacy keys included) -> ModelConfig."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {**V4_HF_DEFAULTS, **_V4_FIXED, "model_type": "deepseek_v4"}
+    skip = set(_V4_FIXED) | {"rope_scaling", "rope_theta", "compress_rope_theta", "intermediate_size",
+                             "qk_rope_head_dim"}
+    for key, value in d.items():
+        if key in names and key not in skip and value is not None:
+            kwargs[key] = value
+    n = kwargs["num_hidden_layers"]
+    rates = dict(d.get("compress_rates") or {CSA: 4, HCA: 128})
+    if d.get("compress_rate_csa") is not None:
+        rates[CSA] = d["compress_rate_csa"]
+    if d.get("compress_rate_hca") is not None:
+        rates[HCA] = d["compress_rate_hca"]
+    kwargs["compress_rates"] = rates
+    if d.get("layer_types") is None and d.get("compress_ratios") is not None:
+        try:
+            kwargs["layer_types"] = [_LEGACY_RATE[r] for r in d["compress_ratios"]]
+        except KeyError as e:
+            raise ConfigError(f"{source}: field 'compress_ratios' has {e.args[0]!r}: expected 0, 4 or 128") from None
+    if d.get("mlp_layer_types") is None and d.get("num_hash_layers") is not None:
+        h = d["num_hash_layers"]
+        kwargs["mlp_layer_types"] = ["hash_moe"] * min(n, h) + ["moe"] * max(0, n - h)
+    for key in ("layer_types", "mlp_layer_types"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = tuple(kwargs[key])[:n]
+    head_dim = kwargs["head_dim"]
+    factor = d.get("partial_rotary_factor")
+    if factor is None and d.get("qk_rope_head_dim") is not None:
+        factor = d["qk_rope_head_dim"] / head_dim
+    kwargs["qk_rope_head_dim"] = int(head_dim * (factor if factor is not None else 64 / 512))
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{source}: field 'rope_parameters' must be a dict or null, found {type(rope).__name__}")
+    main, compress = rope.get("main"), rope.get("compress")
+    if not (isinstance(main, dict) and isinstance(compress, dict)):
+        # A flat dict: YaRN's fields (if any) are the compressed branches'; the thetas are the top-level ones.
+        flat = {k: v for k, v in rope.items() if k not in ("main", "compress")}
+        main = {"rope_type": "default", "rope_theta": d.get("rope_theta", V4_HF_DEFAULTS["rope_theta"])}
+        compress = {**flat, "rope_theta": d.get("compress_rope_theta", V4_HF_DEFAULTS["compress_rope_theta"])}
+    main_type = main.get("rope_type", main.get("type", "default"))
+    if main_type != "default":
+        raise ConfigError(f"{source}: field 'rope_parameters.main.rope_type' = {main_type!r}: expected 'default' "
+                          "(transformers scales only the compressed branches' rope)")
+    kwargs["rope_theta"] = float(main.get("rope_theta", V4_HF_DEFAULTS["rope_theta"]))
+    kwargs["compress_rope_theta"] = float(compress.get("rope_theta", V4_HF_DEFAULTS["compress_rope_theta"]))
+    ctype = compress.get("rope_type", compress.get("type", "default"))
+    kwargs["rope_scaling"] = None
+    if ctype not in ("default", None):
+        known = {f.name for f in dataclasses.fields(RopeScaling)}
+        rs = {k: v for k, v in compress.items() if k in known and not (v is None and k.startswith("beta_"))}
+        rs["type"] = ctype
+        if ctype == "yarn":
+            rs.setdefault("attention_factor", 1.0)  # transformers' default for V4's compressed rope
+        kwargs["rope_scaling"] = RopeScaling(**rs)
+    if isinstance(kwargs.get("eos_token_id"), list):
+        kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _v4_hf_dict(c: ModelConfig) -> dict[str, Any]:
+    """A ``deepseek_v4`` config.json that transformers' ``DeepseekV4Config`` reads back to the same model."""
+    d = {k: getattr(c, k) for k in V4_HF_DEFAULTS}
+    d.update(model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"],
+             layer_types=list(c.layer_types), mlp_layer_types=list(c.mlp_layer_types),
+             compress_rates=dict(c.compress_rates), partial_rotary_factor=c.qk_rope_head_dim / c.head_dim)
+    prf = d["partial_rotary_factor"]
+    compress = {"rope_type": "default"} if c.rope_scaling is None else {
+        k: v for k, v in c.rope_scaling.to_hf_dict(c.compress_rope_theta).items() if k != "type"}
+    compress.update(rope_theta=c.compress_rope_theta, partial_rotary_factor=prf)
+    d["rope_parameters"] = {"main": {"rope_type": "default", "rope_theta": c.rope_theta, "partial_rotary_factor": prf},
+                            "compress": compress}
+    return d
+
+
+def _validate_v4(c: ModelConfig) -> None:
+    def need(cond: bool, field: str, expected: str):
+        if not cond:
+            raise ConfigError(f"field '{field}' = {getattr(c, field)!r}: expected {expected}")
+
+    def positive(name):
+        v = getattr(c, name)
+        need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "a positive integer")
+
+    for name in ("head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "hc_mult",
+                 "hc_sinkhorn_iters", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"):
+        positive(name)
+    need(c.num_key_value_heads == 1, "num_key_value_heads", "1 (V4 shares one K=V head among all query heads)")
+    need(c.head_dim % 2 == 0 and 0 < c.qk_rope_head_dim <= c.head_dim, "qk_rope_head_dim",
+         f"an even number between 2 and head_dim={c.head_dim} (partial_rotary_factor * head_dim)")
+    need(c.num_attention_heads % c.o_groups == 0, "o_groups",
+         f"a divisor of num_attention_heads={c.num_attention_heads} (the grouped output projection)")
+    need(len(c.layer_types) == c.num_hidden_layers and all(t in V4_LAYER_TYPES for t in c.layer_types),
+         "layer_types", f"{c.num_hidden_layers} entries from {V4_LAYER_TYPES}")
+    need(len(c.mlp_layer_types) == c.num_hidden_layers and all(t in V4_MLP_LAYER_TYPES for t in c.mlp_layer_types),
+         "mlp_layer_types", f"{c.num_hidden_layers} entries from {V4_MLP_LAYER_TYPES}")
+    rates = dict(c.compress_rates)
+    need(all(rates.get(t, 0) > 0 for t in set(c.layer_types) - {SWA}), "compress_rates",
+         "a positive rate for every compressed layer type in layer_types")
+    need(CSA not in c.layer_types or rates[CSA] >= 1, "compress_rates", "a CSA rate of at least 1")
+    if CSA in c.layer_types:
+        for name in INDEXER_FIELDS:
+            positive(name)
+        need(c.qk_rope_head_dim <= c.index_head_dim, "index_head_dim",
+             f"at least qk_rope_head_dim={c.qk_rope_head_dim} (rope turns its last dims)")
+    need(c.scoring_func in SCORING_FUNCS, "scoring_func", f"one of {SCORING_FUNCS}")
+    need(c.num_experts_per_tok <= c.n_routed_experts, "num_experts_per_tok",
+         f"at most n_routed_experts={c.n_routed_experts}")
+    need(c.swiglu_limit is None or c.swiglu_limit > 0, "swiglu_limit", "null or a positive number")
+    need(not c.tie_word_embeddings, "tie_word_embeddings", "false (V4 has an untied head)")
+    if c.rope_scaling is not None and c.rope_scaling.type != "yarn":
+        raise ConfigError(f"field 'rope_scaling.type' = {c.rope_scaling.type!r}: expected 'yarn' (or none) for "
+                          "V4's compressed rope")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from deepseek_jax.config.model import ModelConfig, RopeScaling
+from deepseek_jax.config.model import CSA, HCA, SWA, ModelConfig, RopeScaling
 
 _V2_ROPE = RopeScaling(factor=40.0, mscale=0.707, mscale_all_dim=0.707)
 
@@ -28,6 +28,18 @@ DEEPSEEK_V2 = DEEPSEEK_V2_LITE.replace(
     topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0, aux_loss_alpha=0.003,
 )
 
+# DeepSeek-V4-Flash: transformers' DeepseekV4Config defaults (284B; 43 layers: 2 HCA, then CSA / HCA alternating;
+# the first 3 MoE layers hash-routed). V4-Pro (~1.6T) as its public model card describes it: 61 layers, hidden 7168,
+# 128 heads x 512, q-LoRA 1536, 16 output groups, 384 routed experts of width 3072, CSA's indexer top-1024, YaRN x16
+# over a 64k base on the compressed branches; the fields the card does not give keep Flash's values.
+DEEPSEEK_V4_FLASH = ModelConfig.from_hf_dict({"model_type": "deepseek_v4"}, source="DeepseekV4Config defaults")
+DEEPSEEK_V4_PRO = ModelConfig.from_hf_dict(
+    {"model_type": "deepseek_v4", "num_hidden_layers": 61, "hidden_size": 7168, "num_attention_heads": 128,
+     "q_lora_rank": 1536, "o_groups": 16, "o_lora_rank": 1024, "n_routed_experts": 384, "moe_intermediate_size": 3072,
+     "index_topk": 1024, "rope_parameters": {"rope_type": "yarn", "factor": 16.0,
+                                             "original_max_position_embeddings": 65536}},
+    source="DeepSeek-V4-Pro model card")
+
 # Tiny presets: every feature of the real models, small enough for CPU tests and the quickstart.
 TINY_V3 = ModelConfig(
     vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
@@ -40,6 +52,15 @@ TINY_V3 = ModelConfig(
 # vocabulary padded to 32 and fewer, wider experts (8 of width 64, 2 per token): on this task it reaches 80%+
 # exact answers several times sooner than 16 narrow experts (bench/RESULTS.md).
 TINY_V3_ARITH = TINY_V3.replace(vocab_size=32, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
+# Tiny V4: the three attention kinds (HCA, CSA with an indexer that picks 3 of the pooled entries, and a
+# sliding-window-only layer), hash and learned routing, 2 residual streams, an active SwiGLU clamp.
+TINY_V4 = ModelConfig.from_hf_dict(
+    {"model_type": "deepseek_v4", "vocab_size": 512, "hidden_size": 64, "moe_intermediate_size": 32,
+     "num_hidden_layers": 4, "num_attention_heads": 4, "head_dim": 32, "q_lora_rank": 48, "partial_rotary_factor": 0.25,
+     "n_routed_experts": 8, "num_experts_per_tok": 2, "o_groups": 2, "o_lora_rank": 16, "sliding_window": 8,
+     "compress_rates": {CSA: 2, HCA: 8}, "index_n_heads": 8, "index_head_dim": 16, "index_topk": 3, "hc_mult": 2,
+     "num_hash_layers": 1, "swiglu_limit": 1.0, "max_position_embeddings": 4096, "layer_types": [HCA, CSA, SWA, CSA],
+     "num_nextn_predict_layers": 0}, source="tiny-v4")
 TINY_V2 = TINY_V3.replace(
     model_type="deepseek_v2", q_lora_rank=None, n_shared_experts=2, topk_method="group_limited_greedy",
     scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0, num_nextn_predict_layers=0,
@@ -104,9 +125,12 @@ presets: dict[str, ModelConfig] = _Presets(
         "deepseek-r1": DEEPSEEK_V3,
         "deepseek-v3.1": DEEPSEEK_V3,
         "deepseek-v3.2": DEEPSEEK_V32,
+        "deepseek-v4-flash": DEEPSEEK_V4_FLASH,
+        "deepseek-v4-pro": DEEPSEEK_V4_PRO,
         "tiny-v3": TINY_V3,
         "tiny-v3-arith": TINY_V3_ARITH,
         "tiny-v2": TINY_V2,
+        "tiny-v4": TINY_V4,
         "r1-distill-qwen-1.5b": R1_DISTILL_QWEN_1_5B,
         "r1-distill-qwen-7b": R1_DISTILL_QWEN_7B,
         "r1-distill-qwen-14b": R1_DISTILL_QWEN_14B,

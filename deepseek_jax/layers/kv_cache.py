@@ -92,6 +92,32 @@ def cache_bytes_per_token(config: ModelConfig, dtype: str = "bfloat16", mtp: boo
     return per_layer * layers
 
 
+def v4_cache_values(config: ModelConfig, length: int) -> dict[str, int]:
+    """Values DeepSeek-V4's cache holds after ``length`` tokens, summed over the layers, by part:
+    ``window``: the last ``sliding_window`` K=V entries (``head_dim`` each) in every layer;
+    ``pool``: the compressed entries, ``length // rate`` of ``head_dim`` per CSA / HCA layer;
+    ``index``: CSA's indexer keys, ``length // rate`` of ``index_head_dim`` per CSA layer;
+    ``state``: what the compressors keep between windows: the open window's projected values and gates (``rate``
+    tokens of ``2 x`` their feature width, the width doubled for CSA's two series) and CSA's previous-window series
+    (``rate x 2 x head``), for the attention's compressor and CSA's indexer alike."""
+    from deepseek_jax.config.model import CSA, SWA
+
+    c = config
+    out = {"window": 0, "pool": 0, "index": 0, "state": 0}
+    for kind in c.layer_types:
+        out["window"] += min(length, c.sliding_window) * c.head_dim
+        if kind == SWA:
+            continue
+        rate = c.compress_rate(kind)
+        heads = (c.head_dim, c.index_head_dim) if kind == CSA else (c.head_dim,)
+        out["pool"] += length // rate * c.head_dim
+        if kind == CSA:
+            out["index"] += length // rate * c.index_head_dim
+        for d in heads:
+            out["state"] += rate * 2 * (2 * d if kind == CSA else d) + (rate * 2 * d if kind == CSA else 0)
+    return out
+
+
 def cache_nbytes(cache: Cache) -> int:
     """Bytes actually allocated by a cache pytree."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))

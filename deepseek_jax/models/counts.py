@@ -36,8 +36,8 @@ def active_params(config, mtp: bool = True) -> float:
     total = 0.0
     for path, x in jax.tree_util.tree_leaves_with_path(shapes):
         keys = [str(getattr(p, "key", p)) for p in path]
-        if keys[0] == "embed_tokens" or (keys[0].startswith("mtp_") and not mtp):
-            continue
+        if keys[0] == "embed_tokens" or keys[-1] == "tid2eid" or (keys[0].startswith("mtp_") and not mtp):
+            continue  # lookups (the embedding, V4's hash table), not multiplied
         n = float(np.prod(x.shape))
         if "experts" in keys and "shared_experts" not in keys:
             n *= config.num_experts_per_tok / config.n_routed_experts
@@ -82,8 +82,31 @@ def flops_per_token(config, context: float, *, train: bool, mtp: bool = True, se
     return matmuls + _key_flops(config, context, selected, train=train, mtp=mtp)
 
 
+def v4_attention_flops(config, context: float, *, train: bool) -> float:
+    """DeepSeek-V4's attention FLOPs for one query with ``context`` visible tokens: per layer, the window's
+    ``min(window, context)`` entries plus the pooled ones it reads (CSA: ``min(index_topk, context / rate)``; HCA:
+    ``context / rate``), each ``2 x heads x 2 x head_dim`` (scores and values from the one K=V head), and CSA's
+    indexer scoring ``context / rate`` entries at ``2 x index_n_heads x index_head_dim`` (forward only)."""
+    from deepseek_jax.config.model import CSA, SWA
+
+    c = config
+    per_entry = 4.0 * c.num_attention_heads * c.head_dim * (3.0 if train else 1.0)
+    total = 0.0
+    for kind in c.layer_types:
+        entries = min(c.sliding_window, context)
+        if kind != SWA:
+            pooled = context / c.compress_rate(kind)
+            entries += min(c.index_topk, pooled) if kind == CSA else pooled
+            if kind == CSA:
+                total += 2.0 * c.index_n_heads * c.index_head_dim * pooled
+        total += per_entry * entries
+    return total
+
+
 def _key_flops(config, keys: float, selected, *, train: bool, mtp: bool) -> float:
     """Attention over ``keys`` visible keys (V3.2: over the ``selected`` ones, plus the indexer over all)."""
+    if config.is_v4:
+        return v4_attention_flops(config, keys, train=train)
     per_key = attention_flops_per_key(config, train=train, mtp=mtp)
     if not config.has_indexer:
         return per_key * keys
@@ -96,6 +119,9 @@ def batch_flops(config, tokens: float, attended_keys: float, *, train: bool, mtp
                 selected_keys: float = None) -> float:
     """Model FLOPs over ``tokens`` tokens that attend ``attended_keys`` keys in all (a packed batch: each token
     its own document's earlier keys and itself): the matmuls per token plus attention per key. V3.2 attends
-    ``selected_keys`` in all (each token ``min(index_topk, visible)``) and its indexer scores ``attended_keys``."""
+    ``selected_keys`` in all (each token ``min(index_topk, visible)``) and its indexer scores ``attended_keys``.
+    V4 (whose cost is not linear in the keys): every token counted at the batch's mean context."""
+    if config.is_v4:
+        return flops_per_token(config, attended_keys / max(tokens, 1.0), train=train, mtp=mtp) * tokens
     return (flops_per_token(config, 0.0, train=train, mtp=mtp, selected=0.0) * tokens
             + _key_flops(config, attended_keys, selected_keys, train=train, mtp=mtp))

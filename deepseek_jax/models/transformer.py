@@ -27,6 +27,7 @@ from deepseek_jax.layers.norm import RMSNorm
 from deepseek_jax.layers.rope import rope_cos_sin
 from deepseek_jax.models.block import MODES, Block
 from deepseek_jax.models.mtp import MTPModule
+from deepseek_jax.models.v4 import v4_forward
 from deepseek_jax.parallel.context import context_size, permute, zigzag_order
 
 
@@ -109,6 +110,9 @@ class Transformer(nn.Module):
             return embed.attend(h) if c.tie_word_embeddings else head(h)
 
         if self.mode != "train":
+            if c.is_v4:
+                raise NotImplementedError("DeepSeek-V4 has no cached (prefill / decode) path yet: generate, chat "
+                                          "and serve do not run V4 models")
             return self._cached(embed, logits_of, tokens, positions, cache, layout, h_prev, out_index)
         return self._forward(embed, head, logits_of, tokens, positions, segment_ids, return_mtp,
                              return_router_stats, return_hidden)
@@ -121,6 +125,9 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
+        if c.is_v4:
+            return self._forward_v4(embed, logits_of, tokens, positions, segment_ids, return_router_stats,
+                                    return_hidden)
         h = x_emb = embed(tokens)
         layout = attention_layout(segment_ids)
         ctx = context_size(t)
@@ -183,6 +190,20 @@ class Transformer(nn.Module):
                 aux["mtp_router_stats"] = jax.tree.map(lambda *xs: jnp.stack(xs), *mtp_stats)
         if self.is_initializing() and not (return_mtp or return_router_stats or return_hidden):
             return logits
+        return logits, aux
+
+    def _forward_v4(self, embed, logits_of, tokens, positions, segment_ids, return_router_stats, return_hidden):
+        """DeepSeek-V4's forward pass (``models/v4.py``). Its MTP module is not built yet: ``return_mtp`` gives
+        no ``mtp_logits``."""
+        h, moe_stats = v4_forward(self.config, self.options, embed, tokens, positions, segment_ids)
+        logits = logits_of(h)
+        if not (return_router_stats or return_hidden):
+            return logits
+        aux: dict[str, Any] = {}
+        if return_hidden:
+            aux["hidden"] = h
+        if return_router_stats:
+            aux["router_stats"] = _concat_stats(moe_stats)
         return logits, aux
 
     def _cached(self, embed, logits_of, tokens, positions, cache, layout, h_prev, out_index):

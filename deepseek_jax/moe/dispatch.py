@@ -27,12 +27,13 @@ def combine(y_rows: jax.Array, k: int) -> jax.Array:
     return y_rows.reshape(-1, k, y_rows.shape[-1]).astype(jnp.float32).sum(1)
 
 
-def dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl: str, block_size: Optional[int] = None):
+def dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl: str, block_size: Optional[int] = None,
+                   limit: Optional[float] = None):
     """Every expert on this device: sort the rows, grouped GEMM, combine. x ``[N, D]``, weights / idx ``[N, K]``.
     Each row's routing weight scales its ``[I]`` intermediate inside the grouped GEMM, before the down projection,
     exactly as under expert parallelism (``expert_parallel.py``), so both paths round alike in bf16."""
     k = idx.shape[1]
     order, counts, rank = sort_rows(idx, wg.shape[0])
     y = grouped_swiglu(recipe, x, order // k, counts, wg, wu, wd, impl, block_size,
-                       row_scale=weights.reshape(-1)[order].astype(jnp.float32))
+                       row_scale=weights.reshape(-1)[order].astype(jnp.float32), limit=limit)
     return combine(y[rank], k)

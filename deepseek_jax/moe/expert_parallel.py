@@ -66,7 +66,7 @@ def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_axis: Optional[str], n_experts: int,
-             impl: str, block_size: Optional[int], capacity: int, ragged: bool):
+             impl: str, block_size: Optional[int], capacity: int, ragged: bool, limit: Optional[float] = None):
     """One device's share (see the module docstring). x ``[n, D]``; weights / idx ``[n, K]``; w* ``[E_loc, ...]``.
     Returns the combined output ``[n, D]`` (fp32), the rows this device dropped per expert ``[E]`` and the real
     rows its grouped GEMM ran."""
@@ -131,6 +131,7 @@ def _ep_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_ax
     # The weights scale each row's [rows, I] intermediate inside the grouped GEMM (empty slots: weight 0), so the
     # weights' gradient is formed there, from buffers the GEMM's backward holds anyway.
     y = grouped_swiglu(recipe, recv, by_expert, from_peer.sum(0).astype(jnp.int32), wg, wu, wd, impl, block_size,
+                       limit=limit,
                        row_scale=w_recv[by_expert])
     y_recv = y[jnp.zeros_like(by_expert).at[by_expert].set(s)]  # back to the received layout
     if tensor_axis is not None:  # the expert width is split over tensor: partial sums
@@ -211,7 +212,7 @@ def _cap_per_expert(per_expert: jax.Array, capacity: int) -> jax.Array:
 
 
 def _replicated_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, tensor_axis: Optional[str],
-                     n_experts: int, impl: str, block_size: Optional[int]):
+                     n_experts: int, impl: str, block_size: Optional[int], limit: Optional[float] = None):
     """Tokens replicated over ``expert``: each device runs its own experts' rows; psum adds the groups."""
     n, k = idx.shape
     e_loc = wg.shape[0]
@@ -220,7 +221,7 @@ def _replicated_body(recipe, x, weights, idx, wg, wu, wd, *, expert_axis: str, t
     mine = (local >= 0) & (local < e_loc)
     # Rows of other devices' experts get group e_loc: sorted last, in no group, computed by no one here.
     local = jnp.where(mine, local, e_loc)
-    y = dispatch_local(recipe, x, jnp.where(mine, weights, 0.0), local, wg, wu, wd, impl, block_size)
+    y = dispatch_local(recipe, x, jnp.where(mine, weights, 0.0), local, wg, wu, wd, impl, block_size, limit)
     axes = (expert_axis,) + ((tensor_axis,) if tensor_axis else ())
     return jax.lax.psum(y, axes), jnp.zeros((n_experts,), jnp.int32), mine.sum()
 
@@ -229,7 +230,7 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
                              expert_axis: Optional[str], tensor_axis: Optional[str], impl: str,
                              block_size: Optional[int] = None, capacity_factor: Optional[float] = None,
                              exchange_rows: Optional[int] = None, ragged: bool = False, return_rows: bool = False,
-                             keep_received: bool = False):
+                             keep_received: bool = False, limit: Optional[float] = None):
     """The routed experts of the tokens x ``[N, D]`` (weights / idx ``[N, K]``), one device's share each, under
     ``jax.shard_map`` over ``mesh``.
 
@@ -241,7 +242,7 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
     received rows for the backward pass (for a layer that is not rematerialized; see the module docstring).
     Returns the combined output ``[N, D]`` (fp32) and the rows dropped per expert over the whole batch ``[E]`` (0
     unless ``capacity_factor``); with ``return_rows`` also the real rows each device's grouped GEMM processed (padding
-    excluded), one entry per device in mesh order.
+    excluded), one entry per device in mesh order. ``limit``: the experts' SwiGLU clamp (``swiglu_limit``).
     """
     sizes = mesh.shape
     split = tuple(token_axes)
@@ -266,14 +267,14 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
         capacity = rows_per_chunk if capacity_factor is None else max(
             1, min(rows_per_chunk, math.ceil(capacity_factor * rows_per_chunk / ep)))
         body = partial(_ep_body, recipe, expert_axis=expert, tensor_axis=tensor, n_experts=e, impl=impl,
-                       block_size=block_size, capacity=capacity, ragged=ragged)
+                       block_size=block_size, capacity=capacity, ragged=ragged, limit=limit)
         if chunks > 1:
             body = _in_chunks(body, chunks, chunk_tokens, e, keep_received)
     elif expert is not None:
         body = partial(_replicated_body, recipe, expert_axis=expert, tensor_axis=tensor, n_experts=e, impl=impl,
-                       block_size=block_size)
+                       block_size=block_size, limit=limit)
     else:
-        body = partial(_local_body, recipe, tensor_axis=tensor, impl=impl, block_size=block_size)
+        body = partial(_local_body, recipe, tensor_axis=tensor, impl=impl, block_size=block_size, limit=limit)
 
     def run(x, weights, idx, wg, wu, wd):
         y, dropped, rows = body(x, weights, idx, wg, wu, wd)
@@ -295,9 +296,9 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
 
 
 def _local_body(recipe, x, weights, idx, wg, wu, wd, *, tensor_axis: Optional[str], impl: str,
-                block_size: Optional[int]):
+                block_size: Optional[int], limit: Optional[float] = None):
     """Every expert on every device (no expert axis): each device runs its own tokens."""
-    y = dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl, block_size)
+    y = dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl, block_size, limit)
     if tensor_axis is not None:
         y = jax.lax.psum(y, tensor_axis)
     return y, jnp.zeros((wg.shape[0],), jnp.int32), jnp.asarray(idx.size, jnp.int32)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.layers.mlp import swiglu_act
 from deepseek_jax.parallel.shard_map import vary, varying_axes
 
 GROUPED_IMPLS = ("ragged", "blocked", "gather", "dense")
@@ -59,11 +60,11 @@ def _scaled(h: jax.Array, scale) -> jax.Array:
     return h if scale is None else scale_rows(h.reshape(h.shape[0], -1), scale).reshape(h.shape)
 
 
-def swiglu(recipe, x: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, scale=None) -> jax.Array:
+def swiglu(recipe, x: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, scale=None, limit=None) -> jax.Array:
     """One expert on rows x ``[M, D]`` with weights ``[D, I]``, ``[D, I]``, ``[I, D]`` (row m's result scaled by
-    ``scale[m]``, if given)."""
+    ``scale[m]``, if given; ``limit``: the SwiGLU clamp, ``layers/mlp.py``'s ``swiglu_act``)."""
     dims = (((1,), (0,)), ((), ()))
-    h = jax.nn.silu(recipe.dot_general(x, wg, dims)) * recipe.dot_general(x, wu, dims)
+    h = swiglu_act(recipe.dot_general(x, wg, dims), recipe.dot_general(x, wu, dims), limit)
     return recipe.dot_general(_scaled(h, scale), wd, dims)
 
 
@@ -89,36 +90,36 @@ def _take_rows(x: jax.Array, order: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def grouped_swiglu(recipe, x, order, group_sizes, wg, wu, wd, impl: str = "blocked", block_size=None,
-                   row_scale=None):
+                   row_scale=None, limit=None):
     m, g = order.shape[0], wg.shape[0]
     group, starts = _group_of(group_sizes, m)
     valid = group < g
     if impl == "ragged":
         xs = _take_rows(x, order, valid)
         sizes = group_sizes.astype(jnp.int32)
-        h = jax.nn.silu(recipe.ragged_dot(xs, wg, sizes)) * recipe.ragged_dot(xs, wu, sizes)
+        h = swiglu_act(recipe.ragged_dot(xs, wg, sizes), recipe.ragged_dot(xs, wu, sizes), limit)
         y = recipe.ragged_dot(_scaled(h, row_scale), wd, sizes)
         return jnp.where(valid[:, None], y, 0).astype(y.dtype)
     if impl == "gather":
         xs = _take_rows(x, order, valid)
         e = jnp.minimum(group, g - 1)
         dims = (((1,), (1,)), ((0,), (0,)))  # per row: [D] x [D, I]
-        h = jax.nn.silu(recipe.dot_general(xs, wg[e], dims)) * recipe.dot_general(xs, wu[e], dims)
+        h = swiglu_act(recipe.dot_general(xs, wg[e], dims), recipe.dot_general(xs, wu[e], dims), limit)
         y = recipe.dot_general(_scaled(h, row_scale), wd[e], dims)
         return jnp.where(valid[:, None], y, 0).astype(y.dtype)
     if impl == "dense":
         xs = _take_rows(x, order, valid)
         dims = (((1,), (1,)), ((), ()))
-        h = jax.nn.silu(recipe.dot_general(xs, wg, dims)) * recipe.dot_general(xs, wu, dims)  # [M, G, I]
+        h = swiglu_act(recipe.dot_general(xs, wg, dims), recipe.dot_general(xs, wu, dims), limit)  # [M, G, I]
         y = recipe.dot_general(_scaled(h, row_scale), wd, (((2,), (1,)), ((1,), (0,))))  # [G, M, D]
         pick = jax.nn.one_hot(group, g, dtype=y.dtype)  # padding (group G) picks nothing
         return jnp.einsum("gmd,mg->md", y, pick)
     if impl != "blocked":
         raise ValueError(f"grouped GEMM impl {impl!r}: expected one of {GROUPED_IMPLS}")
-    return _blocked(recipe, x, order, group_sizes, group, starts, valid, wg, wu, wd, block_size, row_scale)
+    return _blocked(recipe, x, order, group_sizes, group, starts, valid, wg, wu, wd, block_size, row_scale, limit)
 
 
-def _blocked(recipe, x, order, group_sizes, group, starts, valid, wg, wu, wd, block_size, row_scale):
+def _blocked(recipe, x, order, group_sizes, group, starts, valid, wg, wu, wd, block_size, row_scale, limit=None):
     m, g = order.shape[0], wg.shape[0]
     # Under shard_map, weights the rows do not vary with (replicated over the batch axes) are cast to vary here,
     # once: the cast's transpose (the psum of their gradient) then runs once after the loop, not per block.
@@ -156,7 +157,7 @@ def _blocked(recipe, x, order, group_sizes, group, starts, valid, wg, wu, wd, bl
     @jax.checkpoint
     def block(xb, e, live, sb):
         def run(ws):
-            return swiglu(recipe, xb, *ws, sb).astype(out_dtype)
+            return swiglu(recipe, xb, *ws, sb, limit).astype(out_dtype)
 
         def skip(ws):
             return vary(jnp.zeros((b, x.shape[1]), out_dtype), varying_axes(xb, *ws))

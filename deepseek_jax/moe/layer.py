@@ -67,7 +67,7 @@ class Experts(nn.Module):
         mesh = current_mesh()
         if mesh is None:
             impl = o.grouped_impl(idx.size, e)
-            y = dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl, o.moe_block_size)
+            y = dispatch_local(recipe, x, weights, idx, wg, wu, wd, impl, o.moe_block_size, c.swiglu_limit)
             return y, jnp.zeros((e,), jnp.int32)
         sizes = mesh.shape
         expert_axes = rule_axes("expert")
@@ -85,7 +85,7 @@ class Experts(nn.Module):
             expert_axis=expert_axes[0] if expert_axes else None, tensor_axis=tensor_axes[0] if tensor_axes else None,
             impl=impl, block_size=o.moe_block_size, capacity_factor=o.capacity_factor,
             exchange_rows=o.moe_exchange_rows, ragged=o.target_platform() in ("tpu", "gpu"),
-            keep_received=o.moe_keep_received and not self.rematerialized)
+            keep_received=o.moe_keep_received and not self.rematerialized, limit=c.swiglu_limit)
 
 
 class MoE(nn.Module):
@@ -105,18 +105,21 @@ class MoE(nn.Module):
     config: ModelConfig
     options: ModelOptions
     rematerialized: bool = False  # see Experts
+    hash_routed: bool = False  # see Router
 
     @nn.compact
-    def __call__(self, x: jax.Array, segments: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+    def __call__(self, x: jax.Array, segments: jax.Array,
+                 token_ids: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, Any]]:
         c, o = self.config, self.options
         b, t, d = x.shape
-        weights, idx, scores = Router(c, o, name="gate")(x)  # [B, T, K], [B, T, K], [B, T, E]
+        weights, idx, scores = Router(c, o, self.hash_routed, name="gate")(x, token_ids)  # [B,T,K], [B,T,K], [B,T,E]
         k = idx.shape[-1]
         routed, dropped = Experts(c, o, self.rematerialized, name="experts")(
             x.reshape(b * t, d), weights.reshape(b * t, k), idx.reshape(b * t, k), b)
         out = routed.astype(o.compute_dtype).reshape(b, t, d)
         if c.n_shared_experts > 0:
-            shared = MLP(c.n_shared_experts * c.moe_intermediate_size, o, c.initializer_range, name="shared_experts")
+            shared = MLP(c.n_shared_experts * c.moe_intermediate_size, o, c.initializer_range, c.swiglu_limit,
+                         name="shared_experts")
             out = out + shared(x)
         return out, {"dropped": dropped, **router_stats(idx, scores, segments, c)}
 

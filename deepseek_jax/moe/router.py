@@ -22,10 +22,12 @@ from deepseek_jax.parallel.rules import token_split
 
 
 def router_scores(logits: jax.Array, scoring_func: str) -> jax.Array:
-    """Per-expert affinities in fp32: softmax (V2) or sigmoid (V3)."""
+    """Per-expert affinities in fp32: softmax (V2), sigmoid (V3) or ``sqrt(softplus)`` (V4)."""
     logits = logits.astype(jnp.float32)
     if scoring_func == "softmax":
         return jax.nn.softmax(logits, axis=-1)
+    if scoring_func == "sqrtsoftplus":
+        return jnp.sqrt(jax.nn.softplus(logits))
     return jax.nn.sigmoid(logits)
 
 
@@ -52,16 +54,20 @@ def select_experts(scores: jax.Array, bias: jax.Array | None, config: ModelConfi
     scores ``[..., E]`` fp32 from ``router_scores``; bias ``[E]`` (``noaux_tc`` only) shifts which experts are
     chosen but never the weights, which are gathered from the unbiased scores, optionally renormalized over
     the K chosen (``norm_topk_prob``, +1e-20 as the reference), then times ``routed_scaling_factor``.
-    Sigmoid routers renormalize for any K (V3's code and transformers do, so top-1 gets weight 1); softmax
-    routers only for K > 1, as DeepSeek's V2 code does.
+    Sigmoid (and V4's sqrtsoftplus) routers renormalize for any K (V3's code and transformers do, so top-1 gets
+    weight 1); softmax routers only for K > 1, as DeepSeek's V2 code does.
     Returns weights ``[..., K]`` fp32 and expert ids ``[..., K]`` int32.
     """
     choice = scores if bias is None else scores + bias.astype(jnp.float32)
     if config.topk_method in ("group_limited_greedy", "noaux_tc") and config.n_group > 1:
         choice = jnp.where(_group_mask(choice, config), choice, -jnp.inf)
     _, idx = jax.lax.top_k(choice, config.num_experts_per_tok)
+    return _combine_weights(scores, idx, config)
+
+
+def _combine_weights(scores: jax.Array, idx: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
     weights = jnp.take_along_axis(scores, idx, axis=-1)
-    if config.norm_topk_prob and (config.num_experts_per_tok > 1 or config.scoring_func == "sigmoid"):
+    if config.norm_topk_prob and (config.num_experts_per_tok > 1 or config.scoring_func != "softmax"):
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
     return weights * config.routed_scaling_factor, idx.astype(jnp.int32)
 
@@ -92,13 +98,18 @@ class Router(nn.Module):
 
     Takes the tokens ``[B, T, D]`` (or any leading dims) and returns weights / ids ``[..., K]`` and scores
     ``[..., E]``. Under a mesh the choice runs per device on its own tokens (``_select_per_shard``).
+
+    ``hash_routed`` (DeepSeek-V4's first layers): the experts are a fixed table of the token id, ``tid2eid
+    [vocab, K]`` (stored as float32 so that it sits in the params tree; frozen, never decayed); the learned gate
+    still gives their weights. ``token_ids`` (the input ids, ``x``'s leading shape) are then required.
     """
 
     config: ModelConfig
     options: ModelOptions
+    hash_routed: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, token_ids: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         c = self.config
         kernel = self.param(
             "kernel",
@@ -107,7 +118,10 @@ class Router(nn.Module):
             self.options.params_dtype,
         )
         bias = None
-        if c.has_correction_bias:
+        if self.hash_routed:
+            table = self.param("tid2eid", nn.with_logical_partitioning(_hash_table_init(c), ("vocab", None)),
+                               (c.vocab_size, c.num_experts_per_tok), jnp.float32)
+        elif c.has_correction_bias:
             bias = self.param(
                 "e_score_correction_bias",
                 nn.with_logical_partitioning(nn.initializers.zeros, ("expert",)),
@@ -120,7 +134,21 @@ class Router(nn.Module):
         logits = MatmulRecipe(jnp.float32, platform=self.options.target_platform()).dot_general(
             x, kernel, contract_last(1, x.ndim))
         scores = router_scores(logits, c.scoring_func)
-        weights, idx = _select_per_shard(scores, bias, c)
+        if self.hash_routed:
+            if token_ids is None:
+                raise ValueError("a hash-routed MoE layer needs the token ids")
+            idx = jnp.take(jax.lax.stop_gradient(table).astype(jnp.int32), token_ids, axis=0)
+            weights, idx = _combine_weights(scores, idx, c)
+        else:
+            weights, idx = _select_per_shard(scores, bias, c)
         # Researchers can read every layer's decisions with apply(..., mutable=["intermediates"]).
         self.sow("intermediates", "routing", {"experts": idx, "weights": weights})
         return weights, idx, scores
+
+
+def _hash_table_init(config: ModelConfig):
+    """A fresh model's token -> experts table: K distinct experts per token id, drawn from the init key."""
+    def init(key, shape, dtype):
+        choice = jax.random.uniform(key, (shape[0], config.n_routed_experts)).argsort(-1)[:, : shape[1]]
+        return choice.astype(dtype)
+    return init

@@ -26,8 +26,48 @@ def _describe_dense(config, counts) -> str:
     ])
 
 
+def _describe_v4(config, counts) -> str:
+    """DeepSeek-V4: attention kinds, hyper-connections, routers, and the cache (which depends on the length)."""
+    from deepseek_jax.config.model import CSA, HCA, SWA
+    from deepseek_jax.config.presets import DEEPSEEK_V32
+
+    c = config
+    kinds = ", ".join(f"{c.layer_types.count(k)} {name}" for k, name in ((CSA, "CSA"), (HCA, "HCA"), (SWA, "window"))
+                      if k in c.layer_types)
+    rates = ", ".join(f"{name} 1 per {c.compress_rate(k)}" for k, name in ((CSA, "CSA"), (HCA, "HCA"))
+                      if k in c.layer_types)
+    rope = "" if c.rope_scaling is None else f", {c.rope_scaling.type} x{c.rope_scaling.factor:g}"
+    lines = [
+        f"model_type            {c.model_type}",
+        f"layers                {c.num_hidden_layers} ({kinds}); {c.hc_mult} residual streams (hyper-connections)",
+        f"hidden / heads        {c.hidden_size} / {c.num_attention_heads} query heads on one K=V head of "
+        f"{c.head_dim} (rope on {c.qk_rope_head_dim})",
+        f"q_lora / output       {c.q_lora_rank} / {c.o_groups} groups x {c.o_lora_rank}",
+        f"attention             window {c.sliding_window} + pooled entries ({rates}); CSA's indexer "
+        f"{c.index_n_heads} x {c.index_head_dim} picks {c.index_topk}",
+        f"rope                  theta {c.rope_theta:g} (window layers), {c.compress_rope_theta:g}{rope} (compressed)",
+        f"experts               {c.n_routed_experts} routed + {c.n_shared_experts} shared, {c.num_experts_per_tok} "
+        f"per token ({c.scoring_func}; {c.mlp_layer_types.count('hash_moe')} hash-routed layers)",
+        f"MTP modules           {c.num_nextn_predict_layers} (not built yet)",
+        f"params (main)         {counts['main']:,}",
+    ]
+    v32 = kv_cache.cache_bytes_per_token(DEEPSEEK_V32, "bfloat16")
+    for length in (8192, 131072, 1048576):
+        parts = kv_cache.v4_cache_values(c, length)
+        total = sum(parts.values()) * 2
+        lines.append(
+            f"cache at {length // 1024:>5}k      {total / 2**20:,.1f} MiB in bf16 ({total / length:,.1f} bytes / token"
+            "; "
+            f"window {parts['window'] * 2 / 2**20:,.1f}, pool {parts['pool'] * 2 / 2**20:,.1f}, indexer keys "
+            f"{parts['index'] * 2 / 2**20:,.1f}, compressor state {parts['state'] * 2 / 2**20:,.2f} MiB); "
+            f"V3.2 {v32:,} bytes / token ({total / length / v32:.1%})")
+    return "\n".join(lines)
+
+
 def describe(config) -> str:
     counts = param_counts(config)
+    if config.is_v4:
+        return _describe_v4(config, counts)
     if not config.uses_mla:
         return _describe_dense(config, counts)
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))

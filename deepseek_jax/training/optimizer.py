@@ -44,12 +44,17 @@ def _leaf_name(path) -> str:
 
 def decay_mask(params):
     """Weight decay on matrices only: kernels, embeddings, expert weights; not norms or biases."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: x.ndim >= 2 and _leaf_name(p) != "e_score_correction_bias"
+    return jax.tree_util.tree_map_with_path(lambda p, x: x.ndim >= 2 and _leaf_name(p) not in FROZEN
                                             and _leaf_name(p) != "scale", params)
 
 
+# Leaves no gradient step touches: the router's correction bias (set by the balancing rule) and V4's token ->
+# experts table of the hash-routed layers (fixed).
+FROZEN = ("e_score_correction_bias", "tid2eid")
+
+
 def frozen_mask(params):
-    return jax.tree_util.tree_map_with_path(lambda p, x: _leaf_name(p) == "e_score_correction_bias", params)
+    return jax.tree_util.tree_map_with_path(lambda p, x: _leaf_name(p) in FROZEN, params)
 
 
 def param_path(path) -> str:

@@ -64,7 +64,7 @@ class Trainer:
         boxed = abstract_params(config, self.model.options)
         # Frozen params (--train-only / --freeze, and the MTP modules when their loss is off, so that weight
         # decay does not shrink what no loss trains) get exactly zero updates.
-        freeze = tc.freeze + (("mtp_*",) if config.num_nextn_predict_layers and not tc.mtp_weight else ())
+        freeze = tc.freeze + (("mtp_*",) if config.mtp_modules and not tc.mtp_weight else ())
         train_only = tc.train_only
         if tc.indexer_stage is not None:
             if not config.has_indexer:
@@ -154,8 +154,8 @@ class Trainer:
         add up to the batch's."""
         c, tc = self.config, self.tc
         if norm is None:
-            norm = losses.loss_normalizers(batch, c.num_nextn_predict_layers)
-        mtp_on = c.num_nextn_predict_layers > 0 and tc.mtp_weight > 0
+            norm = losses.loss_normalizers(batch, c.mtp_modules)
+        mtp_on = c.mtp_modules > 0 and tc.mtp_weight > 0
         indexer_kl = None
         with nn.logical_axis_rules(self.rules):
             if self.model.options.indexer_loss is None:
@@ -215,7 +215,7 @@ class Trainer:
         """Gradients of the global batch's loss, summed over ``grad_accum`` micro-batches (a scan); every term
         divides by the global batch's counts, so this equals one big batch whatever the padding."""
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-        norm = losses.loss_normalizers(batch, self.config.num_nextn_predict_layers)
+        norm = losses.loss_normalizers(batch, self.config.mtp_modules)
         k = self.tc.grad_accum
         norm["micro_batches"] = k
         # Each gradient in its param's shards: the data-parallel sum then lowers to a reduce-scatter (not an
@@ -341,7 +341,7 @@ class Trainer:
         """Model FLOPs of a training step over ``tokens`` real tokens attending ``attended_keys`` keys in all
         (the step's metrics hold both, and V3.2's ``selected_keys``): 6 x active params (routed experts at K/E)
         per token + attention per key (``models/counts.py``)."""
-        mtp = self.config.num_nextn_predict_layers > 0 and self.tc.mtp_weight > 0
+        mtp = self.config.mtp_modules > 0 and self.tc.mtp_weight > 0
         return batch_flops(self.config, tokens, attended_keys, train=True, mtp=mtp, selected_keys=selected_keys)
 
     def flops_per_token(self) -> float:

@@ -37,6 +37,7 @@ from deepseek_jax.checkpoint.hf_dir import (
     INDEX_FILE,
     SINGLE_FILE,
     HFCheckpoint,
+    check_dtype,
     check_keys,
     drop_absent_mtp,
     iter_leaves,
@@ -138,6 +139,8 @@ def _check_headers(ckpt: HFCheckpoint, maps: list[TensorMap]) -> None:
                                           f"expected float32{list(want)} ({BLOCK}x{BLOCK} blocks of {list(shape)})")
             elif dtype == FP8:
                 raise CheckpointError(f"{where} is float8_e4m3fn but has no '{key}_scale_inv' beside it")
+            elif tm.integer:
+                check_dtype(ckpt, key, tm, dtype)
             elif dtype not in FLOAT_SOURCES:
                 raise CheckpointError(f"{where} has dtype {dtype}, expected a floating-point type "
                                       f"(float32, bfloat16, float16, or float8_e4m3fn with block scales)")

@@ -51,7 +51,8 @@ DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float
 FP8 = np.dtype(E4M3)
 # Linear weights DeepSeek's FP8 releases keep in higher precision (docs/reference.md, section 4).
 _NOT_QUANTIZED = {("lm_head", "kernel"), ("mlp", "gate", "kernel"), ("eh_proj", "kernel"),
-                  ("indexer", "weights_proj")}  # V3.2: bf16 in the release (wq_b and wk are e4m3)
+                  ("indexer", "weights_proj"),  # V3.2: bf16 in the release (wq_b and wk are e4m3)
+                  ("compressor", "kv_proj", "kernel"), ("compressor", "gate_proj", "kernel")}  # V4's compressors
 
 
 def parse_size(s: str) -> int:
@@ -196,7 +197,9 @@ def plan_export(src: str, fp8: bool = False, dtype: Optional[str] = None, ue8m0:
         scale_t = store(tm.path[:-1] + (tm.path[-1] + SCALE_SUFFIX,)) if kept_fp8 else None
         quantize = fp8 and release_quantized(tm.path, tm.transpose)
         src_dtype = marker.get("source_dtypes", {}).get("/".join(tm.path))
-        if tm.keep_fp32:
+        if tm.integer:  # V4's token -> expert table, int64 as transformers keeps it
+            plain = np.dtype(np.int64)
+        elif tm.keep_fp32:
             plain = np.dtype(np.float32)
         elif dtype is not None:
             plain = DTYPES[dtype]

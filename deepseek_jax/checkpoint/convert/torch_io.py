@@ -121,12 +121,7 @@ class FilesCheckpoint(HFCheckpoint):
     def __init__(self, path: str, files: dict[str, object]):
         self.path = os.fspath(path)
         self._files = files
-        self._where = {}
-        for fname, f in files.items():
-            for k in f.keys():
-                self._where[k] = fname
-        self._scales = {k[: -len("_scale_inv")]: k for k in self._where if k.endswith("_scale_inv")}
-        self.keys = [k for k in self._where if not k.endswith("_scale_inv")]
+        self._index({k: fname for fname, f in files.items() for k in f.keys()})
 
 
 def _open_file(path: str):
@@ -145,9 +140,11 @@ def open_files_checkpoint(src: str) -> FilesCheckpoint:
     if os.path.exists(index):
         files, weight_map = open_indexed_files(index, _open_file)
         ckpt = FilesCheckpoint(src, files)
-        extra = sorted(set(ckpt._where) - set(weight_map))
+        names = {f: k for k, f in ckpt._name.items()}  # name in the file -> name here
+        extra = sorted(set(names) - set(weight_map))
         if extra:
-            raise CheckpointError(f"{ckpt.file_of(extra[0])}: tensor '{extra[0]}' is not listed in {TORCH_INDEX}")
+            raise CheckpointError(f"{ckpt.file_of(names[extra[0]])}: tensor '{extra[0]}' is not listed in "
+                                  f"{TORCH_INDEX}")
         return ckpt
     found = sorted(f for f in os.listdir(src) if f.endswith(TORCH_SUFFIXES))
     if len(found) != 1:

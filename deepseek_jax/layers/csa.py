@@ -1,0 +1,198 @@
+"""DeepSeek-V4's attention layer (docs/reference.md, V4): query LoRA, one shared K=V head, a sliding window plus
+compressed entries (CSA: every ``rate`` = 4 tokens pooled, the lightning indexer picks ``index_topk`` of them;
+HCA: every 128 pooled, all visible ones read), a sink per head, and the grouped output projection.
+
+The compressor (``Compressor``) turns the hidden states into pooled entries: per token a value ``C = x W_kv`` and
+a gate ``Z = x W_gate + B[j]`` (``B``, ``position_bias``, by place j in the window); entry w is the softmax-over-
+the-window (fp32) weighted sum of the window's values, RMS-normed, with rope at position ``w * rate``. CSA's
+windows overlap: the features are two series ``[Ca | Cb]`` and entry w pools window w - 1's ``Ca`` with window w's
+``Cb`` (2 x rate slots). Entry w is seen by queries at or after the last token of its window.
+
+Rope (interleaved pairs) turns the last ``qk_rope_head_dim`` dims of each head: "compress" rope (its own theta,
+YaRN when configured) in CSA / HCA layers, "main" rope in sliding-window-only ones. Since K = V, the attention
+output carries the keys' rotation; it is turned back at the query's position before the output projection.
+
+Shapes: B batch, T tokens, D model width, H heads, Dh head dim, L q_lora_rank, C pool entries.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config.model import CSA, SWA, ModelConfig
+from deepseek_jax.config.options import ModelOptions
+from deepseek_jax.layers.attention.compressed import window_pool_attention
+from deepseek_jax.layers.attention.layout import Layout
+from deepseek_jax.layers.attention.sparse import indexer_topk
+from deepseek_jax.layers.linear import Linear, MatmulRecipe, matmul_recipe
+from deepseek_jax.layers.norm import RMSNorm
+from deepseek_jax.layers.rope import apply_rope, rope_cos_sin
+from deepseek_jax.ops import contract_last
+
+
+class Ropes(NamedTuple):
+    """cos / sin ``[B,T,rope/2]`` of the tokens' positions for the "main" and the "compress" rope."""
+
+    main: tuple
+    compress: tuple
+
+
+def v4_rope_configs(config: ModelConfig) -> tuple[ModelConfig, ModelConfig]:
+    """The "main" rope (``rope_theta``, unscaled) and the "compress" rope (``compress_rope_theta``, with
+    ``rope_scaling``) as configs for ``rope_cos_sin``."""
+    return config.replace(rope_scaling=None), config.replace(rope_theta=config.compress_rope_theta)
+
+
+def v4_ropes(positions: jax.Array, config: ModelConfig) -> Ropes:
+    main, compress = v4_rope_configs(config)
+    return Ropes(rope_cos_sin(positions, main), rope_cos_sin(positions, compress))
+
+
+def rope_tail(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rope (interleaved pairs) on the last ``2 * cos.shape[-1]`` dims of ``x [B,T,H,d]``; the rest unchanged."""
+    r = 2 * cos.shape[-1]
+    return jnp.concatenate([x[..., :-r], apply_rope(x[..., -r:], cos, sin, interleave=True)], axis=-1)
+
+
+def unweighted_rms_norm(x: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class Pool(NamedTuple):
+    """Compressed entries ``[B,C,d]`` with the index ``[B,C]`` of each one's last source token and its segment
+    ``[B,C]`` (0 when its window is not within one document, or is padding: seen by no one)."""
+
+    entries: jax.Array
+    index: jax.Array
+    segment: jax.Array
+
+
+def window_segments(segment_ids: jax.Array, rate: int) -> jax.Array:
+    """Per complete window of ``rate`` tokens ``[B, T // rate]``: its tokens' segment when they share one, else 0."""
+    b, t = segment_ids.shape
+    w = segment_ids[:, : t // rate * rate].reshape(b, t // rate, rate)
+    return jnp.where(w.min(-1) == w.max(-1), w[..., 0], 0)
+
+
+def pool_windows(kv: jax.Array, gate: jax.Array, rate: int, overlap: bool) -> jax.Array:
+    """Softmax-gated pooling of complete windows: ``kv`` / ``gate`` ``[B, n * rate, F]`` (gate already biased) ->
+    ``[B, n, d]`` (d = F, or F / 2 when ``overlap``: window w - 1's first half with window w's second half)."""
+    b, t, f = kv.shape
+    n = t // rate
+    if n == 0:
+        return jnp.zeros((b, 0, f // 2 if overlap else f), kv.dtype)
+    kv, gate = kv.reshape(b, n, rate, f), gate.reshape(b, n, rate, f)
+    if overlap:
+        d = f // 2
+        prev_kv = jnp.pad(kv[:, :-1, :, :d], ((0, 0), (1, 0), (0, 0), (0, 0)))
+        prev_gate = jnp.pad(gate[:, :-1, :, :d], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)
+        kv = jnp.concatenate([prev_kv, kv[..., d:]], axis=2)
+        gate = jnp.concatenate([prev_gate, gate[..., d:]], axis=2)
+    w = jax.nn.softmax(gate.astype(jnp.float32), axis=2).astype(kv.dtype)
+    return (kv * w).sum(2)
+
+
+class Compressor(nn.Module):
+    """``x [B,T,D]`` -> ``Pool`` of ``T // rate`` entries of ``head_dim`` (rope applied)."""
+
+    rate: int
+    head_dim: int
+    overlap: bool
+    config: ModelConfig
+    options: ModelOptions
+
+    @nn.compact
+    def __call__(self, x: jax.Array, segment_ids: jax.Array) -> Pool:
+        c, o, r = self.config, self.options, self.rate
+        f = self.head_dim * (2 if self.overlap else 1)
+        std = c.initializer_range
+        kv = Linear((f,), ("embed", "kv_head"), o, init_std=std, name="kv_proj")(x)
+        gate = Linear((f,), ("embed", "kv_head"), o, init_std=std, name="gate_proj")(x)
+        bias = self.param("position_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, "kv_head")),
+                          (r, f), jnp.float32)
+        b, t, _ = x.shape
+        n = t // r
+        gate = gate[:, : n * r].astype(jnp.float32) + jnp.tile(bias, (n, 1))[None]
+        pooled = pool_windows(kv[:, : n * r], gate, r, self.overlap)
+        pooled = RMSNorm(c.rms_norm_eps, "kv_head", o, name="kv_norm")(pooled)
+        starts = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) * r, (b, n))
+        cos, sin = rope_cos_sin(starts, v4_rope_configs(c)[1])
+        pooled = rope_tail(pooled[:, :, None], cos, sin)[:, :, 0]
+        return Pool(pooled, starts + (r - 1), window_segments(segment_ids, r))
+
+
+class Indexer(nn.Module):
+    """CSA's lightning indexer: its own overlapping compressor at ``index_head_dim``, queries from the query
+    latent (``q_b_proj``, compress rope on their last dims), head weights ``weights_proj`` (fp32, times
+    ``Hi ** -0.5``); each query keeps its ``index_topk`` best visible entries by
+    ``sum_h w_h ReLU(q_h . k) / sqrt(Di)``. Returns the picks ``(idx, valid)`` ``[B,T,K]``."""
+
+    config: ModelConfig
+    options: ModelOptions
+
+    @nn.compact
+    def __call__(self, x, q_latent, cos, sin, layout: Layout, segment_ids):
+        c, o = self.config, self.options
+        hi, di, std = c.index_n_heads, c.index_head_dim, c.initializer_range
+        keys = Compressor(c.compress_rate(CSA), di, True, c, o, name="compressor")(x, segment_ids)
+        q = Linear((hi, di), ("q_lora", "heads", "qk_head"), o, init_std=std, name="q_b_proj")(q_latent)
+        q = rope_tail(q, cos, sin)
+        kernel = self.param("weights_proj", nn.with_logical_partitioning(nn.initializers.normal(std),
+                                                                         ("embed", "heads")),
+                            (x.shape[-1], hi), o.params_dtype)
+        w = MatmulRecipe(jnp.float32, platform=o.target_platform()).dot_general(x, kernel, contract_last(1, x.ndim))
+        w = w.astype(jnp.float32) * hi ** -0.5
+        if keys.entries.shape[1] == 0:
+            empty = jnp.zeros((*x.shape[:2], 0), jnp.int32)
+            return empty, empty.astype(bool)
+        pool_layout = Layout(layout.q_index, layout.q_segment, keys.index, keys.segment)
+        return indexer_topk(q, keys.entries, w, pool_layout, c.index_topk, di ** -0.5,
+                            q_block=min(o.attention_block, 128), k_block=o.attention_block)
+
+
+class CompressedAttention(nn.Module):
+    """One V4 attention layer of kind ``layer_type``: ``x [B,T,D]`` (normed) -> ``[B,T,D]``."""
+
+    config: ModelConfig
+    options: ModelOptions
+    layer_type: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, ropes: Ropes, layout: Layout, segment_ids: jax.Array) -> jax.Array:
+        c, o = self.config, self.options
+        h, dh, g, std = c.num_attention_heads, c.head_dim, c.o_groups, c.initializer_range
+        cos, sin = ropes.main if self.layer_type == SWA else ropes.compress
+        q_latent = Linear((c.q_lora_rank,), ("embed", "q_lora"), o, init_std=std, name="q_a_proj")(x)
+        q_latent = RMSNorm(c.rms_norm_eps, "q_lora", o, name="q_a_norm")(q_latent)
+        q = Linear((h, dh), ("q_lora", "heads", "qk_head"), o, init_std=std, name="q_b_proj")(q_latent)
+        q = rope_tail(unweighted_rms_norm(q, c.rms_norm_eps), cos, sin)
+        kv = Linear((dh,), ("embed", "kv_head"), o, init_std=std, name="kv_proj")(x)
+        kv = RMSNorm(c.rms_norm_eps, "kv_head", o, name="kv_norm")(kv)
+        kv = rope_tail(kv[:, :, None], cos, sin)[:, :, 0]
+        sinks = self.param("sinks", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)), (h,),
+                           jnp.float32)
+        pool: Optional[Pool] = None
+        selected = None
+        if self.layer_type != SWA:
+            rate = c.compress_rate(self.layer_type)
+            pool = Compressor(rate, dh, self.layer_type == CSA, c, o, name="compressor")(x, segment_ids)
+            if self.layer_type == CSA:
+                selected = Indexer(c, o, name="indexer")(x, q_latent, cos, sin, layout, segment_ids)
+        out = window_pool_attention(
+            q, kv, sinks, layout.q_index, layout.q_segment, *(pool if pool is not None else (None, None, None)),
+            selected=selected, window=c.sliding_window, scale=c.softmax_scale, q_block=o.attention_block)
+        out = rope_tail(out, cos, -sin)
+        b, t = x.shape[:2]
+        grouped = out.reshape(b, t, g, h // g * dh)
+        # Kernel [in, G, R] (in = a group's H / G heads x Dh): group g maps its heads to R values.
+        wa = self.param("o_a_proj", nn.with_logical_partitioning(nn.initializers.normal(std),
+                                                                 ("embed", "heads", None)),
+                        (h // g * dh, g, c.o_lora_rank), o.params_dtype)
+        mid = matmul_recipe(o).dot_general(grouped, wa, (((3,), (0,)), ((2,), (1,))))  # [G, B, T, R]
+        mid = jnp.moveaxis(mid, 0, 2).reshape(b, t, g * c.o_lora_rank)
+        return Linear((x.shape[-1],), ("q_lora", "embed"), o, init_std=std, name="o_b_proj")(mid)

@@ -1,0 +1,103 @@
+"""DeepSeek-V4's decoder (docs/reference.md, V4): the embedding copied onto ``hc_mult`` residual streams, layers
+that each read and write the streams through hyper-connections (``layers/hyper.py``) around a compressed
+attention (``layers/csa.py``) and an MoE (learned router, or hash routing on the token id in the first layers),
+then the streams collapsed (``hc_head``), normed and projected to the vocabulary.
+
+``Transformer`` runs this body for ``model_type`` "deepseek_v4" (``v4_forward``): the params sit beside the other
+models' (``embed_tokens``, ``lm_head``, ``norm``) with one scanned stack per run of equal layers
+(``ModelConfig.layer_runs``: one attention kind and one router kind).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config.model import CSA, HCA, SWA, ModelConfig
+from deepseek_jax.config.options import ModelOptions, remat_policy
+from deepseek_jax.layers.attention.layout import Layout, attention_layout
+from deepseek_jax.layers.csa import CompressedAttention, Ropes, v4_ropes
+from deepseek_jax.layers.hyper import HyperConnection, HyperHead, expand
+from deepseek_jax.layers.norm import RMSNorm
+from deepseek_jax.moe.layer import MoE
+from deepseek_jax.parallel.rules import constrain
+
+STREAMS = ("act_batch", "act_length", None, "act_embed")
+_KINDS = {"csa": CSA, "hca": HCA, "swa": SWA}
+
+
+def run_kinds(name: str) -> tuple[str, bool]:
+    """A V4 run's attention layer type and whether its MoE is hash-routed, from its name (``hash_hca_0``)."""
+    router, attn, _ = name.split("_")
+    return _KINDS[attn], router == "hash"
+
+
+class V4Block(nn.Module):
+    """One V4 layer on the streams ``h [B,T,N,D]`` -> ``(h, router statistics)``; ``nn.scan``-shaped: the streams
+    are the carry, ``layer_cache`` (None in training) is scanned over, the rest broadcast."""
+
+    config: ModelConfig
+    options: ModelOptions
+    layer_type: str
+    hash_routed: bool
+    rematerialized: bool = False
+
+    @nn.compact
+    def __call__(self, h: jax.Array, layer_cache, ropes: Ropes, layout: Layout, segments: jax.Array,
+                 token_ids: jax.Array):
+        c, o = self.config, self.options
+        h = constrain(h, STREAMS)
+
+        def hyper(name):
+            return HyperConnection(c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps, c.initializer_range,
+                                   name=name)
+
+        post, comb, x = hyper("attn_hc")(h)
+        x = RMSNorm(c.rms_norm_eps, "embed", o, name="input_layernorm")(x)
+        a = CompressedAttention(c, o, self.layer_type, name="self_attn")(x, ropes, layout, segments)
+        h = expand(h, a, post, comb)
+        post, comb, x = hyper("ffn_hc")(h)
+        x = RMSNorm(c.rms_norm_eps, "embed", o, name="post_attention_layernorm")(x)
+        y, stats = MoE(c, o, self.rematerialized, self.hash_routed, name="mlp")(x, segments, token_ids)
+        return constrain(expand(h, y, post, comb), STREAMS), stats
+
+
+def _v4_stack(options: ModelOptions, length: int, train: bool):
+    block = V4Block
+    if train and options.remat != "none":
+        block = nn.remat(V4Block, policy=remat_policy(options.remat), prevent_cse=False)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=length,
+        unroll=min(options.scan_unroll, length),
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+def v4_forward(config: ModelConfig, options: ModelOptions, embed, tokens: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array) -> tuple[jax.Array, list[dict[str, Any]]]:
+    """The final-normed hidden states ``[B,T,D]`` of a training forward pass and the learned-router runs'
+    statistics (hash-routed layers have no router to balance). Called inside ``Transformer``'s compact scope:
+    the modules made here are its children."""
+    c, o = config, options
+    b, t = tokens.shape
+    h = embed(tokens)
+    streams = jnp.broadcast_to(h[:, :, None, :], (b, t, c.hc_mult, h.shape[-1]))
+    layout = attention_layout(segment_ids)
+    ropes = v4_ropes(positions, c)
+    moe_stats = []
+    for name, _, length in c.layer_runs:
+        layer_type, hashed = run_kinds(name)
+        stack = _v4_stack(o, length, train=True)(c, o, layer_type, hashed, rematerialized=o.remat != "none",
+                                                name=name)
+        streams, stats = stack(streams, None, ropes, layout, segment_ids, tokens)
+        if not hashed:
+            moe_stats.append(stats)
+    h = HyperHead(c.hc_mult, c.hc_eps, c.rms_norm_eps, c.initializer_range, name="hc_head")(streams)
+    return RMSNorm(c.rms_norm_eps, "embed", o, name="norm")(h), moe_stats
