@@ -51,3 +51,21 @@ def run_steps(mesh_spec: str | None, n_steps: int = 2, devices=None, tc: TrainCo
     params = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
                           if jax.process_count() > 1 else np.asarray(x), state["params"])
     return losses, params, state
+
+
+def run_on_8_devices(script: str, timeout: int = 900) -> dict:
+    """Run ``script`` in a subprocess on 8 simulated CPU devices (the repository and ``tests/`` on its path) and
+    return the JSON it prints on its last ``RESULT `` line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([root, here, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=here)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])

@@ -51,6 +51,7 @@ def _train_config(args):
                        warmup_steps=args.warmup, grad_accum=args.grad_accum, precision=args.precision,
                        remat=args.remat, seed=args.seed, mtp_weight=args.mtp_weight,
                        bias_update_rate=args.bias_update_rate, bf16_moments=args.bf16_moments,
+                       optimizer=args.optimizer,
                        balance_alpha=args.balance_alpha, fsdp_over_data=args.fsdp_over_data,
                        capacity_factor=args.capacity_factor, train_only=tuple(args.train_only),
                        freeze=tuple(args.freeze), indexer_stage=args.indexer_stage,
@@ -182,6 +183,9 @@ def register(sub) -> None:
                         "attention (warmup) or with everything on top-k attention (sparse)")
     p.add_argument("--indexer-loss-weight", type=float, default=1.0, help="weight of the indexer's KL")
     p.add_argument("--bf16-moments", action="store_true")
+    p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                   help="muon: Muon (orthogonalized momentum) for the hidden linear weights and AdamW for the "
+                        "embedding, head, routers, norms and biases, as DeepSeek-V4 was pre-trained")
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,expert=2 (default: all devices on data)")
     p.add_argument("--fsdp-over-data", action="store_true",
                    help="shard weights and optimizer state over data too (ZeRO-3), not only fsdp x expert")

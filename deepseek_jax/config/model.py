@@ -325,11 +325,7 @@ class ModelConfig:
             theta = rope.get("rope_theta", theta)
             rtype = rope.get("rope_type", rope.get("type", "default"))
             if rtype not in ("default", None):
-                known = {f.name for f in dataclasses.fields(RopeScaling)}
-                # A null beta_* means YaRN's default (transformers reads them with `or`).
-                rs = {k: v for k, v in rope.items() if k in known and not (v is None and k.startswith("beta_"))}
-                rs["type"] = rtype
-                rope_scaling = RopeScaling(**rs)
+                rope_scaling = _rope_scaling(rope, rtype)
         elif rope is not None:
             raise ConfigError(f"{source}: field 'rope_scaling' must be a dict or null, found {type(rope).__name__}")
         kwargs["rope_scaling"] = rope_scaling
@@ -406,6 +402,14 @@ def read_config_json(file: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ConfigError(f"{file}: not a JSON object")
     return d
+
+
+def _rope_scaling(rope: dict, rope_type: str) -> RopeScaling:
+    """A ``rope_parameters`` / ``rope_scaling`` dict -> ``RopeScaling`` (its known fields; a null beta_* means YaRN's
+    default, as transformers reads them with ``or``)."""
+    known = {f.name for f in dataclasses.fields(RopeScaling)}
+    rs = {k: v for k, v in rope.items() if k in known and not (v is None and k.startswith("beta_"))}
+    return RopeScaling(**{**rs, "type": rope_type})
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -605,12 +609,9 @@ def _v4_from_hf_dict(cls, d: dict[str, Any], source: str) -> ModelConfig:
     ctype = compress.get("rope_type", compress.get("type", "default"))
     kwargs["rope_scaling"] = None
     if ctype not in ("default", None):
-        known = {f.name for f in dataclasses.fields(RopeScaling)}
-        rs = {k: v for k, v in compress.items() if k in known and not (v is None and k.startswith("beta_"))}
-        rs["type"] = ctype
-        if ctype == "yarn":
-            rs.setdefault("attention_factor", 1.0)  # transformers' default for V4's compressed rope
-        kwargs["rope_scaling"] = RopeScaling(**rs)
+        # transformers' default attention_factor for V4's compressed YaRN is 1.0
+        kwargs["rope_scaling"] = _rope_scaling({"attention_factor": 1.0, **compress} if ctype == "yarn" else compress,
+                                               ctype)
     if isinstance(kwargs.get("eos_token_id"), list):
         kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
     try:

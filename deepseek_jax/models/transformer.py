@@ -156,11 +156,7 @@ class Transformer(nn.Module):
         logits = None if stacked_head else logits_of(h)
         if not (want_mtp or return_router_stats or return_hidden):
             return logits
-        aux: dict[str, Any] = {}
-        if return_hidden:
-            aux["hidden"] = h
-        if return_router_stats:
-            aux["router_stats"] = _concat_stats(moe_stats)
+        aux = _aux(h, moe_stats, return_router_stats, return_hidden)
         if want_mtp:
             # Depth k's row i pairs h_prev[i] with token i + k. The rows are kept T long (the last k are padding,
             # segment 0) so that every depth has the main model's shapes (and splits like it over a mesh). Token
@@ -199,12 +195,7 @@ class Transformer(nn.Module):
         logits = logits_of(h)
         if not (return_router_stats or return_hidden):
             return logits
-        aux: dict[str, Any] = {}
-        if return_hidden:
-            aux["hidden"] = h
-        if return_router_stats:
-            aux["router_stats"] = _concat_stats(moe_stats)
-        return logits, aux
+        return logits, _aux(h, moe_stats, return_router_stats, return_hidden)
 
     def _cached(self, embed, logits_of, tokens, positions, cache, layout, h_prev, out_index):
         c, o = self.config, self.options
@@ -236,6 +227,16 @@ def abstract_params(config: ModelConfig, options: ModelOptions = ModelOptions())
 def _shift(x: jax.Array, k: int) -> jax.Array:
     """``[B, T-k, ...]`` -> ``[B, T, ...]``, zero-padded at the end."""
     return jnp.pad(x, [(0, 0), (0, k)] + [(0, 0)] * (x.ndim - 2))
+
+
+def _aux(h, moe_stats: list[dict], router_stats: bool, hidden: bool) -> dict[str, Any]:
+    """The forward pass's second return value, without MTP: the final hidden states and the router statistics."""
+    aux: dict[str, Any] = {}
+    if hidden:
+        aux["hidden"] = h
+    if router_stats:
+        aux["router_stats"] = _concat_stats(moe_stats)
+    return aux
 
 
 def _concat_stats(stats: list[dict]) -> dict:

@@ -9,6 +9,7 @@ from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
 
 PRECISIONS = ("fp32", "bf16", "fp8")
+OPTIMIZERS = ("adamw", "muon")
 V3_SEQUENCE_BALANCE_ALPHA = 1e-4  # DeepSeek-V3 report, section 4.2
 
 
@@ -33,6 +34,7 @@ class TrainConfig:
     bias_update_rate: float = 0.001  # gamma of the aux-loss-free bias update
     z_loss_weight: float = 0.0
     bf16_moments: bool = False
+    optimizer: str = "adamw"  # or "muon": Muon for the hidden linear weights, AdamW for the rest (V4's recipe)
     fsdp_over_data: bool = False  # shard weights and optimizer state over `data` too (ZeRO-3), not just fsdp x expert
     precision: str = "fp32"
     remat: str = "none"
@@ -54,6 +56,8 @@ class TrainConfig:
         for name in ("train_only", "freeze"):  # JSON round trips give lists
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r}: expected one of {OPTIMIZERS}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
         if self.batch_size % self.grad_accum:

@@ -5,6 +5,7 @@ parameters frozen by glob patterns over their paths (fine-tuning part of a model
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -81,6 +82,61 @@ def trainable_by_patterns(params, train_only: Sequence[str] = (), freeze: Sequen
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+MUON_BETA = 0.95  # Muon's momentum (Nesterov), as the Muon recipe (Jordan et al. 2024; Liu et al. 2025)
+MUON_RMS = 0.2  # each Muon update scaled to AdamW's typical RMS: the same learning rate and weight decay serve both
+
+
+def muon_dimension_numbers(config, params) -> dict:
+    """Per leaf of ``params``, Muon's ``MuonDimensionNumbers`` (the matrix it orthogonalizes: the kernel's input
+    dims against its output dims, the stacked layer and expert dims batched) for the hidden linear weights, None
+    for the rest: the embedding, the output head, the routers' gates (kept fp32 and out of the matmul recipe),
+    norms, biases, sinks and every leaf that is not a linear weight. Read off the checkpoint mapping, which knows
+    each kernel's input / output split."""
+    from optax.contrib import MuonDimensionNumbers
+
+    from deepseek_jax.checkpoint.hf_map import hf_tensor_map, split_point
+
+    dims = {}
+    for tm in hf_tensor_map(config):
+        if not tm.transpose or tm.path[0] in ("embed_tokens", "lm_head") or tm.path[-2:] == ("gate", "kernel"):
+            continue
+        lead, n_in = len(tm.sources[0][1]), split_point(tm)
+        rank = len(tm.shape)
+        dims[tm.path] = MuonDimensionNumbers(tuple(range(lead, lead + n_in)), tuple(range(lead + n_in, rank)))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: dims.get(tuple(str(getattr(k, "key", k)) for k in path)), params)
+
+
+def muon_or_adam(muon_dims: dict, adam: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Muon's direction (Nesterov momentum, 5 Newton-Schulz steps of optax's quintic, RMS matched to AdamW's) on
+    the leaves ``muon_dims`` names, ``adam`` on the others; learning rate and weight decay are applied after."""
+    from optax.contrib import MuonDimensionNumbers, scale_by_muon
+
+    def is_leaf(x):
+        return x is None or isinstance(x, MuonDimensionNumbers)
+
+    def labels(params):
+        return jax.tree.map(lambda d, _: "adam" if d is None else "muon", muon_dims, params, is_leaf=is_leaf)
+
+    def masked_dims(params):  # the muon branch sees the other leaves as optax's MaskedNode
+        return jax.tree.map(lambda d, _: optax.MaskedNode() if d is None else d, muon_dims, params, is_leaf=is_leaf)
+
+    def rms_scale(updates, dims):  # the orthogonalized update's RMS is about 1 / sqrt(max(fan_in, fan_out))
+        if isinstance(dims, optax.MaskedNode) or isinstance(updates, optax.MaskedNode):
+            return updates
+        fan_in = math.prod(updates.shape[a] for a in dims.reduction_axis)
+        fan_out = math.prod(updates.shape[a] for a in dims.output_axis)
+        return updates * (MUON_RMS * math.sqrt(max(fan_in, fan_out)))
+
+    def scale_update(updates, state, params=None):
+        dims = masked_dims(updates)
+        return jax.tree.map(rms_scale, updates, dims, is_leaf=lambda x: isinstance(x, optax.MaskedNode)), state
+
+    muon = optax.chain(scale_by_muon(beta=MUON_BETA, weight_dimension_numbers=masked_dims),
+                       optax.GradientTransformation(lambda _: optax.EmptyState(), scale_update))
+    return optax.partition({"muon": muon, "adam": adam}, labels)
+
+
 def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int, min_ratio: float):
     """Linear warmup from 0 over ``warmup_steps`` steps, then cosine decay to ``lr * min_ratio`` at
     ``total_steps``; with no warmup the first step already takes ``lr``."""
@@ -92,11 +148,18 @@ def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int, min_r
 
 
 def make_optimizer(lr_schedule, *, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
-                   bf16_moments=False, trainable: Optional[Callable] = None) -> optax.GradientTransformation:
+                   bf16_moments=False, trainable: Optional[Callable] = None,
+                   muon_dims: Optional[dict] = None) -> optax.GradientTransformation:
     """``trainable``: ``params -> bool tree`` (``trainable_by_patterns``); the other leaves get exactly zero
     updates: their gradients are zeroed before clipping (so they do not count in the clipping norm or the
-    moments) and their updates after weight decay."""
+    moments) and their updates after weight decay.
+
+    ``muon_dims`` (``muon_dimension_numbers``): Muon for the leaves it gives dimension numbers (the hidden
+    linear weights), AdamW for the rest (None leaves); without it, AdamW everywhere. Weight decay, the learning
+    rate and the frozen leaves are shared by both."""
     adam = scale_by_adam_low_precision(b1, b2, eps) if bf16_moments else optax.scale_by_adam(b1, b2, eps)
+    if muon_dims is not None:
+        adam = muon_or_adam(muon_dims, adam)
     if trainable is None:
         frozen = frozen_mask
     else:

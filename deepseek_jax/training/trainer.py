@@ -33,6 +33,7 @@ from deepseek_jax.training.config import TrainConfig
 from deepseek_jax.training.optimizer import (
     learning_rate_schedule,
     make_optimizer,
+    muon_dimension_numbers,
     trainable_by_patterns,
 )
 
@@ -77,7 +78,9 @@ class Trainer:
             self.trainable = trainable_by_patterns(nn.meta.unbox(boxed), train_only, freeze)
         self.optimizer = make_optimizer(self.schedule, weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2,
                                         eps=tc.eps, clip_norm=tc.clip_norm, bf16_moments=tc.bf16_moments,
-                                        trainable=None if self.trainable is None else lambda _: self.trainable)
+                                        trainable=None if self.trainable is None else lambda _: self.trainable,
+                                        muon_dims=(muon_dimension_numbers(config, nn.meta.unbox(boxed))
+                                                   if tc.optimizer == "muon" else None))
         self.rules = logical_rules(tc.fsdp_over_data)
         self.param_shardings = param_shardings(boxed, mesh, self.rules)
         self._dummy = dummy

@@ -293,18 +293,9 @@ def test_train_steps_and_generation_on_expert_parallel_and_context_parallel_mesh
     context parallelism (the indexer keys gathered with the latent, heads split over ``tensor`` too), the plain,
     sparse-stage and warm-up steps give one device's (measured 1.5e-6, 5.8e-6, 9.5e-7 apart), and a prefill the
     same logits and cache (the indexer's key cache included)."""
-    import json
-    import os
-    import subprocess
-    import sys
+    import train_helpers as th
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=here)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    out = th.run_on_8_devices(SHARDED_SCRIPT)
     for spec in ("data=2,fsdp=2,expert=2", "expert=8"):
         np.testing.assert_allclose(out[spec]["losses"], out["ref"], rtol=1e-5, err_msg=spec)
         assert out[spec]["max_param_diff"] < 1e-5, (spec, out[spec]["max_param_diff"])

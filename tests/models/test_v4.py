@@ -327,18 +327,9 @@ def test_expert_parallel_train_steps_equal_one_device():
     """tiny-v4 on 8 simulated devices, two train steps with the expert-parallel MoE (rows exchanged by all-to-all;
     packed documents in the batch): fp32 gives one device's losses and params; the FP8 recipe its losses to the
     rounding of per-shard block scales."""
-    import json
-    import os
-    import subprocess
-    import sys
+    import train_helpers as th
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=1200, cwd=here)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    out = th.run_on_8_devices(SHARDED_SCRIPT, timeout=1200)
     for spec in ("data=2,fsdp=2,expert=2", "expert=8"):
         got = out["fp32"][spec]
         np.testing.assert_allclose(got["losses"], out["fp32"]["ref"], rtol=1e-5, err_msg=spec)
