@@ -340,3 +340,13 @@ def test_expert_parallel_train_steps_equal_one_device():
         # (measured 3.6e-5 and 2.2e-4 apart); both stay within DeepSeek's 0.25% of fp32.
         np.testing.assert_allclose(out["fp8"][spec]["losses"], out["fp8"]["ref"], rtol=3e-4, err_msg=spec)
         np.testing.assert_allclose(out["fp8"][spec]["losses"], out["fp32"]["ref"], rtol=2.5e-3, err_msg=spec)
+
+
+def test_cached_paths_refuse_v4_clearly():
+    """Decode with compressed caches is not built: ``generate`` and ``plan``'s prefill / decode steps say so."""
+    from deepseek_jax.tools.plan import PlanError, plan
+
+    with pytest.raises(PlanError, match="V4 has no cached"):
+        plan(TINY, batch=1, seq_len=16, steps=("decode",))
+    with pytest.raises(NotImplementedError, match="V4 has no cached"):
+        dsj.Transformer(TINY, mode="decode").init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
