@@ -13,7 +13,7 @@ from deepseek_jax.checkpoint.hf_map import hf_tensor_map
 from deepseek_jax.checkpoint.orbax_io import is_converted_dir
 from deepseek_jax.checkpoint.sharded_load import load_sharded
 from deepseek_jax.checkpoint.train_dir import is_train_workdir, load_train_checkpoint
-from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.config.model import FP32_LEAVES, ModelConfig
 from deepseek_jax.models.transformer import abstract_params
 from deepseek_jax.parallel.mesh import make_mesh
 from deepseek_jax.parallel.rules import param_shardings
@@ -61,9 +61,9 @@ def load_pretrained(path: str | os.PathLike, dtype=None, mesh=None, shardings=No
         if shardings is None and mesh is not None:
             shardings = default_shardings(ModelConfig.from_pretrained(path), mesh)
         config, params = load_train_checkpoint(path, shardings=shardings)
-        if dtype is not None:  # the router's correction bias stays fp32
+        if dtype is not None:  # the router's correction bias (and V4's hash table) stay fp32
             params = jax.tree_util.tree_map_with_path(
-                lambda p, x: x if str(getattr(p[-1], "key", "")) == "e_score_correction_bias" else x.astype(dtype),
+                lambda p, x: x if str(getattr(p[-1], "key", "")) in FP32_LEAVES else x.astype(dtype),
                 params)
         return config, params
     config = ModelConfig.from_pretrained(path)

@@ -22,6 +22,9 @@ V4_MODEL_TYPES = ("deepseek_v4",)
 CSA, HCA, SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
 V4_LAYER_TYPES = (SWA, CSA, HCA)
 V4_MLP_LAYER_TYPES = ("hash_moe", "moe")
+# Params kept in fp32 whatever dtype the rest is cast to: the routers' correction bias, V4's token -> experts table
+# (integers stored as fp32; bf16 would round expert ids above 256).
+FP32_LEAVES = ("e_score_correction_bias", "tid2eid")
 V4_FIELDS = ("o_groups", "o_lora_rank", "sliding_window", "layer_types", "mlp_layer_types", "compress_rates",
              "compress_rope_theta", "hc_mult", "hc_sinkhorn_iters", "hc_eps", "swiglu_limit")
 # The R1-Distill students: dense decoders with grouped-query attention (docs/reference.md, section 6).

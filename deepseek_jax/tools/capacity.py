@@ -29,7 +29,7 @@ import math
 import re
 from typing import Optional, Sequence
 
-from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.config.model import FP32_LEAVES, ModelConfig
 from deepseek_jax.layers.kv_cache import cache_bytes_per_token
 from deepseek_jax.parallel.rules import entry_axes
 from deepseek_jax.quant.blocks import block_grid
@@ -115,7 +115,7 @@ def weight_bytes(config: ModelConfig, mesh_sizes: dict[str, int], weight_dtype: 
         key = tuple(str(getattr(k, "key", k)) for k in path)
         spec = mesh_axes_for(tuple(flat_specs[path]), x.shape, mesh, rules)
         n, local = math.prod(x.shape), _shard_size(x.shape, spec, sizes)
-        if key[-1] == "e_score_correction_bias":  # always fp32
+        if key[-1] in FP32_LEAVES:  # always fp32
             total, per_device = total + 4 * n, per_device + 4 * local
         elif key in quantized:  # e4m3 weights and fp32 scales, both on block edges (quant/weights.py)
             n_in, n_out, grid = quantized[key]

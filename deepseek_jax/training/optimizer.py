@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from deepseek_jax.config.model import FP32_LEAVES
+
 
 class ScaleByAdamLowPrecisionState(NamedTuple):
     count: jax.Array
@@ -51,7 +53,7 @@ def decay_mask(params):
 
 # Leaves no gradient step touches: the router's correction bias (set by the balancing rule) and V4's token ->
 # experts table of the hash-routed layers (fixed).
-FROZEN = ("e_score_correction_bias", "tid2eid")
+FROZEN = FP32_LEAVES
 
 
 def frozen_mask(params):

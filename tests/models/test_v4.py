@@ -227,6 +227,12 @@ def test_hf_orbax_hf_round_trip_is_bit_exact_and_transformers_loads_it(converted
     tokens = np.random.RandomState(3).randint(0, TINY.vocab_size, (2, 19))
     np.testing.assert_allclose(torch_logits(back, tokens), torch_logits(ref, tokens), atol=1e-6, rtol=0)
 
+    with warnings.catch_warnings():  # a bf16 load keeps the hash table exact (fp32, as the correction biases)
+        warnings.simplefilter("ignore")
+        _, bf16 = dsj.load_pretrained(src, dtype=jnp.bfloat16)
+    table = bf16["hash_hca_0"]["mlp"]["gate"]["tid2eid"]
+    assert table.dtype == jnp.float32 and bf16["moe_csa_1"]["self_attn"]["q_b_proj"]["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(table, params["hash_hca_0"]["mlp"]["gate"]["tid2eid"])
     export(orbax, fp8, fp8=True, progress=False)
     q = read_all(fp8)
     assert q["layers.1.attn.wq_b.weight"].dtype == torch.float8_e4m3fn
