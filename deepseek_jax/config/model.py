@@ -334,12 +334,7 @@ class ModelConfig:
         kwargs["rope_scaling"] = rope_scaling
         if theta is not None:
             kwargs["rope_theta"] = float(theta)
-        if isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
-        try:
-            return cls(**kwargs)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+        return _build(cls, kwargs, source)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -615,6 +610,11 @@ def _v4_from_hf_dict(cls, d: dict[str, Any], source: str) -> ModelConfig:
         # transformers' default attention_factor for V4's compressed YaRN is 1.0
         kwargs["rope_scaling"] = _rope_scaling({"attention_factor": 1.0, **compress} if ctype == "yarn" else compress,
                                                ctype)
+    return _build(cls, kwargs, source)
+
+
+def _build(cls, kwargs: dict[str, Any], source: str) -> ModelConfig:
+    """The config from config.json's values (a list of eos ids: the first), errors naming ``source``."""
     if isinstance(kwargs.get("eos_token_id"), list):
         kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
     try:

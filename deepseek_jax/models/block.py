@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 
 from deepseek_jax.config.model import ModelConfig
-from deepseek_jax.config.options import ModelOptions
+from deepseek_jax.config.options import ModelOptions, remat_policy
 from deepseek_jax.layers import kv_cache
 from deepseek_jax.layers.attention.layout import Layout
 from deepseek_jax.layers.gqa import GQA
@@ -80,3 +80,20 @@ class Block(nn.Module):
         if self.mode == "train":
             return constrain(h + y, ACT), stats
         return h + y, tuple(new)
+
+
+def scanned(block, options: ModelOptions, length: int, train: bool):
+    """One run of ``length`` scanned blocks (``Block``, or V4's ``V4Block``, with the same call shape): the hidden
+    state carried, a cache entry (or None) scanned over layer by layer, the rest broadcast; in training under
+    ``nn.remat`` when ``options.remat`` asks."""
+    if train and options.remat != "none":
+        block = nn.remat(block, policy=remat_policy(options.remat), prevent_cse=False)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0, "intermediates": 0, "indexer_kl": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=length,
+        unroll=min(options.scan_unroll, length),
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )

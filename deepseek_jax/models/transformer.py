@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config.model import ModelConfig
-from deepseek_jax.config.options import ModelOptions, remat_policy
+from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.layers.attention.layout import Layout, attention_layout
 from deepseek_jax.layers.embed import Embed
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.norm import RMSNorm
 from deepseek_jax.layers.rope import rope_cos_sin
-from deepseek_jax.models.block import MODES, Block
+from deepseek_jax.models.block import MODES, Block, scanned
 from deepseek_jax.models.mtp import MTPModule
 from deepseek_jax.models.v4 import v4_forward
 from deepseek_jax.parallel.context import context_size, permute, zigzag_order
@@ -38,22 +38,6 @@ def mtp_segment_ids(segment_ids: jax.Array, depth: int) -> jax.Array:
     t = segment_ids.shape[1]
     later, earlier = segment_ids[:, depth:], segment_ids[:, : t - depth]
     return jnp.where(later == earlier, later, 0)
-
-
-def _stack(options: ModelOptions, length: int, train: bool):
-    """One run of scanned blocks: the hidden state carried, a cache entry (or None) scanned over layer by layer."""
-    block = Block
-    if train and options.remat != "none":
-        block = nn.remat(Block, policy=remat_policy(options.remat), prevent_cse=False)
-    return nn.scan(
-        block,
-        variable_axes={"params": 0, "intermediates": 0, "indexer_kl": 0},
-        split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=length,
-        unroll=min(options.scan_unroll, length),
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
 
 
 class Transformer(nn.Module):
@@ -141,8 +125,9 @@ class Transformer(nn.Module):
         moe_stats = []
         for name, _, length in c.layer_runs:
             is_moe = name.startswith("moe")
-            h, stats = _stack(o, length, train=True)(c, o, moe=is_moe, rematerialized=o.remat != "none", name=name)(
-                h, None, cos, sin, layout, seg_z)
+            stack = scanned(Block, o, length, train=True)(c, o, moe=is_moe, rematerialized=o.remat != "none",
+                                                          name=name)
+            h, stats = stack(h, None, cos, sin, layout, seg_z)
             if is_moe:
                 moe_stats.append(stats)
         if ctx > 1:
@@ -205,7 +190,7 @@ class Transformer(nn.Module):
         new = {}
         if self.part == "main":
             for name, _, length in c.layer_runs:
-                stack = _stack(o, length, train=False)(c, o, moe=name.startswith("moe"), mode=self.mode,
+                stack = scanned(Block, o, length, train=False)(c, o, moe=name.startswith("moe"), mode=self.mode,
                                                       absorb=self.absorb, name=name)
                 h, new[name] = stack(h, None if cache is None else cache[name], cos, sin, layout, segments)
             h = RMSNorm(c.rms_norm_eps, "embed", o, name="norm")(h)

@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config.model import CSA, HCA, SWA, ModelConfig
-from deepseek_jax.config.options import ModelOptions, remat_policy
+from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.layers.attention.layout import Layout, attention_layout
 from deepseek_jax.layers.csa import CompressedAttention, Ropes, v4_ropes
 from deepseek_jax.layers.hyper import HyperConnection, HyperHead, expand
 from deepseek_jax.layers.norm import RMSNorm
+from deepseek_jax.models.block import scanned
 from deepseek_jax.moe.layer import MoE
 from deepseek_jax.parallel.rules import constrain
 
@@ -65,21 +66,6 @@ class V4Block(nn.Module):
         return constrain(expand(h, y, post, comb), STREAMS), stats
 
 
-def _v4_stack(options: ModelOptions, length: int, train: bool):
-    block = V4Block
-    if train and options.remat != "none":
-        block = nn.remat(V4Block, policy=remat_policy(options.remat), prevent_cse=False)
-    return nn.scan(
-        block,
-        variable_axes={"params": 0, "intermediates": 0},
-        split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=length,
-        unroll=min(options.scan_unroll, length),
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-
-
 def v4_forward(config: ModelConfig, options: ModelOptions, embed, tokens: jax.Array, positions: jax.Array,
                segment_ids: jax.Array) -> tuple[jax.Array, list[dict[str, Any]]]:
     """The final-normed hidden states ``[B,T,D]`` of a training forward pass and the learned-router runs'
@@ -94,8 +80,8 @@ def v4_forward(config: ModelConfig, options: ModelOptions, embed, tokens: jax.Ar
     moe_stats = []
     for name, _, length in c.layer_runs:
         layer_type, hashed = run_kinds(name)
-        stack = _v4_stack(o, length, train=True)(c, o, layer_type, hashed, rematerialized=o.remat != "none",
-                                                name=name)
+        stack = scanned(V4Block, o, length, train=True)(c, o, layer_type, hashed,
+                                                        rematerialized=o.remat != "none", name=name)
         streams, stats = stack(streams, None, ropes, layout, segment_ids, tokens)
         if not hashed:
             moe_stats.append(stats)
