@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
 
+import deepseek_jax as dsj
 from deepseek_jax import ModelConfig
 
 _HF_CLASSES = {"deepseek_v2": "DeepseekV2", "deepseek_v3": "DeepseekV3", "deepseek_v32": "DeepseekV32"}
@@ -123,3 +125,39 @@ def save_with_mtp(main_model, mtp, path: str) -> None:
 def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def hf_v4(config: ModelConfig, seed: int = 0):
+    """A random transformers V4 model in fp32 eval mode, every weight drawn (transformers' init leaves sinks,
+    position biases, hyper-connection biases at 0 and the hash table at expert 0: branches that would not show)."""
+    import transformers
+
+    d = config.to_hf_dict()
+    hf_cfg = transformers.DeepseekV4Config(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV4ForCausalLM(hf_cfg).float().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("sinks", "position_bias", ".base", ".scale", "hc_base", "hc_scale")):
+                p.normal_(0.0, 0.5)
+            else:
+                p.normal_(0.0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
+            elif name.endswith("tid2eid"):
+                e, k = config.n_routed_experts, config.num_experts_per_tok
+                b.copy_(torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(b.shape[0])]))
+    return model
+
+
+def load_hf(model, path):
+    """Save a transformers model and load it back with ``load_pretrained`` -> ``(config, params)``."""
+    model.save_pretrained(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dsj.load_pretrained(path)

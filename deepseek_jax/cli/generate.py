@@ -78,6 +78,10 @@ def _load(args):
 
 
 def _check(args, config) -> bool:
+    if args.speculative and config.is_v4:
+        print("error: --speculative needs an MTP module, and DeepSeek-V4's is not built here (its checkpoint's MTP "
+              "tensors are skipped on load)", file=sys.stderr)
+        return False
     if args.speculative and config.num_nextn_predict_layers < 1:
         source = args.checkpoint or args.preset
         print(f"error: --speculative needs an MTP module, and {source} has none (num_nextn_predict_layers = 0, "

@@ -237,6 +237,9 @@ def _check_request(config: ModelConfig, max_new_tokens: int, prefill_chunk, spec
         raise ValueError(f"max_new_tokens = {max_new_tokens}: expected >= 1")
     if prefill_chunk is not None and (prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1)):
         raise ValueError(f"prefill_chunk = {prefill_chunk}: expected a power of two (or None)")
+    if speculative and config.is_v4:
+        raise ValueError("speculative decoding needs an MTP module; DeepSeek-V4's is not built here (its "
+                         "checkpoint's MTP tensors are skipped on load): decode without --speculative")
     if speculative and config.num_nextn_predict_layers < 1:
         raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1); this "
                          f"{config.model_type} config has none (or the checkpoint carried no MTP weights)")

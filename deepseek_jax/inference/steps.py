@@ -6,6 +6,9 @@ Prefill runs the full MLA path over right-padded prompts and fills the cache; de
 student runs the same steps over a cache of its rotated keys and values (``layers/gqa.py``; the absorbed and the
 expanded decode are the same for it).
 
+DeepSeek-V4 runs the same steps over its compressed cache (``kv_cache.write_v4``): its prefill is always the whole
+prompt (its attention is blockwise; no chunks), and it has no MTP step.
+
 The jitted entry points donate the cache. On several devices, ``inference/generation.py``'s ``generate(mesh=...)``
 places the params by the training rules and the cache over the batch axes; these steps follow their inputs' shardings.
 """
@@ -24,8 +27,15 @@ from deepseek_jax.layers.attention.layout import attention_layout, cache_layout
 from deepseek_jax.models.transformer import Transformer
 
 
-def _write_all(entries: dict, new: dict, positions: jax.Array) -> dict:
-    return {name: kv_cache.write(entries[name], new[name], positions) for name in entries}
+def _write_all(entries: dict, new: dict, positions: jax.Array, config, valid: Optional[jax.Array] = None) -> dict:
+    """The main cache's runs with the new tokens' values written (``valid [B,T]``: V4 writes only those tokens;
+    the slot-per-position caches of V3 and the students take padding at slots nothing reads)."""
+    if not config.is_v4:
+        return {name: kv_cache.write(entries[name], new[name], positions) for name in entries}
+    valid = jnp.ones(positions.shape, bool) if valid is None else valid
+    return {name: kv_cache.write_v4(entries[name], new[name], positions, valid,
+                                    config.compress_rate(config.layer_types[first]))
+            for name, first, _ in config.layer_runs}
 
 
 def _cache_len(cache: kv_cache.Cache) -> int:
@@ -47,7 +57,7 @@ def prefill_core(params, cache, tokens, lengths, *, config, options, mtp: bool =
     Returns ``(cache, logits [B,V] at each prompt's last token, hidden [B,2,D] at its last two positions)``.
     """
     b, t = tokens.shape
-    if chunk is not None and t > chunk:
+    if chunk is not None and t > chunk and not config.is_v4:  # V4's prefill is blockwise over the whole prompt
         return _prefill_chunked(params, cache, tokens, lengths, config=config, options=options, mtp=mtp,
                                 chunk=chunk)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -56,14 +66,14 @@ def prefill_core(params, cache, tokens, lengths, *, config, options, mtp: bool =
     logits, hidden, new = model.apply({"params": params}, tokens, positions, layout=attention_layout(seg),
                                       out_index=(lengths - 1)[:, None])
     cache = dict(cache)
-    cache["main"] = _write_all(cache["main"], new, positions)
+    cache["main"] = _write_all(cache["main"], new, positions, config, seg > 0)
     if mtp:
         h_prev = jnp.concatenate([jnp.zeros_like(hidden[:, :1]), hidden[:, :-1]], axis=1)
         seg_m = seg.at[:, 0].set(0)  # no MTP row at position 0
         _, _, new = Transformer(config, options, mode="prefill", part="mtp_0").apply(
             {"params": params}, tokens, positions, layout=attention_layout(seg_m), h_prev=h_prev,
             out_index=jnp.zeros((b, 1), jnp.int32))
-        cache["mtp"] = _write_all(cache["mtp"], new, positions)
+        cache["mtp"] = _write_all(cache["mtp"], new, positions, config)
     return cache, logits[:, 0], jnp.take_along_axis(hidden, _last_two(lengths)[..., None], axis=1)
 
 
@@ -109,10 +119,14 @@ def decode_core(params, cache, tokens, positions, *, config, options, absorb: bo
     [B,T,D])``. ``absorb``: MLA's absorbed path (False: the cache expanded to per-head keys, for comparison).
     """
     model = Transformer(config, options, mode="decode", absorb=absorb)
-    logits, hidden, new = model.apply({"params": params}, tokens, positions, cache=cache["main"],
-                                      layout=cache_layout(positions, _cache_len(cache)), out_index=out_index)
+    if config.is_v4:  # its layers read the new tokens' positions; the cache's rings and pools say the rest
+        layout = attention_layout(jnp.ones_like(positions), positions)
+    else:
+        layout = cache_layout(positions, _cache_len(cache))
+    logits, hidden, new = model.apply({"params": params}, tokens, positions, cache=cache["main"], layout=layout,
+                                      out_index=out_index)
     cache = dict(cache)
-    cache["main"] = _write_all(cache["main"], new, positions)
+    cache["main"] = _write_all(cache["main"], new, positions, config)
     return cache, logits, hidden
 
 

@@ -12,6 +12,11 @@ Rope (interleaved pairs) turns the last ``qk_rope_head_dim`` dims of each head: 
 YaRN when configured) in CSA / HCA layers, "main" rope in sliding-window-only ones. Since K = V, the attention
 output carries the keys' rotation; it is turned back at the query's position before the output projection.
 
+Decoding (``mode`` "decode") reads the layer's cache entry (``layers/kv_cache.py``): the window's ring, the pooled
+entries and indexer keys, and the compressors' open windows, from which a new token that ends a window finishes
+its entry (``recent``); the new tokens see those entries at once, as in the full pass. Speculative decoding would
+need the rings rolled back on a rejected draft; V4 has no MTP module here, so it is not offered.
+
 Shapes: B batch, T tokens, D model width, H heads, Dh head dim, L q_lora_rank, C pool entries.
 """
 
@@ -25,9 +30,10 @@ import jax.numpy as jnp
 
 from deepseek_jax.config.model import CSA, SWA, ModelConfig
 from deepseek_jax.config.options import ModelOptions
-from deepseek_jax.layers.attention.compressed import window_pool_attention
-from deepseek_jax.layers.attention.layout import Layout
-from deepseek_jax.layers.attention.sparse import indexer_topk
+from deepseek_jax.layers.attention.compressed import sink_attention, window_pool_attention
+from deepseek_jax.layers.attention.layout import Layout, visible
+from deepseek_jax.layers.attention.sparse import indexer_topk, take_rows
+from deepseek_jax.layers.kv_cache import ring_positions
 from deepseek_jax.layers.linear import Linear, MatmulRecipe, matmul_recipe
 from deepseek_jax.layers.norm import RMSNorm
 from deepseek_jax.layers.rope import apply_rope, rope_cos_sin
@@ -97,8 +103,34 @@ def pool_windows(kv: jax.Array, gate: jax.Array, rate: int, overlap: bool) -> ja
     return (kv * w).sum(2)
 
 
+def per_token(entries: jax.Array, rate: int, t: int) -> jax.Array:
+    """Pool entries ``[B,n,d]`` laid out per token ``[B,T,d]``: entry w at the token that ends its window
+    (``w * rate + rate - 1``), zeros elsewhere (how the cache takes them, ``kv_cache.write_v4``)."""
+    b, n, d = entries.shape
+    laid = jnp.zeros((b, n, rate, d), entries.dtype).at[:, :, -1].set(entries).reshape(b, n * rate, d)
+    return jnp.pad(laid, ((0, 0), (0, t - n * rate), (0, 0)))
+
+
+def recent(ring: jax.Array, new: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For each new token, the ``n`` tokens ending at it: ``[B,T,n,F]`` from a ring ``[B,n,F]`` (slot = position %
+    n, holding the positions before the first new one) and the new tokens' own ``new [B,T,F]`` at consecutive
+    ``positions [B,T]``; and ``[B,T,n]`` True where that position exists (>= 0)."""
+    n, t = ring.shape[1], positions.shape[1]
+    first = positions[:, :1, None]
+    q = positions[:, :, None] - (n - 1) + jnp.arange(n, dtype=jnp.int32)  # [B,T,n]
+    take = jax.vmap(lambda table, i: table[i])
+    rows = jnp.where((q >= first)[..., None], take(new, jnp.clip(q - first, 0, t - 1)), take(ring, jnp.mod(q, n)))
+    return rows, q >= 0
+
+
 class Compressor(nn.Module):
-    """``x [B,T,D]`` -> ``Pool`` of ``T // rate`` entries of ``head_dim`` (rope applied)."""
+    """Pooled entries of ``head_dim`` (normed, rope applied) from ``x [B,T,D]``, and per token what the cache keeps
+    (``new``: ``pool`` [B,T,d] the entry a token's window ends with, meaningful where ``position % rate == rate -
+    1``; ``kv_state`` / ``gate_state`` [B,T,F] fp32, its projected values and biased gates).
+
+    Over whole rows (``state`` None; token t at row index t): ``(Pool of T // rate entries, new)``. Decoding
+    (``state``: the cache's rings ``(kv, gate)`` ``[B,n,F]``; ``positions [B,T]`` consecutive): ``(None, new)``, each
+    new token's window read from the ring and the new tokens (``recent``)."""
 
     rate: int
     head_dim: int
@@ -107,7 +139,8 @@ class Compressor(nn.Module):
     options: ModelOptions
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array) -> Pool:
+    def __call__(self, x: jax.Array, segment_ids: Optional[jax.Array], positions: Optional[jax.Array] = None,
+                 state: Optional[tuple[jax.Array, jax.Array]] = None):
         c, o, r = self.config, self.options, self.rate
         f = self.head_dim * (2 if self.overlap else 1)
         std = c.initializer_range
@@ -116,30 +149,63 @@ class Compressor(nn.Module):
         bias = self.param("position_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, "kv_head")),
                           (r, f), jnp.float32)
         b, t, _ = x.shape
-        n = t // r
-        gate = gate[:, : n * r].astype(jnp.float32) + jnp.tile(bias, (n, 1))[None]
-        pooled = pool_windows(kv[:, : n * r], gate, r, self.overlap)
-        pooled = RMSNorm(c.rms_norm_eps, "kv_head", o, name="kv_norm")(pooled)
-        starts = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) * r, (b, n))
-        cos, sin = rope_cos_sin(starts, v4_rope_configs(c)[1])
-        pooled = rope_tail(pooled[:, :, None], cos, sin)[:, :, 0]
-        return Pool(pooled, starts + (r - 1), window_segments(segment_ids, r))
+        index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None else positions
+        gate = gate.astype(jnp.float32) + bias[jnp.mod(index, r)]
+        new = {"kv_state": kv.astype(jnp.float32), "gate_state": gate}
+        norm = RMSNorm(c.rms_norm_eps, "kv_head", o, name="kv_norm")
+
+        def finish(pooled, starts):
+            cos, sin = rope_cos_sin(starts, v4_rope_configs(c)[1])
+            return rope_tail(norm(pooled)[:, :, None], cos, sin)[:, :, 0]
+
+        if state is None:
+            n = t // r
+            starts = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) * r, (b, n))
+            entries = finish(pool_windows(kv[:, : n * r], gate[:, : n * r], r, self.overlap), starts)
+            new["pool"] = per_token(entries, r, t)
+            return Pool(entries, starts + (r - 1), window_segments(segment_ids, r)), new
+        kv_rows, exists = recent(state[0], new["kv_state"], positions)
+        gate_rows, _ = recent(state[1], gate, positions)
+        span = kv_rows.shape[2]
+        kv_rows = jnp.where(exists[..., None], kv_rows, 0.0).astype(kv.dtype).reshape(b * t, span, f)
+        gate_rows = jnp.where(exists[..., None], gate_rows, -jnp.inf).reshape(b * t, span, f)
+        pooled = pool_windows(kv_rows, gate_rows, r, self.overlap)[:, -1].reshape(b, t, -1)
+        new["pool"] = finish(pooled, positions // r * r)
+        return None, new
+
+
+def decode_pool_layout(positions: jax.Array, cached: int, rate: int) -> Layout:
+    """Who sees which pool entry when new tokens at ``positions [B,T]`` decode: the ``cached`` slots (slot w ends
+    at ``w * rate + rate - 1``; written when that is before the first new token), then one candidate per new token
+    (an entry where the token ends a window). Keys' index: the entry's last source token."""
+    b = positions.shape[0]
+    ends = jnp.broadcast_to(jnp.arange(cached, dtype=jnp.int32) * rate + rate - 1, (b, cached))
+    k_index = jnp.concatenate([ends, positions], axis=1)
+    k_segment = jnp.concatenate([ends < positions[:, :1], jnp.mod(positions, rate) == rate - 1], axis=1)
+    return Layout(positions, jnp.ones_like(positions), k_index, k_segment.astype(jnp.int32))
 
 
 class Indexer(nn.Module):
     """CSA's lightning indexer: its own overlapping compressor at ``index_head_dim``, queries from the query
     latent (``q_b_proj``, compress rope on their last dims), head weights ``weights_proj`` (fp32, times
     ``Hi ** -0.5``); each query keeps its ``index_topk`` best visible entries by
-    ``sum_h w_h ReLU(q_h . k) / sqrt(Di)``. Returns the picks ``(idx, valid)`` ``[B,T,K]``."""
+    ``sum_h w_h ReLU(q_h . k) / sqrt(Di)``. Returns the picks ``(idx, valid)`` ``[B,T,K]`` and the cache's new
+    values (``index_k``, ``index_kv_state``, ``index_gate_state``). Decoding (``cache``: the layer's entry), the
+    picks index the cached keys then the new tokens' (``decode_pool_layout``)."""
 
     config: ModelConfig
     options: ModelOptions
 
     @nn.compact
-    def __call__(self, x, q_latent, cos, sin, layout: Layout, segment_ids):
+    def __call__(self, x, q_latent, cos, sin, layout: Layout, segment_ids, cache=None):
         c, o = self.config, self.options
-        hi, di, std = c.index_n_heads, c.index_head_dim, c.initializer_range
-        keys = Compressor(c.compress_rate(CSA), di, True, c, o, name="compressor")(x, segment_ids)
+        hi, di, std, rate = c.index_n_heads, c.index_head_dim, c.initializer_range, c.compress_rate(CSA)
+        compressor = Compressor(rate, di, True, c, o, name="compressor")
+        if cache is None:
+            keys, new = compressor(x, segment_ids)
+        else:
+            keys, new = compressor(x, None, layout.q_index, (cache["index_kv_state"], cache["index_gate_state"]))
+        new = {"index_k": new["pool"], "index_kv_state": new["kv_state"], "index_gate_state": new["gate_state"]}
         q = Linear((hi, di), ("q_lora", "heads", "qk_head"), o, init_std=std, name="q_b_proj")(q_latent)
         q = rope_tail(q, cos, sin)
         kernel = self.param("weights_proj", nn.with_logical_partitioning(nn.initializers.normal(std),
@@ -147,25 +213,55 @@ class Indexer(nn.Module):
                             (x.shape[-1], hi), o.params_dtype)
         w = MatmulRecipe(jnp.float32, platform=o.target_platform()).dot_general(x, kernel, contract_last(1, x.ndim))
         w = w.astype(jnp.float32) * hi ** -0.5
+        blocks = dict(q_block=min(o.attention_block, 128), k_block=o.attention_block)
+        if cache is not None:
+            pool_layout = decode_pool_layout(layout.q_index, cache["index_k"].shape[1], rate)
+            return indexer_topk(q, (cache["index_k"], new["index_k"]), w, pool_layout, c.index_topk, di ** -0.5,
+                                **blocks), new
         if keys.entries.shape[1] == 0:
             empty = jnp.zeros((*x.shape[:2], 0), jnp.int32)
-            return empty, empty.astype(bool)
+            return (empty, empty.astype(bool)), new
         pool_layout = Layout(layout.q_index, layout.q_segment, keys.index, keys.segment)
-        return indexer_topk(q, keys.entries, w, pool_layout, c.index_topk, di ** -0.5,
-                            q_block=min(o.attention_block, 128), k_block=o.attention_block)
+        return indexer_topk(q, keys.entries, w, pool_layout, c.index_topk, di ** -0.5, **blocks), new
+
+
+def decode_parts(config: ModelConfig, layer_type: str, positions: jax.Array, kv: jax.Array, new: dict, cache: dict,
+                 selected) -> list:
+    """The keys new tokens at ``positions [B,T]`` read while decoding, as ``sink_attention`` parts: the window's
+    ring (``ring_positions``) and the new tokens' own ``kv [B,T,d]`` within ``sliding_window``; for HCA every
+    written pool entry and the new tokens' finished ones; for CSA the indexer's picks among those."""
+    w = config.sliding_window
+    held = ring_positions(positions[:, 0], cache["window"].shape[1])  # [B,W]
+    gap = positions[:, :, None] - held[:, None, :]
+    step = positions[:, :, None] - positions[:, None, :]
+    parts = [(cache["window"], (held >= 0)[:, None, :] & (gap < w)), (kv, (step >= 0) & (step < w))]
+    if layer_type == SWA:
+        return parts
+    tables = (cache["pool"], new["pool"])
+    if layer_type == CSA:
+        idx, valid = selected
+        return parts + [(take_rows(tables, idx), valid)]
+    seen = visible(decode_pool_layout(positions, tables[0].shape[1], config.compress_rate(layer_type)))
+    c = tables[0].shape[1]
+    return parts + [(tables[0], seen[..., :c]), (tables[1], seen[..., c:])]
 
 
 class CompressedAttention(nn.Module):
-    """One V4 attention layer of kind ``layer_type``: ``x [B,T,D]`` (normed) -> ``[B,T,D]``."""
+    """One V4 attention layer of kind ``layer_type``: ``x [B,T,D]`` (normed) -> ``[B,T,D]``; in ``mode`` "prefill"
+    and "decode" also the new tokens' cache values ``{name: [B,T,...]}`` (``kv_cache.write_v4`` stores them).
+    "train" and "prefill" run over whole rows (``layout`` over the rows); "decode" reads the layer's cache entry
+    (``cache``, ``kv_cache.read_v4``) at the new tokens' positions (``layout.q_index``)."""
 
     config: ModelConfig
     options: ModelOptions
     layer_type: str
+    mode: str = "train"
 
     @nn.compact
-    def __call__(self, x: jax.Array, ropes: Ropes, layout: Layout, segment_ids: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, ropes: Ropes, layout: Layout, segment_ids: jax.Array, cache=None):
         c, o = self.config, self.options
         h, dh, g, std = c.num_attention_heads, c.head_dim, c.o_groups, c.initializer_range
+        decoding = self.mode == "decode"
         cos, sin = ropes.main if self.layer_type == SWA else ropes.compress
         q_latent = Linear((c.q_lora_rank,), ("embed", "q_lora"), o, init_std=std, name="q_a_proj")(x)
         q_latent = RMSNorm(c.rms_norm_eps, "q_lora", o, name="q_a_norm")(q_latent)
@@ -176,16 +272,28 @@ class CompressedAttention(nn.Module):
         kv = rope_tail(kv[:, :, None], cos, sin)[:, :, 0]
         sinks = self.param("sinks", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)), (h,),
                            jnp.float32)
+        new = {"window": kv}
         pool: Optional[Pool] = None
         selected = None
         if self.layer_type != SWA:
-            rate = c.compress_rate(self.layer_type)
-            pool = Compressor(rate, dh, self.layer_type == CSA, c, o, name="compressor")(x, segment_ids)
+            compressor = Compressor(c.compress_rate(self.layer_type), dh, self.layer_type == CSA, c, o,
+                                    name="compressor")
+            if decoding:
+                _, more = compressor(x, None, layout.q_index, (cache["kv_state"], cache["gate_state"]))
+            else:
+                pool, more = compressor(x, segment_ids)
+            new.update(more)
             if self.layer_type == CSA:
-                selected = Indexer(c, o, name="indexer")(x, q_latent, cos, sin, layout, segment_ids)
-        out = window_pool_attention(
-            q, kv, sinks, layout.q_index, layout.q_segment, *(pool if pool is not None else (None, None, None)),
-            selected=selected, window=c.sliding_window, scale=c.softmax_scale, q_block=o.attention_block)
+                selected, more = Indexer(c, o, name="indexer")(x, q_latent, cos, sin, layout, segment_ids,
+                                                               cache if decoding else None)
+                new.update(more)
+        if decoding:
+            parts = decode_parts(c, self.layer_type, layout.q_index, kv, new, cache, selected)
+            out = sink_attention(q, parts, sinks.astype(jnp.float32), c.softmax_scale)
+        else:
+            out = window_pool_attention(
+                q, kv, sinks, layout.q_index, layout.q_segment, *(pool if pool is not None else (None,) * 3),
+                selected=selected, window=c.sliding_window, scale=c.softmax_scale, q_block=o.attention_block)
         out = rope_tail(out, cos, -sin)
         b, t = x.shape[:2]
         grouped = out.reshape(b, t, g, h // g * dh)
@@ -195,4 +303,5 @@ class CompressedAttention(nn.Module):
                         (h // g * dh, g, c.o_lora_rank), o.params_dtype)
         mid = matmul_recipe(o).dot_general(grouped, wa, (((3,), (0,)), ((2,), (1,))))  # [G, B, T, R]
         mid = jnp.moveaxis(mid, 0, 2).reshape(b, t, g * c.o_lora_rank)
-        return Linear((x.shape[-1],), ("q_lora", "embed"), o, init_std=std, name="o_b_proj")(mid)
+        out = Linear((x.shape[-1],), ("q_lora", "embed"), o, init_std=std, name="o_b_proj")(mid)
+        return out if self.mode == "train" else (out, new)

@@ -15,6 +15,9 @@ Slot s holds the token at position s of its sequence (prompts are right-padded, 
 indices). With ``dtype="fp8"`` values are e4m3 with one fp32 scale per cached vector (``c_kv_scale`` /
 ``k_pe_scale`` ``[..., B, S]``; ``quant/blocks.py``'s quantizer), dequantized on read.
 
+DeepSeek-V4 caches per layer a ring of its sliding window's K=V entries, the compressed pool (and CSA's indexer
+keys) and the compressors' open windows (the table before ``v4_entry_shapes``); it has no MTP cache.
+
 A dense student (GQA, ``gqa.py``) caches its rotated keys and its values instead, ``{"k": [L,B,S,K,E],
 "v": [L,B,S,K,E]}`` per run (K key/value heads of width E; fp8 scales ``[..., B, S, K]``, one per head).
 """
@@ -27,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.config.model import CSA, SWA, ModelConfig
 from deepseek_jax.parallel.rules import logical_sharding
 from deepseek_jax.quant.blocks import E4M3, dequantize_tiles, quantize_tiles
 
@@ -70,6 +73,12 @@ def _entry(lead: tuple[int, ...], config: ModelConfig, dtype: str) -> dict[str, 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "float32", mtp: bool = False) -> Cache:
     """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (``mtp``: MTP modules' too)."""
+    if config.is_v4:
+        if mtp:
+            raise ValueError("DeepSeek-V4 has no MTP module here: no MTP cache (speculative decoding is not "
+                             "available for V4)")
+        return {"main": {name: _v4_entry(config, config.layer_types[first], (length, batch), max_len, dtype)
+                         for name, first, length in config.layer_runs}}
     cache: Cache = {"main": {name: _entry((length, batch, max_len), config, dtype)
                              for name, _, length in config.layer_runs}}
     if mtp:
@@ -92,29 +101,106 @@ def cache_bytes_per_token(config: ModelConfig, dtype: str = "bfloat16", mtp: boo
     return per_layer * layers
 
 
-def v4_cache_values(config: ModelConfig, length: int) -> dict[str, int]:
-    """Values DeepSeek-V4's cache holds after ``length`` tokens, summed over the layers, by part:
-    ``window``: the last ``sliding_window`` K=V entries (``head_dim`` each) in every layer;
-    ``pool``: the compressed entries, ``length // rate`` of ``head_dim`` per CSA / HCA layer;
-    ``index``: CSA's indexer keys, ``length // rate`` of ``index_head_dim`` per CSA layer;
-    ``state``: what the compressors keep between windows: the open window's projected values and gates (``rate``
-    tokens of ``2 x`` their feature width, the width doubled for CSA's two series) and CSA's previous-window series
-    (``rate x 2 x head``), for the attention's compressor and CSA's indexer alike."""
-    from deepseek_jax.config.model import CSA, SWA
+# ----- DeepSeek-V4 -------------------------------------------------------------------------------------------
+# A V4 layer's entry (L layers of one run, B sequences; d = head_dim, Di = index_head_dim, r = the kind's rate):
+#   "window"      [L,B,W,d]      the last W = sliding_window K=V entries, a ring: slot = position % W
+#   "pool"        [L,B,S//r,d]   compressed entries (CSA / HCA layers): slot w pools the window ending at w*r + r-1
+#   "kv_state", "gate_state"     [L,B,n,F] fp32: the compressor's projected values and (biased) gates of the last
+#                                n tokens, a ring (slot = position % n); n = r and F = d for HCA, n = 2r and F = 2d
+#                                for CSA (its windows overlap: entry w reads window w-1's first half)
+#   "index_k"     [L,B,S//r,Di]  CSA's indexer keys, pooled like "pool" by its own compressor, whose state is
+#   "index_kv_state", "index_gate_state"  [L,B,2r,2Di] fp32.
+# fp8 stores "window", "pool" and "index_k" as e4m3 with one fp32 scale per vector; the states stay fp32.
+V4_POOLED = ("pool", "index_k")
 
-    c = config
-    out = {"window": 0, "pool": 0, "index": 0, "state": 0}
-    for kind in c.layer_types:
-        out["window"] += min(length, c.sliding_window) * c.head_dim
-        if kind == SWA:
+
+def v4_entry_shapes(config: ModelConfig, kind: str, max_len: int) -> dict[str, tuple[int, ...]]:
+    """Per-sequence shapes of a V4 layer's cache leaves (the table above)."""
+    d = config.head_dim
+    shapes = {"window": (config.sliding_window, d)}
+    if kind == SWA:
+        return shapes
+    r = config.compress_rate(kind)
+    span, width = (2 * r, 2) if kind == CSA else (r, 1)
+    shapes.update(pool=(max_len // r, d), kv_state=(span, width * d), gate_state=(span, width * d))
+    if kind == CSA:
+        di = config.index_head_dim
+        shapes.update(index_k=(max_len // r, di), index_kv_state=(span, 2 * di), index_gate_state=(span, 2 * di))
+    return shapes
+
+
+def _v4_entry(config: ModelConfig, kind: str, lead: tuple[int, ...], max_len: int, dtype: str) -> dict:
+    store = _storage_dtype(dtype)
+    e = {}
+    for name, shape in v4_entry_shapes(config, kind, max_len).items():
+        e[name] = jnp.zeros((*lead, *shape), jnp.float32 if name.endswith("_state") else store)
+        if dtype == "fp8" and not name.endswith("_state"):
+            e[name + "_scale"] = jnp.ones((*lead, *shape[:-1]), jnp.float32)
+    return e
+
+
+def read_v4(entry: dict[str, jax.Array], dtype) -> dict[str, jax.Array]:
+    """A V4 entry's leaves by name: cached vectors in ``dtype`` (dequantized if fp8), the states in fp32."""
+    out = {}
+    for name, x in entry.items():
+        if name.endswith("_scale"):
             continue
-        rate = c.compress_rate(kind)
-        heads = (c.head_dim, c.index_head_dim) if kind == CSA else (c.head_dim,)
-        out["pool"] += length // rate * c.head_dim
-        if kind == CSA:
-            out["index"] += length // rate * c.index_head_dim
-        for d in heads:
-            out["state"] += rate * 2 * (2 * d if kind == CSA else d) + (rate * 2 * d if kind == CSA else 0)
+        if name + "_scale" in entry:
+            x = dequantize_tiles(x, entry[name + "_scale"][..., None], _vector_tiles(x), dtype)
+        out[name] = x if name.endswith("_state") else x.astype(dtype)
+    return out
+
+
+def ring_positions(first: jax.Array, size: int) -> jax.Array:
+    """``[B,size]``: the position each slot of a ring (slot = position % size) holds when the positions before
+    ``first [B]`` have been written: the latest such position, negative where none is."""
+    slots = jnp.arange(size, dtype=jnp.int32)
+    return first[:, None] - 1 - jnp.mod(first[:, None] - 1 - slots, size)
+
+
+def write_v4(entry: dict[str, jax.Array], new: dict[str, jax.Array], positions: jax.Array, valid: jax.Array,
+             rate: int) -> dict:
+    """Store a V4 layer stack's new values (``new[name] [L,B,T,...]``, one per token) at their slots:
+    rings (``window``, the states) at ``position % size``, only the last ``size`` valid tokens of each row (so no
+    slot is written twice); pooled leaves (``pool``, ``index_k``) at ``position // rate`` for the tokens that end a
+    window (``position % rate == rate - 1``), whose values are the finished entries. ``positions`` / ``valid``
+    ``[B,T]`` (invalid tokens, e.g. prompt padding, write nothing). In place when the cache is donated."""
+    b, t = positions.shape
+    batch_idx = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    last = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
+    out = dict(entry)
+    for name, x in new.items():
+        dst = entry[name]
+        size = dst.shape[2]
+        if name in V4_POOLED:
+            keep = valid & (jnp.mod(positions, rate) == rate - 1)
+            slot = jnp.where(keep, positions // rate, size)
+        else:
+            keep = valid & (positions > last - size)
+            slot = jnp.where(keep, jnp.mod(positions, size), size)
+        where = (slice(None), batch_idx, slot)  # size: out of range, dropped
+        if name + "_scale" in entry:
+            x, scale = quantize_tiles(x, _vector_tiles(x))
+            out[name + "_scale"] = entry[name + "_scale"].at[where].set(scale[..., 0], mode="drop")
+        out[name] = dst.at[where].set(x.astype(dst.dtype), mode="drop")
+    return out
+
+
+def v4_cache_bytes(config: ModelConfig, length: int, dtype: str = "bfloat16") -> dict[str, int]:
+    """Bytes of DeepSeek-V4's cache for one sequence of ``length`` tokens (what ``init_cache`` allocates), summed
+    over the layers, by part: ``window`` (every layer's ring of ``sliding_window`` K=V entries), ``pool`` (the
+    compressed entries, ``length // rate`` per CSA / HCA layer), ``index`` (CSA's indexer keys, as many), and
+    ``state`` (the compressors' open windows, fp32: a fixed size). ``dtype`` is the cached vectors' (fp8 adds one
+    fp32 scale per vector)."""
+    item = jnp.dtype(_storage_dtype(dtype)).itemsize
+    part = {"window": "window", "pool": "pool", "index_k": "index"}
+    out = {"window": 0, "pool": 0, "index": 0, "state": 0}
+    for kind in config.layer_types:
+        for name, shape in v4_entry_shapes(config, kind, length).items():
+            if name.endswith("_state"):
+                out["state"] += math.prod(shape) * 4
+            else:
+                out[part[name]] += math.prod(shape) * item + (math.prod(shape[:-1]) * 4 if dtype == "fp8" else 0)
     return out
 
 

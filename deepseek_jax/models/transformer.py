@@ -94,9 +94,6 @@ class Transformer(nn.Module):
             return embed.attend(h) if c.tie_word_embeddings else head(h)
 
         if self.mode != "train":
-            if c.is_v4:
-                raise NotImplementedError("DeepSeek-V4 has no cached (prefill / decode) path yet: generate, chat "
-                                          "and serve do not run V4 models")
             return self._cached(embed, logits_of, tokens, positions, cache, layout, h_prev, out_index)
         return self._forward(embed, head, logits_of, tokens, positions, segment_ids, return_mtp,
                              return_router_stats, return_hidden)
@@ -184,20 +181,25 @@ class Transformer(nn.Module):
 
     def _cached(self, embed, logits_of, tokens, positions, cache, layout, h_prev, out_index):
         c, o = self.config, self.options
-        cos, sin = rope_cos_sin(positions, c)
         segments = layout.q_segment
-        h = embed(tokens)
         new = {}
-        if self.part == "main":
+        if c.is_v4:
+            if self.part != "main":
+                raise ValueError(f"part {self.part!r}: DeepSeek-V4's MTP module is not built here")
+            h, new = v4_forward(c, o, embed, tokens, positions, segments, mode=self.mode, cache=cache, layout=layout)
+        elif self.part == "main":
+            cos, sin = rope_cos_sin(positions, c)
+            h = embed(tokens)
             for name, _, length in c.layer_runs:
                 stack = scanned(Block, o, length, train=False)(c, o, moe=name.startswith("moe"), mode=self.mode,
                                                       absorb=self.absorb, name=name)
                 h, new[name] = stack(h, None if cache is None else cache[name], cos, sin, layout, segments)
             h = RMSNorm(c.rms_norm_eps, "embed", o, name="norm")(h)
         else:
+            cos, sin = rope_cos_sin(positions, c)
             mtp = MTPModule(c, o, mode=self.mode, absorb=self.absorb, name=self.part)
-            h, new[self.part] = mtp(h_prev, h, None if cache is None else cache[self.part], cos, sin, layout,
-                                    segments)
+            h, new[self.part] = mtp(h_prev, embed(tokens), None if cache is None else cache[self.part], cos, sin,
+                                    layout, segments)
         picked = h if out_index is None else jnp.take_along_axis(h, out_index[..., None], axis=1)
         return logits_of(picked), h, new
 

@@ -10,7 +10,7 @@ models' (``embed_tokens``, ``lm_head``, ``norm``) with one scanned stack per run
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config.model import CSA, HCA, SWA, ModelConfig
 from deepseek_jax.config.options import ModelOptions
+from deepseek_jax.layers import kv_cache
 from deepseek_jax.layers.attention.layout import Layout, attention_layout
 from deepseek_jax.layers.csa import CompressedAttention, Ropes, v4_ropes
 from deepseek_jax.layers.hyper import HyperConnection, HyperHead, expand
@@ -37,20 +38,23 @@ def run_kinds(name: str) -> tuple[str, bool]:
 
 
 class V4Block(nn.Module):
-    """One V4 layer on the streams ``h [B,T,N,D]`` -> ``(h, router statistics)``; ``nn.scan``-shaped: the streams
-    are the carry, ``layer_cache`` (None in training) is scanned over, the rest broadcast."""
+    """One V4 layer on the streams ``h [B,T,N,D]`` -> ``(h, out)``: ``out`` the router statistics in "train", the new
+    tokens' cache values in "prefill" / "decode" (``CompressedAttention``). ``nn.scan``-shaped: the streams are the
+    carry, ``layer_cache`` (the layer's cache entry in "decode", else None) is scanned over, the rest broadcast."""
 
     config: ModelConfig
     options: ModelOptions
     layer_type: str
     hash_routed: bool
+    mode: str = "train"
     rematerialized: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array, layer_cache, ropes: Ropes, layout: Layout, segments: jax.Array,
                  token_ids: jax.Array):
         c, o = self.config, self.options
-        h = constrain(h, STREAMS)
+        if self.mode != "decode":
+            h = constrain(h, STREAMS)
 
         def hyper(name):
             return HyperConnection(c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps, c.initializer_range,
@@ -58,32 +62,46 @@ class V4Block(nn.Module):
 
         post, comb, x = hyper("attn_hc")(h)
         x = RMSNorm(c.rms_norm_eps, "embed", o, name="input_layernorm")(x)
-        a = CompressedAttention(c, o, self.layer_type, name="self_attn")(x, ropes, layout, segments)
+        cache = None if layer_cache is None else kv_cache.read_v4(layer_cache, o.compute_dtype)
+        a = CompressedAttention(c, o, self.layer_type, self.mode, name="self_attn")(x, ropes, layout, segments,
+                                                                                   cache)
+        if self.mode != "train":
+            a, new = a
         h = expand(h, a, post, comb)
         post, comb, x = hyper("ffn_hc")(h)
         x = RMSNorm(c.rms_norm_eps, "embed", o, name="post_attention_layernorm")(x)
         y, stats = MoE(c, o, self.rematerialized, self.hash_routed, name="mlp")(x, segments, token_ids)
-        return constrain(expand(h, y, post, comb), STREAMS), stats
+        h = expand(h, y, post, comb)
+        if self.mode == "train":
+            return constrain(h, STREAMS), stats
+        return h, new
 
 
 def v4_forward(config: ModelConfig, options: ModelOptions, embed, tokens: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array) -> tuple[jax.Array, list[dict[str, Any]]]:
-    """The final-normed hidden states ``[B,T,D]`` of a training forward pass and the learned-router runs'
-    statistics (hash-routed layers have no router to balance). Called inside ``Transformer``'s compact scope:
-    the modules made here are its children."""
+               segment_ids: jax.Array, *, mode: str = "train", cache=None,
+               layout: Optional[Layout] = None) -> tuple[jax.Array, Any]:
+    """The final-normed hidden states ``[B,T,D]`` and, in "train", the learned-router runs' statistics (a list;
+    hash-routed layers have no router to balance), in "prefill" / "decode" the new tokens' cache values per run
+    (``{run: {name: [L,B,T,...]}}``). ``layout``: who sees whom in "prefill" (over the prompts) and "decode" (its
+    ``q_index`` the new tokens' positions); ``cache``: the main cache's runs in "decode". Called inside
+    ``Transformer``'s compact scope: the modules made here are its children."""
     c, o = config, options
     b, t = tokens.shape
     h = embed(tokens)
     streams = jnp.broadcast_to(h[:, :, None, :], (b, t, c.hc_mult, h.shape[-1]))
-    layout = attention_layout(segment_ids)
+    if layout is None:
+        layout = attention_layout(segment_ids)
     ropes = v4_ropes(positions, c)
-    moe_stats = []
+    train = mode == "train"
+    out: Any = [] if train else {}
     for name, _, length in c.layer_runs:
         layer_type, hashed = run_kinds(name)
-        stack = scanned(V4Block, o, length, train=True)(c, o, layer_type, hashed,
-                                                        rematerialized=o.remat != "none", name=name)
-        streams, stats = stack(streams, None, ropes, layout, segment_ids, tokens)
-        if not hashed:
-            moe_stats.append(stats)
+        stack = scanned(V4Block, o, length, train=train)(c, o, layer_type, hashed, mode,
+                                                         rematerialized=train and o.remat != "none", name=name)
+        streams, got = stack(streams, None if cache is None else cache[name], ropes, layout, segment_ids, tokens)
+        if not train:
+            out[name] = got
+        elif not hashed:
+            out.append(got)
     h = HyperHead(c.hc_mult, c.hc_eps, c.rms_norm_eps, c.initializer_range, name="hc_head")(streams)
-    return RMSNorm(c.rms_norm_eps, "embed", o, name="norm")(h), moe_stats
+    return RMSNorm(c.rms_norm_eps, "embed", o, name="norm")(h), out

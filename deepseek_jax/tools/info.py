@@ -48,18 +48,18 @@ def _describe_v4(config, counts) -> str:
         f"rope                  theta {c.rope_theta:g} (window layers), {c.compress_rope_theta:g}{rope} (compressed)",
         f"experts               {c.n_routed_experts} routed + {c.n_shared_experts} shared, {c.num_experts_per_tok} "
         f"per token ({c.scoring_func}; {c.mlp_layer_types.count('hash_moe')} hash-routed layers)",
-        f"MTP modules           {c.num_nextn_predict_layers} (not built yet)",
+        f"MTP modules           {c.num_nextn_predict_layers} in the release (not built here: no speculative decoding)",
         f"params (main)         {counts['main']:,}",
     ]
     v32 = kv_cache.cache_bytes_per_token(DEEPSEEK_V32, "bfloat16")
     for length in (8192, 131072, 1048576):
-        parts = kv_cache.v4_cache_values(c, length)
-        total = sum(parts.values()) * 2
+        parts = kv_cache.v4_cache_bytes(c, length, "bfloat16")
+        total = sum(parts.values())
         lines.append(
             f"cache at {length // 1024:>5}k      {total / 2**20:,.1f} MiB in bf16 ({total / length:,.1f} bytes / token"
             "; "
-            f"window {parts['window'] * 2 / 2**20:,.1f}, pool {parts['pool'] * 2 / 2**20:,.1f}, indexer keys "
-            f"{parts['index'] * 2 / 2**20:,.1f}, compressor state {parts['state'] * 2 / 2**20:,.2f} MiB); "
+            f"window {parts['window'] / 2**20:,.1f}, pool {parts['pool'] / 2**20:,.1f}, indexer keys "
+            f"{parts['index'] / 2**20:,.1f}, compressor state (fp32) {parts['state'] / 2**20:,.2f} MiB); "
             f"V3.2 {v32:,} bytes / token ({total / length / v32:.1%})")
     return "\n".join(lines)
 

@@ -374,9 +374,6 @@ def plan(config, *, mesh: Optional[str] = None, batch: int, seq_len: int, cache_
     for s in steps:
         if s not in STEPS:
             raise PlanError(f"unknown step {s!r}; expected some of {STEPS}")
-        if s != "train" and config.is_v4:
-            raise PlanError(f"step {s!r}: DeepSeek-V4 has no cached (prefill / decode) path yet; plan its train step "
-                            "(--steps train)")
     devices = target_devices(topology, cpu_devices)
     try:
         m = _mesh(mesh, devices)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_reference import torch_logits
+from hf_reference import hf_v4, load_hf, torch_logits
 
 import deepseek_jax as dsj
 from deepseek_jax.config.model import CSA, HCA, SWA, ModelConfig, RopeScaling
@@ -20,45 +20,10 @@ TOL = 1e-4
 TINY = dsj.presets["tiny-v4"]
 
 
-def hf_v4(config: ModelConfig, seed: int = 0):
-    """A random transformers V4 model in fp32 eval mode, every weight drawn (transformers' init leaves sinks,
-    position biases, hyper-connection biases at 0 and the hash table at expert 0: branches that would not show)."""
-    import transformers
-
-    d = config.to_hf_dict()
-    hf_cfg = transformers.DeepseekV4Config(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
-    hf_cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.DeepseekV4ForCausalLM(hf_cfg).float().eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(("sinks", "position_bias", ".base", ".scale", "hc_base", "hc_scale")):
-                p.normal_(0.0, 0.5)
-            else:
-                p.normal_(0.0, 0.1)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.1)
-            elif name.endswith("tid2eid"):
-                e, k = config.n_routed_experts, config.num_experts_per_tok
-                b.copy_(torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(b.shape[0])]))
-    return model
-
-
-def load(model, path):
-    model.save_pretrained(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return dsj.load_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     ref = hf_v4(TINY)
-    config, params = load(ref, tmp_path_factory.mktemp("v4"))
+    config, params = load_hf(ref, tmp_path_factory.mktemp("v4"))
     return ref, config, params
 
 
@@ -97,7 +62,7 @@ def test_yarn_compressed_rope_matches_transformers(tmp_path):
     config = TINY.replace(rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_position_embeddings=8,
                                                    beta_fast=32.0, beta_slow=1.0, attention_factor=1.0))
     ref = hf_v4(config, seed=1)
-    loaded, params = load(ref, tmp_path)
+    loaded, params = load_hf(ref, tmp_path)
     assert loaded == config
     tokens = np.random.RandomState(1).randint(0, TINY.vocab_size, (1, 21))
     got = np.asarray(dsj.Transformer(loaded).apply({"params": params}, jnp.asarray(tokens)))
@@ -256,29 +221,20 @@ def test_hf_orbax_hf_round_trip_is_bit_exact_and_transformers_loads_it(converted
 
 
 def test_cache_accounting_and_info():
-    """V4-Flash's cache by hand: 43 layers keep 128 window entries of 512; the 20 CSA layers one entry of 512 and
-    one indexer key of 128 per 4 tokens, the 23 HCA layers one entry of 512 per 128 tokens; the compressors' open
-    windows (and CSA's previous one) are a fixed state. At 1M tokens that is 7.7% of V3.2's cache per token, as
-    DeepSeek reports (about 7%); ``deepseek-jax info`` prints it."""
-    from deepseek_jax.layers.kv_cache import v4_cache_values
+    """V4-Flash's cache by hand, bf16: 43 layers keep a ring of 128 window entries of 512; the 20 CSA layers one
+    entry of 512 and one indexer key of 128 per 4 tokens, the 23 HCA layers one entry of 512 per 128 tokens; the
+    compressors' open windows are a fixed fp32 state (CSA: 8 tokens of both series, 2 x 512 wide, and the
+    indexer's 2 x 128; HCA: 128 tokens of 512), values and gates. At 1M tokens that is 7.7% of V3.2's cache per
+    token, as DeepSeek reports (about 7%); ``deepseek-jax info`` prints it."""
+    from deepseek_jax.layers.kv_cache import v4_cache_bytes
     from deepseek_jax.tools.info import describe
 
     flash, n = dsj.presets["deepseek-v4-flash"], 1 << 20
-    got = v4_cache_values(flash, n)
-    assert got["window"] == 43 * 128 * 512
-    assert got["pool"] == 20 * (n // 4) * 512 + 23 * (n // 128) * 512
-    assert got["index"] == 20 * (n // 4) * 128
-    assert got["state"] == 20 * (4 * 2 * 1024 + 4 * 2 * 512 + 4 * 2 * 256 + 4 * 2 * 128) + 23 * 128 * 2 * 512
-    per_token = sum(got.values()) * 2 / n
+    got = v4_cache_bytes(flash, n, "bfloat16")
+    assert got["window"] == 43 * 128 * 512 * 2
+    assert got["pool"] == (20 * (n // 4) + 23 * (n // 128)) * 512 * 2
+    assert got["index"] == 20 * (n // 4) * 128 * 2
+    assert got["state"] == (20 * 2 * 8 * (1024 + 256) + 23 * 2 * 128 * 512) * 4
+    per_token = sum(got.values()) / n
     assert per_token / ((576 + 128) * 61 * 2) == pytest.approx(0.0768, abs=5e-4)
     assert "V3.2 85,888 bytes / token (7.7%)" in describe(flash)
-
-
-def test_cached_paths_refuse_v4_clearly():
-    """Decode with compressed caches is not built: ``generate`` and ``plan``'s prefill / decode steps say so."""
-    from deepseek_jax.tools.plan import PlanError, plan
-
-    with pytest.raises(PlanError, match="V4 has no cached"):
-        plan(TINY, batch=1, seq_len=16, steps=("decode",))
-    with pytest.raises(NotImplementedError, match="V4 has no cached"):
-        dsj.Transformer(TINY, mode="decode").init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))

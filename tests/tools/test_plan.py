@@ -103,3 +103,29 @@ def test_plan_table_says_what_a_ragged_exchange_moves_under_balanced_routing():
                     "buffers, dropless), 0.57 GB of it from other chips (by hand)"]
     plan.mesh = {"fsdp": 64}
     assert "balanced routing" not in plan.table()
+
+
+V4_SCRIPT = r"""
+import json
+import deepseek_jax as dsj
+from deepseek_jax.layers import kv_cache
+from deepseek_jax.tools.plan import plan
+
+config = dsj.presets["tiny-v4"]
+p = plan(config, mesh="data=2,expert=4", batch=8, seq_len=32, cpu_devices=8, steps=["decode"])
+print("RESULT " + json.dumps({"plan": p.to_dict(),
+                              "cache": sum(kv_cache.v4_cache_bytes(config, 32, "bfloat16").values())}))
+"""
+
+
+def test_plan_compiles_v4_decode_over_its_compressed_cache():
+    """V4's decode step compiles over the mesh (experts over 4 devices, the batch over all 8), and the cache it
+    donates is exactly ``v4_cache_bytes`` per sequence (window rings, pools, indexer keys, fp32 compressor state),
+    one of the 8 sequences per device."""
+    proc = subprocess.run([sys.executable, "-c", V4_SCRIPT], env=_env(), capture_output=True, text=True, timeout=600,
+                          cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+    (decode,) = out["plan"]["steps"]
+    assert decode["name"] == "decode" and decode["fits"]
+    assert decode["alias_bytes"] == out["cache"]  # 8 sequences over 8 devices

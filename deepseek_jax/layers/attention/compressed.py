@@ -12,6 +12,9 @@ reads its ``q_block + window - 1`` window keys by a slice and its pool entries w
 scores) or gathered (CSA: ``[B, q_block, K, D]`` rows), so nothing of size ``[T, T]`` is formed. The rows hold
 their tokens in order (slot j is index j).
 
+Decoding reads the same keys from the cache (``layers/csa.py``'s ``decode_parts``: the window's ring, the new
+tokens, the pool or the picked entries) through ``sink_attention``, the softmax-with-sink both paths share.
+
 Shapes: B batch, T queries, H heads, D head dim, C pool entries, K picked entries per query.
 """
 
@@ -31,6 +34,28 @@ HIGHEST = jax.lax.Precision.HIGHEST
 def _scores(q: jax.Array, keys: jax.Array, spec: str, scale: float) -> jax.Array:
     return jnp.einsum(spec, q, keys.astype(q.dtype), preferred_element_type=jnp.float32,
                       precision=HIGHEST if q.dtype == jnp.float32 else None) * scale
+
+
+def sink_attention(q: jax.Array, parts, sinks: jax.Array, scale: float) -> jax.Array:
+    """``softmax([scale q.k ..., sink_h])`` (the sink's column dropped) over the keys of ``parts``, each a pair
+    ``(keys, mask)``: keys every query may read ``[B,S,D]`` with ``mask [B,T,S]``, or each query's own
+    ``[B,T,K,D]`` with ``mask [B,T,K]``; the keys are the values (K = V). ``q [B,T,H,D]``, ``sinks [H]`` fp32.
+    -> ``[B,T,H,D]`` in q's dtype (fp32 scores and sums)."""
+    logits, values = [], []
+    for keys, mask in parts:
+        spec, back = ("bthd,bsd->bths", "bths,bsd->bthd") if keys.ndim == 3 else ("bthd,btkd->bthk",
+                                                                                  "bthk,btkd->bthd")
+        logits.append(jnp.where(mask[:, :, None, :], _scores(q, keys, spec, scale), -jnp.inf))
+        values.append((back, keys))
+    top = jnp.maximum(jnp.max(jnp.stack([x.max(-1) for x in logits]), axis=0), sinks)  # [B, T, H]
+    total = jnp.exp(sinks - top)
+    out = jnp.zeros(q.shape, jnp.float32)
+    for x, (spec, v) in zip(logits, values):
+        p = jnp.exp(x - top[..., None])
+        total = total + p.sum(-1)
+        out = out + jnp.einsum(spec, p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                               precision=HIGHEST if v.dtype == jnp.float32 else None)
+    return (out / total[..., None]).astype(q.dtype)
 
 
 def window_pool_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, q_index: jax.Array, q_segment: jax.Array,
@@ -63,26 +88,13 @@ def window_pool_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, q_index
         kidx = start - left + jnp.arange(qb + left, dtype=jnp.int32)
         seen = ((kseg[:, None, :] == qseg[:, :, None]) & (kseg > 0)[:, None, :]
                 & (kidx[None, None, :] <= qi[:, :, None]) & (qi[:, :, None] - kidx[None, None, :] < window))
-        logits = [jnp.where(seen[:, :, None, :], _scores(qq, keys, "bthd,bsd->bths", scale), -jnp.inf)]
-        values = [("bths,bsd->bthd", keys)]
+        parts = [(keys, seen)]
         if has_pool and selected is None:
-            seen = ((pool_segment[:, None, :] == qseg[:, :, None]) & (pool_segment > 0)[:, None, :]
-                    & (pool_index[:, None, :] <= qi[:, :, None]))
-            logits.append(jnp.where(seen[:, :, None, :], _scores(qq, pool, "bthd,bcd->bthc", scale), -jnp.inf))
-            values.append(("bthc,bcd->bthd", pool))
+            parts.append((pool, (pool_segment[:, None, :] == qseg[:, :, None]) & (pool_segment > 0)[:, None, :]
+                          & (pool_index[:, None, :] <= qi[:, :, None])))
         elif has_pool:
-            rows = jax.vmap(lambda table, sel: table[sel])(pool, jnp.clip(ii, 0, pool.shape[1] - 1))  # [B,qb,K,D]
-            logits.append(jnp.where(ok[:, :, None, :], _scores(qq, rows, "bthd,btkd->bthk", scale), -jnp.inf))
-            values.append(("bthk,btkd->bthd", rows))
-        top = jnp.maximum(jnp.max(jnp.stack([x.max(-1) for x in logits]), axis=0), sinks)  # [B, qb, H]
-        total = jnp.exp(sinks - top)
-        out = jnp.zeros(qq.shape, jnp.float32)
-        for x, (spec, v) in zip(logits, values):
-            p = jnp.exp(x - top[..., None])
-            total = total + p.sum(-1)
-            out = out + jnp.einsum(spec, p.astype(v.dtype), v, preferred_element_type=jnp.float32,
-                                   precision=HIGHEST if v.dtype == jnp.float32 else None)
-        return (out / total[..., None]).astype(q.dtype)
+            parts.append((jax.vmap(lambda table, sel: table[sel])(pool, jnp.clip(ii, 0, pool.shape[1] - 1)), ok))
+        return sink_attention(qq, parts, sinks, scale)
 
     pool_args = (pool, pool_index, pool_segment) if has_pool else (None, None, None)
 

@@ -51,7 +51,7 @@ def _parts(k) -> tuple:
     return tuple(k) if isinstance(k, (tuple, list)) else (k,)
 
 
-def _take(parts, idx: jax.Array) -> jax.Array:
+def take_rows(parts, idx: jax.Array) -> jax.Array:
     """Rows ``idx [B,...]`` (slots of the parts laid end to end) of tables ``[B,S_i,F]``, each part a table or a
     tuple of tables whose features are concatenated after the gather -> ``[B,...,F]``."""
     out, start = None, 0
@@ -152,7 +152,7 @@ def selected_index_scores(q: jax.Array, k, w: jax.Array, idx: jax.Array, scale: 
 
     @partial(jax.checkpoint, prevent_cse=False)
     def block(qq, qw, ii, parts):
-        keys = _take(parts, ii).astype(jnp.float32)  # [B, qb, K, Di]
+        keys = take_rows(parts, ii).astype(jnp.float32)  # [B, qb, K, Di]
         s = jnp.einsum("bthd,btkd->bthk", qq.astype(jnp.float32), keys, precision=jax.lax.Precision.HIGHEST)
         return jnp.einsum("bth,bthk->btk", qw.astype(jnp.float32), jax.nn.relu(s * scale),
                           precision=jax.lax.Precision.HIGHEST)
@@ -184,7 +184,7 @@ def sparse_latent_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, valid: 
 
     @partial(jax.checkpoint, prevent_cse=False)
     def block(qq, ii, ok, parts):
-        rows = _take(parts, ii)  # [B, qb, K, R+P]
+        rows = take_rows(parts, ii)  # [B, qb, K, R+P]
         sc = jnp.einsum("bthe,btke->bthk", qq, rows, preferred_element_type=jnp.float32,
                         precision=jax.lax.Precision.HIGHEST) * scale
         mask = ok[:, :, None, :]
