@@ -16,7 +16,9 @@ Cases (the yardstick of the scale issues, bench/RESULTS.md):
   v3-full  the whole 671B model (61 layers + MTP) on v5p:8x8x8 (512 chips), mesh fsdp=64,expert=8.
 
 The cases cut the ``--model`` preset (default deepseek-v3; deepseek-v3.2 is the same model plus its lightning
-indexer, index_topk 2048), so V3.2 and V3 compile on the same topology, mesh and batch.
+indexer, index_topk 2048), so V3.2 and V3 compile on the same topology, mesh and batch. DeepSeek-V4
+(``--model deepseek-v4-flash``) is cut to its first layers (v3x4: three hash-routed HCA layers and one CSA layer
+with a learned router; no MTP module, which V4 does not build here); v3-full is the whole model.
 
 Each (case, sequence length) is compiled by ``deepseek_jax.plan.plan`` and printed as its table plus one JSON
 line (``--json FILE`` appends them to a file).
@@ -43,6 +45,18 @@ CASES = {
 }
 
 
+def cut(config, overrides: dict):
+    """The preset with the case's overrides; a V4 preset cut to fewer layers keeps the first layers' kinds (its
+    ``layer_types`` / ``mlp_layer_types``), and the V3-only ``first_k_dense_replace`` does not apply to it."""
+    overrides = dict(overrides)
+    if config.is_v4:
+        overrides.pop("first_k_dense_replace", None)
+        n = overrides.get("num_hidden_layers")
+        if n is not None:
+            overrides.update(layer_types=config.layer_types[:n], mlp_layer_types=config.mlp_layer_types[:n])
+    return config.replace(**overrides)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(dsj.presets), default="deepseek-v3", metavar="PRESET",
@@ -59,7 +73,7 @@ def main() -> int:
     p.add_argument("--json", default=None, help="append the figures, one JSON object per line")
     args = p.parse_args()
     case = CASES[args.case]
-    config = dsj.presets[args.model].replace(**case["overrides"])
+    config = cut(dsj.presets[args.model], case["overrides"])
     for seq in args.seq:
         t0 = time.time()
         result = plan(config, mesh=args.mesh or case["mesh"], batch=args.batch or case["batch"], seq_len=seq,

@@ -78,11 +78,20 @@ class Pool(NamedTuple):
     segment: jax.Array
 
 
-def window_segments(segment_ids: jax.Array, rate: int) -> jax.Array:
-    """Per complete window of ``rate`` tokens ``[B, T // rate]``: its tokens' segment when they share one, else 0."""
-    b, t = segment_ids.shape
-    w = segment_ids[:, : t // rate * rate].reshape(b, t // rate, rate)
-    return jnp.where(w.min(-1) == w.max(-1), w[..., 0], 0)
+def window_ends(positions: jax.Array, segment_ids: jax.Array, rate: int) -> tuple[jax.Array, jax.Array]:
+    """The rows' complete windows, per document: ``[B, T // rate]`` row indices of the tokens that end one (document
+    position ``p % rate == rate - 1``, with the ``rate`` rows before it in the same document at consecutive
+    positions), in row order, and which of those slots are real (a row holds at most ``T // rate`` complete
+    windows: they are disjoint). Padding (segment 0) ends none."""
+    b, t = positions.shape
+    n = t // rate
+    first = jnp.arange(t) - (rate - 1)
+    back = jnp.clip(first, 0, t - 1)
+    same = ((first >= 0) & (jnp.take(segment_ids, back, axis=1) == segment_ids)
+            & (jnp.take(positions, back, axis=1) == positions - (rate - 1)))
+    ends = same & (jnp.mod(positions, rate) == rate - 1) & (segment_ids > 0)
+    idx = jax.vmap(lambda m: jnp.nonzero(m, size=n, fill_value=0)[0])(ends).astype(jnp.int32)
+    return idx, jnp.arange(n) < ends.sum(1, keepdims=True)
 
 
 def pool_windows(kv: jax.Array, gate: jax.Array, rate: int, overlap: bool) -> jax.Array:
@@ -103,14 +112,6 @@ def pool_windows(kv: jax.Array, gate: jax.Array, rate: int, overlap: bool) -> ja
     return (kv * w).sum(2)
 
 
-def per_token(entries: jax.Array, rate: int, t: int) -> jax.Array:
-    """Pool entries ``[B,n,d]`` laid out per token ``[B,T,d]``: entry w at the token that ends its window
-    (``w * rate + rate - 1``), zeros elsewhere (how the cache takes them, ``kv_cache.write_v4``)."""
-    b, n, d = entries.shape
-    laid = jnp.zeros((b, n, rate, d), entries.dtype).at[:, :, -1].set(entries).reshape(b, n * rate, d)
-    return jnp.pad(laid, ((0, 0), (0, t - n * rate), (0, 0)))
-
-
 def recent(ring: jax.Array, new: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """For each new token, the ``n`` tokens ending at it: ``[B,T,n,F]`` from a ring ``[B,n,F]`` (slot = position %
     n, holding the positions before the first new one) and the new tokens' own ``new [B,T,F]`` at consecutive
@@ -128,9 +129,12 @@ class Compressor(nn.Module):
     (``new``: ``pool`` [B,T,d] the entry a token's window ends with, meaningful where ``position % rate == rate -
     1``; ``kv_state`` / ``gate_state`` [B,T,F] fp32, its projected values and biased gates).
 
-    Over whole rows (``state`` None; token t at row index t): ``(Pool of T // rate entries, new)``. Decoding
-    (``state``: the cache's rings ``(kv, gate)`` ``[B,n,F]``; ``positions [B,T]`` consecutive): ``(None, new)``, each
-    new token's window read from the ring and the new tokens (``recent``)."""
+    Windows follow the tokens' document positions (``positions [B,T]``, restarting at each packed document), so a
+    packed document is pooled as it would be alone, wherever it starts in its row; the gate's position bias is by
+    place in the window. Over whole rows (``state`` None; ``segment_ids`` separate the documents):
+    ``(Pool of up to T // rate entries (window_ends), new)``. Decoding (``state``: the cache's rings ``(kv, gate)``
+    ``[B,n,F]``; ``positions`` consecutive): ``(None, new)``, each new token's window read from the ring and the new
+    tokens (``recent``)."""
 
     rate: int
     head_dim: int
@@ -139,7 +143,7 @@ class Compressor(nn.Module):
     options: ModelOptions
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: Optional[jax.Array], positions: Optional[jax.Array] = None,
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
                  state: Optional[tuple[jax.Array, jax.Array]] = None):
         c, o, r = self.config, self.options, self.rate
         f = self.head_dim * (2 if self.overlap else 1)
@@ -149,8 +153,7 @@ class Compressor(nn.Module):
         bias = self.param("position_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, "kv_head")),
                           (r, f), jnp.float32)
         b, t, _ = x.shape
-        index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None else positions
-        gate = gate.astype(jnp.float32) + bias[jnp.mod(index, r)]
+        gate = gate.astype(jnp.float32) + bias[jnp.mod(positions, r)]
         new = {"kv_state": kv.astype(jnp.float32), "gate_state": gate}
         norm = RMSNorm(c.rms_norm_eps, "kv_head", o, name="kv_norm")
 
@@ -159,19 +162,37 @@ class Compressor(nn.Module):
             return rope_tail(norm(pooled)[:, :, None], cos, sin)[:, :, 0]
 
         if state is None:
-            n = t // r
-            starts = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) * r, (b, n))
-            entries = finish(pool_windows(kv[:, : n * r], gate[:, : n * r], r, self.overlap), starts)
-            new["pool"] = per_token(entries, r, t)
-            return Pool(entries, starts + (r - 1), window_segments(segment_ids, r)), new
+            return self._whole_rows(kv, gate, positions, segment_ids, finish, new)
         kv_rows, exists = recent(state[0], new["kv_state"], positions)
         gate_rows, _ = recent(state[1], gate, positions)
         span = kv_rows.shape[2]
         kv_rows = jnp.where(exists[..., None], kv_rows, 0.0).astype(kv.dtype).reshape(b * t, span, f)
         gate_rows = jnp.where(exists[..., None], gate_rows, -jnp.inf).reshape(b * t, span, f)
-        pooled = pool_windows(kv_rows, gate_rows, r, self.overlap)[:, -1].reshape(b, t, -1)
+        pooled = pool_windows(kv_rows, gate_rows, r, self.overlap)[:, -1].reshape(b, t, f // (span // r))
         new["pool"] = finish(pooled, positions // r * r)
         return None, new
+
+    def _whole_rows(self, kv, gate, positions, segment_ids, finish, new):
+        """Every complete window of every document in the rows (``window_ends``), each pooled from its own tokens
+        (and, CSA, its document's previous window: none for the first) and roped at its document position."""
+        r, span = self.rate, self.rate * (2 if self.overlap else 1)
+        b, t, f = kv.shape
+        ends, real = window_ends(positions, segment_ids, r)  # [B, n]
+        n = ends.shape[1]
+        rows = ends[..., None] - (span - 1) + jnp.arange(span, dtype=jnp.int32)  # [B, n, span]
+        take = jax.vmap(lambda table, i: table[i])
+        end_pos = jnp.take_along_axis(positions, ends, axis=1)
+        exists = (end_pos[..., None] - (span - 1) + jnp.arange(span, dtype=jnp.int32)) >= 0  # its document's
+        kv_rows = jnp.where(exists[..., None], take(kv, jnp.clip(rows, 0, t - 1)), 0).reshape(b * n, span, f)
+        gate_rows = jnp.where(exists[..., None], take(gate, jnp.clip(rows, 0, t - 1)), -jnp.inf).reshape(b * n,
+                                                                                                       span, f)
+        pooled = pool_windows(kv_rows, gate_rows, r, self.overlap)[:, -1].reshape(b, n, f // (span // r))
+        entries = finish(pooled, end_pos - (r - 1))
+        segment = jnp.where(real, jnp.take_along_axis(segment_ids, ends, axis=1), 0)
+        # Per token for the cache: each entry at the token that ends its window.
+        laid = jnp.zeros((b, t, entries.shape[-1]), entries.dtype)
+        new["pool"] = laid.at[jnp.arange(b)[:, None], jnp.where(real, ends, t)].set(entries, mode="drop")
+        return Pool(entries, ends, segment), new
 
 
 def decode_pool_layout(positions: jax.Array, cached: int, rate: int) -> Layout:
@@ -197,14 +218,12 @@ class Indexer(nn.Module):
     options: ModelOptions
 
     @nn.compact
-    def __call__(self, x, q_latent, cos, sin, layout: Layout, segment_ids, cache=None):
+    def __call__(self, x, q_latent, cos, sin, layout: Layout, segment_ids, positions, cache=None):
         c, o = self.config, self.options
         hi, di, std, rate = c.index_n_heads, c.index_head_dim, c.initializer_range, c.compress_rate(CSA)
         compressor = Compressor(rate, di, True, c, o, name="compressor")
-        if cache is None:
-            keys, new = compressor(x, segment_ids)
-        else:
-            keys, new = compressor(x, None, layout.q_index, (cache["index_kv_state"], cache["index_gate_state"]))
+        state = None if cache is None else (cache["index_kv_state"], cache["index_gate_state"])
+        keys, new = compressor(x, segment_ids, positions, state)
         new = {"index_k": new["pool"], "index_kv_state": new["kv_state"], "index_gate_state": new["gate_state"]}
         q = Linear((hi, di), ("q_lora", "heads", "qk_head"), o, init_std=std, name="q_b_proj")(q_latent)
         q = rope_tail(q, cos, sin)
@@ -258,7 +277,8 @@ class CompressedAttention(nn.Module):
     mode: str = "train"
 
     @nn.compact
-    def __call__(self, x: jax.Array, ropes: Ropes, layout: Layout, segment_ids: jax.Array, cache=None):
+    def __call__(self, x: jax.Array, ropes: Ropes, layout: Layout, segment_ids: jax.Array, positions: jax.Array,
+                 cache=None):
         c, o = self.config, self.options
         h, dh, g, std = c.num_attention_heads, c.head_dim, c.o_groups, c.initializer_range
         decoding = self.mode == "decode"
@@ -278,14 +298,12 @@ class CompressedAttention(nn.Module):
         if self.layer_type != SWA:
             compressor = Compressor(c.compress_rate(self.layer_type), dh, self.layer_type == CSA, c, o,
                                     name="compressor")
-            if decoding:
-                _, more = compressor(x, None, layout.q_index, (cache["kv_state"], cache["gate_state"]))
-            else:
-                pool, more = compressor(x, segment_ids)
+            state = (cache["kv_state"], cache["gate_state"]) if decoding else None
+            pool, more = compressor(x, segment_ids, positions, state)
             new.update(more)
             if self.layer_type == CSA:
                 selected, more = Indexer(c, o, name="indexer")(x, q_latent, cos, sin, layout, segment_ids,
-                                                               cache if decoding else None)
+                                                               positions, cache if decoding else None)
                 new.update(more)
         if decoding:
             parts = decode_parts(c, self.layer_type, layout.q_index, kv, new, cache, selected)

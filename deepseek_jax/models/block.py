@@ -82,17 +82,17 @@ class Block(nn.Module):
         return h + y, tuple(new)
 
 
-def scanned(block, options: ModelOptions, length: int, train: bool):
-    """One run of ``length`` scanned blocks (``Block``, or V4's ``V4Block``, with the same call shape): the hidden
-    state carried, a cache entry (or None) scanned over layer by layer, the rest broadcast; in training under
-    ``nn.remat`` when ``options.remat`` asks."""
+def scanned(block, options: ModelOptions, length: int, train: bool, broadcast: int = 4):
+    """One run of ``length`` scanned blocks (``Block``, or V4's ``V4Block``): the hidden state carried, a cache
+    entry (or None) scanned over layer by layer, the ``broadcast`` arguments after it shared by every layer; in
+    training under ``nn.remat`` when ``options.remat`` asks."""
     if train and options.remat != "none":
         block = nn.remat(block, policy=remat_policy(options.remat), prevent_cse=False)
     return nn.scan(
         block,
         variable_axes={"params": 0, "intermediates": 0, "indexer_kl": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0,) + (nn.broadcast,) * broadcast,
         length=length,
         unroll=min(options.scan_unroll, length),
         metadata_params={nn.PARTITION_NAME: "layers"},

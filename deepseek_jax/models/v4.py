@@ -51,7 +51,7 @@ class V4Block(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array, layer_cache, ropes: Ropes, layout: Layout, segments: jax.Array,
-                 token_ids: jax.Array):
+                 token_ids: jax.Array, positions: jax.Array):
         c, o = self.config, self.options
         if self.mode != "decode":
             h = constrain(h, STREAMS)
@@ -64,7 +64,7 @@ class V4Block(nn.Module):
         x = RMSNorm(c.rms_norm_eps, "embed", o, name="input_layernorm")(x)
         cache = None if layer_cache is None else kv_cache.read_v4(layer_cache, o.compute_dtype)
         a = CompressedAttention(c, o, self.layer_type, self.mode, name="self_attn")(x, ropes, layout, segments,
-                                                                                   cache)
+                                                                                   positions, cache)
         if self.mode != "train":
             a, new = a
         h = expand(h, a, post, comb)
@@ -96,9 +96,10 @@ def v4_forward(config: ModelConfig, options: ModelOptions, embed, tokens: jax.Ar
     out: Any = [] if train else {}
     for name, _, length in c.layer_runs:
         layer_type, hashed = run_kinds(name)
-        stack = scanned(V4Block, o, length, train=train)(c, o, layer_type, hashed, mode,
-                                                         rematerialized=train and o.remat != "none", name=name)
-        streams, got = stack(streams, None if cache is None else cache[name], ropes, layout, segment_ids, tokens)
+        stack = scanned(V4Block, o, length, train=train, broadcast=5)(
+            c, o, layer_type, hashed, mode, rematerialized=train and o.remat != "none", name=name)
+        streams, got = stack(streams, None if cache is None else cache[name], ropes, layout, segment_ids, tokens,
+                             positions)
         if not train:
             out[name] = got
         elif not hashed:

@@ -57,6 +57,23 @@ def test_each_branch_matters(converted):
     assert moved(config, other) > 1e-3
 
 
+def test_packed_documents_equal_each_document_alone(converted):
+    """Two documents of 13 and 19 tokens packed in one row (the second starting at row 13, a multiple of neither
+    rate), positions restarting at 0, then padding: each document's logits equal its forward alone (fp32, 1e-5).
+    The compressors pool each document's own windows and rope its entries at document positions."""
+    _, config, params = converted
+    rng = np.random.RandomState(5)
+    a, b = rng.randint(0, TINY.vocab_size, 13), rng.randint(0, TINY.vocab_size, 19)
+    row = np.concatenate([a, b, np.zeros(3, int)])[None]
+    positions = np.concatenate([np.arange(13), np.arange(19), np.zeros(3, int)])[None]
+    segments = np.array([1] * 13 + [2] * 19 + [0] * 3)[None]
+    model = dsj.Transformer(config)
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(row), jnp.asarray(positions), jnp.asarray(segments)))
+    for doc, span in ((a, slice(0, 13)), (b, slice(13, 32))):
+        alone = np.asarray(model.apply({"params": params}, jnp.asarray(doc[None])))
+        assert np.abs(got[:, span] - alone).max() <= 1e-5
+
+
 def test_yarn_compressed_rope_matches_transformers(tmp_path):
     """YaRN on the compressed branches' rope (as V4-Pro configures it), positions past the original length."""
     config = TINY.replace(rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_position_embeddings=8,
