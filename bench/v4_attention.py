@@ -59,8 +59,9 @@ def layer(name: str, t: int):
     module = CompressedAttention(config, dsj.ModelOptions(), kind)
     ropes, seg = v4_ropes(positions, config), jnp.ones((1, t), jnp.int32)
     small = attention_layout(jnp.ones((1, 8), jnp.int32))
-    params = module.init(jax.random.PRNGKey(0), x0, v4_ropes(positions[:, :8], config), small, seg[:, :8])
-    return (lambda p, x: module.apply(p, x, ropes, layout, seg)), nn.meta.unbox(params)
+    params = module.init(jax.random.PRNGKey(0), x0, v4_ropes(positions[:, :8], config), small, seg[:, :8],
+                         positions[:, :8])
+    return (lambda p, x: module.apply(p, x, ropes, layout, seg, positions)), nn.meta.unbox(params)
 
 
 def main():
