@@ -93,6 +93,63 @@ def v32_fp8_quantized(key: str) -> bool:
     return fp8_quantized(key)
 
 
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # the non-negative e2m1 values by code
+
+
+def fp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V4's expert format, written here from transformers' FineGrainedFP8 reader: per row and 32 inputs a
+    power-of-two scale >= amax / 6 (e8m0), values to the nearest e2m1 code (sign in bit 3), two codes per int8
+    byte with the even input in the low nibble."""
+    rows, cols = w.shape
+    g = w.float().reshape(rows, cols // 32, 32)
+    scale = torch.exp2(torch.ceil(torch.log2(g.abs().amax(-1).clamp(min=1e-30) / 6.0)))
+    v = g / scale[..., None]
+    code = (v.abs()[..., None] - E2M1).abs().argmin(-1) + 8 * (v < 0)
+    code = code.reshape(rows, cols).to(torch.uint8)
+    return (code[:, 0::2] | (code[:, 1::2] << 4)).view(torch.int8), scale.to(torch.float8_e8m0fnu)
+
+
+def v4_release_quantized(name: str) -> str | None:
+    """How the V4 release stores a tensor (DeepSeek's names): "fp4" the routed experts, "fp8" the attention's
+    and shared expert's linears (the compressors' and indexer's projections, the router, norms, embeddings and
+    head stay in full precision), None otherwise."""
+    if not name.endswith(".weight") or ".compressor." in name or "weights_proj" in name:
+        return None
+    if ".ffn.experts." in name:
+        return "fp4"
+    if any(f".{p}." in name for p in ("wq_a", "wq_b", "wkv", "wo_a", "wo_b")) or ".shared_experts." in name:
+        return "fp8"
+    return None
+
+
+def make_v4_release(path: str, model) -> None:
+    """A transformers V4 model saved as DeepSeek's V4 release stores it: release names, FP4 experts and FP8
+    (ue8m0 128x128) linears with their scales under ``<name>.scale``, and the FineGrainedFP8 quantization_config
+    that transformers reads it with."""
+    from deepseek_jax.checkpoint.hf_map import canonical_v4_keys
+
+    model.save_pretrained(path)
+    sd = read_all(path)
+    out = {}
+    for name, key in canonical_v4_keys(list(sd)).items():
+        kind, t = v4_release_quantized(name), sd[key]
+        if kind is None:
+            out[name] = t
+            continue
+        q, scale = fp4_quantize(t) if kind == "fp4" else block_quantize(t, ue8m0=True)
+        out[name], out[name[: -len("weight")] + "scale"] = q, scale.to(torch.float8_e8m0fnu)
+    for name in os.listdir(path):
+        if name.endswith(".safetensors") or name.endswith(".index.json"):
+            os.remove(os.path.join(path, name))
+    save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                  "weight_block_size": [128, 128], "scale_fmt": "ue8m0", "expert_dtype": "fp4"}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
 def make_fp8(path: str, ue8m0: bool = False, n_files: int = 3, config: ModelConfig = FP8_CONFIG,
              quantized=fp8_quantized, mtp: bool = True):
     """A V3-layout FP8 checkpoint (with MTP layer unless not ``mtp``) sharded over ``n_files``, the keys

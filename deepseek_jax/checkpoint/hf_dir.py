@@ -1,5 +1,5 @@
 """An HF-format checkpoint directory (``config.json`` + safetensors, sharded with an index or one file) read
-tensor by tensor, checked against the mapping of ``hf_map.py``; FP8 weights dequantized on read."""
+tensor by tensor, checked against the mapping of ``hf_map.py``; FP8 and FP4 weights dequantized on read."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 from deepseek_jax.checkpoint.hf_map import TensorMap, canonical_v4_keys, optional_hf_keys
 from deepseek_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile
 from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.quant import fp4
 from deepseek_jax.quant.blocks import dequantize_region
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -48,8 +49,10 @@ def open_indexed_files(index: str, opener) -> tuple[dict, dict[str, str]]:
 class HFCheckpoint:
     """The tensors of an HF-format directory (sharded with an index, or one ``model.safetensors``).
 
-    FP8 weights with a ``<name>_scale_inv`` sibling are dequantized on read; the scales are not listed as
-    tensors of their own.
+    Quantized weights with a ``<name>_scale_inv`` sibling (V4's release: ``<name>.scale``) are dequantized on
+    read: FP8 (e4m3, 128 x 128 blocks) and V4's FP4 experts (two e2m1 per ``int8``, one scale per row and 32
+    inputs; ``quant/fp4.py``). The scales are not listed as tensors of their own; ``shape`` is a packed FP4
+    weight's logical ``[out, in]``.
     """
 
     def __init__(self, path: str):
@@ -86,18 +89,25 @@ class HFCheckpoint:
         for f in self._files.values():
             f.close()
 
+    def is_fp4(self, key: str) -> bool:
+        """A packed FP4 weight: an integer byte tensor with a scale beside it."""
+        return key in self._scales and self.dtype(key) in fp4.PACKED_DTYPES
+
     def is_fp8(self, key: str) -> bool:
-        return key in self._scales
+        """A weight with a scale beside it that is not FP4 (the converter checks that it is e4m3)."""
+        return key in self._scales and not self.is_fp4(key)
 
     def raw(self, key: str) -> np.ndarray:
         """The stored array (memory-mapped), without dequantization."""
         return self._files[self._where[key]].get(self._name[key])
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._files[self._where[key]].shape(self._name[key])
+        shape = tuple(self._files[self._where[key]].shape(self._name[key]))
+        return shape[:-1] + (2 * shape[-1],) if self.is_fp4(key) else shape
 
     def dtype(self, key: str) -> np.dtype:
-        return self._files[self._where[key]].dtype(self._name[key])
+        """The stored dtype (``int8`` for FP4)."""
+        return np.dtype(self._files[self._where[key]].dtype(self._name[key]))
 
     def nbytes(self, key: str) -> int:
         n = self._files[self._where[key]].nbytes(self._name[key])
@@ -107,9 +117,17 @@ class HFCheckpoint:
 
     def read(self, key: str, rows: Optional[tuple[int, int]] = None,
              cols: Optional[tuple[int, int]] = None) -> np.ndarray:
-        """The tensor, or its rows ``[r0, r1)`` (and columns ``[c0, c1)``), as a float array: fp8 blocks
-        dequantized to fp32, other dtypes as stored."""
+        """The tensor, or its rows ``[r0, r1)`` (and columns ``[c0, c1)``), as a float array: FP8 and FP4
+        weights dequantized to fp32, other dtypes as stored."""
         raw = self.raw(key)
+        if self.is_fp4(key):
+            if raw.ndim != 2:
+                raise CheckpointError(f"{self.file_of(key)}: tensor '{key}': an FP4 weight must be 2-D "
+                                      f"[out, in / 2], found {list(raw.shape)}")
+            try:
+                return fp4.dequantize(raw, self.raw(self._scales[key]), rows, cols)
+            except ValueError as e:
+                raise CheckpointError(f"{self.file_of(key)}: tensor '{key}': {e}") from None
         x = raw
         if rows is not None:
             x = np.asarray(raw[rows[0]:rows[1]] if cols is None else raw[rows[0]:rows[1], cols[0]:cols[1]])
@@ -134,11 +152,13 @@ def target_dtype(tm: TensorMap, source_dtype: np.dtype, dtype: Optional[np.dtype
 
 
 def check_dtype(ckpt: HFCheckpoint, key: str, tm: TensorMap, dtype: np.dtype) -> None:
-    """A source tensor's dtype is floating (FP8 included), or integer for an integer leaf (else one line naming
-    it)."""
+    """A source tensor's dtype is floating (FP8 included), packed FP4 bytes with their scale, or integer for an
+    integer leaf (else one line naming it)."""
     if tm.integer:
         if dtype.kind not in "iu":
             raise CheckpointError(f"{ckpt.file_of(key)}: tensor '{key}' has dtype {dtype}, expected an integer type")
+    elif ckpt.is_fp4(key):
+        return
     elif dtype.kind not in "fV" and dtype.name != "bfloat16" and "float8" not in dtype.name:
         raise CheckpointError(f"{ckpt.file_of(key)}: tensor '{key}' has dtype {dtype}, expected a floating-point "
                               f"type")

@@ -211,7 +211,8 @@ def split_point(tm: TensorMap) -> int:
 # V4's tensors go by DeepSeek's release names (``layers.{i}.attn.wq_a.weight``, ``embed.weight``, ``hc_head_fn``);
 # transformers maps them onto its modules on load and back on save, where it keeps a ``model.`` prefix on some
 # (``model.layers.{i}.attn.wq_a.weight``, ``model.embed_tokens.weight``, ``model.hc_head.hc_fn``) and names the
-# attention's K=V norm ``attn.norm``. ``canonical_v4_keys`` reads either spelling.
+# attention's K=V norm ``attn.norm``; the release names a quantized weight's scale ``<name>.scale``, read here as
+# ``<name>.weight_scale_inv``. ``canonical_v4_keys`` reads either spelling.
 _V4_STYLE = re.compile(r"(^|\.)layers\.\d+\.(attn|ffn)\.|^(model\.)?hc_head")
 _V4_TOP = {"model.embed_tokens.weight": "embed.weight", "embed_tokens.weight": "embed.weight",
            "model.norm.weight": "norm.weight", "lm_head.weight": "head.weight", "model.hc_head.hc_fn": "hc_head_fn",
@@ -223,10 +224,12 @@ def canonical_v4_keys(keys: list[str]) -> dict[str, str]:
     above) all become the release names."""
     if not any(_V4_STYLE.search(k) for k in keys):
         return {k: k for k in keys}
-    out = {}
+    out, have = {}, set(keys)
     for k in keys:
         name = _V4_TOP.get(k, k[len("model."):] if k.startswith("model.layers.") else k)
         name = re.sub(r"^(layers\.\d+\.attn)\.norm\.", r"\1.kv_norm.", name)
+        if k.endswith(".scale") and k[: -len("scale")] + "weight" in have:  # the release's block scales
+            name = name[: -len("scale")] + "weight_scale_inv"
         out[name] = k
     return out
 

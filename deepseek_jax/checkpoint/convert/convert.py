@@ -53,6 +53,7 @@ from deepseek_jax.checkpoint.orbax_io import (
 )
 from deepseek_jax.checkpoint.safetensors_io import CheckpointError
 from deepseek_jax.config.model import ModelConfig, read_config_json
+from deepseek_jax.quant import fp4
 from deepseek_jax.quant.blocks import BLOCK, E4M3, block_grid
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
@@ -134,9 +135,17 @@ def _check_headers(ckpt: HFCheckpoint, maps: list[TensorMap]) -> None:
                 skey = key + "_scale_inv"
                 want = block_grid(shape)
                 sshape, sdtype = tuple(ckpt.shape(skey)), np.dtype(ckpt.dtype(skey))
-                if sshape != want or sdtype != np.dtype(np.float32):
+                if sshape != want or sdtype not in fp4.SCALE_DTYPES:
                     raise CheckpointError(f"{ckpt.file_of(skey)}: tensor '{skey}' is {sdtype}{list(sshape)}, "
-                                          f"expected float32{list(want)} ({BLOCK}x{BLOCK} blocks of {list(shape)})")
+                                          f"expected float32 or float8_e8m0fnu{list(want)} ({BLOCK}x{BLOCK} blocks "
+                                          f"of {list(shape)})")
+            elif ckpt.is_fp4(key):
+                skey, want = key + "_scale_inv", fp4.scale_shape(shape)
+                sshape, sdtype = tuple(ckpt.shape(skey)), np.dtype(ckpt.dtype(skey))
+                if sshape != want or sdtype not in fp4.SCALE_DTYPES:
+                    raise CheckpointError(f"{ckpt.file_of(skey)}: tensor '{skey}' is {sdtype}{list(sshape)}, "
+                                          f"expected float8_e8m0fnu or float32{list(want)} (one scale per row "
+                                          f"and {fp4.GROUP} inputs of the FP4 weight {list(shape)})")
             elif dtype == FP8:
                 raise CheckpointError(f"{where} is float8_e4m3fn but has no '{key}_scale_inv' beside it")
             elif tm.integer:
@@ -208,6 +217,7 @@ def describe_plan(source: Source, leaves: list[Leaf]) -> str:
         total_in, total_out = total_in + b_in, total_out + b_out
         first = tm.sources[0][0]
         src_dt = str(ckpt.dtype(first)) + ("+scale" if ckpt.is_fp8(first) else "")
+        src_dt = "fp4+scale" if ckpt.is_fp4(first) else src_dt
         rows.append(("/".join(tm.path), "x".join(map(str, tm.shape)), f"{src_dt}->{leaf.dtype}",
                      str(len(tm.sources)), first, _human(b_in), _human(b_out)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -109,7 +109,8 @@ def _np_dtype(torch_dtype, path: str, key: str) -> np.dtype:
     table = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16,
              torch.float64: np.float64, torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn,
              torch.float8_e5m2: ml_dtypes.float8_e5m2, torch.int64: np.int64, torch.int32: np.int32,
-             torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_}
+             torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_,
+             torch.float8_e8m0fnu: ml_dtypes.float8_e8m0fnu}
     if torch_dtype not in table:
         raise CheckpointError(f"{path}: tensor '{key}' has unsupported dtype {torch_dtype}")
     return np.dtype(table[torch_dtype])
