@@ -21,7 +21,8 @@ import numpy as np
 from deepseek_jax.checkpoint.hf_dir import HFCheckpoint, check_dtype, set_leaf, target_dtype
 from deepseek_jax.checkpoint.hf_map import TensorMap, split_point
 from deepseek_jax.checkpoint.safetensors_io import CheckpointError
-from deepseek_jax.quant.weights import Fp8Weight, fp8_shardings
+from deepseek_jax.quant import fp4
+from deepseek_jax.quant.weights import Fp4Weight, Fp8Weight, fp8_shardings
 
 
 def _flat_positions(dims: tuple[int, ...], slices: tuple[slice, ...]) -> np.ndarray:
@@ -111,13 +112,26 @@ class _RawFp8:
         self.ckpt.release()
 
 
-def _fp8_scales(ckpt: HFCheckpoint, tm: TensorMap) -> np.ndarray:
-    """The block scales of an FP8 leaf in our layout: ``lead + [ceil(in / 128), ceil(out / 128)]`` fp32."""
+class _RawFp4(_RawFp8):
+    """The e2m1 codes (one per ``uint8``, unpacked from the stored bytes) of the rows and columns asked for."""
+
+    def read(self, key, rows=None, cols=None):
+        raw = self.ckpt.raw(key)
+        r0, r1 = rows if rows is not None else (0, raw.shape[0])
+        c0, c1 = cols if cols is not None else (0, 2 * raw.shape[1])
+        u = np.asarray(raw[r0:r1, c0 // 2: -(-c1 // 2)]).view(np.uint8)
+        codes = np.stack([u & 0xF, u >> 4], axis=-1).reshape(u.shape[0], -1)
+        return codes[:, c0 % 2: c0 % 2 + c1 - c0]
+
+
+def _fp8_scales(ckpt: HFCheckpoint, tm: TensorMap, dtype=np.float32) -> np.ndarray:
+    """The scales of a kept FP8 (FP4) leaf in our layout: ``lead + [ceil(in / 128), ceil(out / 128)]``
+    (``[in / 32, out]``), transposed with the weight."""
     first = ckpt._scales[tm.sources[0][0]]
     grid = tuple(ckpt.shape(first))[::-1]
-    out = np.empty(tm.shape[:len(tm.sources[0][1])] + grid, np.float32)
+    out = np.empty(tm.shape[:len(tm.sources[0][1])] + grid, dtype)
     for key, index in tm.sources:
-        out[index] = np.asarray(ckpt.raw(ckpt._scales[key]), np.float32).T
+        out[index] = np.asarray(ckpt.raw(ckpt._scales[key]), np.float32).T.astype(dtype)
     return out
 
 
@@ -128,8 +142,8 @@ def load_sharded(ckpt: HFCheckpoint, maps: list[TensorMap], shardings: dict, sta
     ``stacked``: the names of the layer-stacked runs (``config.layer_runs``), filled one layer at a time.
     ``dtype``: of the returned params (default: as stored; FP8 dequantized to bfloat16; the router's correction
     bias always fp32). ``dtype="fp8"``: weights stored as FP8 stay FP8, as ``quant/weights.py``'s ``Fp8Weight`` (e4m3
-    values
-    and block scales, sharded on block edges: ``fp8_shardings``), everything else as stored.
+    values and block scales, sharded on block edges: ``fp8_shardings``), V4's FP4 experts stay FP4 (``Fp4Weight``),
+    everything else as stored.
     ``reads``: a list that receives every ``(key, rows, cols)`` region read (tests)."""
     import jax
     import jax.numpy as jnp
@@ -141,8 +155,9 @@ def load_sharded(ckpt: HFCheckpoint, maps: list[TensorMap], shardings: dict, sta
         sharding = shardings
         for k in tm.path:
             sharding = sharding[k]
-        if keep_fp8 and all(ckpt.is_fp8(key) for key, _ in tm.sources):
-            set_leaf(params, tm.path, _load_fp8_kept(ckpt, tm, sharding, tm.path[0] in stacked, reads))
+        kept = [Fp8Weight if ckpt.is_fp8(key) else Fp4Weight if ckpt.is_fp4(key) else None for key, _ in tm.sources]
+        if keep_fp8 and kept[0] is not None and all(k is kept[0] for k in kept):
+            set_leaf(params, tm.path, _load_kept(ckpt, tm, sharding, tm.path[0] in stacked, reads, kept[0]))
             ckpt.release()
             continue
         plain = None if keep_fp8 or dtype is None else jnp.dtype(dtype)
@@ -161,25 +176,34 @@ def load_sharded(ckpt: HFCheckpoint, maps: list[TensorMap], shardings: dict, sta
     return params
 
 
-def _load_fp8_kept(ckpt: HFCheckpoint, tm: TensorMap, sharding, stacked: bool, reads):
+def _load_kept(ckpt: HFCheckpoint, tm: TensorMap, sharding, stacked: bool, reads, cls=Fp8Weight):
+    """An FP8 (``cls=Fp4Weight``: FP4) leaf kept as stored: the e4m3 values (e2m1 codes as ``uint4``) read shard
+    by shard, the scales (fp32; FP4's e8m0 ones as bf16, exactly) beside them on block edges."""
     import jax
     import ml_dtypes
 
-    raw = _RawFp8(ckpt)
-    e4m3 = np.dtype(ml_dtypes.float8_e4m3fn)
+    fp4_kept = cls is Fp4Weight
+    raw = _RawFp4(ckpt) if fp4_kept else _RawFp8(ckpt)
+    stored = np.dtype(ml_dtypes.uint4 if fp4_kept else ml_dtypes.float8_e4m3fn)
     n_in = split_point(tm)
     n_out = len(tm.item_shape) - n_in
-    q_sharding, scale_sharding = fp8_shardings(sharding, tm.shape, n_in, n_out)
+    if fp4_kept and tm.hf_shape[1] % fp4.GROUP:
+        raise CheckpointError(f"{ckpt.file_of(tm.sources[0][0])}: tensor '{tm.sources[0][0]}': FP4 weights are kept "
+                              f"on the devices only when their input dim is a multiple of {fp4.GROUP}; found "
+                              f"{tm.hf_shape[1]}")
+    q_sharding, scale_sharding = fp8_shardings(sharding, tm.shape, n_in, n_out, cls.BLOCKS)
     if stacked:
-        q = _fill_by_layer(raw, tm, q_sharding, e4m3, reads)
+        q = _fill_by_layer(raw, tm, q_sharding, stored, reads)
     else:
         lead_dims = tm.shape[:len(tm.sources[0][1])]
 
         def ranges(lead_slices):
             return [np.arange(*s.indices(d)) for s, d in zip(lead_slices, lead_dims)]
 
-        q = jax.make_array_from_callback(tm.shape, q_sharding, _callback(raw, tm, e4m3, ranges, reads))
-    return Fp8Weight(q, jax.device_put(_fp8_scales(ckpt, tm), scale_sharding), n_in, n_out)
+        q = jax.make_array_from_callback(tm.shape, q_sharding, _callback(raw, tm, stored, ranges, reads))
+    e8m0 = ckpt.dtype(ckpt._scales[tm.sources[0][0]]) == np.dtype(ml_dtypes.float8_e8m0fnu)
+    scales = _fp8_scales(ckpt, tm, ml_dtypes.bfloat16 if fp4_kept and e8m0 else np.float32)
+    return cls(q, jax.device_put(scales, scale_sharding), n_in, n_out)
 
 
 def _fill_by_layer(ckpt, tm: TensorMap, sharding, dtype, reads):

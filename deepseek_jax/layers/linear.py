@@ -140,7 +140,7 @@ _cpu_weight_grad_dot.defvjp(_cpu_weight_grad_dot_fwd, _cpu_weight_grad_dot_bwd)
 def _kernel_applies(lhs, rhs, dimension_numbers) -> bool:
     """A plain ``x @ kernel`` (the last ``n_in`` dims of x with the first of an FP8-kept kernel of one layer) whose
     2-D view the FP8 kernel tiles."""
-    if not isinstance(rhs, Fp8Weight) or rhs.ndim != rhs.n_in + rhs.n_out:
+    if type(rhs) is not Fp8Weight or rhs.ndim != rhs.n_in + rhs.n_out:  # FP8 only (an Fp4Weight is dequantized)
         return False
     if tuple(map(tuple, dimension_numbers[0])) != tuple(map(tuple, contract_last(rhs.n_in, lhs.ndim)[0])) or any(
             dimension_numbers[1]):

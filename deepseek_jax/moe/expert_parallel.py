@@ -55,7 +55,6 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.moe.dispatch import combine, dispatch_local, sort_rows
 from deepseek_jax.moe.grouped import grouped_swiglu
-from deepseek_jax.quant.blocks import BLOCK
 from deepseek_jax.quant.weights import Fp8Weight
 
 RECEIVED = "expert_parallel_received"  # checkpoint name of the rows (and weights) an exchange receives
@@ -253,8 +252,8 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
     tensor = tensor_axis if tensor_axis in sizes and sizes[tensor_axis] > 1 else None
     if tensor and wg.shape[2] % sizes[tensor]:
         tensor = None  # the expert width does not split: every tensor device runs the whole expert
-    if tensor and isinstance(wg, Fp8Weight) and (wg.shape[2] // sizes[tensor]) % BLOCK:
-        tensor = None  # FP8-kept stacks split on 128-block edges only
+    if tensor and isinstance(wg, Fp8Weight) and (wg.shape[2] // sizes[tensor]) % max(wg.BLOCKS):
+        tensor = None  # FP8-kept stacks split on 128-block edges only (FP4: on 32-input groups)
     expert = expert_axis if ep > 1 else None
     rows_per_device = (x.shape[0] // math.prod(sizes[a] for a in split)) * idx.shape[1]
     tok = P(split or None, None)
@@ -287,8 +286,9 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
     # cotangents over the axes their specs leave out (the weights' over fsdp / data / context, as FSDP needs)
     # and nothing else. (The per-device row counts of ``return_rows`` differ across every axis anyway.)
     out_specs = (tok, P()) + ((P(tuple(mesh.axis_names)),) if return_rows else ())
-    # An FP8-kept stack ([E, D, I] e4m3 + [E, D/128, I/128] scales): both split alike (on block edges).
-    w_specs = tuple(Fp8Weight(spec, spec, w.n_in, w.n_out) if isinstance(w, Fp8Weight) else spec
+    # An FP8-kept stack ([E, D, I] e4m3 + [E, D/128, I/128] scales; FP4: [E, D / 32, I]): both split alike (on
+    # block edges).
+    w_specs = tuple(type(w)(spec, spec, w.n_in, w.n_out) if isinstance(w, Fp8Weight) else spec
                     for w, spec in ((wg, w_in), (wu, w_in), (wd, w_out)))
     fn = jax.shard_map(lambda *a: run(*a)[:len(out_specs)], mesh=mesh, in_specs=(tok, tok, tok, *w_specs),
                        out_specs=out_specs, check_vma=False)

@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 from deepseek_jax.config.model import FP32_LEAVES, ModelConfig
 from deepseek_jax.layers.kv_cache import cache_bytes_per_token
 from deepseek_jax.parallel.rules import entry_axes
+from deepseek_jax.quant import fp4
 from deepseek_jax.quant.blocks import block_grid
 
 # HBM per chip as the TPU compiler reports it available (v5p: measured, bench/RESULTS.md) or the data sheet's.
@@ -72,18 +73,23 @@ def _shard_size(shape: Sequence[int], spec, sizes: dict[str, int]) -> int:
     return n
 
 
-def fp8_kept_kernels(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, int, tuple[int, ...]]]:
+def fp8_kept_kernels(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, int, tuple[int, ...], type]]:
     """The kernels DeepSeek's FP8 release quantizes (``release_quantized``), as
-    ``load_pretrained(..., dtype="fp8")`` keeps them: params path -> ``(n_in, n_out, scale shape)``."""
+    ``load_pretrained(..., dtype="fp8")`` keeps them: params path -> ``(n_in, n_out, scale shape, class)``, the class
+    ``Fp8Weight``, or ``Fp4Weight`` for V4's routed experts (its release stores them in FP4)."""
     from deepseek_jax.checkpoint.convert.export import release_quantized
     from deepseek_jax.checkpoint.hf_map import hf_tensor_map, split_point
+    from deepseek_jax.quant.weights import Fp4Weight, Fp8Weight
 
     out = {}
     for tm in hf_tensor_map(config):
         if release_quantized(tm.path, tm.transpose):
             n_in = split_point(tm)
-            grid = block_grid(tm.hf_shape[::-1])
-            out[tm.path] = (n_in, len(tm.item_shape) - n_in, tm.shape[:len(tm.sources[0][1])] + grid)
+            lead = tm.shape[:len(tm.sources[0][1])]
+            if config.is_v4 and tm.path[-2] == "experts":
+                out[tm.path] = (n_in, len(tm.item_shape) - n_in, lead + fp4.scale_shape(tm.hf_shape)[::-1], Fp4Weight)
+            else:
+                out[tm.path] = (n_in, len(tm.item_shape) - n_in, lead + block_grid(tm.hf_shape[::-1]), Fp8Weight)
     return out
 
 
@@ -117,11 +123,13 @@ def weight_bytes(config: ModelConfig, mesh_sizes: dict[str, int], weight_dtype: 
         n, local = math.prod(x.shape), _shard_size(x.shape, spec, sizes)
         if key[-1] in FP32_LEAVES:  # always fp32
             total, per_device = total + 4 * n, per_device + 4 * local
-        elif key in quantized:  # e4m3 weights and fp32 scales, both on block edges (quant/weights.py)
-            n_in, n_out, grid = quantized[key]
-            q_spec, scale_spec = block_aligned_specs(spec, x.shape, n_in, n_out, sizes)
-            total += n + 4 * math.prod(grid)
-            per_device += _shard_size(x.shape, q_spec, sizes) + 4 * _shard_size(grid, scale_spec, sizes)
+        elif key in quantized:  # e4m3 weights and fp32 scales (FP4: half a byte, bf16), on block edges
+            n_in, n_out, grid, cls = quantized[key]
+            q_spec, scale_spec = block_aligned_specs(spec, x.shape, n_in, n_out, sizes, cls.BLOCKS)
+            q_bytes, scale_bytes = (0.5, 2) if cls.Q_BITS == 4 else (1, 4)
+            total += int(q_bytes * n) + scale_bytes * math.prod(grid)
+            per_device += int(q_bytes * _shard_size(x.shape, q_spec, sizes)) + scale_bytes * _shard_size(
+                grid, scale_spec, sizes)
         else:
             total, per_device = total + plain * n, per_device + plain * local
     return total, per_device

@@ -279,8 +279,8 @@ def _train_step(config, tc, mesh, batch: int, seq_len: int) -> StepPlan:
 def _inference_inputs(config, options, mesh, batch: int, cache_len: int, cache_dtype: str,
                       weight_dtype: Optional[str] = None):
     """Abstract params (in the options' param dtype, sharded by the rules; ``weight_dtype="fp8"``: the kernels
-    the FP8 release quantizes as ``Fp8Weight``s, e4m3 + 128x128 scales on block edges, as
-    ``load_pretrained(..., dtype="fp8")`` places them) and an empty cache (over the batch)."""
+    the FP8 release quantizes as ``Fp8Weight``s, e4m3 + 128x128 scales on block edges, and V4's routed experts as
+    ``Fp4Weight``s, as ``load_pretrained(..., dtype="fp8")`` places them) and an empty cache (over the batch)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -294,17 +294,18 @@ def _inference_inputs(config, options, mesh, batch: int, cache_len: int, cache_d
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
                           shardings)
     if weight_dtype == "fp8":
-        from deepseek_jax.quant.weights import Fp8Weight, fp8_shardings
+        from deepseek_jax.quant.weights import fp8_shardings
         from deepseek_jax.tools.capacity import fp8_kept_kernels
 
-        for path, (n_in, n_out, grid) in fp8_kept_kernels(config).items():
+        for path, (n_in, n_out, grid, cls) in fp8_kept_kernels(config).items():
             node = params
             for k in path[:-1]:
                 node = node[k]
             x = node[path[-1]]
-            q_sh, s_sh = fp8_shardings(x.sharding, x.shape, n_in, n_out)
-            node[path[-1]] = Fp8Weight(jax.ShapeDtypeStruct(x.shape, jnp.float8_e4m3fn, sharding=q_sh),
-                                       jax.ShapeDtypeStruct(grid, jnp.float32, sharding=s_sh), n_in, n_out)
+            q_sh, s_sh = fp8_shardings(x.sharding, x.shape, n_in, n_out, cls.BLOCKS)
+            q_dtype, s_dtype = (jnp.uint4, jnp.bfloat16) if cls.Q_BITS == 4 else (jnp.float8_e4m3fn, jnp.float32)
+            node[path[-1]] = cls(jax.ShapeDtypeStruct(x.shape, q_dtype, sharding=q_sh),
+                                 jax.ShapeDtypeStruct(grid, s_dtype, sharding=s_sh), n_in, n_out)
     cache = jax.eval_shape(lambda: kv_cache.init_cache(config, batch, cache_len, cache_dtype))
     cache_sh = kv_cache.cache_shardings(cache, mesh)
     cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache, cache_sh)

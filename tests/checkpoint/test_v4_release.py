@@ -1,8 +1,8 @@
 """DeepSeek-V4's release format read directly: routed experts in FP4 (two e2m1 per int8, one e8m0 scale per row
 and 32 inputs), the attention's and shared expert's linears in FP8 (e4m3, ue8m0 128 x 128 blocks), each scale
 under ``<name>.scale``. The reference is transformers reading the same files (``FineGrainedFP8Config(
-dequantize=True, expert_dtype="fp4")``): ``load_pretrained`` (whole, onto a mesh, FP8 kept on the devices) and
-``convert`` (with and without ``--keep-fp8``) give its logits."""
+dequantize=True, expert_dtype="fp4")``): ``load_pretrained`` (whole, onto a mesh, FP8 and FP4 kept on the devices)
+and ``convert`` (with and without ``--keep-fp8``) give its logits."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 import deepseek_jax as dsj
 from deepseek_jax.checkpoint.safetensors_io import CheckpointError
 from deepseek_jax.quant import fp4
-from deepseek_jax.quant.weights import Fp8Weight
+from deepseek_jax.quant.weights import Fp4Weight, Fp8Weight
 
 TINY = dsj.presets["tiny-v4"]
 TOKENS = np.random.RandomState(5).randint(0, TINY.vocab_size, (2, 13))
@@ -78,8 +78,8 @@ def _logits(config, params) -> np.ndarray:
 
 def test_release_loads_and_converts_to_transformers_logits(release, tmp_path):
     """``load_pretrained`` of the release (fp32), its ``dtype="fp8"`` load (the FP8 linears stay e4m3 on the
-    device, the FP4 experts are dequantized), and ``convert`` with and without ``--keep-fp8``: logits equal
-    transformers' to 1e-5 (measured 3.5e-6)."""
+    device, the FP4 experts e2m1 codes as ``uint4`` with bf16 scales), and ``convert`` with and without
+    ``--keep-fp8`` (which dequantizes the FP4 experts): logits equal transformers' to 1e-5 (measured 3.5e-6)."""
     from deepseek_jax.checkpoint.convert.convert import convert
 
     path, ref = release
@@ -95,8 +95,9 @@ def test_release_loads_and_converts_to_transformers_logits(release, tmp_path):
         _, kept = dsj.load_pretrained(path, dtype="fp8")
         assert isinstance(kept["moe_csa_1"]["self_attn"]["q_b_proj"]["kernel"], Fp8Weight)
         experts = kept["moe_csa_1"]["mlp"]["experts"]["gate_proj"]
-        assert not isinstance(experts, Fp8Weight)
-        np.testing.assert_array_equal(np.asarray(experts, np.float32),
+        assert isinstance(experts, Fp4Weight) and experts.q.dtype == jnp.uint4
+        assert experts.nbytes * 8 == experts.q.size * 4 + experts.scale.size * 16  # half a byte a weight + bf16 scales
+        np.testing.assert_array_equal(np.asarray(experts.dequantize()),
                                       np.asarray(params["moe_csa_1"]["mlp"]["experts"]["gate_proj"]))
         assert np.abs(_logits(config, kept) - ref).max() <= 1e-5
         for keep in (False, True):
@@ -107,29 +108,44 @@ def test_release_loads_and_converts_to_transformers_logits(release, tmp_path):
 
 MESH_SCRIPT = r"""
 import json, sys, warnings
-import jax, numpy as np
+import jax, jax.numpy as jnp, numpy as np
 import deepseek_jax as dsj
-from deepseek_jax.parallel.mesh import make_mesh
+from deepseek_jax.config.options import ModelOptions
+from deepseek_jax.parallel.mesh import make_mesh, mesh_context
+from deepseek_jax.quant.weights import Fp4Weight
 warnings.simplefilter("ignore")
-_, whole = dsj.load_pretrained(sys.argv[1], dtype=np.float32)
-_, sharded = dsj.load_pretrained(sys.argv[1], dtype=np.float32, mesh=make_mesh("fsdp=2,expert=2,tensor=2"))
-experts = sharded["moe_csa_1"]["mlp"]["experts"]["down_proj"]
+tokens = np.asarray(json.loads(sys.argv[2]), np.int32)
+mesh = make_mesh("fsdp=2,expert=4")
+config, whole = dsj.load_pretrained(sys.argv[1], dtype=np.float32)
+_, sharded = dsj.load_pretrained(sys.argv[1], dtype=np.float32, mesh=mesh)
+_, kept = dsj.load_pretrained(sys.argv[1], dtype="fp8", mesh=mesh)
+model = dsj.Transformer(config, ModelOptions(dtype="float32"))
+with mesh_context(mesh):
+    logits = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(kept, tokens))
+w = kept["moe_csa_1"]["mlp"]["experts"]["gate_proj"]
 print("RESULT " + json.dumps({
     "equal": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                  zip(jax.tree.leaves(whole), jax.tree.leaves(sharded))),
-    "expert_shards": len({str(s.index) for s in experts.addressable_shards})}))
+    "kept_fp4": isinstance(w, Fp4Weight) and str(w.q.dtype) == "uint4",
+    "q_spec": [str(e) for e in w.q.sharding.spec], "scale_spec": [str(e) for e in w.scale.sharding.spec],
+    "logits": logits.tolist()}))
 """
 
 
+@pytest.mark.slow  # a subprocess loading three ways and compiling the sharded forward: ~1 min on 2 cores
 def test_release_loads_onto_a_mesh_shard_by_shard(release):
-    """On 8 simulated devices (fsdp=2, expert=2, tensor=2) each shard dequantizes its own rows and columns of the
-    FP4 experts (groups of 32 cut by shard edges included): the params equal the whole load bit for bit."""
+    """On 8 simulated devices (fsdp=2, expert=4) each shard dequantizes its own rows and columns of the FP4
+    experts: the params equal the whole load bit for bit. Kept (``dtype="fp8"``), the experts stay FP4 (``uint4``
+    codes, bf16 scales) split over experts and, on 32-input group edges, over fsdp; the sharded forward with
+    expert parallelism gives transformers' logits."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-c", MESH_SCRIPT, release[0]], capture_output=True, text=True, env=env,
-                         timeout=600)
+    run = subprocess.run([sys.executable, "-c", MESH_SCRIPT, release[0], json.dumps(TOKENS.tolist())],
+                         capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(next(l for l in run.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
-    assert out["equal"] and out["expert_shards"] > 1
+    assert out["equal"] and out["kept_fp4"]
+    assert out["q_spec"][:3] == ["None", "expert", "fsdp"] and out["scale_spec"][:3] == ["None", "expert", "fsdp"]
+    assert np.abs(np.asarray(out["logits"]) - release[1]).max() <= 1e-5
 
 
 def test_bad_fp4_scale_is_named(release, tmp_path):
