@@ -150,7 +150,8 @@ def register(sub) -> None:
     p.add_argument("--weight-dtype", choices=("bfloat16", "float32", "fp8"), default=None,
                    help="weights at this dtype in the capacity table and, for fp8, in the compiled prefill / decode "
                         "steps too (e4m3 + 128x128 block scales, as the FP8 release stores them and "
-                        "load_pretrained(..., dtype='fp8') keeps them; default --infer-dtype)")
+                        "load_pretrained(..., dtype='fp8') keeps them; V4's routed experts FP4 as its release stores "
+                        "them; default --infer-dtype)")
     p.add_argument("--contexts", default=None, help="capacity: context lengths, comma-separated "
                                                      "(default 4096,8192,32768,131072)")
     p.add_argument("--reserve", type=float, default=None,

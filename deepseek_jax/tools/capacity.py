@@ -30,7 +30,7 @@ import re
 from typing import Optional, Sequence
 
 from deepseek_jax.config.model import FP32_LEAVES, ModelConfig
-from deepseek_jax.layers.kv_cache import cache_bytes_per_token
+from deepseek_jax.layers.kv_cache import cache_bytes_per_token, v4_cache_bytes
 from deepseek_jax.parallel.rules import entry_axes
 from deepseek_jax.quant import fp4
 from deepseek_jax.quant.blocks import block_grid
@@ -151,8 +151,13 @@ class InferenceCapacity:
     cache_bytes_per_token: int
     batch_ways: int  # sequences are split over this many devices (data x fsdp x expert)
     max_batch: dict[int, int]
+    # One sequence's cache by context where it is not linear in the context (V4: a window ring, pooled entries
+    # and fixed compressor states; ``cache_bytes_per_token`` is then the longest context's average).
+    sequence_bytes: Optional[dict[int, int]] = None
 
     def cache_bytes_per_sequence(self, context: int) -> int:
+        if self.sequence_bytes is not None and context in self.sequence_bytes:
+            return self.sequence_bytes[context]
         return context * self.cache_bytes_per_token
 
     @property
@@ -174,7 +179,10 @@ class InferenceCapacity:
             f"temporaries) on {self.devices} devices, mesh {mesh}, {gb(self.device_memory)} each",
             f"  weights ({self.weight_dtype})   {gb(self.weight_bytes_total)} in all, "
             f"{gb(self.weight_bytes_per_device)} per device",
-            f"  latent cache ({self.cache_dtype})   {self.cache_bytes_per_token:,} bytes per token (all layers); "
+            (f"  latent cache ({self.cache_dtype})   {self.cache_bytes_per_token:,} bytes per token (all layers); "
+             if self.sequence_bytes is None else
+             f"  compressed cache ({self.cache_dtype}; window ring, pooled entries, fp32 compressor states)   "
+             f"{self.cache_bytes_per_token:,} bytes per token at {max(self.sequence_bytes):,}; ") +
             f"sequences split {self.batch_ways} ways",
             "  context    cache per sequence    largest global batch (decode)",
         ]
@@ -195,11 +203,17 @@ def inference_capacity(config: ModelConfig, mesh_sizes: dict[str, int], device_m
         raise ValueError(f"reserve={reserve}: expected a fraction in [0, 1)")
     sizes = {a: int(mesh_sizes.get(a, 1)) for a in MESH_AXES}
     total, local = weight_bytes(config, sizes, weight_dtype, fsdp_over_data)
-    per_token = cache_bytes_per_token(config, cache_dtype)
+    if config.is_v4:
+        sequence = {int(c): sum(v4_cache_bytes(config, int(c), cache_dtype).values()) for c in contexts}
+        per_token = sequence[max(sequence)] // max(sequence)
+    else:
+        per_token = cache_bytes_per_token(config, cache_dtype)
+        sequence = None
     ways = math.prod(sizes[a] for a in BATCH_AXES)
     free = int(device_memory * (1 - reserve)) - local
-    max_batch = {int(c): (max(free, 0) // (int(c) * per_token)) * ways for c in contexts}
+    max_batch = {int(c): (max(free, 0) // (sequence[int(c)] if sequence else int(c) * per_token)) * ways
+                 for c in contexts}
     return InferenceCapacity(devices=math.prod(sizes.values()), mesh=sizes, device_memory=int(device_memory),
                              reserve=reserve, weight_dtype=weight_dtype, cache_dtype=cache_dtype,
                              weight_bytes_total=total, weight_bytes_per_device=local, cache_bytes_per_token=per_token,
-                             batch_ways=ways, max_batch=max_batch)
+                             batch_ways=ways, max_batch=max_batch, sequence_bytes=sequence)

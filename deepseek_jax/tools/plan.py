@@ -225,7 +225,9 @@ def _shard_bytes(tree) -> int:
     import jax
     import numpy as np
 
-    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+    # Bits, not itemsize: a kept FP4 expert's uint4 codes are half a byte each (as XLA packs them on TPU).
+    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * jax.dtypes.itemsize_bits(x.dtype)
+                   for x in jax.tree.leaves(tree)) // 8)
 
 
 def _compile(name: str, jitted, args: tuple, state_bytes: int, flops: float, tokens: int, mesh) -> StepPlan:

@@ -106,3 +106,31 @@ def test_plan_compiles_decode_on_fp8_kept_weights():
     assert steps[None].state_bytes - steps["fp8"].state_bytes == bf16 - fp8
     # The compiled arguments (the weights decode reads: no MTP block) shrink too.
     assert steps["fp8"].argument_bytes < steps[None].argument_bytes - (bf16 - fp8) / 2
+
+
+@pytest.mark.slow  # two decode compiles of tiny-v4: ~40 s on 2 cores
+def test_v4_capacity_keeps_fp4_experts_and_its_compressed_cache():
+    """V4 with ``weight_dtype="fp8"``: the routed experts count half a byte per weight plus a bf16 scale per 32
+    inputs, the other quantized kernels a byte plus an fp32 scale per 128 x 128 block (by hand from the tensor
+    map), and the compiled decode step's state shrinks by exactly that; the cache per sequence is
+    ``v4_cache_bytes`` (a window ring and pooled entries, not linear in the context)."""
+    from deepseek_jax.checkpoint.hf_map import hf_tensor_map
+    from deepseek_jax.layers.kv_cache import v4_cache_bytes
+    from deepseek_jax.tools.plan import plan
+
+    c = dsj.presets["tiny-v4"]
+    kept = capacity.fp8_kept_kernels(c)
+    shapes = {tm.path: tm.shape for tm in hf_tensor_map(c)}
+    fp4_paths = [p for p, v in kept.items() if v[3].Q_BITS == 4]
+    assert fp4_paths and all(p[-2] == "experts" for p in fp4_paths)
+    n_fp4 = sum(math.prod(shapes[p]) for p in fp4_paths)
+    n_fp8 = sum(math.prod(shapes[p]) for p in kept if p not in fp4_paths)
+    blocks = sum(math.prod(kept[p][2]) for p in kept if p not in fp4_paths)
+    bf16, _ = capacity.weight_bytes(c, {}, "bfloat16")
+    fp8, _ = capacity.weight_bytes(c, {}, "fp8")
+    assert fp8 == bf16 - 2 * (n_fp4 + n_fp8) + (n_fp4 // 2 + 2 * (n_fp4 // 32)) + (n_fp8 + 4 * blocks)
+    cap = capacity.inference_capacity(c, {}, 10**9, contexts=(16, 64))
+    assert cap.cache_bytes_per_sequence(64) == sum(v4_cache_bytes(c, 64).values())
+    steps = {wd: plan(c, batch=2, seq_len=16, steps=["decode"], weight_dtype=wd).steps[0] for wd in (None, "fp8")}
+    assert steps["fp8"].compiled and steps[None].compiled
+    assert steps[None].state_bytes - steps["fp8"].state_bytes == bf16 - fp8
