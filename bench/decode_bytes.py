@@ -45,8 +45,12 @@ def config_for(sparse: bool):
 
 
 def step_bytes(sparse: bool, cache_len: int, batch: int, devices) -> float:
-    """``bytes accessed`` of one compiled decode step."""
-    config = config_for(sparse)
+    return decode_step_bytes(config_for(sparse), cache_len, batch, devices)
+
+
+def decode_step_bytes(config, cache_len: int, batch: int, devices) -> float:
+    """``bytes accessed`` of one compiled decode step of ``config`` (bf16, one device, an empty cache of
+    ``cache_len`` tokens for ``batch`` sequences)."""
     options = dsj.ModelOptions(dtype="bfloat16", param_dtype="bfloat16", attention_block=cache_len,
                                platform=devices[0].platform)
     mesh = make_mesh(None, devices[:1])

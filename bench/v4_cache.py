@@ -21,7 +21,6 @@ by hand. The attention block is the cache length, so no loop hides trips from th
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import time
@@ -29,14 +28,12 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from decode_bytes import decode_step_bytes  # noqa: E402  (bench/ is the script's directory)
 
 import deepseek_jax as dsj  # noqa: E402
 from deepseek_jax.config.model import CSA, HCA  # noqa: E402
-from deepseek_jax.inference.steps import decode_core  # noqa: E402
 from deepseek_jax.layers import kv_cache  # noqa: E402
-from deepseek_jax.parallel.mesh import make_mesh  # noqa: E402
-from deepseek_jax.tools.plan import _inference_inputs, target_devices  # noqa: E402
+from deepseek_jax.tools.plan import target_devices  # noqa: E402
 
 BASE = 2048
 LENGTHS = (8192, 131072, 1048576)
@@ -77,17 +74,7 @@ def one_layer(kind: str):
 
 
 def step_bytes(kind: str, cache_len: int, batch: int, devices) -> float:
-    config = one_layer(kind)
-    options = dsj.ModelOptions(dtype="bfloat16", param_dtype="bfloat16", attention_block=cache_len,
-                               platform=devices[0].platform)
-    mesh = make_mesh(None, devices[:1])
-    params, cache = _inference_inputs(config, options, mesh, batch, cache_len, "bfloat16")
-    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    compiled = jax.jit(functools.partial(decode_core, config=config, options=options),
-                       donate_argnums=(1,)).lower(params, cache, tokens, tokens).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost["bytes accessed"])
+    return decode_step_bytes(one_layer(kind), cache_len, batch, devices)
 
 
 def main():
