@@ -119,12 +119,10 @@ class _RawFp4(_RawFp8):
         raw = self.ckpt.raw(key)
         r0, r1 = rows if rows is not None else (0, raw.shape[0])
         c0, c1 = cols if cols is not None else (0, 2 * raw.shape[1])
-        u = np.asarray(raw[r0:r1, c0 // 2: -(-c1 // 2)]).view(np.uint8)
-        codes = np.stack([u & 0xF, u >> 4], axis=-1).reshape(u.shape[0], -1)
-        return codes[:, c0 % 2: c0 % 2 + c1 - c0]
+        return fp4.codes(raw[r0:r1, c0 // 2: -(-c1 // 2)])[:, c0 % 2: c0 % 2 + c1 - c0]
 
 
-def _fp8_scales(ckpt: HFCheckpoint, tm: TensorMap, dtype=np.float32) -> np.ndarray:
+def _kept_scales(ckpt: HFCheckpoint, tm: TensorMap, dtype=np.float32) -> np.ndarray:
     """The scales of a kept FP8 (FP4) leaf in our layout: ``lead + [ceil(in / 128), ceil(out / 128)]``
     (``[in / 32, out]``), transposed with the weight."""
     first = ckpt._scales[tm.sources[0][0]]
@@ -202,7 +200,7 @@ def _load_kept(ckpt: HFCheckpoint, tm: TensorMap, sharding, stacked: bool, reads
 
         q = jax.make_array_from_callback(tm.shape, q_sharding, _callback(raw, tm, stored, ranges, reads))
     e8m0 = ckpt.dtype(ckpt._scales[tm.sources[0][0]]) == np.dtype(ml_dtypes.float8_e8m0fnu)
-    scales = _fp8_scales(ckpt, tm, ml_dtypes.bfloat16 if fp4_kept and e8m0 else np.float32)
+    scales = _kept_scales(ckpt, tm, ml_dtypes.bfloat16 if fp4_kept and e8m0 else np.float32)
     return cls(q, jax.device_put(scales, scale_sharding), n_in, n_out)
 
 

@@ -8,8 +8,9 @@ The format (``docs/reference.md``; transformers' ``FineGrainedFP8Config(expert_d
   ``<name>_scale_inv``);
 - ``W[i, j] = e2m1(code[i, j]) * scale[i, j // 32]``.
 
-Only reading lives here (and ``quantize``, which writes the format, for tests and tools): the loaders dequantize
-FP4 experts to the compute dtype (``checkpoint/hf_dir.py``); keeping them packed on the devices is not done yet.
+Reading on the host lives here (and ``quantize``, which writes the format, for tests and tools): the loaders
+dequantize FP4 experts to the compute dtype (``checkpoint/hf_dir.py``), or, with ``dtype="fp8"``, keep their codes
+on the devices as ``quant/weights.py``'s ``Fp4Weight`` (``checkpoint/sharded_load.py``).
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ def scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
     return out, -(-inp // GROUP)
 
 
-def unpack(packed: np.ndarray) -> np.ndarray:
-    """``[..., n / 2]`` packed bytes -> ``[..., n]`` fp32 e2m1 values (low nibble first)."""
+def codes(packed: np.ndarray) -> np.ndarray:
+    """``[..., n / 2]`` packed bytes -> ``[..., n]`` e2m1 codes, one per ``uint8`` (low nibble first)."""
     u = np.asarray(packed).view(np.uint8)
-    codes = np.stack([u & 0xF, u >> 4], axis=-1).reshape(*u.shape[:-1], 2 * u.shape[-1])
-    return VALUES[codes]
+    return np.stack([u & 0xF, u >> 4], axis=-1).reshape(*u.shape[:-1], 2 * u.shape[-1])
+
+
+def unpack(packed: np.ndarray) -> np.ndarray:
+    """``[..., n / 2]`` packed bytes -> ``[..., n]`` fp32 e2m1 values."""
+    return VALUES[codes(packed)]
 
 
 def dequantize(packed: np.ndarray, scales: np.ndarray, rows: Optional[tuple[int, int]] = None,
