@@ -106,6 +106,38 @@ def test_release_loads_and_converts_to_transformers_logits(release, tmp_path):
             assert np.abs(_logits(*dsj.load_pretrained(out, dtype=jnp.float32)) - ref).max() <= 1e-5
 
 
+def test_export_fp8_writes_the_release_format_back(release, tmp_path):
+    """``export --fp8`` of a converted release writes V4's format: FP4 experts (int8-packed, e8m0 scales) and
+    ue8m0 FP8 linears, ``expert_dtype: fp4`` in config.json. The values round-trip exactly (re-quantizing e2m1
+    and e4m3 values on power-of-two scales loses nothing), so transformers reads the export with the release's
+    logits."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    from deepseek_jax.checkpoint.convert.convert import convert
+    from deepseek_jax.checkpoint.convert.export import export
+
+    path, ref = release
+    orbax, out = str(tmp_path / "orbax"), str(tmp_path / "out")
+    convert(path, orbax, dtype="float32", progress=False)
+    export(orbax, out, fp8=True, progress=False)
+    a, b = read_all(path), read_all(out)
+    key = "layers.1.ffn.experts.5.w2.weight"
+    assert b[key].dtype == torch.int8 and b[key[: -len("weight")] + "weight_scale_inv"].dtype == torch.float8_e8m0fnu
+    for k in (key, "layers.1.ffn.experts.0.w1.weight"):
+        s_a, s_b = (t[k[: -len("weight")] + suffix].float().numpy()
+                    for t, suffix in ((a, "scale"), (b, "weight_scale_inv")))
+        np.testing.assert_array_equal(fp4.dequantize(b[k].numpy(), s_b), fp4.dequantize(a[k].numpy(), s_a))
+    with open(os.path.join(out, "config.json")) as f:
+        q = json.load(f)["quantization_config"]
+    assert q["expert_dtype"] == "fp4" and q["scale_fmt"] == "ue8m0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = AutoModelForCausalLM.from_pretrained(
+            out, dtype=torch.float32,
+            quantization_config=FineGrainedFP8Config(dequantize=True, scale_fmt="ue8m0", expert_dtype="fp4"))
+    assert np.abs(torch_logits(back.eval(), TOKENS) - ref).max() <= 1e-5
+
+
 MESH_SCRIPT = r"""
 import json, sys, warnings
 import jax, jax.numpy as jnp, numpy as np

@@ -1,7 +1,8 @@
 """``deepseek-jax export SRC DST``: a converted (Orbax) directory, or a ``deepseek-jax train`` work directory (its
 latest checkpoint: a fine-tuned model) -> HF safetensors shards + index + config.json,
 the layout transformers' ``from_pretrained`` and DeepSeek's releases use; ``--fp8`` re-quantizes to the
-release's e4m3fn + 128x128 ``weight_scale_inv`` format.
+release's e4m3fn + 128x128 ``weight_scale_inv`` format (V4: its routed experts to FP4, as V4's release stores them:
+``quant/fp4.py``, e8m0 scales).
 
 Streams like ``convert``: every HF tensor is read from its slot of the Orbax leaf (tensorstore reads only that
 chunk), turned back with ``TensorMap.to_hf`` and appended to the current shard, whose header was written
@@ -38,6 +39,7 @@ from deepseek_jax.checkpoint.train_dir import (
     is_train_workdir,
 )
 from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.quant import fp4
 from deepseek_jax.quant.blocks import (
     BLOCK,
     E4M3,
@@ -169,7 +171,7 @@ def plan_export(src: str, fp8: bool = False, dtype: Optional[str] = None, ue8m0:
         marker = orbax_io.read_marker(src)
         stores = orbax_io.open_lazy(os.path.abspath(os.path.join(src, PARAMS_DIR)))
     if ue8m0 is None:
-        ue8m0 = marker.get("scale_fmt") == "ue8m0"
+        ue8m0 = marker.get("scale_fmt") == "ue8m0" or (fp8 and config.is_v4)  # V4's release scales are e8m0
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
 
@@ -208,7 +210,21 @@ def plan_export(src: str, fp8: bool = False, dtype: Optional[str] = None, ue8m0:
         else:  # FP8 sources written without --fp8
             plain = np.dtype(ml_dtypes.bfloat16) if src_dtype is not None or kept_fp8 else stored
         for key, index in tm.sources:
-            if quantize:
+            if quantize and config.is_v4 and tm.path[-2] == "experts":  # FP4, as V4's release stores them
+                def fp4_pair(tm=tm, t=t, s=scale_t, index=index, key=key):
+                    if cache.get("key") != key:
+                        w = tm.to_hf(read(t, index))
+                        if s is not None:
+                            w = dequantize_region(w, read(s, index).T)
+                        cache.update(key=key, pair=fp4.quantize(w))
+                    return cache["pair"]
+
+                out.append(OutTensor(key, (tm.hf_shape[0], tm.hf_shape[1] // 2), np.dtype(np.int8),
+                                     lambda q=fp4_pair: np.ascontiguousarray(q()[0])))
+                out.append(OutTensor(key + "_scale_inv", fp4.scale_shape(tm.hf_shape),
+                                     np.dtype(ml_dtypes.float8_e8m0fnu),
+                                     lambda q=fp4_pair: np.ascontiguousarray(q()[1])))
+            elif quantize:
                 def quantized(tm=tm, t=t, s=scale_t, index=index, key=key):
                     # The weight and its scale are written one after the other: quantize once for both.
                     if cache.get("key") != key:
@@ -253,7 +269,7 @@ def plan_export(src: str, fp8: bool = False, dtype: Optional[str] = None, ue8m0:
     return config, marker, out
 
 
-def _export_config(src: str, fp8: bool, ue8m0: bool) -> dict:
+def _export_config(src: str, fp8: bool, ue8m0: bool, v4: bool = False) -> dict:
     with open(os.path.join(src, "config.json")) as f:
         d = json.load(f)
     d.pop("quantization_config", None)
@@ -262,6 +278,8 @@ def _export_config(src: str, fp8: bool, ue8m0: bool) -> dict:
                                     "weight_block_size": [128, 128]}
         if ue8m0:
             d["quantization_config"]["scale_fmt"] = "ue8m0"
+        if v4:
+            d["quantization_config"]["expert_dtype"] = "fp4"
     return d
 
 
@@ -275,7 +293,7 @@ def export(src: str, dst: str, fp8: bool = False, dtype: Optional[str] = None, m
     max_bytes = parse_size(max_shard_size)
     config, marker, tensors = plan_export(src, fp8=fp8, dtype=dtype, ue8m0=ue8m0)
     if ue8m0 is None:
-        ue8m0 = marker.get("scale_fmt") == "ue8m0"
+        ue8m0 = marker.get("scale_fmt") == "ue8m0" or (fp8 and config.is_v4)
     total = sum(t.nbytes for t in tensors)
     t0 = time.perf_counter()
     with AtomicDir(dst, force) as tmp:
@@ -286,7 +304,7 @@ def export(src: str, dst: str, fp8: bool = False, dtype: Optional[str] = None, m
             if bar is not None:
                 bar.close()
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(_export_config(src, fp8, ue8m0), f, indent=2)
+            json.dump(_export_config(src, fp8, ue8m0, config.is_v4), f, indent=2)
         if train:
             for name in TRAIN_FILES:
                 if os.path.isfile(os.path.join(src, name)):
