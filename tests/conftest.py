@@ -12,5 +12,9 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "deepseek-jax-test-xla-cache"))
+# One persistent compilation cache per xdist worker: two processes writing the same entry at once is where a CI run
+# segfaulted (jax 0.10.2, inside compilation_cache.put_executable_and_time, 2026-12-06).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"deepseek-jax-test-xla-cache-{_WORKER}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
