@@ -12,8 +12,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
-# One persistent compilation cache per xdist worker: two processes writing the same entry at once is where a CI run
-# segfaulted (jax 0.10.2, inside compilation_cache.put_executable_and_time, 2026-12-06).
+# One persistent compilation cache per xdist worker. A CI run segfaulted in jax 0.10.2's cache write
+# (compilation_cache.put_executable_and_time, 2026-12-06); separate caches did not stop a second segfault: open.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"deepseek-jax-test-xla-cache-{_WORKER}"))
