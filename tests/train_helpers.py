@@ -29,14 +29,15 @@ def batch(seed: int = 0, batch_size: int = 8, seq_len: int = 16) -> dict:
             "positions": pos.astype(np.int32), "segment_ids": seg, "loss_mask": mask}
 
 
-def run_steps(mesh_spec: str | None, n_steps: int = 2, devices=None, tc: TrainConfig = TRAIN):
-    """Train ``n_steps`` on fixed batches; return the per-step losses and the final params (numpy)."""
+def run_steps(mesh_spec: str | None, n_steps: int = 2, devices=None, tc: TrainConfig = TRAIN, mesh=None):
+    """Train ``n_steps`` on fixed batches (on ``mesh`` if given, else ``make_mesh(mesh_spec, devices)``); return the
+    per-step losses and the final params (numpy)."""
     import jax
 
     from deepseek_jax.parallel.mesh import make_mesh
     from deepseek_jax.training.trainer import Trainer
 
-    trainer = Trainer(CONFIG, tc, make_mesh(mesh_spec, devices))
+    trainer = Trainer(CONFIG, tc, make_mesh(mesh_spec, devices) if mesh is None else mesh)
     state = trainer.init_state()
     losses = []
     for i in range(n_steps):

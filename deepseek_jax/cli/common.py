@@ -83,3 +83,13 @@ def add_run_arguments(p, *, workdir: str, steps: int, lr: float) -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32")
+
+
+def add_slice_args(p) -> None:
+    """``--num-slices`` and ``--dcn-mesh``: a mesh over several slices (pods joined over DCN)."""
+    p.add_argument("--num-slices", type=int, default=1,
+                   help="the devices form N slices joined over DCN; the mesh's leading axis (or --dcn-mesh's "
+                        "axes) spans them, e.g. --num-slices 2 --mesh data=2,fsdp=32,expert=8")
+    p.add_argument("--dcn-mesh", default=None, metavar="AXIS=SLICES",
+                   help="which mesh axes span the slices, e.g. data=2 or fsdp=2 (default: the first axis the slice "
+                        "count divides); only these axes' collectives cross DCN")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from deepseek_jax.cli.common import parse_overrides
+from deepseek_jax.cli.common import add_slice_args, parse_overrides
 
 
 def _run(args) -> int:
@@ -36,7 +36,8 @@ def _run(args) -> int:
                       train_overrides={"fsdp_over_data": args.fsdp_over_data, "moe_dispatch": args.moe_dispatch,
                                        "capacity_factor": args.capacity_factor},
                       infer_dtype=args.infer_dtype, cache_dtype=args.cache_dtype,
-                      weight_dtype="fp8" if args.weight_dtype == "fp8" else None)
+                      weight_dtype="fp8" if args.weight_dtype == "fp8" else None,
+                      num_slices=args.num_slices, dcn=args.dcn_mesh)
     except (PlanError, ConfigError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {str(e).strip(chr(39))}", file=sys.stderr)
         return 2
@@ -127,6 +128,7 @@ def register(sub) -> None:
     target.add_argument("--topology", help="a TPU topology, e.g. v5p:4x4x4 (needs the tpu extra)")
     target.add_argument("--cpu-devices", type=int, help="N simulated CPU devices")
     p.add_argument("--mesh", default=None, help="e.g. fsdp=8,expert=8 (default: every device on data)")
+    add_slice_args(p)
     p.add_argument("--batch", type=int, default=None, help="global batch (sequences)")
     p.add_argument("--seq-len", type=int, default=None, help="training / prefill sequence length")
     p.add_argument("--cache-len", type=int, default=None, help="decode step's cache length (default: --seq-len)")

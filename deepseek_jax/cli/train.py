@@ -9,6 +9,7 @@ import sys
 
 from deepseek_jax.cli.common import (
     add_run_arguments,
+    add_slice_args,
     checkpoint_tokenizer_dir,
     data_tokenizer,
     parse_overrides,
@@ -97,10 +98,11 @@ def _run(args) -> int:
     os.makedirs(args.workdir, exist_ok=True)
     _copy_tokenizer_config(args, tokenizer_file)
     try:
-        trainable, total = Trainer(config, tc, make_mesh(args.mesh)).trainable_count()
+        mesh = make_mesh(args.mesh, num_slices=args.num_slices, dcn=args.dcn_mesh)
+        trainable, total = Trainer(config, tc, mesh).trainable_count()
         if jax.process_index() == 0:
             print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.1%})", file=sys.stderr)
-        records = fit(config, tc, args.workdir, mesh_spec=args.mesh, data=args.data, tokenizer=tokenizer,
+        records = fit(config, tc, args.workdir, mesh=mesh, data=args.data, tokenizer=tokenizer,
                       eos_id=eos_id, arithmetic_loss=args.arithmetic_loss, save_every=args.save_every,
                       keep=args.keep, resume=not args.no_resume, init_from=args.init_from,
                       chat_style=args.chat_style or default_style(config))
@@ -187,6 +189,7 @@ def register(sub) -> None:
                    help="muon: Muon (orthogonalized momentum) for the hidden linear weights and AdamW for the "
                         "embedding, head, routers, norms and biases, as DeepSeek-V4 was pre-trained")
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,expert=2 (default: all devices on data)")
+    add_slice_args(p)
     p.add_argument("--fsdp-over-data", action="store_true",
                    help="shard weights and optimizer state over data too (ZeRO-3), not only fsdp x expert")
     p.add_argument("--capacity-factor", type=float, default=None,

@@ -45,11 +45,109 @@ def parse_mesh_spec(spec: str | None, n_devices: int) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(spec: str | None = None, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(spec: str | None = None, devices: Optional[Sequence[jax.Device]] = None, *, num_slices: int = 1,
+              dcn: str | None = None) -> Mesh:
+    """The ``Mesh`` over ``device_grid``'s layout, axes ``MESH_AXES``."""
     devices = list(jax.devices() if devices is None else devices)
+    return Mesh(device_grid(spec, devices, num_slices=num_slices, dcn=dcn), MESH_AXES)
+
+
+def device_grid(spec: str | None, devices: Sequence, *, num_slices: int = 1, dcn: str | None = None) -> np.ndarray:
+    """``devices`` as the array of the mesh ``spec`` asks for (``"fsdp=8,expert=8"``; axes in ``MESH_AXES``
+    order), laid out by ``mesh_utils``: within a slice the axes follow the physical ICI torus
+    (``create_device_mesh``). With ``num_slices`` > 1 the devices form that many slices joined over DCN, and only
+    the axes ``dcn`` names span them (``"data=2"``: the data axis' two halves sit in different slices; default: the
+    first axis, in ``MESH_AXES`` order, whose size the slice count divides, normally ``data``). Each of those axes
+    is split as (slice, within-slice), the slice outermost, as ``mesh_utils.create_hybrid_device_mesh`` lays it out.
+    See ``device_slices`` for what a slice is on devices that do not say."""
     sizes = parse_mesh_spec(spec, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    if num_slices < 1:
+        raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+    if num_slices == 1:
+        if dcn:
+            raise ValueError(f"a DCN mesh ({dcn!r}) needs --num-slices > 1")
+        return _ici_mesh(tuple(sizes[a] for a in MESH_AXES), devices)
+    dcn_sizes = parse_dcn_spec(dcn, sizes, num_slices)
+    ici_shape = tuple(sizes[a] // dcn_sizes[a] for a in MESH_AXES)
+    dcn_shape = tuple(dcn_sizes[a] for a in MESH_AXES)
+    slices = device_slices(devices, num_slices)
+    if devices[0].platform == "tpu" and len({getattr(d, "slice_index", 0) for d in devices}) == num_slices:
+        from jax.experimental import mesh_utils
+
+        try:
+            return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            pass  # a slice shape its torus does not fit: laid out below, each slice in a plain order
+    # Slices the devices do not carry (simulated CPU devices, or one slice per process): the same layout by hand.
+    # Stack the per-slice meshes as [*dcn, *ici], then interleave each axis' (slice, within-slice) pair.
+    per_slice = np.stack([_ici_mesh(ici_shape, group) for group in slices]).reshape(dcn_shape + ici_shape)
+    n = len(MESH_AXES)
+    order = [i for a in range(n) for i in (a, n + a)]
+    return per_slice.transpose(order).reshape(tuple(sizes[a] for a in MESH_AXES))
+
+
+def parse_dcn_spec(dcn: str | None, sizes: dict[str, int], num_slices: int) -> dict[str, int]:
+    """How many slices each mesh axis spans: ``dcn`` (``"data=2"``, product = ``num_slices``, each axis' size a
+    multiple of its count) or, when None, all of them on the first axis whose size ``num_slices`` divides."""
+    out = {a: 1 for a in MESH_AXES}
+    if dcn:
+        for part in dcn.split(","):
+            name, _, value = part.partition("=")
+            name = name.strip()
+            if name not in out or not value.strip().isdigit() or int(value) < 1:
+                raise ValueError(f"DCN mesh {dcn!r}: expected comma-separated axis=slices with axes {MESH_AXES}")
+            out[name] = int(value)
+    else:
+        axis = next((a for a in MESH_AXES if sizes[a] % num_slices == 0 and sizes[a] >= num_slices), None)
+        if axis is None:
+            raise ValueError(f"no mesh axis of {sizes} can span {num_slices} slices: make one a multiple of it")
+        out[axis] = num_slices
+    if math.prod(out.values()) != num_slices:
+        raise ValueError(f"DCN mesh {dcn!r} spans {math.prod(out.values())} slices, but there are {num_slices}")
+    for a, k in out.items():
+        if sizes[a] % k:
+            raise ValueError(f"mesh axis {a}={sizes[a]} cannot span {k} slices: its size is not a multiple of {k}")
+    return out
+
+
+def device_slices(devices: Sequence[jax.Device], num_slices: int) -> list[list[jax.Device]]:
+    """The devices of each slice, in order: by ``slice_index`` where the devices carry it (TPU pods, and a TPU
+    topology compiled for several slices), else by process when there are ``num_slices`` processes (hosts over
+    DCN), else consecutive equal groups (simulated slices on one host's CPU devices)."""
+    for attr in ("slice_index", "process_index"):
+        keys = [getattr(d, attr, None) for d in devices]
+        if None not in keys and len(set(keys)) == num_slices:
+            return [[d for d, k in zip(devices, keys) if k == key] for key in sorted(set(keys))]
+    if len(devices) % num_slices:
+        raise ValueError(f"{len(devices)} devices cannot form {num_slices} equal slices")
+    ordered, per = sorted(devices, key=lambda d: d.id), len(devices) // num_slices
+    return [ordered[i * per:(i + 1) * per] for i in range(num_slices)]
+
+
+def slice_of_devices(mesh: Mesh, num_slices: int) -> list[int]:
+    """The slice of each device in ``mesh.devices.flat`` order, which is the order of the device ids a compiled
+    step's collectives name (its replica groups)."""
+    flat = list(mesh.devices.flat)
+    where = {d.id: i for i, group in enumerate(device_slices(flat, num_slices)) for d in group}
+    return [where[d.id] for d in flat]
+
+
+def _ici_mesh(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:
+    """``devices`` as an array of ``shape`` following the physical torus on TPU (``create_device_mesh``); a plain
+    reshape where there is no topology to follow (CPU) or none the mesh fits."""
+    if devices[0].platform == "tpu":
+        from jax.experimental import mesh_utils
+
+        try:
+            return mesh_utils.create_device_mesh(shape, devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            try:
+                return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+            except (ValueError, NotImplementedError, AssertionError):
+                pass
+    grid = np.empty(len(devices), dtype=object)
+    grid[:] = list(devices)
+    return grid.reshape(shape)
 
 
 def current_mesh():

@@ -24,6 +24,8 @@ import math
 import re
 from collections import defaultdict
 
+import numpy as np
+
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                "collective-permute", "collective-broadcast")
 
@@ -43,6 +45,11 @@ _CALLEES = re.compile(r"\b(calls|to_apply|body|condition)=%?([\w.\-]+)")
 _CALLEE_LISTS = re.compile(r"\b(branch_computations|called_computations)=\{([^}]*)\}")
 _END = re.compile(r"^\}\s*(?:,\s*execution_thread=\S+)?\s*$")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+_GROUPS_LIST = re.compile(r"\b(?:replica_groups|source_target_pairs)=\{((?:\{[\d,\s]*\},?\s*)*)\}")
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="?([A-Z_]+)')
+_GROUPS_MESH = re.compile(r"\breplica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?"
+                          r"\s*\{([^}]*)\}")
+_GROUPS_IOTA = re.compile(r"\breplica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
 
 
 @dataclasses.dataclass
@@ -51,6 +58,17 @@ class CollectiveStats:
 
     count: int = 0
     bytes: float = 0.0
+
+
+@dataclasses.dataclass
+class DcnStats(CollectiveStats):
+    """The collectives of one kind whose groups span slices: how many run per step, their result bytes per device,
+    and ``dcn_bytes``, what each device must send over DCN for them with a hierarchical algorithm (the ideal: each
+    slice's part is combined over ICI first): a group of g devices over k slices moves 2(k-1)/g of an all-reduce's
+    result, (k-1)/g of an all-gather's, k-1 times a reduce-scatter's (its result is the shard), (k-1)/k of an
+    all-to-all's, and all of a collective-permute's."""
+
+    dcn_bytes: float = 0.0
 
 
 @dataclasses.dataclass
@@ -204,4 +222,92 @@ def count_collectives(hlo_text: str) -> dict[str, CollectiveStats]:
             st = out.setdefault(op, CollectiveStats())
             st.count += times
             st.bytes += times * _result_bytes(ins, op)
+    return out
+
+
+def replica_groups(rest: str) -> list[list[int]] | None:
+    """The device groups of a collective's attributes (explicit ``{{0,1},{2,3}}`` or iota ``[2,4]<=[4,2]T(1,0)``
+    replica groups; a collective-permute's source-target pairs as groups of two), or None when it names none (one
+    group of all devices). XLA also prints groups over a device mesh: ``mesh['a'=4,'b'=2], device_ids=([2,4]T(1,0))
+    {'a'}``, the devices (an iota, maybe transposed; default in order) laid out as the mesh, one group per
+    position of the axes not named."""
+    m = _GROUPS_MESH.search(rest)
+    if m:
+        axes = [(name, int(size)) for name, size in re.findall(r"'([^']+)'\s*=\s*(\d+)", m.group(1))]
+        shape = [size for _, size in axes]
+        ids = np.arange(math.prod(shape))
+        if m.group(2):
+            ids = ids.reshape([int(d) for d in m.group(2).split(",")])
+            if m.group(3):
+                ids = ids.transpose([int(p) for p in m.group(3).split(",")])
+        ids = ids.reshape(shape)
+        named = set(re.findall(r"'([^']+)'", m.group(4)))
+        inner = [i for i, (name, _) in enumerate(axes) if name in named]
+        outer = [i for i in range(len(axes)) if i not in inner]
+        size = math.prod(shape[i] for i in inner)
+        return ids.transpose(outer + inner).reshape(-1, size).tolist()
+    m = _GROUPS_IOTA.search(rest)
+    if m:
+        n_groups, size = int(m.group(1)), int(m.group(2))
+        dims = [int(d) for d in m.group(3).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(4):
+            ids = ids.transpose([int(p) for p in m.group(4).split(",")])
+        return ids.reshape(n_groups, size).tolist()
+    m = _GROUPS_LIST.search(rest)
+    if not m or not m.group(1).strip():
+        return None
+    return [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))]
+
+
+def _dcn_fraction(op: str, group: int, spanned: int) -> float:
+    k, g = spanned, group
+    return {"all-reduce": 2 * (k - 1) / g, "all-gather": (k - 1) / g, "reduce-scatter": float(k - 1),
+            "collective-permute": 1.0}.get(op, (k - 1) / k)
+
+
+def dcn_collectives(hlo_text: str, slice_of: list[int]) -> dict[str, DcnStats]:
+    """``{kind: DcnStats}`` for the collectives that cross slices, loops weighted by trips as in
+    ``count_collectives``. Two forms:
+
+    - A TPU program compiled for several slices is the program of one slice: what crosses slices is a host
+      transfer to the megascale (DCN) runtime, a ``send`` whose ``_xla_megascale_transfer_type`` names the
+      collective (``ALL_REDUCE``...). Its bytes are the send's buffer, and the DCN bytes follow from it as for a
+      group of one device per slice.
+    - Anywhere else (simulated slices on CPU devices), a collective crosses when one of its groups holds devices
+      of more than one slice: ``slice_of[i]`` is the slice of device id i as the HLO's groups number them (the
+      compiled step's device order: ``mesh.devices.flat``)."""
+    comps, entry = parse_computations(hlo_text)
+    runs = execution_counts(comps, entry)
+    k_all = len(set(slice_of))
+    out: dict[str, DcnStats] = {}
+    for name, instructions in comps.items():
+        times = runs.get(name, 0)
+        for ins in instructions if times else ():
+            if ins.opcode in ("send", "send-start"):
+                m = _MEGASCALE.search(ins.rest)
+                if m:
+                    op = m.group(1).lower().replace("_", "-")
+                    sent = _array_bytes(ins.shape)[0] if ins.shape.startswith("(") else sum(_array_bytes(ins.shape))
+                    st = out.setdefault(op, DcnStats())
+                    st.count += times
+                    st.bytes += times * sent
+                    # a send holds this device's operand: an all-gather's result is k of them, a reduce-scatter's
+                    # operand is k results
+                    scale = {"all-gather": k_all, "reduce-scatter": 1 / k_all}.get(op, 1)
+                    st.dcn_bytes += times * sent * scale * _dcn_fraction(op, k_all, k_all)
+                continue
+            op = ins.opcode[: -len("-start")] if ins.opcode.endswith("-start") else ins.opcode
+            if op not in COLLECTIVES:
+                continue
+            groups = replica_groups(ins.rest) or [list(range(len(slice_of)))]
+            spans = [(len(g), len({slice_of[d] for d in g})) for g in groups]
+            g, k = max(spans, key=lambda s: s[1])
+            if k < 2:
+                continue
+            result = _result_bytes(ins, op)
+            st = out.setdefault(op, DcnStats())
+            st.count += times
+            st.bytes += times * result
+            st.dcn_bytes += times * result * _dcn_fraction(op, g, k)
     return out

@@ -21,11 +21,15 @@ import re
 import time
 from typing import Optional, Sequence
 
-from deepseek_jax.tools.hlo import CollectiveStats, count_collectives
+from deepseek_jax.tools.hlo import CollectiveStats, DcnStats, count_collectives, dcn_collectives
 
 STEPS = ("train", "prefill", "decode")
 _HBM_ERROR = re.compile(r"required for (.*?) \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# DCN bandwidth per TPU host, and chips per host (v4, v5p: 4): the figure the seconds of cross-slice collectives
+# are estimated at. 25 GB/s is the per-host DCN figure MaxText's and Google's multi-slice guides plan with.
+DCN_BYTES_PER_S_PER_HOST = 25e9
+CHIPS_PER_HOST = 4
 
 
 class PlanError(RuntimeError):
@@ -45,6 +49,7 @@ class StepPlan:
     code_bytes: int = 0
     state_bytes: int = 0  # of the arguments: params + optimizer state (train) or params + cache (inference)
     collectives: dict[str, CollectiveStats] = dataclasses.field(default_factory=dict)
+    dcn: dict[str, DcnStats] = dataclasses.field(default_factory=dict)  # the collectives that cross slices
     flops: float = 0.0
     tokens: int = 0
     compile_seconds: float = 0.0
@@ -78,6 +83,8 @@ class Plan:
     remat: str
     params: int
     steps: list[StepPlan]
+    num_slices: int = 1
+    dcn_mesh: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def fits(self) -> bool:
@@ -127,7 +134,29 @@ class Plan:
             lines += self._balanced_ragged(scale, unit)
         else:
             lines.append("  none")
+        if self.num_slices > 1:
+            lines += self._dcn_table(scale, unit)
         return "\n".join(lines)
+
+    def _dcn_table(self, scale: float, unit: str) -> list[str]:
+        per_chip = DCN_BYTES_PER_S_PER_HOST / CHIPS_PER_HOST
+        axes = " ".join(f"{k}={v}" for k, v in self.dcn_mesh.items() if v > 1)
+        lines = ["", f"across the {self.num_slices} slices (DCN axes {axes}): the collectives whose groups span "
+                 f"slices, count / {unit} of result buffers / {unit} each device sends over DCN (hierarchical, "
+                 f"by hand) / seconds at {DCN_BYTES_PER_S_PER_HOST / 1e9:g} GB/s per host of {CHIPS_PER_HOST} chips"]
+        for s in self.steps:
+            if not s.compiled:
+                continue
+            if not s.dcn:
+                lines.append(f"{s.name:<15}none")
+                continue
+            for kind, st in sorted(s.dcn.items()):
+                lines.append(f"{s.name:<15}{kind:<20}{st.count:>8,d} {st.bytes / scale:>10.2f} "
+                             f"{st.dcn_bytes / scale:>10.2f} {st.dcn_bytes / per_chip:>9.3f} s")
+            total = sum(st.dcn_bytes for st in s.dcn.values())
+            lines.append(f"{s.name:<15}{'total':<20}{'':>8} {'':>10} {total / scale:>10.2f} "
+                         f"{total / per_chip:>9.3f} s per step")
+        return lines
 
     def _balanced_ragged(self, scale: float, unit: str) -> list[str]:
         """Rows a ragged all-to-all moves under balanced routing, by hand: a dropless exchange's receive buffer holds
@@ -146,17 +175,19 @@ class Plan:
 
 
 # ----- devices ------------------------------------------------------------------------------------------------
-def target_devices(topology: Optional[str] = None, cpu_devices: Optional[int] = None) -> list:
-    """The devices to compile for: a TPU topology such as ``v5p:4x4x4`` (no TPU needed: the tpu extra's libtpu
-    compiles on this machine), or the first ``cpu_devices`` CPU devices (``XLA_FLAGS=
-    --xla_force_host_platform_device_count=N`` must be set before JAX starts; the CLI does it)."""
+def target_devices(topology: Optional[str] = None, cpu_devices: Optional[int] = None, num_slices: int = 1) -> list:
+    """The devices to compile for: a TPU topology such as ``v5p:4x4x4``, ``num_slices`` of them joined over DCN
+    (no TPU needed: the tpu extra's libtpu compiles on this machine), or the first ``cpu_devices`` CPU devices
+    (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` must be set before JAX starts; the CLI does it), which
+    ``num_slices`` splits into simulated slices."""
     import jax
 
     if topology:
         try:
             from jax.experimental import topologies
 
-            return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+            kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+            return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices)
         except Exception as e:  # no libtpu, or a name it does not know
             raise PlanError(f"TPU topology {topology!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                             " (the TPU compiler comes with `pip install 'deepseek-jax[tpu]'`)") from None
@@ -202,24 +233,6 @@ def _tpu_hbm(device) -> Optional[int]:
     return _HBM_CACHE[device.device_kind]
 
 
-def _mesh(spec: Optional[str], devices: list):
-    import numpy as np
-    from jax.sharding import Mesh
-
-    from deepseek_jax.parallel.mesh import MESH_AXES, parse_mesh_spec
-
-    sizes = parse_mesh_spec(spec, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    if devices[0].platform == "tpu":
-        try:  # an order that follows the physical torus
-            from jax.experimental import mesh_utils
-
-            return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES)
-        except Exception:
-            pass
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
-
-
 # ----- compiling the steps --------------------------------------------------------------------------------------
 def _shard_bytes(tree) -> int:
     import jax
@@ -230,7 +243,8 @@ def _shard_bytes(tree) -> int:
                    for x in jax.tree.leaves(tree)) // 8)
 
 
-def _compile(name: str, jitted, args: tuple, state_bytes: int, flops: float, tokens: int, mesh) -> StepPlan:
+def _compile(name: str, jitted, args: tuple, state_bytes: int, flops: float, tokens: int, mesh,
+             slice_of: Optional[list] = None) -> StepPlan:
     from deepseek_jax.parallel.mesh import mesh_context
 
     t0 = time.perf_counter()
@@ -249,20 +263,22 @@ def _compile(name: str, jitted, args: tuple, state_bytes: int, flops: float, tok
             return step
         raise PlanError(f"{name} step: {first}") from None
     mem = compiled.memory_analysis()
+    text = compiled.as_text()
     dump = os.environ.get("DEEPSEEK_JAX_PLAN_HLO_DIR")
     if dump:  # the optimized HLO of each step, for reading where the bytes go
         os.makedirs(dump, exist_ok=True)
         with open(os.path.join(dump, f"{name}.hlo.txt"), "w") as f:
-            f.write(compiled.as_text())
+            f.write(text)
     return StepPlan(
         name, compiled=True, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         code_bytes=int(mem.generated_code_size_in_bytes), state_bytes=state_bytes,
-        collectives=count_collectives(compiled.as_text()), flops=flops, tokens=tokens,
+        collectives=count_collectives(text), dcn=dcn_collectives(text, slice_of) if slice_of else {},
+        flops=flops, tokens=tokens,
         compile_seconds=time.perf_counter() - t0)
 
 
-def _train_step(config, tc, mesh, batch: int, seq_len: int) -> StepPlan:
+def _train_step(config, tc, mesh, batch: int, seq_len: int, slice_of=None) -> StepPlan:
     import jax
     import jax.numpy as jnp
 
@@ -275,7 +291,7 @@ def _train_step(config, tc, mesh, batch: int, seq_len: int) -> StepPlan:
            for k in BATCH_KEYS}
     flops = trainer.flops_per_token() * batch * seq_len
     return _compile("train", trainer.step_fn(state), (state, sds), _shard_bytes(state), flops, batch * seq_len,
-                    mesh)
+                    mesh, slice_of)
 
 
 def _inference_inputs(config, options, mesh, batch: int, cache_len: int, cache_dtype: str,
@@ -323,7 +339,8 @@ def _batch_sds(mesh, shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=logical_sharding(names, shape, mesh))
 
 
-def _prefill_step(config, options, mesh, batch, seq_len, cache_len, cache_dtype, weight_dtype=None) -> StepPlan:
+def _prefill_step(config, options, mesh, batch, seq_len, cache_len, cache_dtype, weight_dtype=None,
+                  slice_of=None) -> StepPlan:
     import functools
 
     import jax
@@ -339,10 +356,10 @@ def _prefill_step(config, options, mesh, batch, seq_len, cache_len, cache_dtype,
     selected = causal_selected(seq_len, config.index_topk) if config.has_indexer else None
     flops = flops_per_token(config, seq_len / 2, train=False, mtp=False, selected=selected) * batch * seq_len
     return _compile("prefill", fn, (params, cache, tokens, lengths), _shard_bytes((params, cache)), flops,
-                    batch * seq_len, mesh)
+                    batch * seq_len, mesh, slice_of)
 
 
-def _decode_step(config, options, mesh, batch, cache_len, cache_dtype, weight_dtype=None) -> StepPlan:
+def _decode_step(config, options, mesh, batch, cache_len, cache_dtype, weight_dtype=None, slice_of=None) -> StepPlan:
     import functools
 
     import jax
@@ -357,19 +374,23 @@ def _decode_step(config, options, mesh, batch, cache_len, cache_dtype, weight_dt
     fn = jax.jit(functools.partial(decode_core, config=config, options=options), donate_argnums=(1,))
     flops = flops_per_token(config, cache_len, train=False, mtp=False) * batch
     return _compile("decode", fn, (params, cache, tokens, positions), _shard_bytes((params, cache)), flops, batch,
-                    mesh)
+                    mesh, slice_of)
 
 
 def plan(config, *, mesh: Optional[str] = None, batch: int, seq_len: int, cache_len: Optional[int] = None,
          topology: Optional[str] = None, cpu_devices: Optional[int] = None, precision: str = "bf16",
          remat: str = "full", steps: Sequence[str] = STEPS, device_memory_bytes: Optional[int] = None,
          model_name: str = "model", train_overrides: Optional[dict] = None,
-         infer_dtype: str = "bfloat16", cache_dtype: Optional[str] = None, weight_dtype: Optional[str] = None) -> Plan:
+         infer_dtype: str = "bfloat16", cache_dtype: Optional[str] = None, weight_dtype: Optional[str] = None,
+         num_slices: int = 1, dcn: Optional[str] = None) -> Plan:
     """Compile ``steps`` of ``config`` for a topology (or simulated CPU devices) and report per-device memory,
     collectives and FLOPs. ``batch`` is the global batch (sequences); ``seq_len`` the training / prefill length;
     ``cache_len`` the decode step's cache (default ``seq_len``). Training runs ``precision`` (fp32 master weights
     and Adam moments) with ``remat``; prefill and decode hold params in ``infer_dtype`` (``weight_dtype="fp8"``:
-    the FP8 release's kernels as e4m3 + block scales) and compute in it."""
+    the FP8 release's kernels as e4m3 + block scales) and compute in it. ``num_slices``: that many copies of the
+    topology joined over DCN (or the CPU devices split into as many simulated slices), the mesh's ``dcn`` axes
+    (``make_mesh``; default the leading one) spanning them; each step then also reports the collectives that cross
+    slices and their DCN seconds."""
     from deepseek_jax.config.options import ModelOptions
     from deepseek_jax.models.counts import param_counts
     from deepseek_jax.training.config import TrainConfig
@@ -377,11 +398,15 @@ def plan(config, *, mesh: Optional[str] = None, batch: int, seq_len: int, cache_
     for s in steps:
         if s not in STEPS:
             raise PlanError(f"unknown step {s!r}; expected some of {STEPS}")
-    devices = target_devices(topology, cpu_devices)
+    from deepseek_jax.parallel.mesh import make_mesh, parse_dcn_spec, parse_mesh_spec, slice_of_devices
+
+    devices = target_devices(topology, cpu_devices, num_slices)
     try:
-        m = _mesh(mesh, devices)
+        m = make_mesh(mesh, devices, num_slices=num_slices, dcn=dcn)
+        dcn_sizes = parse_dcn_spec(dcn, parse_mesh_spec(mesh, len(devices)), num_slices) if num_slices > 1 else {}
     except ValueError as e:
         raise PlanError(str(e)) from None
+    slice_of = slice_of_devices(m, num_slices) if num_slices > 1 else None
     cache_len = cache_len or seq_len
     cache_dtype = cache_dtype or infer_dtype
     memory = device_memory_bytes if device_memory_bytes is not None else device_memory(devices)
@@ -391,15 +416,20 @@ def plan(config, *, mesh: Optional[str] = None, batch: int, seq_len: int, cache_
     out = []
     for s in steps:
         if s == "train":
-            out.append(_train_step(config, tc, m, batch, seq_len))
+            out.append(_train_step(config, tc, m, batch, seq_len, slice_of))
         elif s == "prefill":
-            out.append(_prefill_step(config, options, m, batch, seq_len, cache_len, cache_dtype, weight_dtype))
+            out.append(_prefill_step(config, options, m, batch, seq_len, cache_len, cache_dtype, weight_dtype,
+                                     slice_of))
         else:
-            out.append(_decode_step(config, options, m, batch, cache_len, cache_dtype, weight_dtype))
-    return Plan(model=model_name, target=topology or f"{len(devices)} simulated CPU devices",
+            out.append(_decode_step(config, options, m, batch, cache_len, cache_dtype, weight_dtype, slice_of))
+    where = topology or f"{len(devices)} simulated CPU devices"
+    if num_slices > 1:
+        where = f"{num_slices} x {topology}" if topology else f"{where} in {num_slices} slices"
+    return Plan(model=model_name, target=where,
                 device_kind=devices[0].device_kind, devices=len(devices), device_memory=memory,
                 mesh=dict(m.shape), batch=batch, seq_len=seq_len, cache_len=cache_len, precision=precision,
-                remat=remat, params=sum(param_counts(config).values()), steps=out)
+                remat=remat, params=sum(param_counts(config).values()), steps=out, num_slices=num_slices,
+                dcn_mesh=dcn_sizes)
 
 
 def format_bytes(n: Optional[float]) -> str:

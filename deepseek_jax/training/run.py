@@ -25,7 +25,7 @@ from deepseek_jax.data.tasks.arithmetic import ARITHMETIC_TOKENIZER_CONFIG, arit
 from deepseek_jax.parallel.mesh import make_mesh
 from deepseek_jax.training.config import TrainConfig
 from deepseek_jax.training.loop import run_loop, start_or_resume
-from deepseek_jax.training.metrics import metrics_to_host, write_json
+from deepseek_jax.training.metrics import write_json
 from deepseek_jax.training.trainer import Trainer
 
 
@@ -81,7 +81,7 @@ def run_in_workdir(workdir: str, trainer: Trainer, data, fresh: Callable[[], dic
                     flops=flops if mfu else None)
 
 
-def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Optional[str] = None,
+def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Optional[str] = None, mesh=None,
         data: Optional[str] = None, tokenizer=None, eos_id: Optional[int] = None, arithmetic_loss: str = "all",
         save_every: int = 100, keep: int = 3, resume: bool = True, progress: bool = True, async_save: bool = True,
         stop_after: Optional[int] = None, init_from: Optional[str] = None, chat_style: str = "v3") -> list[dict]:
@@ -92,8 +92,9 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     ``init_from``: start from this checkpoint's weights (``init_params``; ``config`` must be its config, see
     ``checkpoint/load.py``'s ``pretrained_config``) instead of a random init; a checkpoint of this work directory,
     when there is one, still wins (the run resumes). ``chat_style``: the template chat ``.jsonl`` data is
-    rendered with."""
-    trainer = Trainer(config, tc, make_mesh(mesh_spec))
+    rendered with. ``mesh``: a ``jax.sharding.Mesh`` to run on instead of ``make_mesh(mesh_spec)`` (a multi-slice
+    one, say)."""
+    trainer = Trainer(config, tc, make_mesh(mesh_spec) if mesh is None else mesh)
     dataset = make_dataset(data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
                            eos_id=eos_id, rows=trainer.process_rows(),
                            arithmetic_loss=arithmetic_loss, chat_style=chat_style)
@@ -107,7 +108,7 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
 
     def step_fn(state, step):
         state, metrics = trainer.run_step(state, trainer.put_batch(next(dataset)))
-        return state, metrics_to_host(metrics)
+        return state, metrics
 
     def postfix(m, first):
         return dict(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_loss']:.3f}",
