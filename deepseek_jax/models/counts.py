@@ -3,6 +3,8 @@ parameters a token is multiplied with, and model FLOPs per token (for MFU)."""
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -29,9 +31,11 @@ def param_counts(config) -> dict[str, int]:
     return counts
 
 
+@functools.lru_cache(maxsize=64)
 def active_params(config, mtp: bool = True) -> float:
     """Parameters a token is multiplied with: everything but the embedding table (a lookup), each routed expert
-    weighted by K / E (a token uses K of the E), the MTP modules only when ``mtp``."""
+    weighted by K / E (a token uses K of the E), the MTP modules only when ``mtp``. Cached per (frozen) config:
+    the training loop asks for every step's MFU, and tracing the model's init costs seconds."""
     shapes = param_shapes(config)
     total = 0.0
     for path, x in jax.tree_util.tree_leaves_with_path(shapes):

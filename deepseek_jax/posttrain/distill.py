@@ -42,7 +42,6 @@ from deepseek_jax.posttrain.teacher import (
 )
 from deepseek_jax.training import losses
 from deepseek_jax.training.config import PRECISIONS, TrainConfig
-from deepseek_jax.training.metrics import metrics_to_host
 from deepseek_jax.training.run import prepare_workdir, run_in_workdir, save_tokenizer
 from deepseek_jax.training.trainer import BATCH_KEYS, Trainer
 
@@ -229,7 +228,7 @@ def distill(config: ModelConfig, tc: TrainConfig, dc: DistillConfig, workdir: st
     def step_fn(state, step):
         batch = trainer.put_batch(next(dataset))
         state, metrics = trainer.run_step(state, batch, teacher_on_device)
-        return state, metrics_to_host(metrics)
+        return state, metrics
 
     def postfix(m, first):
         out = {"ce": f"{m['loss']:.3f}"}

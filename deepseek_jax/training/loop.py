@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 import jax
 
 from deepseek_jax.training.checkpoints import Checkpointer
-from deepseek_jax.training.metrics import log_line, mfu
+from deepseek_jax.training.metrics import log_line, metrics_to_host, mfu
 from deepseek_jax.training.trainer import Trainer
 
 
@@ -35,10 +35,12 @@ def run_loop(workdir: str, ckpt: "Checkpointer", state, start: int, end: int, to
              flops: Optional[Callable[[dict], float]] = None,
              plot: Callable[[list, str], None] = None) -> list[dict]:
     """The loop shared by ``train``, ``distill`` and ``grpo``: steps ``start..end-1`` of ``total``, each
-    ``step_fn(state, step) -> (state, host metrics)``; a progress bar (``postfix(metrics, first_step)``), one JSON
+    ``step_fn(state, step) -> (state, metrics)`` (device arrays or host values: they are fetched one step
+    late); a progress bar (``postfix(metrics, first_step)``), one JSON
     line per step in ``workdir/metrics.jsonl`` (records past ``start`` from an earlier run are dropped) and
     TensorBoard scalars in ``workdir/tb``; a checkpoint every ``ckpt``'s interval and at ``total`` with
-    ``data_state()`` and the seed; a stop after ``max_bad_steps`` skipped (non-finite) steps in a row; the curve
+    ``data_state()`` and the seed; a stop after ``max_bad_steps`` skipped (non-finite) steps in a row (seen one
+    step late: the step after the last bad one has run, and is neither logged nor saved); the curve
     (``plot``, default ``plot_loss_curve``) in ``workdir/loss.png`` at the end. Closes ``ckpt``."""
     from tqdm import tqdm
 
@@ -57,8 +59,12 @@ def run_loop(workdir: str, ckpt: "Checkpointer", state, start: int, end: int, to
                    dynamic_ncols=True)
         t_last = time.perf_counter()
         bad_run = 0
-        for step in bar:
-            state, m = step_fn(state, step)
+
+        def finish(step: int, m: dict) -> None:
+            """Step ``step``'s metrics to the host (this waits for that step, not for the one queued after it),
+            then logged and checked."""
+            nonlocal t_last, bad_run
+            m = metrics_to_host(m)
             t = time.perf_counter()
             m["step"] = step + 1
             # Real (non-padding) tokens over the step's wall time; the first step of a process compiles, so
@@ -85,8 +91,19 @@ def run_loop(workdir: str, ckpt: "Checkpointer", state, start: int, end: int, to
                     f"{m.get('total_loss')}, grad norm {m.get('grad_norm')}); their updates were skipped and the "
                     f"run stops. The last good checkpoint is step {ckpt.latest_step()} in "
                     f"{os.path.join(workdir, 'checkpoints')}")
+
+        # One step in flight: step k is dispatched before step k - 1's metrics are fetched, so the host prepares
+        # the next batch while the device runs, and a metric never makes the device wait for the host.
+        pending = None
+        for step in bar:
+            state, m = step_fn(state, step)
+            if pending is not None:
+                finish(*pending)
+            pending = (step, m)
             ckpt.save(step + 1, state, {"data": data_state(), "seed": seed, "step": step + 1},
                       force=(step + 1 == total))
+        if pending is not None:
+            finish(*pending)
     finally:
         ckpt.close()
         if writer is not None:
