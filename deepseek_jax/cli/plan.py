@@ -89,8 +89,9 @@ def _run_capacity(args) -> int:
         config = config.replace(**parse_overrides(args.set))
         if args.topology:
             generation, n = topology_chips(args.topology)
+            n *= args.num_slices
             memory = chip_memory(generation)
-            target = args.topology
+            target = args.topology if args.num_slices == 1 else f"{args.num_slices} x {args.topology}"
         else:
             n, memory, target = args.cpu_devices, None, f"{args.cpu_devices} devices"
         if args.device_memory:
