@@ -22,16 +22,10 @@ def parse_mesh_spec(spec: str | None, n_devices: int) -> dict[str, int]:
     """``"data=2,fsdp=2,expert=2"`` -> sizes of all four axes (missing ones 1; one axis may be -1 = the rest)."""
     sizes = {a: 1 for a in MESH_AXES}
     if spec:
-        fill = None
-        for part in spec.split(","):
-            name, _, value = part.partition("=")
-            name = name.strip()
-            if name not in sizes or not value.strip().lstrip("-").isdigit():
-                raise ValueError(f"mesh spec {spec!r}: expected comma-separated axis=size with axes {MESH_AXES}")
-            size = int(value)
-            if size == -1:
-                fill = name
-            elif size < 1:
+        given = _axis_values(spec, f"mesh spec {spec!r}: expected comma-separated axis=size with axes {MESH_AXES}")
+        fill = next((name for name, size in given.items() if size == -1), None)
+        for name, size in given.items():
+            if size < 1 and size != -1:
                 raise ValueError(f"mesh spec {spec!r}: axis {name} has size {size}")
             sizes[name] = max(size, 1)
         if fill is not None:
@@ -43,6 +37,18 @@ def parse_mesh_spec(spec: str | None, n_devices: int) -> dict[str, int]:
         raise ValueError(f"mesh spec {spec!r} = {sizes} needs {math.prod(sizes.values())} devices, "
                          f"but there are {n_devices}")
     return sizes
+
+
+def _axis_values(spec: str, usage: str) -> dict[str, int]:
+    """``"data=2,fsdp=-1"`` -> ``{"data": 2, "fsdp": -1}``: mesh axes and integers, else ``ValueError(usage)``."""
+    out = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        name, value = name.strip(), value.strip()
+        if name not in MESH_AXES or not value.lstrip("-").isdigit():
+            raise ValueError(usage)
+        out[name] = int(value)
+    return out
 
 
 def make_mesh(spec: str | None = None, devices: Optional[Sequence[jax.Device]] = None, *, num_slices: int = 1,
@@ -91,12 +97,10 @@ def parse_dcn_spec(dcn: str | None, sizes: dict[str, int], num_slices: int) -> d
     multiple of its count) or, when None, all of them on the first axis whose size ``num_slices`` divides."""
     out = {a: 1 for a in MESH_AXES}
     if dcn:
-        for part in dcn.split(","):
-            name, _, value = part.partition("=")
-            name = name.strip()
-            if name not in out or not value.strip().isdigit() or int(value) < 1:
-                raise ValueError(f"DCN mesh {dcn!r}: expected comma-separated axis=slices with axes {MESH_AXES}")
-            out[name] = int(value)
+        given = _axis_values(dcn, f"DCN mesh {dcn!r}: expected comma-separated axis=slices with axes {MESH_AXES}")
+        if any(k < 1 for k in given.values()):
+            raise ValueError(f"DCN mesh {dcn!r}: every axis spans at least 1 slice")
+        out.update(given)
     else:
         axis = next((a for a in MESH_AXES if sizes[a] % num_slices == 0 and sizes[a] >= num_slices), None)
         if axis is None:

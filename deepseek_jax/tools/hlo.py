@@ -62,11 +62,12 @@ class CollectiveStats:
 
 @dataclasses.dataclass
 class DcnStats(CollectiveStats):
-    """The collectives of one kind whose groups span slices: how many run per step, their result bytes per device,
-    and ``dcn_bytes``, what each device must send over DCN for them with a hierarchical algorithm (the ideal: each
-    slice's part is combined over ICI first): a group of g devices over k slices moves 2(k-1)/g of an all-reduce's
-    result, (k-1)/g of an all-gather's, k-1 times a reduce-scatter's (its result is the shard), (k-1)/k of an
-    all-to-all's, and all of a collective-permute's."""
+    """The collectives of one kind whose groups span slices: how many run per step; ``bytes``, their result bytes
+    per device (for a TPU multi-slice program, the bytes of each megascale send: what the device hands the DCN
+    runtime); and ``dcn_bytes``, what each device must send over DCN for them with a hierarchical algorithm (the
+    ideal: each slice's part is combined over ICI first): a group of g devices over k slices moves 2(k-1)/g of an
+    all-reduce's result, (k-1)/g of an all-gather's, k-1 times a reduce-scatter's (its result is the shard),
+    (k-1)/k of an all-to-all's, and all of a collective-permute's."""
 
     dcn_bytes: float = 0.0
 
@@ -206,10 +207,25 @@ def _result_bytes(ins: _Instruction, kind: str) -> float:
     return float(sum(arrays[len(arrays) // 2:]))
 
 
-def count_collectives(hlo_text: str) -> dict[str, CollectiveStats]:
-    """``{kind: CollectiveStats}`` for the collectives of an optimized HLO module, loops weighted by trips."""
+@dataclasses.dataclass
+class Module:
+    """A parsed HLO module: its computations and how often each runs per call (``parse_module``)."""
+
+    comps: dict[str, list[_Instruction]]
+    runs: dict[str, int]
+
+
+def parse_module(hlo_text: str) -> Module:
+    """Parse an optimized HLO module once, for several of the counts below."""
     comps, entry = parse_computations(hlo_text)
-    runs = execution_counts(comps, entry)
+    return Module(comps, execution_counts(comps, entry))
+
+
+def count_collectives(hlo: str | Module) -> dict[str, CollectiveStats]:
+    """``{kind: CollectiveStats}`` for the collectives of an optimized HLO module (its text, or ``parse_module``'s
+    result), loops weighted by trips."""
+    module = parse_module(hlo) if isinstance(hlo, str) else hlo
+    comps, runs = module.comps, module.runs
     out: dict[str, CollectiveStats] = {}
     for name, instructions in comps.items():
         times = runs.get(name, 0)
@@ -266,7 +282,7 @@ def _dcn_fraction(op: str, group: int, spanned: int) -> float:
             "collective-permute": 1.0}.get(op, (k - 1) / k)
 
 
-def dcn_collectives(hlo_text: str, slice_of: list[int]) -> dict[str, DcnStats]:
+def dcn_collectives(hlo: str | Module, slice_of: list[int]) -> dict[str, DcnStats]:
     """``{kind: DcnStats}`` for the collectives that cross slices, loops weighted by trips as in
     ``count_collectives``. Two forms:
 
@@ -276,9 +292,11 @@ def dcn_collectives(hlo_text: str, slice_of: list[int]) -> dict[str, DcnStats]:
       group of one device per slice.
     - Anywhere else (simulated slices on CPU devices), a collective crosses when one of its groups holds devices
       of more than one slice: ``slice_of[i]`` is the slice of device id i as the HLO's groups number them (the
-      compiled step's device order: ``mesh.devices.flat``)."""
-    comps, entry = parse_computations(hlo_text)
-    runs = execution_counts(comps, entry)
+      compiled step's device order: ``mesh.devices.flat``).
+
+    ``hlo``: the module's text or ``parse_module``'s result."""
+    module = parse_module(hlo) if isinstance(hlo, str) else hlo
+    comps, runs = module.comps, module.runs
     k_all = len(set(slice_of))
     out: dict[str, DcnStats] = {}
     for name, instructions in comps.items():

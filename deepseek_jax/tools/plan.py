@@ -21,7 +21,7 @@ import re
 import time
 from typing import Optional, Sequence
 
-from deepseek_jax.tools.hlo import CollectiveStats, DcnStats, count_collectives, dcn_collectives
+from deepseek_jax.tools.hlo import CollectiveStats, DcnStats, count_collectives, dcn_collectives, parse_module
 
 STEPS = ("train", "prefill", "decode")
 _HBM_ERROR = re.compile(r"required for (.*?) \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
@@ -142,8 +142,9 @@ class Plan:
         per_chip = DCN_BYTES_PER_S_PER_HOST / CHIPS_PER_HOST
         axes = " ".join(f"{k}={v}" for k, v in self.dcn_mesh.items() if v > 1)
         lines = ["", f"across the {self.num_slices} slices (DCN axes {axes}): the collectives whose groups span "
-                 f"slices, count / {unit} of result buffers / {unit} each device sends over DCN (hierarchical, "
-                 f"by hand) / seconds at {DCN_BYTES_PER_S_PER_HOST / 1e9:g} GB/s per host of {CHIPS_PER_HOST} chips"]
+                 f"slices, count / {unit} of result buffers (TPU: of the megascale sends) / {unit} each device "
+                 f"sends over DCN (hierarchical, by hand) / seconds at {DCN_BYTES_PER_S_PER_HOST / 1e9:g} GB/s per "
+                 f"host of {CHIPS_PER_HOST} chips"]
         for s in self.steps:
             if not s.compiled:
                 continue
@@ -264,6 +265,7 @@ def _compile(name: str, jitted, args: tuple, state_bytes: int, flops: float, tok
         raise PlanError(f"{name} step: {first}") from None
     mem = compiled.memory_analysis()
     text = compiled.as_text()
+    module = parse_module(text)
     dump = os.environ.get("DEEPSEEK_JAX_PLAN_HLO_DIR")
     if dump:  # the optimized HLO of each step, for reading where the bytes go
         os.makedirs(dump, exist_ok=True)
@@ -273,7 +275,7 @@ def _compile(name: str, jitted, args: tuple, state_bytes: int, flops: float, tok
         name, compiled=True, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         code_bytes=int(mem.generated_code_size_in_bytes), state_bytes=state_bytes,
-        collectives=count_collectives(text), dcn=dcn_collectives(text, slice_of) if slice_of else {},
+        collectives=count_collectives(module), dcn=dcn_collectives(module, slice_of) if slice_of else {},
         flops=flops, tokens=tokens,
         compile_seconds=time.perf_counter() - t0)
 

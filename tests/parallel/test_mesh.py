@@ -55,6 +55,13 @@ def test_dcn_spec_errors_name_the_axis():
         parse_dcn_spec(None, sizes, 3)
     with pytest.raises(ValueError, match="needs --num-slices > 1"):
         device_grid("data=8", _devices(), dcn="data=2")
+    with pytest.raises(ValueError, match="at least 1 slice"):
+        parse_dcn_spec("data=0,fsdp=2", sizes, 2)
+    with pytest.raises(ValueError, match="expected comma-separated axis=slices"):
+        parse_dcn_spec("pipeline=2", sizes, 2)
+    with pytest.raises(ValueError, match="axis fsdp has size 0"):
+        parse_mesh_spec("data=2,fsdp=0", 2)
+    assert parse_mesh_spec("expert=2,data=-1", 8) == dict(data=4, fsdp=1, expert=2, context=1, tensor=1)
 
 
 def test_replica_groups_in_each_form_xla_prints():
