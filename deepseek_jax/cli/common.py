@@ -38,8 +38,10 @@ def data_tokenizer(data, tokenizer_file):
     if data in (None, "arithmetic"):
         return None
     from deepseek_jax.data.readers import expand_source
+    from deepseek_jax.data.stream import parse_mixture
 
-    if tokenizer_file is None and all(p.endswith(".npy") for p in expand_source(data)):
+    sources = [path for path, _ in parse_mixture(data) or [(data, 1.0)]]
+    if tokenizer_file is None and all(p.endswith(".npy") for s in sources for p in expand_source(s)):
         return None
     from tokenizers import Tokenizer
 

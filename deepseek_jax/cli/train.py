@@ -105,7 +105,8 @@ def _run(args) -> int:
         records = fit(config, tc, args.workdir, mesh=mesh, data=args.data, tokenizer=tokenizer,
                       eos_id=eos_id, arithmetic_loss=args.arithmetic_loss, save_every=args.save_every,
                       keep=args.keep, resume=not args.no_resume, init_from=args.init_from,
-                      chat_style=args.chat_style or default_style(config))
+                      chat_style=args.chat_style or default_style(config), pipeline=args.pipeline,
+                      data_workers=args.data_workers)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -164,7 +165,14 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set num_hidden_layers=4 (repeatable)")
     p.add_argument("--data", default=None,
-                   help="'arithmetic' (default), or .txt/.jsonl/.npy files, a directory or a glob")
+                   help="'arithmetic' (default), or .txt/.jsonl/.npy files, a directory or a glob; with --pipeline "
+                        "grain also a mixture, 'web/*.jsonl:0.7,code/:0.3' (documents drawn by weight)")
+    p.add_argument("--pipeline", choices=("memory", "grain"), default="memory",
+                   help="how the data is fed: tokenized up front into memory (default), or streamed by Grain, "
+                        "documents read and tokenized as the batches need them")
+    p.add_argument("--data-workers", type=int, default=0, metavar="N",
+                   help="--pipeline grain: Grain worker processes that read, tokenize and pack (default 0: in "
+                        "the training process)")
     p.add_argument("--arithmetic-loss", choices=("answers", "all"), default="answers",
                    help="built-in data: the loss on the answer characters only (default) or on every token")
     p.add_argument("--tokenizer", default=None,

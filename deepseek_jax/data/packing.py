@@ -24,6 +24,7 @@ import numpy as np
 
 from deepseek_jax.data.corpus import Corpus, DataError, SpecialIds, check_seed
 from deepseek_jax.data.readers import load_corpus
+from deepseek_jax.data.stream import Encode, ListDocuments, StreamDataset, parse_mixture, stream_dataset
 from deepseek_jax.data.tasks.arithmetic import (
     ARITHMETIC_LOSSES,
     ARITHMETIC_VOCAB_SIZE,
@@ -36,6 +37,8 @@ from deepseek_jax.data.tasks.arithmetic import (
     decode,
     encode,
 )
+
+PIPELINES = ("memory", "grain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +220,7 @@ def make_dataset(source: Union[str, os.PathLike, None] = None, *, seq_len: int, 
                  rows: Optional[tuple[int, int]] = None, shuffle: bool = True,
                  eos_id: Optional[int] = None, text_field: str = "text", txt_documents: str = "paragraphs",
                  arithmetic_documents: int = DEFAULT_ARITHMETIC_DOCUMENTS, arithmetic_loss: str = "all",
-                 chat_style: str = "v3") -> Dataset:
+                 chat_style: str = "v3", pipeline: str = "memory", workers: int = 0):
     """The training data iterator for ``source``:
 
     ``None`` or ``"arithmetic"``: the built-in arithmetic language (``arithmetic_documents`` documents made
@@ -231,17 +234,37 @@ def make_dataset(source: Union[str, os.PathLike, None] = None, *, seq_len: int, 
     and ``.npy`` (pre-tokenized) files. Text needs ``tokenizer`` (a
     ``tokenizers.Tokenizer``); BOS/EOS come from its special tokens. ``dataset.vocab_size`` is the
     tokenizer's size, or for ``.npy`` without a tokenizer the largest id + 1.
+
+    ``pipeline``: ``"memory"`` (this module's ``Dataset``: every document tokenized up front) or ``"grain"``
+    (``stream.py``'s ``StreamDataset``: documents read and tokenized as the batches need them, ``workers`` Grain
+    worker processes; its rows differ, see there).
     """
+    if pipeline not in PIPELINES:
+        raise DataError(f"pipeline={pipeline!r}: expected one of {PIPELINES}")
     common = dict(seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle,
                   process_index=process_index, process_count=process_count, rows=rows)
+    if pipeline == "grain":
+        common["workers"] = workers
+    elif workers:
+        raise DataError("workers: the in-memory loader has none; pass pipeline='grain'")
     if source is None or os.fspath(source) == "arithmetic":
         if tokenizer is not None:
             raise DataError("the arithmetic data has its own character vocabulary; pass tokenizer=None with it")
         if arithmetic_loss not in ARITHMETIC_LOSSES:
             raise DataError(f"arithmetic_loss={arithmetic_loss!r}: expected one of {ARITHMETIC_LOSSES}")
-        corpus = Corpus.from_documents([encode(t) for t in arithmetic_text(seed, arithmetic_documents)])
-        return Dataset(corpus, vocab_size=ARITHMETIC_VOCAB_SIZE, decode=decode, **common,
-                       loss_filter=arithmetic_answer_mask if arithmetic_loss == "answers" else None)
+        documents = [encode(t) for t in arithmetic_text(seed, arithmetic_documents)]
+        task = dict(vocab_size=ARITHMETIC_VOCAB_SIZE, decode=decode,
+                    loss_filter=arithmetic_answer_mask if arithmetic_loss == "answers" else None)
+        if pipeline == "grain":
+            return StreamDataset(ListDocuments(documents), Encode(None, SpecialIds(BOS_ID, EOS_ID, PAD_ID)),
+                                 **task, **common)
+        return Dataset(Corpus.from_documents(documents), **task, **common)
+    if pipeline != "grain" and parse_mixture(source):
+        raise DataError(f"data {os.fspath(source)!r} is a mixture of sources; mixtures need pipeline='grain'")
+    if pipeline == "grain":
+        text_decode = _tokenizer_decode(tokenizer) if tokenizer is not None else None
+        return stream_dataset(source, tokenizer=tokenizer, eos_id=eos_id, text_field=text_field,
+                              txt_documents=txt_documents, chat_style=chat_style, decode=text_decode, **common)
     corpus, special = load_corpus(source, tokenizer=tokenizer, eos_id=eos_id, text_field=text_field,
                                   txt_documents=txt_documents, chat_style=chat_style)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True) if tokenizer is not None else None

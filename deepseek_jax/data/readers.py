@@ -72,25 +72,19 @@ def read_txt(path: str, documents: str = "paragraphs") -> list[str]:
 
 
 def read_jsonl(path: str, text_field: str = "text") -> list[str]:
-    """The ``text_field`` string of each line of a JSON-lines file; blank lines are skipped."""
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{path}:{lineno}: expected an object with a {text_field!r} field, found {found}")
-            if not isinstance(record[text_field], str):
-                raise DataError(f"{path}:{lineno}: field {text_field!r} must be a string, "
-                                f"found {type(record[text_field]).__name__}")
-            if record[text_field]:
-                docs.append(record[text_field])
-    return docs
+    """The ``text_field`` string of each line of a JSON-lines file; blank lines and empty texts are skipped."""
+    texts = (text_of_record(record, f"{path}:{lineno}", text_field) for lineno, record in _jsonl_records(path))
+    return [t for t in texts if t]
+
+
+def text_of_record(record, where: str, text_field: str = "text") -> str:
+    """The ``text_field`` string of one JSON-lines record (``where``: ``file:line``, for the error)."""
+    if not isinstance(record, dict) or text_field not in record:
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{where}: expected an object with a {text_field!r} field, found {found}")
+    if not isinstance(record[text_field], str):
+        raise DataError(f"{where}: field {text_field!r} must be a string, found {type(record[text_field]).__name__}")
+    return record[text_field]
 
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -100,12 +94,15 @@ def _jsonl_records(path: str):
     """``(line number, record)`` per non-blank line of a JSON-lines file."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if line.strip():
+                yield lineno, parse_json_line(line, f"{path}:{lineno}")
+
+
+def parse_json_line(line: str, where: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
 def is_chat_jsonl(path: str) -> bool:
@@ -116,33 +113,33 @@ def is_chat_jsonl(path: str) -> bool:
 
 
 def read_chat_jsonl(path: str) -> list[list[dict]]:
-    """The ``messages`` of each line of a chat JSON-lines file: ``{"messages": [{"role": "system" | "user" |
-    "assistant", "content": str}, ...]}``; every conversation needs at least one assistant message (the loss
-    is on those only). Errors name the file, the line and the message."""
-    chats = []
-    for lineno, record in _jsonl_records(path):
-        where = f"{path}:{lineno}"
-        if not isinstance(record, dict) or "messages" not in record:
-            found = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{where}: expected an object with a 'messages' list (the file's first line is a chat), "
-                            f"found {found}")
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list, found {json.dumps(messages)[:80]}")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not {"role", "content"} <= set(m):
-                found = sorted(m) if isinstance(m, dict) else type(m).__name__
-                raise DataError(f"{where}: message {i}: expected an object with 'role' and 'content', found {found}")
-            if m["role"] not in CHAT_ROLES:
-                raise DataError(f"{where}: message {i}: role {m['role']!r} is not one of {', '.join(CHAT_ROLES)}")
-            if not isinstance(m["content"], str):
-                raise DataError(f"{where}: message {i}: 'content' must be a string, found "
-                                f"{type(m['content']).__name__}")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: no assistant message; the loss is on assistant turns only, so this "
-                            f"conversation would train nothing")
-        chats.append([{"role": m["role"], "content": m["content"]} for m in messages])
-    return chats
+    """The ``messages`` of each line of a chat JSON-lines file (``chat_of_record``)."""
+    return [chat_of_record(record, f"{path}:{lineno}") for lineno, record in _jsonl_records(path)]
+
+
+def chat_of_record(record, where: str) -> list[dict]:
+    """The messages of one chat record: ``{"messages": [{"role": "system" | "user" | "assistant", "content": str},
+    ...]}``; every conversation needs at least one assistant message (the loss is on those only). Errors name
+    ``where`` (the file and the line) and the message."""
+    if not isinstance(record, dict) or "messages" not in record:
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{where}: expected an object with a 'messages' list (the file's first line is a chat), "
+                        f"found {found}")
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list, found {json.dumps(messages)[:80]}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not {"role", "content"} <= set(m):
+            found = sorted(m) if isinstance(m, dict) else type(m).__name__
+            raise DataError(f"{where}: message {i}: expected an object with 'role' and 'content', found {found}")
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(f"{where}: message {i}: role {m['role']!r} is not one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: message {i}: 'content' must be a string, found {type(m['content']).__name__}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message; the loss is on assistant turns only, so this "
+                        f"conversation would train nothing")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def tokenize_chats(chats: Sequence[Sequence[dict]], tokenizer, special: SpecialIds,

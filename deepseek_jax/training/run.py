@@ -24,6 +24,7 @@ from deepseek_jax.data.packing import make_dataset
 from deepseek_jax.data.tasks.arithmetic import ARITHMETIC_TOKENIZER_CONFIG, arithmetic_tokenizer
 from deepseek_jax.parallel.mesh import make_mesh
 from deepseek_jax.training.config import TrainConfig
+from deepseek_jax.training.feed import DevicePrefetch
 from deepseek_jax.training.loop import run_loop, start_or_resume
 from deepseek_jax.training.metrics import write_json
 from deepseek_jax.training.trainer import Trainer
@@ -84,7 +85,8 @@ def run_in_workdir(workdir: str, trainer: Trainer, data, fresh: Callable[[], dic
 def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Optional[str] = None, mesh=None,
         data: Optional[str] = None, tokenizer=None, eos_id: Optional[int] = None, arithmetic_loss: str = "all",
         save_every: int = 100, keep: int = 3, resume: bool = True, progress: bool = True, async_save: bool = True,
-        stop_after: Optional[int] = None, init_from: Optional[str] = None, chat_style: str = "v3") -> list[dict]:
+        stop_after: Optional[int] = None, init_from: Optional[str] = None, chat_style: str = "v3",
+        pipeline: str = "memory", data_workers: int = 0) -> list[dict]:
     """Train (or resume) in ``workdir``: checkpoints in ``workdir/checkpoints``, metrics in
     ``workdir/metrics.jsonl`` and TensorBoard events in ``workdir/tb``, the loss curve in ``workdir/loss.png``.
     Returns this call's per-step metric records. ``stop_after`` ends early after that many steps (tests).
@@ -93,11 +95,12 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     ``checkpoint/load.py``'s ``pretrained_config``) instead of a random init; a checkpoint of this work directory,
     when there is one, still wins (the run resumes). ``chat_style``: the template chat ``.jsonl`` data is
     rendered with. ``mesh``: a ``jax.sharding.Mesh`` to run on instead of ``make_mesh(mesh_spec)`` (a multi-slice
-    one, say)."""
+    one, say). ``pipeline`` / ``data_workers``: ``make_dataset``'s ``pipeline`` / ``workers``."""
     trainer = Trainer(config, tc, make_mesh(mesh_spec) if mesh is None else mesh)
     dataset = make_dataset(data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
                            eos_id=eos_id, rows=trainer.process_rows(),
-                           arithmetic_loss=arithmetic_loss, chat_style=chat_style)
+                           arithmetic_loss=arithmetic_loss, chat_style=chat_style, pipeline=pipeline,
+                           workers=data_workers)
     if dataset.vocab_size > config.vocab_size:
         raise ValueError(f"the data's vocabulary has {dataset.vocab_size} ids but the model's vocab_size is "
                          f"{config.vocab_size}; set vocab_size >= {dataset.vocab_size}")
@@ -106,17 +109,23 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     fresh = (lambda: trainer.state_from_params(init_params(init_from, trainer))) if init_from is not None \
         else trainer.init_state
 
+    feed = DevicePrefetch(dataset, trainer.put_batch)  # the next batch goes to the devices during this step
+
     def step_fn(state, step):
-        state, metrics = trainer.run_step(state, trainer.put_batch(next(dataset)))
-        return state, metrics
+        state, metrics = trainer.run_step(state, next(feed))
+        # a mixture's share of documents from each source so far
+        return state, {**metrics, **feed.mixture_metrics()}
 
     def postfix(m, first):
         return dict(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_loss']:.3f}",
                     tok_s="-" if first else f"{m['tokens_per_s']:.0f}")
 
-    return run_in_workdir(workdir, trainer, dataset, fresh, step_fn, desc="train", postfix=postfix,
-                          save_every=save_every, keep=keep, resume=resume,
-                          progress=progress, async_save=async_save, stop_after=stop_after)
+    try:
+        return run_in_workdir(workdir, trainer, feed, fresh, step_fn, desc="train", postfix=postfix,
+                              save_every=save_every, keep=keep, resume=resume,
+                              progress=progress, async_save=async_save, stop_after=stop_after)
+    finally:
+        feed.close()  # the prefetch thread, and the Grain pipeline's worker processes
 
 
 def init_params(path: str, trainer: Trainer):
