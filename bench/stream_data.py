@@ -118,6 +118,7 @@ def main() -> None:
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--memory", action="store_true", help="also start with --pipeline memory")
+    p.add_argument("--no-train", action="store_true", help="the loader alone (no train run, no step tokens/s)")
     p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "deepseek-jax-bench-stream"))
     args = p.parse_args()
     os.makedirs(args.dir, exist_ok=True)
@@ -127,16 +128,16 @@ def main() -> None:
           f"or find)", flush=True)
     pipelines = ("grain", "memory") if args.memory else ("grain",)
     runs = {}
-    for pipeline in pipelines:
+    for pipeline in pipelines if not args.no_train else ():
         runs[pipeline] = start(corpus, os.path.join(args.dir, f"run-{pipeline}"), pipeline, args.preset)
         print(f"train start, {pipeline}: {json.dumps(runs[pipeline])}", flush=True)
-    step_rate = runs["grain"]["step_tokens_per_s"]
+    step_rate = runs["grain"]["step_tokens_per_s"] if runs else None
     cases = [("grain", int(w)) for w in args.workers.split(",")] + ([("memory", 0)] if args.memory else [])
     for pipeline, w in cases:
         r = loader(corpus, pipeline, w, args.batches)
+        than = f" ({r['tokens_per_s'] / step_rate:.1f}x the {args.preset} step's {step_rate:,.0f})" if step_rate else ""
         print(f"loader alone, {pipeline}, {w} workers: first batch {r['first_batch_s']:.2f} s, peak RSS "
-              f"{r['peak_rss_gb']:.2f} GB, {r['tokens_per_s']:,.0f} tokens/s ({r['tokens_per_s'] / step_rate:.1f}x "
-              f"the {args.preset} step's {step_rate:,.0f})", flush=True)
+              f"{r['peak_rss_gb']:.2f} GB, {r['tokens_per_s']:,.0f} tokens/s{than}", flush=True)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,9 @@ class Dataset:
     def restore(self, state: dict[str, Any]) -> "Dataset":
         """Continue from ``state()``: the next batches are those the saved iterator would have yielded next
         (the batch size may differ from the saved run's; batches are cut from the same row order)."""
+        if state.get("pipeline", "memory") != "memory":
+            raise DataError(f"cannot restore data state: it was saved by the {state['pipeline']} pipeline; resume "
+                            f"with the pipeline the run started with")
         mine = self.state()
         for key in ("seed", "seq_len", "num_documents", "num_tokens"):
             if key in state and int(state[key]) != mine[key]:

@@ -135,6 +135,8 @@ def test_resume_is_bit_identical(workers):
     memory = packing.make_dataset(None, seq_len=32, batch_size=4, seed=3)
     with pytest.raises(DataError, match="in-memory loader"):
         _arithmetic().restore(memory.state())
+    with pytest.raises(DataError, match="saved by the grain pipeline"):
+        memory.restore(saved)
 
 
 def test_each_host_reads_its_shard():
