@@ -18,6 +18,24 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
+def check_batching(seq_len, batch_size, process_index, process_count, rows) -> tuple[int, int]:
+    """The checks every loader makes of its batch arguments; returns this process's rows ``(start, stop)`` of the
+    global batch (``rows``, or by default an equal block per process)."""
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("process_count", process_count)):
+        if not (isinstance(value, (int, np.integer)) and value >= 1):
+            raise DataError(f"{name}={value!r}: expected a positive integer")
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index={process_index}: expected 0 <= process_index < {process_count}")
+    if batch_size % process_count:
+        raise DataError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
+    if rows is None:
+        b = batch_size // process_count
+        rows = (process_index * b, (process_index + 1) * b)
+    if not 0 <= int(rows[0]) < int(rows[1]) <= batch_size:
+        raise DataError(f"rows={tuple(rows)}: expected 0 <= start < stop <= batch_size={batch_size}")
+    return int(rows[0]), int(rows[1])
+
+
 @dataclasses.dataclass(frozen=True)
 class Corpus:
     """Document ``i`` spans ``[starts[i], starts[i+1])`` of the token stream, which is the concatenation of

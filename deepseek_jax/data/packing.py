@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from deepseek_jax.data.corpus import Corpus, DataError, SpecialIds, check_seed
+from deepseek_jax.data.corpus import Corpus, DataError, SpecialIds, check_batching, check_seed
 from deepseek_jax.data.readers import load_corpus
 from deepseek_jax.data.stream import Encode, ListDocuments, StreamDataset, parse_mixture, stream_dataset
 from deepseek_jax.data.tasks.arithmetic import (
@@ -83,25 +83,13 @@ class Dataset:
                  special: SpecialIds = SpecialIds(BOS_ID, EOS_ID, PAD_ID),
                  decode: Optional[Callable[..., str]] = None,
                  loss_filter: Optional[Callable[[dict], np.ndarray]] = None):
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("process_count", process_count)):
-            if not (isinstance(value, (int, np.integer)) and value >= 1):
-                raise DataError(f"{name}={value!r}: expected a positive integer")
-        if not 0 <= process_index < process_count:
-            raise DataError(f"process_index={process_index}: expected 0 <= process_index < {process_count}")
-        if batch_size % process_count:
-            raise DataError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
+        self.rows = check_batching(seq_len, batch_size, process_index, process_count, rows)
         if corpus.num_tokens < 2:
             raise DataError(f"the corpus holds {corpus.num_tokens} tokens; need at least 2")
         self.corpus = corpus
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), check_seed(seed)
         self.shuffle = shuffle
         self.process_index, self.process_count = int(process_index), int(process_count)
-        if rows is None:
-            b = self.batch_size // self.process_count
-            rows = (self.process_index * b, (self.process_index + 1) * b)
-        if not 0 <= int(rows[0]) < int(rows[1]) <= self.batch_size:
-            raise DataError(f"rows={tuple(rows)}: expected 0 <= start < stop <= batch_size={self.batch_size}")
-        self.rows = (int(rows[0]), int(rows[1]))
         self.local_batch_size = self.rows[1] - self.rows[0]
         self.special = special
         self.vocab_size = int(vocab_size) if vocab_size is not None else corpus.max_token() + 1

@@ -37,6 +37,12 @@ def tokenizer_special_ids(tokenizer) -> SpecialIds:
     return SpecialIds(bos=bos, eos=eos, pad=pad if pad is not None else (eos if eos is not None else 0))
 
 
+def data_special_ids(tokenizer, eos_id: Optional[int] = None) -> SpecialIds:
+    """The tokenizer's BOS / EOS / pad (none but ``eos_id`` without one); ``eos_id``, when given, wins."""
+    special = tokenizer_special_ids(tokenizer) if tokenizer is not None else SpecialIds(None, eos_id, 0)
+    return dataclasses.replace(special, eos=eos_id) if eos_id is not None else special
+
+
 def expand_source(source: Union[str, os.PathLike]) -> list[str]:
     """A file, a directory (its ``.txt``/``.jsonl``/``.npy`` files, recursively, sorted) or a glob pattern."""
     source = os.fspath(source)
@@ -210,9 +216,7 @@ def load_corpus(source, *, tokenizer=None, eos_id: Optional[int] = None, text_fi
     """Read every file of ``source`` (see ``expand_source``) into one corpus, in sorted file order.
     ``.jsonl`` files whose first record has ``messages`` are chats (``read_chat_jsonl``), rendered with the
     ``chat_style`` template and trained on the assistant's tokens only (``tokenize_chats``)."""
-    special = tokenizer_special_ids(tokenizer) if tokenizer is not None else SpecialIds(None, eos_id, 0)
-    if eos_id is not None:
-        special = dataclasses.replace(special, eos=eos_id)
+    special = data_special_ids(tokenizer, eos_id)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True) if tokenizer is not None else None
     parts = []
     for path in expand_source(source):

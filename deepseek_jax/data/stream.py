@@ -35,16 +35,16 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from deepseek_jax.data.corpus import DataError, SpecialIds, check_seed
+from deepseek_jax.data.corpus import DataError, SpecialIds, check_batching, check_seed
 from deepseek_jax.data.readers import (
     chat_of_record,
+    data_special_ids,
     expand_source,
     parse_json_line,
     read_npy,
     text_of_record,
     tokenize_chats,
     tokenize_documents,
-    tokenizer_special_ids,
 )
 
 # Packed per next-token pair: the pair, whether its target counts, which mixture source it came from, and whether it
@@ -302,20 +302,12 @@ class StreamDataset:
         import grain
         from grain.experimental import ConcatThenSplitIterDataset
 
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("process_count", process_count)):
-            if not (isinstance(value, (int, np.integer)) and value >= 1):
-                raise DataError(f"{name}={value!r}: expected a positive integer")
         if not (isinstance(workers, (int, np.integer)) and workers >= 0):
             raise DataError(f"workers={workers!r}: expected a non-negative integer")
-        if batch_size % process_count:
-            raise DataError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
-        if rows is None:
-            b = batch_size // process_count
-            rows = (process_index * b, (process_index + 1) * b)
-        start, stop = int(rows[0]), int(rows[1])
+        start, stop = check_batching(seq_len, batch_size, process_index, process_count, rows)
         local = stop - start
-        if not (0 <= start < stop <= batch_size and batch_size % local == 0 and start % local == 0):
-            raise DataError(f"rows={tuple(rows)}: expected an equal block of the batch of {batch_size} rows")
+        if batch_size % local or start % local:
+            raise DataError(f"rows={(start, stop)}: expected an equal block of the batch of {batch_size} rows")
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), check_seed(seed)
         self.rows, self.local_batch_size = (start, stop), local
         self.vocab_size, self.decode, self.workers = int(vocab_size), decode, int(workers)
@@ -410,9 +402,7 @@ def _from_json(state):
 def stream_dataset(source, *, tokenizer, eos_id: Optional[int], text_field: str, txt_documents: str,
                    chat_style: str, **common) -> StreamDataset:
     """``make_dataset(pipeline="grain")`` for files: the documents indexed, the tokenizer's specials, its vocab."""
-    special = tokenizer_special_ids(tokenizer) if tokenizer is not None else SpecialIds(None, eos_id, 0)
-    if eos_id is not None:
-        special = SpecialIds(special.bos, eos_id, special.pad)
+    special = data_special_ids(tokenizer, eos_id)
     mixture = parse_mixture(source)
     docs = [open_documents(path, tokenizer=tokenizer, eos_id=special.eos, text_field=text_field,
                            txt_documents=txt_documents) for path, _ in (mixture or [(source, 1.0)])]
