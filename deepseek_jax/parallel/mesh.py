@@ -4,6 +4,7 @@ and joining several processes into one (``jax.distributed``)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 from typing import Optional, Sequence
@@ -187,3 +188,22 @@ def initialize_distributed(coordinator: Optional[str] = None, num_processes: Opt
     # Harmless on accelerators; on CPU, cross-process collectives need gloo.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+_barrier_ids = itertools.count()
+
+
+def wait_for_processes(name: str, timeout_s: float = 3600.0) -> None:
+    """Block until every process gets here: the distributed runtime's barrier (``jax.distributed``'s
+    coordination service), not a device collective, so that a peer still compiling is waited for as long as
+    ``timeout_s``. A no-op in one process. On CPU the gloo collectives give up on a peer after 30 s, which a
+    slower process's compile of the same step can exceed on a loaded machine: call this between compiling a
+    step and running it. Every process must make the same calls in the same order (the ids count)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client has no public handle; jax's own multi-process tests use it
+
+    client = distributed.global_state.client
+    if client is None:
+        return
+    client.wait_at_barrier(f"deepseek-jax/{next(_barrier_ids)}/{name}", int(timeout_s * 1000))

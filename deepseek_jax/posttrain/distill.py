@@ -162,8 +162,8 @@ class DistillTrainer(Trainer):
     def run_step(self, state, batch, teacher_params=None):
         with mesh_context(self.mesh, self.rules):
             if self.teacher is None:
-                return self.step_fn(state)(state, batch)
-            return self.step_fn(state)(state, batch, teacher_params)
+                return self._run(self.step_fn(state), state, batch)
+            return self._run(self.step_fn(state), state, batch, teacher_params)
 
 
 def distill(config: ModelConfig, tc: TrainConfig, dc: DistillConfig, workdir: str, *, teacher: Optional[str] = None,

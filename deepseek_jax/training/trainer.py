@@ -20,7 +20,7 @@ import optax
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.models.counts import batch_flops, causal_selected
 from deepseek_jax.models.transformer import Transformer, abstract_params
-from deepseek_jax.parallel.mesh import mesh_context
+from deepseek_jax.parallel.mesh import mesh_context, wait_for_processes
 from deepseek_jax.parallel.rules import (
     batch_sharding,
     logical_rules,
@@ -86,6 +86,7 @@ class Trainer:
         self._dummy = dummy
         self.batch_sharding = batch_sharding(mesh)
         self._step = None
+        self._compiled_everywhere = False
 
     # ----- state ------------------------------------------------------------------------------------
     def init_state(self, seed: Optional[int] = None) -> dict:
@@ -299,7 +300,17 @@ class Trainer:
 
     def run_step(self, state, batch):
         with mesh_context(self.mesh, self.rules):
-            return self.step_fn(state)(state, batch)
+            return self._run(self.step_fn(state), state, batch)
+
+    def _run(self, step, *args):
+        """``step(*args)``; in several processes the first call compiles, then waits for every process before
+        running: the step's collectives would otherwise wait on a peer still compiling (gloo, on CPU, for 30 s
+        only). The call reuses that compile."""
+        if jax.process_count() > 1 and not self._compiled_everywhere:
+            step.lower(*args).compile()
+            wait_for_processes("train step compiled")
+            self._compiled_everywhere = True
+        return step(*args)
 
     def batch_shardings(self) -> dict:
         """Every batch entry over the batch axes (dim 0; dim 1 over the context axis when it is > 1)."""

@@ -369,6 +369,15 @@ from deepseek_jax.parallel.mesh import make_mesh
 from deepseek_jax.training.trainer import Trainer
 from train_helpers import CONFIG, TRAIN, run_steps
 assert jax.device_count() == 8 and jax.local_device_count() == 4
+if jax.process_index() == 1:  # one process reaches its first step 40 s late: gloo alone would give up after 30 s
+    import time
+    step_fn = Trainer.step_fn
+    def late_step_fn(self, state, _late=[True]):
+        if _late:
+            time.sleep(40)
+            _late.clear()
+        return step_fn(self, state)
+    Trainer.step_fn = late_step_fn
 out = {}
 for spec in SPECS:
     out[spec] = {"losses": run_steps(spec)[0], "rows": Trainer(CONFIG, TRAIN, make_mesh(spec)).process_rows()}
@@ -382,7 +391,7 @@ TWO_PROCESS_SPECS = ["data=2,fsdp=2,expert=2", "context=8"]
 @pytest.mark.slow
 def test_two_processes_match_one():
     """Two processes of 4 devices each against one of 8, on a mesh whose batch axes span the processes and on
-    one whose context axis does: the same losses."""
+    one whose context axis does: the same losses; one process starts its first step 40 s after the other."""
     import socket
 
     with socket.socket() as s:
