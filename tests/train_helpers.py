@@ -54,6 +54,29 @@ def run_steps(mesh_spec: str | None, n_steps: int = 2, devices=None, tc: TrainCo
     return losses, params, state
 
 
+def run_grain_steps(mesh_spec: str, blocks: list, n_steps: int = 2) -> list[float]:
+    """Train ``n_steps`` on the Grain pipeline's arithmetic batches (``make_dataset(pipeline="grain")``): in several
+    processes each feeds the rows it reads itself (``rows=trainer.process_rows()``); in one, the row blocks
+    ``blocks`` are read one by one, as those processes would, and stacked into the global batch."""
+    import jax
+
+    from deepseek_jax.data.packing import make_dataset
+    from deepseek_jax.parallel.mesh import make_mesh
+    from deepseek_jax.training.trainer import Trainer
+
+    trainer = Trainer(CONFIG, TRAIN, make_mesh(mesh_spec))
+    state = trainer.init_state()
+    feeds = [make_dataset(None, seq_len=TRAIN.seq_len, batch_size=TRAIN.batch_size, rows=tuple(r), pipeline="grain")
+             for r in ([trainer.process_rows()] if jax.process_count() > 1 else blocks)]
+    losses = []
+    for _ in range(n_steps):
+        parts = [next(f) for f in feeds]
+        state, metrics = trainer.run_step(state, trainer.put_batch(
+            {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}))
+        losses.append(float(metrics["total_loss"]))
+    return losses
+
+
 def run_on_8_devices(script: str, timeout: int = 900) -> dict:
     """Run ``script`` in a subprocess on 8 simulated CPU devices (the repository and ``tests/`` on its path) and
     return the JSON it prints on its last ``RESULT `` line."""

@@ -166,7 +166,8 @@ def register(sub) -> None:
                    help="config override, e.g. --set num_hidden_layers=4 (repeatable)")
     p.add_argument("--data", default=None,
                    help="'arithmetic' (default), or .txt/.jsonl/.npy files, a directory or a glob; with --pipeline "
-                        "grain also a mixture, 'web/*.jsonl:0.7,code/:0.3' (documents drawn by weight)")
+                        "grain also .parquet and .array_record files (text, chats or input_ids) and mixtures, "
+                        "'web/*.jsonl:0.7,code/:0.3' (documents drawn by weight)")
     p.add_argument("--pipeline", choices=("memory", "grain"), default="memory",
                    help="how the data is fed: tokenized up front into memory (default), or streamed by Grain, "
                         "documents read and tokenized as the batches need them")

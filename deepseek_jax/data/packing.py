@@ -222,7 +222,8 @@ def make_dataset(source: Union[str, os.PathLike, None] = None, *, seq_len: int, 
     ``.jsonl`` (``text_field`` of each line; or chats, ``{"messages": [...]}`` per line, rendered with the
     ``chat_style`` template of ``chat_template.py`` with the loss on the assistant's tokens only, see
     ``tokenize_chats``)
-    and ``.npy`` (pre-tokenized) files. Text needs ``tokenizer`` (a
+    and ``.npy`` (pre-tokenized) files; with ``pipeline="grain"`` also Parquet and ArrayRecord (``records.py``:
+    text, chats or ``input_ids``). Text needs ``tokenizer`` (a
     ``tokenizers.Tokenizer``); BOS/EOS come from its special tokens. ``dataset.vocab_size`` is the
     tokenizer's size, or for ``.npy`` without a tokenizer the largest id + 1.
 

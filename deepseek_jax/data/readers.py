@@ -1,5 +1,7 @@
 """Data files into a ``Corpus``: ``.txt`` (documents split by blank lines), ``.jsonl`` (a text field, or chats
-rendered with a chat template and trained on the assistant's tokens), ``.npy`` (pre-tokenized, memory-mapped)."""
+rendered with a chat template and trained on the assistant's tokens), ``.npy`` (pre-tokenized, memory-mapped).
+``expand_source`` also lists the Parquet and ArrayRecord files that only the streaming pipeline reads
+(``data/records.py``)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,20 @@ import numpy as np
 from deepseek_jax.data.chat_template import render_with_spans
 from deepseek_jax.data.corpus import Corpus, DataError, SpecialIds
 
-SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".npy")
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".npy", ".parquet", ".array_record")
+STREAM_ONLY = (".parquet", ".array_record")
+# ArrayRecord files, TFDS's shards included: ``name.array_record-00000-of-00008``.
+ARRAY_RECORD = re.compile(r"\.array_record(-\d+-of-\d+)?$")
+
+
+def is_array_record(path: str) -> bool:
+    return ARRAY_RECORD.search(path) is not None
+
+
+def is_data_file(path: str) -> bool:
+    return path.endswith(SUPPORTED_SUFFIXES) or is_array_record(path)
+
+
 _BOS_NAMES = ("<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 _EOS_NAMES = ("<｜end▁of▁sentence｜>", "<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
 _PAD_NAMES = ("<｜▁pad▁｜>", "<pad>", "<|pad|>", "[PAD]")
@@ -44,7 +59,7 @@ def data_special_ids(tokenizer, eos_id: Optional[int] = None) -> SpecialIds:
 
 
 def expand_source(source: Union[str, os.PathLike]) -> list[str]:
-    """A file, a directory (its ``.txt``/``.jsonl``/``.npy`` files, recursively, sorted) or a glob pattern."""
+    """A file, a directory (its data files, ``SUPPORTED_SUFFIXES``, recursively, sorted) or a glob pattern."""
     source = os.fspath(source)
     if any(ch in source for ch in "*?["):
         paths = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
@@ -52,7 +67,7 @@ def expand_source(source: Union[str, os.PathLike]) -> list[str]:
             raise FileNotFoundError(f"data source {source!r}: the pattern matches no file")
     elif os.path.isdir(source):
         paths = sorted(p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True)
-                       if os.path.isfile(p) and p.endswith(SUPPORTED_SUFFIXES))
+                       if os.path.isfile(p) and is_data_file(p))
         if not paths:
             raise FileNotFoundError(
                 f"data source {source!r}: the directory holds no {'/'.join(SUPPORTED_SUFFIXES)} file")
@@ -61,7 +76,7 @@ def expand_source(source: Union[str, os.PathLike]) -> list[str]:
     else:
         raise FileNotFoundError(f"data source {source!r}: no such file or directory")
     for p in paths:
-        if not p.endswith(SUPPORTED_SUFFIXES):
+        if not is_data_file(p):
             raise DataError(f"{p}: unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
     return paths
 
@@ -220,6 +235,9 @@ def load_corpus(source, *, tokenizer=None, eos_id: Optional[int] = None, text_fi
     vocab = tokenizer.get_vocab_size(with_added_tokens=True) if tokenizer is not None else None
     parts = []
     for path in expand_source(source):
+        if path.endswith(STREAM_ONLY) or is_array_record(path):
+            raise DataError(f"{path}: Parquet and ArrayRecord files are read by the streaming pipeline only; "
+                            f"use --pipeline grain (make_dataset(..., pipeline='grain'))")
         if path.endswith(".npy"):
             parts.append(read_npy(path, special.eos, vocab))
             continue

@@ -2,10 +2,12 @@
 batch, and the host holds an index of where documents start, not their tokens.
 
 - **Documents, read on demand.** Each file is indexed once by byte offset (``.jsonl``: its lines; ``.txt``: its
-  paragraphs, or the whole file; ``.npy``: the memory map's documents, as ``read_npy`` splits them), and a document
-  is read, parsed and checked only when the pipeline reaches it: a bad line fails as ``file:line`` then.
+  paragraphs, or the whole file; ``.npy``: the memory map's documents, as ``read_npy`` splits them; Parquet and
+  ArrayRecord: their rows and records, ``data/records.py``), and a document is read, parsed and checked only when
+  the pipeline reaches it: a bad line fails as ``file:line`` then.
 - **The Grain pipeline.** ``MapDataset.source`` over the documents (in sorted file order); this host's shard of
-  them (``ds[shard::shards]``); a shuffle that changes every epoch (seeded by ``seed`` and the epoch); endless
+  them (``ds[shard::shards]``); a shuffle that changes every epoch (seeded by ``seed`` and the epoch; by row
+  groups for Parquet, ``records.BlockOrder``); endless
   repetition; tokenization (``[BOS] + ids + [EOS]``, chats rendered with their template and flagged on the
   assistant's tokens, as ``readers.py`` does); packing with Grain's ``ConcatThenSplitIterDataset``; batching; and,
   with ``workers > 0``, all of it in that many worker processes (``mp_prefetch``).
@@ -40,12 +42,14 @@ from deepseek_jax.data.readers import (
     chat_of_record,
     data_special_ids,
     expand_source,
+    is_array_record,
     parse_json_line,
     read_npy,
     text_of_record,
     tokenize_chats,
     tokenize_documents,
 )
+from deepseek_jax.data.records import ArrayRecordDocuments, BlockOrder, ParquetDocuments, ReadInOrder
 
 # Packed per next-token pair: the pair, whether its target counts, which mixture source it came from, and whether it
 # is its document's first (so documents are counted per source, a document cut by a row's end once).
@@ -181,6 +185,12 @@ class Documents:
     def __init__(self, sources: Sequence):
         self.sources = list(sources)
         self.offsets = np.cumsum([0] + [len(s) for s in self.sources]).tolist()
+        # Where blocks read together start (Parquet row groups; other documents are blocks of one), or None.
+        self.block_offsets = None
+        if any(getattr(s, "block_offsets", None) is not None for s in self.sources):
+            self.block_offsets = np.unique(np.concatenate(
+                [np.asarray(getattr(s, "block_offsets", None) if getattr(s, "block_offsets", None) is not None
+                            else np.arange(len(s) + 1)) + off for s, off in zip(self.sources, self.offsets)]))
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -201,7 +211,14 @@ def open_documents(source, *, tokenizer=None, eos_id: Optional[int] = None, text
             continue
         if tokenizer is None:
             raise DataError(f"{path}: text needs a tokenizer; pass tokenizer=tokenizers.Tokenizer.from_file(...)")
-        parts.append(TxtDocuments(path, txt_documents) if path.endswith(".txt") else JsonlDocuments(path, text_field))
+        if path.endswith(".parquet"):
+            parts.append(ParquetDocuments(path, text_field, vocab))
+        elif is_array_record(path):
+            parts.append(ArrayRecordDocuments(path, text_field, vocab))
+        elif path.endswith(".txt"):
+            parts.append(TxtDocuments(path, txt_documents))
+        else:
+            parts.append(JsonlDocuments(path, text_field))
     return Documents(parts)
 
 
@@ -324,12 +341,18 @@ class StreamDataset:
             if len(docs) < self.shards:
                 raise DataError(f"{self.names[k]}: holds {len(docs)} documents, fewer than the {self.shards} "
                                 f"shards the batch's row blocks read")
-            ds = grain.MapDataset.source(docs)
-            if self.shards > 1:
-                ds = ds[self.shard::self.shards]
-            if shuffle:
-                ds = ds.shuffle(seed=self.seed + k)
-            parts.append(ds.repeat(None).map(Tag(k)))
+            blocks = getattr(docs, "block_offsets", None)
+            if shuffle and blocks is not None:  # Parquet: row groups in a random order, rows within each
+                order = BlockOrder(blocks, self.seed + k, self.shard, self.shards)
+                ds = grain.MapDataset.range(len(order)).repeat(None).map_with_index(ReadInOrder(docs, order))
+            else:
+                ds = grain.MapDataset.source(docs)
+                if self.shards > 1:
+                    ds = ds[self.shard::self.shards]
+                if shuffle:
+                    ds = ds.shuffle(seed=self.seed + k)
+                ds = ds.repeat(None)
+            parts.append(ds.map(Tag(k)))
         ds = grain.MapDataset.mix(parts, self.weights) if len(parts) > 1 else parts[0]
         ds = ds.map(encode).filter(_present)
         it = ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={k: self.seq_len for k in PACKED})

@@ -367,7 +367,7 @@ initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 import jax
 from deepseek_jax.parallel.mesh import make_mesh
 from deepseek_jax.training.trainer import Trainer
-from train_helpers import CONFIG, TRAIN, run_steps
+from train_helpers import CONFIG, TRAIN, run_grain_steps, run_steps
 assert jax.device_count() == 8 and jax.local_device_count() == 4
 if jax.process_index() == 1:  # one process reaches its first step 40 s late: gloo alone would give up after 30 s
     import time
@@ -380,18 +380,23 @@ if jax.process_index() == 1:  # one process reaches its first step 40 s late: gl
     Trainer.step_fn = late_step_fn
 out = {}
 for spec in SPECS:
-    out[spec] = {"losses": run_steps(spec)[0], "rows": Trainer(CONFIG, TRAIN, make_mesh(spec)).process_rows()}
+    out[spec] = {"losses": run_steps(spec)[0], "rows": Trainer(CONFIG, TRAIN, make_mesh(spec)).process_rows(),
+                 "grain": run_grain_steps(spec, None)}
 print("RESULT " + json.dumps(out))
 """
 # data x fsdp x expert: each process holds whole rows (its half of the batch). context=8: the sequence is split
 # over both processes, each feeds every row and its devices take their slices of the tokens (issue 23.9).
 TWO_PROCESS_SPECS = ["data=2,fsdp=2,expert=2", "context=8"]
+# What each process reads from the Grain pipeline, by the shard rule (stream.py): its own half of the rows (shards
+# 0 and 1 of 2), or, the context axis spanning them, both the whole batch (shard 0 of 1).
+GRAIN_BLOCKS = {"data=2,fsdp=2,expert=2": [(0, 4), (4, 8)], "context=8": [(0, 8)]}
 
 
 @pytest.mark.slow
 def test_two_processes_match_one():
     """Two processes of 4 devices each against one of 8, on a mesh whose batch axes span the processes and on
-    one whose context axis does: the same losses; one process starts its first step 40 s after the other."""
+    one whose context axis does: the same losses, on fixed batches and on the Grain pipeline's (each process reading
+    its shard: its own rows, or on the context axis both the same); one process starts its first step 40 s late."""
     import socket
 
     with socket.socket() as s:
@@ -405,14 +410,17 @@ def test_two_processes_match_one():
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
     multi = [json.loads([l for l in o.splitlines() if l.startswith("RESULT ")][-1][7:]) for o, _ in outs]
-    single = _run_json("import json\nfrom train_helpers import run_steps\n"
-                       f"print('RESULT ' + json.dumps({{s: run_steps(s)[0] for s in {TWO_PROCESS_SPECS!r}}}))",
-                       _subprocess_env(8))
+    single = _run_json("import json\nfrom train_helpers import run_grain_steps, run_steps\n"
+                       f"print('RESULT ' + json.dumps({{s: (run_steps(s)[0], run_grain_steps(s, b)) "
+                       f"for s, b in {GRAIN_BLOCKS!r}.items()}}))", _subprocess_env(8))
     assert [m["data=2,fsdp=2,expert=2"]["rows"] for m in multi] == [[0, 4], [4, 8]]
     assert [m["context=8"]["rows"] for m in multi] == [[0, 8], [0, 8]]
     for spec in TWO_PROCESS_SPECS:
-        np.testing.assert_allclose(multi[0][spec]["losses"], single[spec], rtol=1e-5)
-        np.testing.assert_allclose(multi[1][spec]["losses"], single[spec], rtol=1e-5)
+        fixed, grain = single[spec]
+        for m in multi:
+            np.testing.assert_allclose(m[spec]["losses"], fixed, rtol=1e-5)
+            np.testing.assert_allclose(m[spec]["grain"], grain, rtol=1e-5)
+    assert single["data=2,fsdp=2,expert=2"][1] != single["context=8"][1]  # two shards' rows, not one's
 
 
 # ----- checkpoints and resume -------------------------------------------------------------------------
