@@ -12,6 +12,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "deepseek_jax.cli.info",
     "deepseek_jax.cli.convert",
     "deepseek_jax.cli.generate",
+    "deepseek_jax.cli.evaluate",
     "deepseek_jax.cli.train",
     "deepseek_jax.cli.distill",
     "deepseek_jax.cli.grpo",

@@ -1,0 +1,102 @@
+"""Scoring documents: the log-likelihood of every next token, for ``deepseek-jax eval``'s perplexity and bits per byte.
+
+Each document is scored on its own, as ``[BOS] + ids + [EOS]`` (either marker left out when the tokenizer has
+none): its next-token pairs. Documents are packed into rows by Grain's first-fit packer, each with its own segment
+id, so that attention stays within a document (the training forward's segment mask) and no row is mostly padding;
+a document of more than ``seq_len`` pairs is scored in pieces of ``seq_len``, each piece on its own (its first
+tokens see only that piece). The forward is the training one (``Transformer`` in "train" mode, dropless MoE),
+on one device or sharded over a mesh by the training rules, rows over the batch axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.config.options import ModelOptions
+from deepseek_jax.models.transformer import Transformer, abstract_params
+from deepseek_jax.parallel.mesh import mesh_context
+from deepseek_jax.parallel.rules import batch_sharding, param_shardings
+from deepseek_jax.quant.weights import with_fp8_shardings
+
+
+@dataclasses.dataclass
+class Score:
+    """Summed negative log-likelihood (nats) over ``tokens`` predicted tokens of ``documents`` documents."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    documents: int = 0
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+    def bits_per_byte(self, n_bytes: int) -> float:
+        """Bits per UTF-8 byte of the documents' text (``n_bytes`` of it)."""
+        return self.nll / math.log(2) / n_bytes
+
+
+@functools.partial(jax.jit, static_argnames=("config", "options"))
+def _row_nll(params, inputs, targets, positions, segment_ids, *, config, options):
+    """Per row: the summed negative log-likelihood of the targets in a document (segment > 0), and their count."""
+    logits = Transformer(config, options).apply({"params": params}, inputs, positions, segment_ids)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    real = segment_ids > 0
+    return -jnp.sum(jnp.where(real, picked, 0.0), axis=-1), jnp.sum(real, axis=-1)
+
+
+def _pieces(documents: Iterable[np.ndarray], seq_len: int, score: Score):
+    for ids in documents:
+        ids = np.asarray(ids, np.int32)
+        if ids.size < 2:
+            continue
+        score.documents += 1
+        for a in range(0, ids.size - 1, seq_len):
+            piece = ids[a:a + seq_len + 1]
+            yield {"inputs": piece[:-1], "targets": piece[1:]}
+
+
+def score_documents(config: ModelConfig, params, documents: Iterable, *, seq_len: int, batch_size: int,
+                    options: Optional[ModelOptions] = None, mesh=None, progress=None) -> Score:
+    """The summed next-token negative log-likelihood of ``documents`` (each a sequence of ids, BOS and EOS
+    included), scored in batches of ``batch_size`` rows of ``seq_len`` tokens (see the module docstring).
+    ``mesh``: params placed by the training rules, rows over the batch axes (``batch_size`` must divide over
+    them). ``progress``: a callable given each batch's count of predicted tokens (a progress bar's ``update``)."""
+    import grain
+    from grain.experimental import FirstFitPackIterDataset
+
+    options = options or ModelOptions()
+    if mesh is not None:
+        params = jax.device_put(params, with_fp8_shardings(param_shardings(abstract_params(config), mesh), params))
+    score = Score()
+    pieces = grain.MapDataset.source(list(_pieces(documents, seq_len, score))).to_iter_dataset()
+    rows = FirstFitPackIterDataset(pieces, length_struct={"inputs": seq_len, "targets": seq_len},
+                                   num_packing_bins=batch_size, shuffle_bins=False)
+    batches = rows.batch(batch_size, drop_remainder=False)
+    nll = 0.0
+    for batch in batches:
+        b = batch["inputs"].shape[0]
+        arrays = [batch["inputs"], batch["targets"], batch["inputs_positions"], batch["inputs_segment_ids"]]
+        if b < batch_size:  # the last batch: rows of padding (segment 0) keep one compiled shape
+            arrays = [np.concatenate([x, np.zeros((batch_size - b, seq_len), x.dtype)]) for x in arrays]
+        arrays = [np.asarray(x, np.int32) for x in arrays]
+        if mesh is not None:
+            arrays = [jax.device_put(x, batch_sharding(mesh)) for x in arrays]
+        with mesh_context(mesh):
+            row_nll, count = _row_nll(params, *arrays, config=config, options=options)
+        row_nll, count = np.asarray(row_nll, np.float64), np.asarray(count)
+        nll += float(row_nll.sum())
+        score.tokens += int(count.sum())
+        if progress is not None:
+            progress(int(count.sum()))
+    score.nll = nll
+    return score
