@@ -7,7 +7,7 @@ and how fast the loader alone reads, against the in-memory loader.
 Parts:
 - **Start.** ``deepseek-jax train --preset tiny-v3 --data corpus.jsonl --pipeline grain --steps 2`` (batch 8 x 256)
   as a subprocess: seconds from launch until step 1's metrics are written, and the peak RSS of the process and
-  its children (``getrusage(RUSAGE_CHILDREN)``). ``--memory`` runs the same with ``--pipeline memory``.
+  its children (``os.wait4``). ``--memory`` runs the same with ``--pipeline memory``.
 - **Loader alone.** ``make_dataset(pipeline="grain", workers=W)`` in a fresh process, W in ``--workers``
   (``--memory``: the in-memory loader too): seconds to the first batch, its peak RSS (the process or its largest
   worker), then tokens/s over ``--batches`` batches (8 x 256 each), beside the tokens/s of the train step on
@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,22 +61,26 @@ def start(corpus: str, workdir: str, pipeline: str, preset: str) -> dict:
     cmd = [sys.executable, "-m", "deepseek_jax.cli", "train", "--preset", preset, "--data", corpus,
            "--pipeline", pipeline, "--steps", "3", "--batch-size", "8", "--seq-len", "256", "--workdir", workdir,
            "--save-every", "1000", "--no-resume"]
+    shutil.rmtree(workdir, ignore_errors=True)  # an earlier run's metrics.jsonl would read as this one's first step
     metrics = os.path.join(workdir, "metrics.jsonl")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = None
-    while proc.poll() is None:
-        if first is None and os.path.exists(metrics) and os.path.getsize(metrics):
-            first = time.perf_counter() - t0
-        time.sleep(0.05)
-    total = time.perf_counter() - t0
-    err = proc.stderr.read()
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        first, done = None, 0
+        while not done:  # wait4: this child's own peak RSS (RUSAGE_CHILDREN would be the largest of all so far)
+            done, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if first is None and os.path.exists(metrics) and os.path.getsize(metrics):
+                first = time.perf_counter() - t0
+            time.sleep(0.05)
+        total = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
     with open(metrics) as f:
         rows = [json.loads(line) for line in f]
     step_tps = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # kB -> GB
+    rss = usage.ru_maxrss / 1e6  # kB -> GB
     return {"first_step_s": first if first is not None else total, "total_s": total, "peak_rss_gb": rss,
             "step_tokens_per_s": float(np.median(step_tps)) if step_tps else None}
 
@@ -119,6 +123,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--memory", action="store_true", help="also start with --pipeline memory")
     p.add_argument("--no-train", action="store_true", help="the loader alone (no train run, no step tokens/s)")
+    p.add_argument("--baseline-mb", type=int, default=1,
+                   help="also start the same run on a corpus of this many MB (0: not), for the memory the run "
+                        "holds whatever the data")
     p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "deepseek-jax-bench-stream"))
     args = p.parse_args()
     os.makedirs(args.dir, exist_ok=True)
@@ -131,6 +138,10 @@ def main() -> None:
     for pipeline in pipelines if not args.no_train else ():
         runs[pipeline] = start(corpus, os.path.join(args.dir, f"run-{pipeline}"), pipeline, args.preset)
         print(f"train start, {pipeline}: {json.dumps(runs[pipeline])}", flush=True)
+    if not args.no_train and args.baseline_mb:  # what the same run holds on a corpus too small to matter
+        small = make_corpus(os.path.join(args.dir, f"corpus-{args.baseline_mb}mb.jsonl"), args.baseline_mb)
+        base = start(small, os.path.join(args.dir, "run-baseline"), "grain", args.preset)
+        print(f"train start, grain, {args.baseline_mb} MB corpus (baseline): {json.dumps(base)}", flush=True)
     step_rate = runs["grain"]["step_tokens_per_s"] if runs else None
     cases = [("grain", int(w)) for w in args.workers.split(",")] + ([("memory", 0)] if args.memory else [])
     for pipeline, w in cases:

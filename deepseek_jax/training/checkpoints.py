@@ -25,6 +25,13 @@ class Checkpointer:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def delete_all(self) -> list[int]:
+        """Delete every saved step (a run started afresh in this directory); returns them."""
+        steps = sorted(self.manager.all_steps())
+        for step in steps:
+            self.manager.delete(step)
+        return steps
+
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
         ocp = self._ocp
         items = {STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -21,6 +22,10 @@ def start_or_resume(workdir: str, trainer: Trainer, data, fresh: Callable[[], di
     with ``fresh()``'s state."""
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=save_every, keep=keep, async_save=async_save)
     start = ckpt.latest_step() if resume else None
+    if not resume and ckpt.latest_step() is not None:  # their steps would clash with this run's saves
+        steps = ckpt.delete_all()
+        print(f"starting afresh (no resume): deleted the {len(steps)} checkpoint(s) of the earlier run in "
+              f"{os.path.join(workdir, 'checkpoints')} (steps {', '.join(map(str, steps))})", file=sys.stderr)
     if start is None:
         return ckpt, 0, fresh()
     state, meta = ckpt.restore(start, trainer.abstract_state())

@@ -1,5 +1,6 @@
 """training/loop.py's run_loop keeps one step in flight: step k is dispatched before step k - 1's metrics are
-fetched and logged, and a run of non-finite steps still stops the run."""
+fetched and logged, and a run of non-finite steps still stops the run; a run started afresh (no resume) in a
+directory with checkpoints replaces them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import json
 import jax.numpy as jnp
 import pytest
 
-from deepseek_jax.training.loop import run_loop
+from deepseek_jax.training.checkpoints import Checkpointer
+from deepseek_jax.training.loop import run_loop, start_or_resume
 
 
 class _Checkpoints:
@@ -59,3 +61,19 @@ def test_bad_steps_stop_the_run_one_step_late(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # Steps 1 and 2 were bad; step 3 ran before step 2's metrics said so, and is neither logged nor saved.
     assert [(r["step"], r["skipped"]) for r in rows] == [(1, 0.0), (2, 1.0), (3, 1.0)]
+
+
+def test_no_resume_replaces_the_earlier_run_s_checkpoints(tmp_path, capsys):
+    """``--no-resume`` in a work directory with checkpoints: they are deleted (and said so), so that the new run's
+    saves of the same steps do not fail at its end ("Checkpoint for step 3 already exists")."""
+    old = Checkpointer(str(tmp_path / "checkpoints"), every=1, keep=5, async_save=False)
+    for step in (1, 2, 3):
+        old.save(step, {"w": jnp.full(2, float(step))}, {"data": {}})
+    old.close()
+    ckpt, start, state = start_or_resume(str(tmp_path), None, None, lambda: {"w": jnp.zeros(2)}, resume=False,
+                                         save_every=1, keep=5, async_save=False)
+    assert start == 0 and state["w"].tolist() == [0.0, 0.0] and ckpt.latest_step() is None
+    assert "deleted the 3 checkpoint(s) of the earlier run" in capsys.readouterr().err
+    for step in (1, 2, 3):
+        assert ckpt.save(step, {"w": jnp.full(2, -1.0)}, {"data": {}})
+    ckpt.close()
