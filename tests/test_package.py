@@ -14,6 +14,7 @@ PACKAGE = os.path.join(ROOT, "deepseek_jax")
 # The folders bottom to top (docs/architecture.md): a module may import its own folder and folders below it.
 LAYERS = {
     "ops": 0, "config": 0,
+    "lm_eval": 0,  # lm-eval's registry entry only: a name and where the model is (inference/harness.py)
     "parallel": 1, "data": 1,
     "quant": 2,
     "layers": 3,

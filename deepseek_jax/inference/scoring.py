@@ -45,13 +45,13 @@ class Score:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "options"))
-def _row_nll(params, inputs, targets, positions, segment_ids, *, config, options):
-    """Per row: the summed negative log-likelihood of the targets in a document (segment > 0), and their count."""
+def token_logprobs(params, inputs, targets, positions, segment_ids, *, config, options):
+    """``[B,T]`` each target's log-probability (fp32) and whether it is the argmax, from the training forward over
+    packed rows (``segment_ids``: 0 for padding, else one id per document)."""
     logits = Transformer(config, options).apply({"params": params}, inputs, positions, segment_ids)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    real = segment_ids > 0
-    return -jnp.sum(jnp.where(real, picked, 0.0), axis=-1), jnp.sum(real, axis=-1)
+    return picked, jnp.argmax(logits, axis=-1) == targets
 
 
 def _pieces(documents: Iterable[np.ndarray], seq_len: int, score: Score):
@@ -92,11 +92,11 @@ def score_documents(config: ModelConfig, params, documents: Iterable, *, seq_len
         if mesh is not None:
             arrays = [jax.device_put(x, batch_sharding(mesh)) for x in arrays]
         with mesh_context(mesh):
-            row_nll, count = _row_nll(params, *arrays, config=config, options=options)
-        row_nll, count = np.asarray(row_nll, np.float64), np.asarray(count)
-        nll += float(row_nll.sum())
-        score.tokens += int(count.sum())
+            logp, _ = token_logprobs(params, *arrays, config=config, options=options)
+        real = np.asarray(batch["inputs_segment_ids"]) > 0
+        nll -= float(np.asarray(logp, np.float64)[:b][real].sum())
+        score.tokens += int(real.sum())
         if progress is not None:
-            progress(int(count.sum()))
+            progress(int(real.sum()))
     score.nll = nll
     return score
