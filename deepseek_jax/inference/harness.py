@@ -57,45 +57,28 @@ class DeepSeekLM(TemplateLM):
     def _score(self, sequences: list[tuple[list[int], int]], desc: str, disable_tqdm: bool):
         """Per ``(tokens, n)``: the summed log-probability of its last ``n`` tokens given those before, and
         whether each is the argmax. ``tokens`` are cut from the left to ``max_length + 1``."""
-        import grain
-        from grain.experimental import FirstFitPackIterDataset
         from tqdm import tqdm
 
-        from deepseek_jax.inference.scoring import token_logprobs
-        from deepseek_jax.parallel.mesh import mesh_context
-        from deepseek_jax.parallel.rules import batch_sharding
+        from deepseek_jax.inference.scoring import packed_logprobs
 
         t = self.max_length
         items = []
         for k, (tokens, n) in enumerate(sequences):
             tokens = np.asarray(tokens[-(t + 1):], np.int32)
             weight = np.zeros(tokens.size - 1, np.int32)
-            weight[-n:] = 1
+            weight[tokens.size - 1 - min(n, tokens.size - 1):] = 1  # the continuation's targets (none if n = 0)
             items.append({"inputs": tokens[:-1], "targets": tokens[1:], "weight": weight,
                           "request": np.full(tokens.size - 1, k, np.int32)})
-        rows = FirstFitPackIterDataset(grain.MapDataset.source(items).to_iter_dataset(),
-                                       length_struct={k: t for k in items[0]}, num_packing_bins=self.batch_size,
-                                       shuffle_bins=False)
         logp_sum = np.zeros(len(items))
         greedy = np.ones(len(items), bool)
         with tqdm(total=len(items), desc=desc, disable=disable_tqdm) as bar:
-            for batch in rows.batch(self.batch_size, drop_remainder=False):
-                b = batch["inputs"].shape[0]
-                arrays = [batch["inputs"], batch["targets"], batch["inputs_positions"], batch["inputs_segment_ids"]]
-                arrays = [np.concatenate([x, np.zeros((self.batch_size - b, t), x.dtype)]).astype(np.int32)
-                          for x in arrays]
-                if self.mesh is not None:
-                    import jax
-
-                    arrays = [jax.device_put(x, batch_sharding(self.mesh)) for x in arrays]
-                with mesh_context(self.mesh):
-                    logp, top = token_logprobs(self.params, *arrays, config=self.config, options=self.options)
-                logp, top = np.asarray(logp, np.float64)[:b], np.asarray(top)[:b]
-                keep = (batch["weight"] > 0) & (batch["inputs_segment_ids"] > 0)
-                req = batch["request"][keep]
-                np.add.at(logp_sum, req, logp[keep])
-                np.logical_and.at(greedy, req, top[keep])
-                bar.update(len(np.unique(batch["request"][batch["inputs_segment_ids"] > 0])))
+            for batch, logp, top in packed_logprobs(self.config, self.params, items, seq_len=t,
+                                                    batch_size=self.batch_size, options=self.options, mesh=self.mesh):
+                real = batch["inputs_segment_ids"] > 0
+                keep = real & (batch["weight"] > 0)
+                np.add.at(logp_sum, batch["request"][keep], logp[keep])
+                np.logical_and.at(greedy, batch["request"][keep], top[keep])
+                bar.update(len(np.unique(batch["request"][real])))
         return logp_sum, greedy
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):

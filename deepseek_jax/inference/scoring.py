@@ -65,38 +65,47 @@ def _pieces(documents: Iterable[np.ndarray], seq_len: int, score: Score):
             yield {"inputs": piece[:-1], "targets": piece[1:]}
 
 
-def score_documents(config: ModelConfig, params, documents: Iterable, *, seq_len: int, batch_size: int,
-                    options: Optional[ModelOptions] = None, mesh=None, progress=None) -> Score:
-    """The summed next-token negative log-likelihood of ``documents`` (each a sequence of ids, BOS and EOS
-    included), scored in batches of ``batch_size`` rows of ``seq_len`` tokens (see the module docstring).
-    ``mesh``: params placed by the training rules, rows over the batch axes (``batch_size`` must divide over
-    them). ``progress``: a callable given each batch's count of predicted tokens (a progress bar's ``update``)."""
+def packed_logprobs(config: ModelConfig, params, items: list, *, seq_len: int, batch_size: int,
+                    options: Optional[ModelOptions] = None, mesh=None):
+    """Pack ``items`` (dicts of equal-length arrays of at most ``seq_len``, ``inputs`` and ``targets`` among them)
+    into rows of ``seq_len`` with Grain's first-fit packer, one segment each, and yield per batch of ``batch_size``
+    rows ``(batch, logp, top)``: the packed batch (``inputs_segment_ids``: 0 for padding) and its targets'
+    log-probabilities and argmax flags ``[rows, seq_len]`` (``token_logprobs``). The last batch is padded to
+    ``batch_size`` rows for the device (one compiled shape) and given back without them. ``mesh``: params placed
+    by the training rules, rows over the batch axes (``batch_size`` must divide over them)."""
     import grain
     from grain.experimental import FirstFitPackIterDataset
 
     options = options or ModelOptions()
     if mesh is not None:
         params = jax.device_put(params, with_fp8_shardings(param_shardings(abstract_params(config), mesh), params))
-    score = Score()
-    pieces = grain.MapDataset.source(list(_pieces(documents, seq_len, score))).to_iter_dataset()
-    rows = FirstFitPackIterDataset(pieces, length_struct={"inputs": seq_len, "targets": seq_len},
+    rows = FirstFitPackIterDataset(grain.MapDataset.source(items).to_iter_dataset(),
+                                   length_struct={k: seq_len for k in items[0]} if items else {},
                                    num_packing_bins=batch_size, shuffle_bins=False)
-    batches = rows.batch(batch_size, drop_remainder=False)
-    nll = 0.0
-    for batch in batches:
+    for batch in rows.batch(batch_size, drop_remainder=False) if items else ():
         b = batch["inputs"].shape[0]
-        arrays = [batch["inputs"], batch["targets"], batch["inputs_positions"], batch["inputs_segment_ids"]]
-        if b < batch_size:  # the last batch: rows of padding (segment 0) keep one compiled shape
-            arrays = [np.concatenate([x, np.zeros((batch_size - b, seq_len), x.dtype)]) for x in arrays]
-        arrays = [np.asarray(x, np.int32) for x in arrays]
+        arrays = [np.concatenate([x, np.zeros((batch_size - b, seq_len), x.dtype)]).astype(np.int32)
+                  for x in (batch["inputs"], batch["targets"], batch["inputs_positions"], batch["inputs_segment_ids"])]
         if mesh is not None:
             arrays = [jax.device_put(x, batch_sharding(mesh)) for x in arrays]
         with mesh_context(mesh):
-            logp, _ = token_logprobs(params, *arrays, config=config, options=options)
-        real = np.asarray(batch["inputs_segment_ids"]) > 0
-        nll -= float(np.asarray(logp, np.float64)[:b][real].sum())
+            logp, top = token_logprobs(params, *arrays, config=config, options=options)
+        yield batch, np.asarray(logp, np.float64)[:b], np.asarray(top)[:b]
+
+
+def score_documents(config: ModelConfig, params, documents: Iterable, *, seq_len: int, batch_size: int,
+                    options: Optional[ModelOptions] = None, mesh=None, progress=None) -> Score:
+    """The summed next-token negative log-likelihood of ``documents`` (each a sequence of ids, BOS and EOS
+    included), scored in batches of ``batch_size`` rows of ``seq_len`` tokens (see the module docstring and
+    ``packed_logprobs``). ``progress``: a callable given each batch's count of predicted tokens (a progress bar's
+    ``update``)."""
+    score = Score()
+    items = list(_pieces(documents, seq_len, score))
+    for batch, logp, _ in packed_logprobs(config, params, items, seq_len=seq_len, batch_size=batch_size,
+                                          options=options, mesh=mesh):
+        real = batch["inputs_segment_ids"] > 0
+        score.nll -= float(logp[real].sum())
         score.tokens += int(real.sum())
         if progress is not None:
             progress(int(real.sum()))
-    score.nll = nll
     return score
