@@ -9,6 +9,7 @@ from deepseek_jax import lm_eval as _lm_eval
 from deepseek_jax.checkpoint.load import load_pretrained
 from deepseek_jax.config import (
     ConfigError,
+    LoraOptions,
     ModelConfig,
     ModelOptions,
     RopeScaling,
@@ -24,6 +25,6 @@ _lm_eval.register()  # lm-evaluation-harness's model "deepseek-jax", when lm-eva
 __version__ = "0.1.0"
 
 __all__ = [
-    "Block", "ConfigError", "ModelConfig", "ModelOptions", "RopeScaling", "Transformer", "attention_layout",
-    "attention_mask", "generate", "load_pretrained", "presets",
+    "Block", "ConfigError", "LoraOptions", "ModelConfig", "ModelOptions", "RopeScaling", "Transformer",
+    "attention_layout", "attention_mask", "generate", "load_pretrained", "presets",
 ]

@@ -9,6 +9,7 @@ optimizer's moments stay on disk.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -43,11 +44,38 @@ def load_train_checkpoint(workdir: str | os.PathLike, step: Optional[int] = None
             raise FileNotFoundError(f"{directory}: no finished checkpoint to load")
         meta = manager.item_metadata(step)[STATE_ITEM]
         meta = getattr(meta, "tree", meta)["params"]
-        if shardings is None:
-            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            shardings = jax.tree.map(lambda _: one, meta)
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = _adapters_on(meta, jax.tree.map(lambda _: one, meta) if shardings is None else shardings, one)
         target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s), meta, shardings)
         restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
         restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)}))
-    return config, restored[STATE_ITEM]["params"]
+    params = restored[STATE_ITEM]["params"]
+    scale = lora_scale(workdir)
+    if scale is not None:  # a LoRA run: its adapters folded into their kernels (layers/lora.py's merge)
+        from deepseek_jax.layers.lora import is_adapter_path, merge
+
+        params = merge(_map_adapters(params, jax.device_get, is_adapter_path), scale)
+    return config, params
+
+
+def lora_scale(workdir) -> Optional[float]:
+    """``alpha / rank`` of a LoRA run's work directory (its ``train_config.json``); None for other runs."""
+    with open(os.path.join(os.fspath(workdir), "train_config.json")) as f:
+        tc = json.load(f)
+    return tc["lora_alpha"] / tc["lora_rank"] if tc.get("lora_rank") else None
+
+
+def _adapters_on(meta, shardings, sharding):
+    """``shardings`` (a params tree, possibly without the adapters) with every adapter leaf of ``meta`` on
+    ``sharding``."""
+    if not isinstance(meta, dict):
+        return shardings
+    return {k: sharding if k.endswith(("lora_a", "lora_b")) else _adapters_on(v, shardings[k], sharding)
+            for k, v in meta.items()}
+
+
+def _map_adapters(tree, fn, is_adapter):
+    if not isinstance(tree, dict):
+        return tree
+    return {k: fn(v) if is_adapter(k) else _map_adapters(v, fn, is_adapter) for k, v in tree.items()}

@@ -56,7 +56,8 @@ def _train_config(args):
                        balance_alpha=args.balance_alpha, fsdp_over_data=args.fsdp_over_data,
                        capacity_factor=args.capacity_factor, train_only=tuple(args.train_only),
                        freeze=tuple(args.freeze), indexer_stage=args.indexer_stage,
-                       indexer_loss_weight=args.indexer_loss_weight)
+                       indexer_loss_weight=args.indexer_loss_weight, lora_rank=args.lora_rank,
+                       lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets))
 
 
 def _copy_tokenizer_config(args, tokenizer_file) -> None:
@@ -158,6 +159,15 @@ def register(sub) -> None:
                    help="update only params whose '/'-joined path matches, e.g. '*experts*' (repeatable)")
     p.add_argument("--freeze", action="append", default=[], metavar="GLOB",
                    help="never update params whose path matches, e.g. 'embed_tokens/*' (repeatable)")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="LoRA: train rank-R adapters on the targeted linear layers (and routed experts) only; the "
+                        "base stays as it is (default 0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, metavar="A",
+                   help="LoRA's alpha: the adapters' output is scaled by A / R (default 16)")
+    p.add_argument("--lora-targets", action="append", default=[], metavar="GLOB",
+                   help="LoRA: the linear layers that get adapters, globs over their paths, e.g. "
+                        "'*self_attn/q_b_proj' (repeatable; default: the attention projections and the routed "
+                        "experts, '*self_attn/*proj*' and '*mlp/experts/*_proj')")
     p.add_argument("--chat-style", choices=("v3", "r1", "v2"), default=None,
                    help="template for chat .jsonl data ({\"messages\": [...]} per line; default: v2 for V2 models, "
                         "else v3); the loss is on the assistant's tokens only")

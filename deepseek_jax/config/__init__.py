@@ -6,7 +6,8 @@ from deepseek_jax.config.model import (
     RopeScaling,
     read_config_json,
 )
-from deepseek_jax.config.options import ModelOptions, remat_policy
+from deepseek_jax.config.options import LoraOptions, ModelOptions, remat_policy
 from deepseek_jax.config.presets import presets
 
-__all__ = ["ConfigError", "ModelConfig", "ModelOptions", "RopeScaling", "presets", "read_config_json", "remat_policy"]
+__all__ = ["ConfigError", "LoraOptions", "ModelConfig", "ModelOptions", "RopeScaling", "presets", "read_config_json",
+           "remat_policy"]

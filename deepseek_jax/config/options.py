@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from typing import Optional
 
 import jax
@@ -14,6 +15,37 @@ ATTENTIONS = ("auto", "blockwise", "naive", "splash", "cudnn")
 PLATFORMS = (None, "cpu", "gpu", "tpu")
 MATMUL_RECIPES = ("default", "fp8")
 FP8_WEIGHT_MATMULS = ("auto", "pallas", "xla")
+# LoRA's default targets: every attention projection (MLA's, V4's, a dense student's) and the routed experts.
+DEFAULT_LORA_TARGETS = ("*self_attn/*proj*", "*mlp/experts/*_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraOptions:
+    """Low-rank adapters (LoRA, Hu et al. 2021) on the linear weights whose path matches one of ``targets``.
+
+    A targeted kernel ``W`` (``[*in, *out]``) gets ``lora_a [*in, rank]`` (PEFT's init: uniform in +-1/sqrt(fan_in))
+    and ``lora_b [rank, *out]`` (zeros), fp32, and the layer computes ``x @ W + (alpha / rank) (x @ A) @ B``; a
+    routed expert stack ``[E, *in, *out]`` gets one pair per expert. ``targets``: ``fnmatch`` globs (``*`` also
+    crosses '/') over the '/'-joined path of a linear layer (``moe_layers/self_attn/q_b_proj``) or of an expert
+    stack (``moe_layers/mlp/experts/gate_proj``): a parameter's path without its trailing ``/kernel``."""
+
+    rank: int
+    alpha: float = 16.0
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank {self.rank}: expected >= 1")
+        if not self.targets:
+            raise ValueError("LoRA: no targets")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def applies(self, path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, pat) for pat in self.targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +99,7 @@ class ModelOptions:
         (``quant/kernel.py``: a Pallas kernel that dequantizes each 128x128 block inside the matmul; off TPU it runs in
         Pallas' interpreter, for tests), "xla" (dequantize, then XLA's dot), "auto" ("pallas" on TPU, else "xla").
         Shapes the kernel does not tile (K or N not a multiple of 128) take the XLA path.
+    lora: low-rank adapters on the linear weights ``LoraOptions.targets`` names (``layers/lora.py``); None: none.
     """
 
     dtype: str = "float32"
@@ -84,6 +117,7 @@ class ModelOptions:
     attention_block: int = 512
     indexer_loss: Optional[str] = None
     fp8_weight_matmul: str = "auto"
+    lora: Optional[LoraOptions] = None
 
     def __post_init__(self):
         for name, allowed in (("remat", REMAT_POLICIES), ("moe_dispatch", MOE_DISPATCHES), ("matmul", MATMUL_RECIPES),

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config.options import ModelOptions
+from deepseek_jax.layers.lora import LoraRecipe, LoraWeight, adapter_params, module_path
 from deepseek_jax.ops import DimensionNumbers, contract_last
 from deepseek_jax.parallel.mesh import current_mesh
 from deepseek_jax.parallel.rules import current_rules, mesh_axes_for, token_axes
@@ -177,12 +178,23 @@ def fp8_kernel_mode(options: ModelOptions) -> Optional[str]:
 
 
 def matmul_recipe(options: ModelOptions) -> MatmulRecipe:
+    """The recipe of the model's linear layers and experts under ``options`` (with LoRA: wrapped to multiply by
+    ``LoraWeight``s as well)."""
     if options.matmul == "default":
-        return MatmulRecipe(options.compute_dtype, fp8_kernel=fp8_kernel_mode(options),
-                            platform=options.target_platform())
-    if options.matmul == "fp8":
-        return Fp8Recipe(options.compute_dtype)
-    raise NotImplementedError(f"matmul recipe {options.matmul!r} is not available yet")
+        recipe = MatmulRecipe(options.compute_dtype, fp8_kernel=fp8_kernel_mode(options),
+                              platform=options.target_platform())
+    elif options.matmul == "fp8":
+        recipe = Fp8Recipe(options.compute_dtype)
+    else:
+        raise NotImplementedError(f"matmul recipe {options.matmul!r} is not available yet")
+    return with_lora(recipe, options)
+
+
+def with_lora(recipe, options: ModelOptions):
+    """``recipe`` wrapped for ``LoraWeight`` kernels (``layers/lora.py``) when ``options`` has LoRA."""
+    if options.lora is None:
+        return recipe
+    return LoraRecipe(recipe, MatmulRecipe(options.compute_dtype, platform=options.target_platform()))
 
 
 class LogitsRecipe(MatmulRecipe):
@@ -225,7 +237,8 @@ _logits_dot.defvjp(_logits_dot_fwd, _logits_dot_bwd)
 class Linear(nn.Module):
     """``y = x @ kernel (+ bias)`` over the last ``n_in`` dims of x; kernel ``[*in_dims, *features]``.
 
-    ``axes`` names every kernel dim for sharding; ``use_bias`` adds a ``bias [*features]`` (Qwen2's q/k/v),
+    ``axes`` names every kernel dim for sharding; with ``options.lora`` naming this layer, the kernel gets LoRA
+    adapters (``layers/lora.py``); ``use_bias`` adds a ``bias [*features]`` (Qwen2's q/k/v),
     named like the kernel's output dims and added after the matmul recipe, in its output dtype. ``high_precision``
     routes around the matmul recipe to ``LogitsRecipe`` (the output head: logits are always fp32).
     """
@@ -248,8 +261,12 @@ class Linear(nn.Module):
             kernel_shape,
             self.options.params_dtype,
         )
-        recipe = (LogitsRecipe(self.options.compute_dtype, self.options.target_platform()) if self.high_precision
-                  else matmul_recipe(self.options))
+        lora = self.options.lora
+        if lora is not None and lora.applies(module_path(self)):
+            a, b = adapter_params(self, "", lora, kernel_shape, self.axes, self.n_in)
+            kernel = LoraWeight(kernel, a, b, lora.scale, self.n_in)
+        recipe = (with_lora(LogitsRecipe(self.options.compute_dtype, self.options.target_platform()), self.options)
+                  if self.high_precision else matmul_recipe(self.options))
         y = recipe.linear(x, kernel, self.n_in, self.axes)
         if not self.use_bias:
             return y

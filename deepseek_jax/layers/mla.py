@@ -20,6 +20,7 @@ from deepseek_jax.layers.attention.layout import Layout, visible
 from deepseek_jax.layers.attention.sparse import index_scores, indexer_kl_loss, sparse_core
 from deepseek_jax.layers.indexer import Indexer
 from deepseek_jax.layers.linear import Linear
+from deepseek_jax.layers.lora import LoraWeight
 from deepseek_jax.layers.norm import RMSNorm
 from deepseek_jax.layers.rope import apply_rope
 from deepseek_jax.parallel.context import context_size, gather_sequence
@@ -126,7 +127,10 @@ class MLA(nn.Module):
 
     def _absorbed_weights(self):
         """``kv_b_proj`` split into its key part ``[R,H,N]`` and value part ``[R,H,V]``."""
-        w = nn.meta.unbox(self.variables["params"]["kv_b_proj"]["kernel"])  # [R,H,N+V] (boxed while initializing)
+        p = nn.meta.unbox(self.variables["params"]["kv_b_proj"])  # (boxed while initializing)
+        w = p["kernel"]  # [R,H,N+V]
+        if "lora_a" in p:  # LoRA on kv_b_proj: the merged kernel
+            w = LoraWeight(w, p["lora_a"], p["lora_b"], self.options.lora.scale, 1)
         n = self.config.qk_nope_head_dim
         return w[..., :n], w[..., n:]
 

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax.layers.lora import LoraWeight, lora_specs
 from deepseek_jax.moe.dispatch import combine, dispatch_local, sort_rows
 from deepseek_jax.moe.grouped import grouped_swiglu
 from deepseek_jax.quant.weights import Fp8Weight
@@ -252,7 +253,8 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
     tensor = tensor_axis if tensor_axis in sizes and sizes[tensor_axis] > 1 else None
     if tensor and wg.shape[2] % sizes[tensor]:
         tensor = None  # the expert width does not split: every tensor device runs the whole expert
-    if tensor and isinstance(wg, Fp8Weight) and (wg.shape[2] // sizes[tensor]) % max(wg.BLOCKS):
+    base = wg.base if isinstance(wg, LoraWeight) else wg
+    if tensor and isinstance(base, Fp8Weight) and (wg.shape[2] // sizes[tensor]) % max(base.BLOCKS):
         tensor = None  # FP8-kept stacks split on 128-block edges only (FP4: on 32-input groups)
     expert = expert_axis if ep > 1 else None
     rows_per_device = (x.shape[0] // math.prod(sizes[a] for a in split)) * idx.shape[1]
@@ -288,7 +290,9 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
     out_specs = (tok, P()) + ((P(tuple(mesh.axis_names)),) if return_rows else ())
     # An FP8-kept stack ([E, D, I] e4m3 + [E, D/128, I/128] scales; FP4: [E, D / 32, I]): both split alike (on
     # block edges).
-    w_specs = tuple(type(w)(spec, spec, w.n_in, w.n_out) if isinstance(w, Fp8Weight) else spec
+    # LoRA adapters (layers/lora.py) split as their stack's dims they share.
+    w_specs = tuple(lora_specs(w, spec, lambda base, spec: type(base)(spec, spec, base.n_in, base.n_out)
+                               if isinstance(base, Fp8Weight) else spec)
                     for w, spec in ((wg, w_in), (wu, w_in), (wd, w_out)))
     fn = jax.shard_map(lambda *a: run(*a)[:len(out_specs)], mesh=mesh, in_specs=(tok, tok, tok, *w_specs),
                        out_specs=out_specs, check_vma=False)

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.layers.linear import matmul_recipe
+from deepseek_jax.layers.lora import LoraWeight, adapter_params, module_path
 from deepseek_jax.layers.mlp import MLP
 from deepseek_jax.moe.dispatch import dispatch_local
 from deepseek_jax.moe.expert_parallel import expert_parallel_dispatch
@@ -63,6 +64,14 @@ class Experts(nn.Module):
         # block scales, gathered as such): the grouped GEMM dequantizes only the experts it reads ("gather":
         # the chosen ones; "blocked": one per block) or, for "ragged" / "dense", the device's local stack.
         wg, wu, wd = (w if isinstance(w, Fp8Weight) else w.astype(o.compute_dtype) for w in (wg, wu, wd))
+        if o.lora is not None:  # per-expert adapters, multiplied inside the grouped GEMMs (layers/lora.py)
+            path = module_path(self)
+            wg, wu, wd = (
+                LoraWeight(w, *adapter_params(self, f"{name}_", o.lora, w.shape, axes, 1, lead=1), o.lora.scale, 1)
+                if o.lora.applies(f"{path}/{name}") else w
+                for w, name, axes in ((wg, "gate_proj", ("expert", "embed", "moe_mlp")),
+                                      (wu, "up_proj", ("expert", "embed", "moe_mlp")),
+                                      (wd, "down_proj", ("expert", "moe_mlp", "embed"))))
         recipe = matmul_recipe(o)
         mesh = current_mesh()
         if mesh is None:

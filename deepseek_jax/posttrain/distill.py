@@ -89,13 +89,15 @@ class DistillTrainer(Trainer):
 
     def __init__(self, config: ModelConfig, tc: TrainConfig, mesh, dc: DistillConfig,
                  teacher_config: Optional[ModelConfig] = None):
+        if tc.lora_rank:  # the held-out evaluation runs the plain student: it would not see the adapters
+            raise ValueError("distillation with LoRA (lora_rank) is not supported yet")
         super().__init__(config, tc, mesh)
         self.dc = dc
         self.teacher = None
         if teacher_config is not None and dc.kl_weight > 0:
             check_vocab(teacher_config, config)
             platform = mesh.devices.flat[0].platform
-            options = dataclasses.replace(tc.model_options(dc.teacher_precision), platform=platform)
+            options = dataclasses.replace(tc.model_options(dc.teacher_precision, lora=False), platform=platform)
             self.teacher = Transformer(teacher_config, options)
             boxed = abstract_params(teacher_config, self.teacher.options)
             self.teacher_shardings = param_shardings(boxed, mesh, self.rules)

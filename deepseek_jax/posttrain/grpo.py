@@ -176,6 +176,8 @@ class GRPOTrainer(Trainer):
     batch_ndims = {"advantages": 1}
 
     def __init__(self, config: ModelConfig, tc: TrainConfig, mesh, gc: GRPOConfig):
+        if tc.lora_rank:  # the rollouts' sampler runs the plain model: it would not see the adapters
+            raise ValueError("GRPO with LoRA (lora_rank) is not supported yet")
         if tc.batch_size != gc.batch_size:
             tc = dataclasses.replace(tc, batch_size=gc.batch_size)
         # ``iterations`` optimizer updates per GRPO step: the schedule spans all of them (warmup in GRPO steps).

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Optional
 
 from deepseek_jax.config.model import ModelConfig
-from deepseek_jax.config.options import ModelOptions
+from deepseek_jax.config.options import DEFAULT_LORA_TARGETS, LoraOptions, ModelOptions
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 OPTIMIZERS = ("adamw", "muon")
@@ -50,16 +50,26 @@ class TrainConfig:
     indexer_loss_weight: float = 1.0
     train_only: tuple[str, ...] = ()  # globs over '/'-joined param paths: only these are updated (all if empty)
     freeze: tuple[str, ...] = ()  # globs of params that are never updated
+    # LoRA (ModelOptions.lora): rank 0 is off; else only the adapters train (the base and everything else stay as
+    # they are, the router biases included), and only they have optimizer state. Targets: globs over the linear
+    # layers' paths (empty: config/options.py's DEFAULT_LORA_TARGETS).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("train_only", "freeze"):  # JSON round trips give lists
+        for name in ("train_only", "freeze", "lora_targets"):  # JSON round trips give lists
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r}: expected one of {OPTIMIZERS}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank {self.lora_rank}: expected >= 0 (0: no LoRA)")
+        if self.lora_rank and self.train_only:
+            raise ValueError("LoRA trains only its adapters: choose them with lora_targets, not train_only")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
 
@@ -72,10 +82,10 @@ class TrainConfig:
             return self.balance_alpha
         return V3_SEQUENCE_BALANCE_ALPHA if config.topk_method == "noaux_tc" else config.aux_loss_alpha
 
-    def model_options(self, precision: Optional[str] = None) -> ModelOptions:
+    def model_options(self, precision: Optional[str] = None, lora: bool = True) -> ModelOptions:
         """fp32: everything fp32. bf16: fp32 master weights, bf16 compute. fp8: bf16 compute with DeepSeek's
         E4M3 tile/block recipe on every linear layer's GEMMs. ``precision``: another than the run's (a
-        distillation teacher's)."""
+        distillation teacher's); ``lora``: with the run's adapters (a teacher has none)."""
         precision = self.precision if precision is None else precision
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
@@ -84,4 +94,10 @@ class TrainConfig:
         return ModelOptions(dtype=dtype, param_dtype="float32", remat=self.remat, matmul=matmul,
                             moe_dispatch=self.moe_dispatch, capacity_factor=self.capacity_factor,
                             moe_keep_received=self.moe_keep_received, attention=self.attention,
-                            attention_block=self.attention_block, indexer_loss=self.indexer_stage)
+                            attention_block=self.attention_block, indexer_loss=self.indexer_stage,
+                            lora=self.lora_options() if lora else None)
+
+    def lora_options(self) -> Optional[LoraOptions]:
+        if not self.lora_rank:
+            return None
+        return LoraOptions(self.lora_rank, self.lora_alpha, self.lora_targets or DEFAULT_LORA_TARGETS)

@@ -153,8 +153,8 @@ def make_optimizer(lr_schedule, *, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, 
                    bf16_moments=False, trainable: Optional[Callable] = None,
                    muon_dims: Optional[dict] = None) -> optax.GradientTransformation:
     """``trainable``: ``params -> bool tree`` (``trainable_by_patterns``); the other leaves get exactly zero
-    updates: their gradients are zeroed before clipping (so they do not count in the clipping norm or the
-    moments) and their updates after weight decay.
+    updates and no optimizer state (no moments: LoRA's state is the adapters'), and their gradients count
+    neither in the clipping norm nor anywhere else.
 
     ``muon_dims`` (``muon_dimension_numbers``): Muon for the leaves it gives dimension numbers (the hidden
     linear weights), AdamW for the rest (None leaves); without it, AdamW everywhere. Weight decay, the learning
@@ -162,19 +162,18 @@ def make_optimizer(lr_schedule, *, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, 
     adam = scale_by_adam_low_precision(b1, b2, eps) if bf16_moments else optax.scale_by_adam(b1, b2, eps)
     if muon_dims is not None:
         adam = muon_or_adam(muon_dims, adam)
-    if trainable is None:
-        frozen = frozen_mask
-    else:
-        def frozen(params):
-            return jax.tree.map(lambda f, t: f or not t, frozen_mask(params), trainable(params))
     parts = [
         adam,
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.scale_by_learning_rate(lr_schedule),
-        optax.masked(optax.set_to_zero(), frozen),
+        optax.masked(optax.set_to_zero(), frozen_mask),
     ]
     if clip_norm:
         parts.insert(0, optax.clip_by_global_norm(clip_norm))
-    if trainable is not None:
-        parts.insert(0, optax.masked(optax.set_to_zero(), frozen))
-    return optax.chain(*parts)
+    if trainable is None:
+        return optax.chain(*parts)
+
+    def labels(params):
+        return jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))
+
+    return optax.partition({"train": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels)

@@ -135,10 +135,10 @@ def init_params(path: str, trainer: Trainer):
     if is_converted_dir(path):
         config, params = load_pretrained(path, dtype=jnp.float32, mesh=trainer.mesh)
     else:
-        config, params = load_pretrained(path, dtype=jnp.float32, shardings=trainer.param_shardings)
+        config, params = load_pretrained(path, dtype=jnp.float32, shardings=trainer.base_shardings())
     if config != trainer.config:
         diff = [f"{f.name}: checkpoint {getattr(config, f.name)!r}, run {getattr(trainer.config, f.name)!r}"
                 for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(trainer.config, f.name)]
         raise ValueError(f"{path}: the checkpoint's config differs from the run's ({'; '.join(diff)}); "
                          f"fine-tuning keeps the checkpoint's architecture")
-    return jax.device_put(params, trainer.param_shardings)
+    return jax.device_put(params, trainer.base_shardings())  # with LoRA: the base (state_from_params adds adapters)

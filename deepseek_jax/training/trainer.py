@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.layers.lora import is_adapter_path
 from deepseek_jax.models.counts import batch_flops, causal_selected
 from deepseek_jax.models.transformer import Transformer, abstract_params
 from deepseek_jax.parallel.mesh import mesh_context, wait_for_processes
@@ -34,6 +35,7 @@ from deepseek_jax.training.optimizer import (
     learning_rate_schedule,
     make_optimizer,
     muon_dimension_numbers,
+    param_path,
     trainable_by_patterns,
 )
 
@@ -73,6 +75,14 @@ class Trainer:
                                  "lightning indexer (DeepSeek-V3.2, model_type deepseek_v32)")
             if tc.indexer_stage == "warmup" and not train_only:
                 train_only = ("*/indexer/*",)  # the dense warm-up trains the indexer alone
+        self.lora = self.model.options.lora
+        if self.lora is not None:  # only the adapters train
+            paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(boxed))]
+            if not any(is_adapter_path(p) for p in paths):
+                raise ValueError(f"--lora-targets {' '.join(self.lora.targets)}: no linear layer matches; the "
+                                 f"kernels' paths (without '/kernel') look like "
+                                 f"{', '.join(repr(p) for p in paths if p.endswith('_proj/kernel'))[:300]}")
+            train_only = ("*lora_a", "*lora_b")
         self.trainable = None
         if train_only or freeze:
             self.trainable = trainable_by_patterns(nn.meta.unbox(boxed), train_only, freeze)
@@ -97,19 +107,41 @@ class Trainer:
         return self.state_from_params(init(rng))
 
     def state_from_params(self, params) -> dict:
+        """The train state from ``params`` (with LoRA, a base without adapters gets fresh ones)."""
+        if self.lora is not None and not any(is_adapter_path(param_path(p))
+                                             for p, _ in jax.tree_util.tree_leaves_with_path(params)):
+            params = self._with_fresh_adapters(params)
         params = jax.device_put(params, self.param_shardings)
         opt_shardings = self._mirror_param_shardings(jax.eval_shape(self.optimizer.init, params))
         opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated(self.mesh))
         return {"step": step, "params": params, "opt_state": opt_state}
 
+    def _with_fresh_adapters(self, base):
+        """``base`` (a params tree without adapters) with the adapters of a fresh init (``tc.seed``), created
+        in their shards; the base's own init is dead code, which XLA drops."""
+        def adapters(rng):
+            full = nn.meta.unbox(self.model.init(rng, self._dummy)["params"])
+            return jax.tree_util.tree_map_with_path(
+                lambda p, x: x if is_adapter_path(param_path(p)) else None, full)
+
+        fresh = jax.jit(adapters, out_shardings=self.param_shardings)(jax.random.PRNGKey(self.tc.seed))
+        return _fill(fresh, base)
+
+    def base_shardings(self):
+        """``param_shardings`` without the adapters: where a pretrained base checkpoint's params go."""
+        return _without_adapters(self.param_shardings)
+
     def trainable_count(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts (the router's correction bias, set by the balancing rule,
-        counts as trainable when the patterns leave it so)."""
+        """``(trainable, total)`` parameter counts: total is the model's (LoRA adapters not included), trainable
+        what the optimizer updates (the adapters' values, under LoRA; the router's correction bias, set by the
+        balancing rule, counts as trainable when the patterns leave it so)."""
         shapes = nn.meta.unbox(abstract_params(self.config, self.model.options))
-        sizes = [math.prod(x.shape) for x in jax.tree.leaves(shapes)]
+        leaves = jax.tree_util.tree_leaves_with_path(shapes)
+        sizes = [math.prod(x.shape) for _, x in leaves]
         flags = jax.tree.leaves(self.trainable) if self.trainable is not None else [True] * len(sizes)
-        return sum(n for n, t in zip(sizes, flags) if t), sum(sizes)
+        model = sum(n for (p, _), n in zip(leaves, sizes) if not is_adapter_path(param_path(p)))
+        return sum(n for n, t in zip(sizes, flags) if t), model
 
     def _is_trainable(self, *path: str) -> bool:
         node = self.trainable
@@ -225,6 +257,14 @@ class Trainer:
         # Each gradient in its param's shards: the data-parallel sum then lowers to a reduce-scatter (not an
         # all-reduce of the whole weight followed by a slice).
         shard = partial(jax.lax.with_sharding_constraint, shardings=self.param_shardings)
+        if self.trainable is not None:  # differentiate the trained leaves only; the others get zeros
+            frozen = jax.tree.map(lambda t, p: None if t else p, self.trainable, params)
+            inner = jax.value_and_grad(lambda tr, b, n: self._loss(_fill(tr, frozen), b, n), has_aux=True)
+
+            def grad_fn(params, b, n):
+                out, g = inner(jax.tree.map(lambda t, p: p if t else None, self.trainable, params), b, n)
+                return out, jax.tree.map(lambda t, gi, p: gi if t else jax.tree.map(jnp.zeros_like, p),
+                                         self.trainable, g, params)
         if k == 1:
             (_, aux), grads = grad_fn(params, batch, norm)
             return shard(grads), aux
@@ -274,6 +314,8 @@ class Trainer:
         grads, (parts, counts) = self._grads(state["params"], batch)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        if self.trainable is not None:  # frozen leaves stay exactly as they were
+            params = jax.tree.map(lambda t, new, old: new if t else old, self.trainable, params, state["params"])
         params = self._update_biases(params, counts)
         grad_norm = optax.global_norm(grads)
         # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
@@ -362,3 +404,18 @@ class Trainer:
         """``step_flops`` per token of rows that are each one whole document (a causal context of (T + 1) / 2)."""
         t, c = self.tc.seq_len, self.config
         return self.step_flops(1.0, (t + 1) / 2, causal_selected(t, c.index_topk) if c.has_indexer else None)
+
+
+def _fill(tree, base):
+    """Two params trees (nested dicts) in one: ``tree``'s entries, with those it lacks or holds as None taken
+    from ``base``."""
+    if isinstance(tree, dict) and isinstance(base, dict):
+        return {k: _fill(tree.get(k), base.get(k)) for k in {**base, **tree}}
+    return base if tree is None else tree
+
+
+def _without_adapters(tree):
+    """A params-shaped tree with the adapter leaves (``lora_a`` / ``lora_b``) removed."""
+    if not isinstance(tree, dict):
+        return tree
+    return {k: _without_adapters(v) for k, v in tree.items() if not is_adapter_path(k)}

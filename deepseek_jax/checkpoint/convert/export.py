@@ -11,6 +11,7 @@ first; peak memory is one tensor.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -37,8 +38,10 @@ from deepseek_jax.checkpoint.train_dir import (
     CHECKPOINTS_DIR,
     STATE_ITEM,
     is_train_workdir,
+    lora_scale,
 )
 from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.layers.lora import merge
 from deepseek_jax.quant import fp4
 from deepseek_jax.quant.blocks import (
     BLOCK,
@@ -160,6 +163,39 @@ def _train_params_dir(src: str, step: Optional[int] = None) -> tuple[str, int]:
     return os.path.abspath(os.path.join(ckpts, str(step), STATE_ITEM)), step
 
 
+class _MergedRead:
+    """A lazily read kernel (an Orbax lazy tensor) with its LoRA adapters folded in as it is read, the kernel and
+    adapters indexed alike on their lead (layer, expert) dims: ``layers/lora.py``'s merge, slice by slice."""
+
+    def __init__(self, kernel, a, b, scale: float):
+        self.kernel, self.a, self.b, self.scale = kernel, a, b, scale
+        self.shape, self.dtype = kernel.shape, kernel.dtype
+
+    def __getitem__(self, index):
+        return _MergedRead(self.kernel[index], self.a[index], self.b[index], self.scale)
+
+    def read(self):
+        parts = {k: np.asarray(t.read().result()) for k, t in (("kernel", self.kernel), ("lora_a", self.a),
+                                                               ("lora_b", self.b))}
+        done = concurrent.futures.Future()
+        done.set_result(np.asarray(merge(parts, self.scale)["kernel"]))
+        return done
+
+
+def _merged_lazily(stores, scale: float):
+    """``stores`` (nested dicts of lazy tensors) with each adapted kernel a ``_MergedRead`` and no adapters."""
+    if not isinstance(stores, dict):
+        return stores
+    out = {}
+    for k, v in stores.items():
+        if k.endswith(("lora_a", "lora_b")):
+            continue
+        prefix = "" if k == "kernel" else k + "_"
+        out[k] = (_MergedRead(v, stores[f"{prefix}lora_a"], stores[f"{prefix}lora_b"], scale)
+                  if f"{prefix}lora_a" in stores and not isinstance(v, dict) else _merged_lazily(v, scale))
+    return out
+
+
 def plan_export(src: str, fp8: bool = False, dtype: Optional[str] = None, ue8m0: Optional[bool] = None):
     """``(config, marker, [OutTensor])`` in HF order (embedding, layer by layer, norm, head)."""
     config = ModelConfig.from_pretrained(src)
@@ -167,6 +203,9 @@ def plan_export(src: str, fp8: bool = False, dtype: Optional[str] = None, ue8m0:
         state_dir, _ = _train_params_dir(src)
         marker = {}
         stores = orbax_io.open_lazy(state_dir)["params"]
+        scale = lora_scale(src)
+        if scale is not None:  # a LoRA run: each targeted kernel is written merged with its adapters
+            stores = _merged_lazily(stores, scale)
     else:
         marker = orbax_io.read_marker(src)
         stores = orbax_io.open_lazy(os.path.abspath(os.path.join(src, PARAMS_DIR)))

@@ -1,0 +1,250 @@
+"""LoRA (layers/lora.py, TrainConfig.lora_rank, deepseek-jax train --lora-rank): adapters inside the dense and
+grouped matmuls equal the merged weights; a LoRA run trains only the adapters, keeps optimizer state for them
+only, and exports merged weights that transformers loads with our logits."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from convert_fixtures import make_hf, read_all
+from tiny_inference import word_tokenizer
+from train_helpers import run_on_8_devices
+
+import deepseek_jax as dsj
+from deepseek_jax.cli import main
+from deepseek_jax.config.options import LoraOptions, ModelOptions
+from deepseek_jax.layers.lora import merge
+from deepseek_jax.training.optimizer import param_path
+
+# A dense first layer, then MoE layers: LoRA on the attention projections, the dense MLP and the routed experts.
+CONFIG = dsj.presets["tiny-v3"].replace(num_nextn_predict_layers=0)
+LORA = LoraOptions(rank=4, alpha=8.0, targets=("*self_attn/*proj*", "*mlp/experts/*_proj", "dense_layers/mlp/*"))
+TOKENS = np.random.RandomState(0).randint(0, CONFIG.vocab_size, (2, 12)).astype(np.int32)
+
+
+def _lora_params(options, seed=0):
+    """Initialized params with random (non-zero) B adapters, so that every adapter changes the output."""
+    params = nn.meta.unbox(dsj.Transformer(CONFIG, options).init(jax.random.PRNGKey(seed), TOKENS)["params"])
+    key = jax.random.PRNGKey(seed + 1)
+
+    def one(path, x):
+        name = param_path(path)
+        return 0.1 * jax.random.normal(jax.random.fold_in(key, hash(name) % 9973), x.shape) \
+            if name.endswith("lora_b") else x
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "gather", "ragged", "dense"])
+def test_adapters_equal_the_merged_weights(impl):
+    options = ModelOptions(lora=LORA, moe_dispatch=impl)
+    params = _lora_params(options)
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    adapted = {p.rsplit("/", 1)[0] if p.endswith("/lora_a") else p[:-len("_lora_a")]
+               for p in paths if p.endswith("lora_a")}
+    assert {"dense_layers/mlp/gate_proj", "moe_layers/self_attn/q_b_proj", "moe_layers/self_attn/o_proj",
+            "moe_layers/mlp/experts/down_proj"} <= adapted
+    assert not any("shared_experts" in p or "lm_head" in p for p in adapted)
+    ours = dsj.Transformer(CONFIG, options).apply({"params": params}, TOKENS)
+    plain = dsj.Transformer(CONFIG, ModelOptions(moe_dispatch=impl))
+    merged = plain.apply({"params": merge(params, LORA.scale)}, TOKENS)
+    base = plain.apply({"params": merge(_zero_b(params), LORA.scale)}, TOKENS)
+    assert float(jnp.abs(merged - base).max()) > 0.1  # the adapters matter
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(merged), rtol=1e-6, atol=1e-6)
+
+
+def _zero_b(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros_like(x) if param_path(p).endswith("lora_b") else x, params)
+
+
+def test_merge_changes_only_the_targeted_kernels():
+    params = _lora_params(ModelOptions(lora=LORA))
+    merged = merge(params, LORA.scale)
+    flat = {param_path(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    for p, x in jax.tree_util.tree_leaves_with_path(merged):
+        name = param_path(p)
+        stem = name[:-len("/kernel")] if name.endswith("/kernel") else name
+        if f"{stem}/lora_a" in flat or f"{stem}_lora_a" in flat:
+            a = flat.get(f"{stem}/lora_a", flat.get(f"{stem}_lora_a"))
+            b = flat.get(f"{stem}/lora_b", flat.get(f"{stem}_lora_b"))
+            lead = a.ndim + b.ndim - 2 - x.ndim
+            want = flat[name] + LORA.scale * np.matmul(a.reshape(a.shape[:lead] + (-1, a.shape[-1])),
+                                                       b.reshape(b.shape[:lead + 1] + (-1,))).reshape(x.shape)
+            np.testing.assert_allclose(np.asarray(x), want, rtol=1e-6, atol=1e-7)
+            assert not np.array_equal(np.asarray(x), flat[name]), name
+        else:
+            assert np.array_equal(np.asarray(x), flat[name]), name  # bit-identical, the router's bias included
+    assert not any("lora" in param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(merged))
+
+
+EP_SCRIPT = r"""
+import json
+import jax, numpy as np
+import deepseek_jax as dsj
+from deepseek_jax.parallel.mesh import make_mesh
+from deepseek_jax.training.config import TrainConfig
+from deepseek_jax.training.trainer import Trainer
+from deepseek_jax.training.optimizer import param_path
+config = dsj.presets["tiny-v3"].replace(num_nextn_predict_layers=0)
+tc = TrainConfig(batch_size=8, seq_len=16, lora_rank=4, lora_alpha=8.0, learning_rate=1e-2, warmup_steps=0,
+                 moe_dispatch="blocked", lora_targets=("*self_attn/*proj*", "*mlp/experts/*_proj", "dense_layers/mlp/*"))
+rng = np.random.default_rng(0)
+x = rng.integers(1, config.vocab_size, (8, 17))
+batch = dict(inputs=x[:, :-1], targets=x[:, 1:], positions=np.tile(np.arange(16), (8, 1)),
+             segment_ids=np.ones((8, 16), np.int32), loss_mask=np.ones((8, 16), np.float32))
+out = {}
+for spec in (None, "fsdp=2,expert=4"):
+    mesh = make_mesh(spec) if spec else make_mesh(None, jax.devices()[:1])
+    trainer = Trainer(config, tc, mesh)
+    state = trainer.init_state()
+    losses = []
+    for _ in range(3):
+        state, m = trainer.run_step(state, trainer.put_batch(batch))
+        losses.append(float(m["total_loss"]))
+    out[str(spec)] = {"losses": losses, "adapters": {param_path(p): np.asarray(v).tolist()
+                      for p, v in jax.tree_util.tree_leaves_with_path(state["params"])
+                      if param_path(p).endswith("experts/down_proj_lora_b")}}
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # two trainers on 8 simulated devices: ~1 min on 2 cores
+def test_expert_parallel_lora_steps_equal_one_device():
+    out = run_on_8_devices(EP_SCRIPT)
+    one, ep = out["None"], out["fsdp=2,expert=4"]
+    np.testing.assert_allclose(ep["losses"], one["losses"], rtol=1e-5)
+    assert one["losses"][-1] < one["losses"][0]
+    for name, value in one["adapters"].items():
+        # Adam's normalized steps amplify the last bits of small gradients: 1e-5 of values ~0.03 after 3 steps
+        np.testing.assert_allclose(ep["adapters"][name], value, rtol=1e-4, atol=1e-5)
+        assert np.abs(value).max() > 0  # B moved from its zero init
+
+
+# ----- end to end: transformers checkpoint -> LoRA SFT -> merged export -> transformers -------------------
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    src = str(root / "hf")
+    make_hf(src, CONFIG, mtp=False)
+    word_tokenizer(root / "hf")
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": " ".join(f"w{(i + j) % 50 + 10}" for j in range(12))}) + "\n")
+    work = str(root / "run")
+    rc = main(["train", "--init-from", src, "--data", str(root / "data.jsonl"), "--workdir", work,
+               "--steps", str(STEPS), "--batch-size", "4", "--seq-len", "16", "--lr", "2e-2", "--warmup", "0",
+               "--save-every", str(STEPS), "--lora-rank", "4", "--lora-alpha", "8"])
+    assert rc == 0
+    out = str(root / "exported")
+    assert main(["export", work, out, "--no-progress"]) == 0
+    return {"src": src, "work": work, "out": out}
+
+
+@pytest.mark.slow  # the fixture compiles a LoRA train step
+def test_lora_run_trains_only_the_adapters(lora_run):
+    import orbax.checkpoint as ocp
+
+    with open(os.path.join(lora_run["work"], "metrics.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert len(losses) == STEPS and np.mean(losses[-3:]) < losses[0]
+    # The saved state: the base exactly the source's, the adapters moved, Adam's moments for the adapters only.
+    mgr = ocp.CheckpointManager(os.path.join(lora_run["work"], "checkpoints"))
+    state = mgr.restore(STEPS)["state"]
+    mgr.close()
+    saved = {param_path(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state["params"])}
+    _, src = dsj.load_pretrained(lora_run["src"])
+    for p, x in jax.tree_util.tree_leaves_with_path(src):
+        assert np.array_equal(saved[param_path(p)], np.asarray(x, np.float32)), param_path(p)
+    adapters = {k: v for k, v in saved.items() if k.endswith(("lora_a", "lora_b"))}
+    assert adapters and all(np.abs(v).max() > 0 for k, v in adapters.items() if k.endswith("lora_b"))
+    moments = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x))
+    assert moments == 2 * sum(v.size for v in adapters.values())
+
+
+@pytest.mark.slow  # the fixture compiles a LoRA train step
+def test_merged_export_loads_in_transformers_with_our_logits(lora_run):
+    from transformers import AutoModelForCausalLM
+
+    src, out = read_all(lora_run["src"]), read_all(lora_run["out"])
+    assert set(src) == set(out)
+    changed = {k for k in src if not torch.equal(src[k], out[k])}
+    # Exactly the targeted kernels: attention projections and routed experts (q_a, q_b, kv_a, kv_b, o; gate, up,
+    # down of every expert); the router, its bias, norms, shared experts, embedding and head are bit-identical.
+    assert changed and all("self_attn" in k and "norm" not in k or ".experts." in k for k in changed), changed
+    assert any(".experts." in k for k in changed) and any("kv_b_proj" in k for k in changed)
+    config, params = dsj.load_pretrained(lora_run["work"])  # the work dir reads back merged
+    ours = np.asarray(dsj.Transformer(config).apply({"params": params}, TOKENS))
+    model = AutoModelForCausalLM.from_pretrained(lora_run["out"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.as_tensor(TOKENS, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+    base = AutoModelForCausalLM.from_pretrained(lora_run["src"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert np.abs(base(torch.as_tensor(TOKENS, dtype=torch.long)).logits.numpy() - ref).max() > 1e-3
+
+
+def test_qlora_over_a_kept_fp8_base_equals_lora_over_the_dequantized_base():
+    """QLoRA: the targeted kernels kept as FP8 (e4m3 + 128x128 block scales, as DeepSeek's releases store them),
+    the adapters on top, against the same adapters over those kernels dequantized to fp32."""
+    from deepseek_jax.layers.lora import _n_in
+    from deepseek_jax.quant.weights import Fp8Weight, quantize
+
+    options = ModelOptions(lora=LORA)
+    params = _lora_params(options)
+
+    def keep_fp8(tree):
+        out = {}
+        for k, v in tree.items():
+            prefix = "" if k == "kernel" else k + "_"
+            if isinstance(v, dict):
+                out[k] = keep_fp8(v)
+            elif f"{prefix}lora_a" in tree:
+                n_in = _n_in(v, tree[f"{prefix}lora_a"], tree[f"{prefix}lora_b"])
+                lead = tree[f"{prefix}lora_a"].ndim - n_in - 1
+                out[k] = quantize(v, n_in, v.ndim - lead - n_in)
+            else:
+                out[k] = v
+        return out
+
+    fp8 = keep_fp8(params)
+    kept = [x for x in jax.tree.leaves(fp8, is_leaf=lambda x: isinstance(x, Fp8Weight)) if isinstance(x, Fp8Weight)]
+    assert len(kept) >= 8 and all(x.q.dtype == jnp.float8_e4m3fn for x in kept)
+    dequantized = jax.tree.map(lambda x: x.dequantize() if isinstance(x, Fp8Weight) else x, fp8,
+                               is_leaf=lambda x: isinstance(x, Fp8Weight))
+    model = dsj.Transformer(CONFIG, options)
+    ours = np.asarray(model.apply({"params": fp8}, TOKENS))
+    ref = np.asarray(model.apply({"params": dequantized}, TOKENS))
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # and the base did change: FP8 is not the fp32 kernel
+    assert np.abs(np.asarray(model.apply({"params": params}, TOKENS)) - ref).max() > 1e-4
+
+
+def test_lora_errors_name_what_is_wrong():
+    from deepseek_jax.parallel.mesh import make_mesh
+    from deepseek_jax.posttrain.distill import DistillConfig, DistillTrainer
+    from deepseek_jax.posttrain.grpo import GRPOConfig, GRPOTrainer
+    from deepseek_jax.training.config import TrainConfig
+    from deepseek_jax.training.trainer import Trainer
+
+    mesh = make_mesh(None)
+    with pytest.raises(ValueError, match=r"--lora-targets \*nothing\*: no linear layer matches; .*q_b_proj"):
+        Trainer(CONFIG, TrainConfig(lora_rank=2, lora_targets=("*nothing*",)), mesh)
+    with pytest.raises(ValueError, match="LoRA trains only its adapters"):
+        TrainConfig(lora_rank=2, train_only=("*experts*",))
+    with pytest.raises(ValueError, match="LoRA rank 0|lora_rank -1"):
+        TrainConfig(lora_rank=-1)
+    with pytest.raises(ValueError, match="GRPO with LoRA"):
+        GRPOTrainer(CONFIG, TrainConfig(lora_rank=2), mesh, GRPOConfig())
+    with pytest.raises(ValueError, match="distillation with LoRA"):
+        DistillTrainer(CONFIG, TrainConfig(lora_rank=2), mesh, DistillConfig())
