@@ -161,19 +161,28 @@ def merge(params, scale: float):
     """``params`` with every adapter pair folded into its kernel (``kernel + scale * a @ b``, summed in fp32, stored
     in the kernel's dtype; an FP8-kept kernel becomes fp32) and the adapters dropped: a plain params tree, e.g. for
     export or generation. Nothing else changes, bit for bit."""
-    if not isinstance(params, dict):
-        return params
+    def one(kernel, a, b):
+        merged = LoraWeight(kernel, a, b, scale, _n_in(kernel, a, b)).astype(jnp.float32)
+        return merged if hasattr(kernel, "scale") else merged.astype(kernel.dtype)
+
+    return fold_adapters(params, one)
+
+
+def fold_adapters(tree, fn):
+    """``tree`` (nested dicts: params, or a checkpoint's lazy tensors) with each adapted kernel replaced by
+    ``fn(kernel, lora_a, lora_b)`` and the adapters dropped (a Linear's ``kernel`` has ``lora_a`` / ``lora_b``
+    beside it, an expert stack ``gate_proj`` has ``gate_proj_lora_a`` / ``gate_proj_lora_b``)."""
+    if not isinstance(tree, dict):
+        return tree
     out = {}
-    for k, v in params.items():
-        if k.endswith(("lora_a", "lora_b")):
+    for k, v in tree.items():
+        if is_adapter_path(k):
             continue
         prefix = "" if k == "kernel" else k + "_"
-        if not isinstance(v, dict) and f"{prefix}lora_a" in params:
-            a, b = params[f"{prefix}lora_a"], params[f"{prefix}lora_b"]
-            merged = LoraWeight(v, a, b, scale, _n_in(v, a, b)).astype(jnp.float32)
-            out[k] = merged if hasattr(v, "scale") else merged.astype(v.dtype)
+        if not isinstance(v, dict) and f"{prefix}lora_a" in tree:
+            out[k] = fn(v, tree[f"{prefix}lora_a"], tree[f"{prefix}lora_b"])
         else:
-            out[k] = merge(v, scale)
+            out[k] = fold_adapters(v, fn)
     return out
 
 

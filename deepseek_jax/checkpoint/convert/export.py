@@ -41,7 +41,7 @@ from deepseek_jax.checkpoint.train_dir import (
     lora_scale,
 )
 from deepseek_jax.config.model import ModelConfig
-from deepseek_jax.layers.lora import merge
+from deepseek_jax.layers.lora import fold_adapters, merge
 from deepseek_jax.quant import fp4
 from deepseek_jax.quant.blocks import (
     BLOCK,
@@ -182,20 +182,6 @@ class _MergedRead:
         return done
 
 
-def _merged_lazily(stores, scale: float):
-    """``stores`` (nested dicts of lazy tensors) with each adapted kernel a ``_MergedRead`` and no adapters."""
-    if not isinstance(stores, dict):
-        return stores
-    out = {}
-    for k, v in stores.items():
-        if k.endswith(("lora_a", "lora_b")):
-            continue
-        prefix = "" if k == "kernel" else k + "_"
-        out[k] = (_MergedRead(v, stores[f"{prefix}lora_a"], stores[f"{prefix}lora_b"], scale)
-                  if f"{prefix}lora_a" in stores and not isinstance(v, dict) else _merged_lazily(v, scale))
-    return out
-
-
 def plan_export(src: str, fp8: bool = False, dtype: Optional[str] = None, ue8m0: Optional[bool] = None):
     """``(config, marker, [OutTensor])`` in HF order (embedding, layer by layer, norm, head)."""
     config = ModelConfig.from_pretrained(src)
@@ -205,7 +191,7 @@ def plan_export(src: str, fp8: bool = False, dtype: Optional[str] = None, ue8m0:
         stores = orbax_io.open_lazy(state_dir)["params"]
         scale = lora_scale(src)
         if scale is not None:  # a LoRA run: each targeted kernel is written merged with its adapters
-            stores = _merged_lazily(stores, scale)
+            stores = fold_adapters(stores, lambda k, a, b: _MergedRead(k, a, b, scale))
     else:
         marker = orbax_io.read_marker(src)
         stores = orbax_io.open_lazy(os.path.abspath(os.path.join(src, PARAMS_DIR)))
