@@ -24,12 +24,14 @@ def is_train_workdir(path: str | os.PathLike) -> bool:
     return all(os.path.exists(os.path.join(path, f)) for f in ("config.json", "train_config.json", CHECKPOINTS_DIR))
 
 
-def load_train_checkpoint(workdir: str | os.PathLike, step: Optional[int] = None, shardings=None):
+def load_train_checkpoint(workdir: str | os.PathLike, step: Optional[int] = None, shardings=None,
+                          merge_lora: bool = True):
     """``(config, params)`` from a train work directory: step ``step`` (default the latest finished one).
 
     ``shardings``: a params-shaped tree of ``Sharding`` to restore each leaf into (each process reads only its
     shards' chunks); default the first device. The params come back in the dtype they were saved in (the
-    run's master weights)."""
+    run's master weights). A LoRA run's adapters are folded into their kernels unless ``merge_lora`` is False
+    (then they come back as they are, next to the base)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -52,7 +54,7 @@ def load_train_checkpoint(workdir: str | os.PathLike, step: Optional[int] = None
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)}))
     params = restored[STATE_ITEM]["params"]
     scale = lora_scale(workdir)
-    if scale is not None:  # a LoRA run: its adapters folded into their kernels (layers/lora.py's merge)
+    if scale is not None and merge_lora:  # a LoRA run: its adapters folded into their kernels (layers/lora.py's merge)
         from deepseek_jax.layers.lora import is_adapter_path, merge
 
         params = merge(_map_adapters(params, jax.device_get, is_adapter_path), scale)

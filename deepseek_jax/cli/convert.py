@@ -63,6 +63,13 @@ def _export(args) -> int:
 
     _quiet()
     try:
+        if args.adapter:
+            from deepseek_jax.checkpoint.adapters import export_adapter
+
+            r = export_adapter(args.src, args.dst, force=args.force)
+            print(f"exported the adapters of {args.src} -> {args.dst} (PEFT): {r['tensors']} tensors, "
+                  f"{r['values']:,} values")
+            return 0
         r = export(args.src, args.dst, fp8=args.fp8, dtype=args.dtype, max_shard_size=args.max_shard_size,
                    ue8m0=True if args.ue8m0 else None, progress=not args.no_progress, force=args.force)
         print(f"exported {args.src} -> {args.dst}: {r['tensors']} tensors, {r['bytes'] / 1e9:.3f} GB in "
@@ -97,7 +104,8 @@ def register(sub) -> None:
 
     e = sub.add_parser("export", help="converted Orbax directory -> HF safetensors shards that transformers loads",
                        description="Write HF safetensors shards, index and config.json from a `deepseek-jax convert` "
-                                   "directory.")
+                                   "directory or a train work directory (a LoRA run's: merged, or with --adapter its "
+                                   "adapters in PEFT's format).")
     e.add_argument("src", help="a directory written by `deepseek-jax convert`")
     e.add_argument("dst", help="output directory (must not exist unless --force)")
     e.add_argument("--fp8", action="store_true", help="re-quantize to DeepSeek's FP8 release format "
@@ -107,6 +115,9 @@ def register(sub) -> None:
                    help="dtype of non-FP8 tensors (default: as stored)")
     e.add_argument("--max-shard-size", default="5GB", help="largest shard file (default 5GB)")
     e.add_argument("--verify", action="store_true", help="afterwards compare transformers on DST with our model")
+    e.add_argument("--adapter", action="store_true",
+                   help="a LoRA work directory's adapters only, as a PEFT adapter directory (adapter_config.json + "
+                        "adapter_model.safetensors) for peft.PeftModel.from_pretrained")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--force", action="store_true", help="replace DST if it exists")
     e.set_defaults(func=_export)

@@ -89,6 +89,17 @@ def _run(args) -> int:
 
     try:
         config, tokenizer, tokenizer_file = _model_and_tokenizer(args)
+        adapters = None
+        if args.adapter is not None:  # a PEFT adapter to start from: its rank, alpha and targets make the run's LoRA
+            from deepseek_jax.checkpoint.adapters import read_peft_adapter
+
+            if args.init_from is None:
+                raise ValueError("--adapter DIR needs --init-from BASE: the checkpoint the adapter was trained on")
+            if args.lora_rank or args.lora_targets:
+                raise ValueError("--adapter DIR: the adapter sets the LoRA rank and targets; drop --lora-rank / "
+                                 "--lora-targets")
+            adapters, rank, targets = read_peft_adapter(args.adapter, config)
+            args.lora_rank, args.lora_alpha, args.lora_targets = rank, float(rank), list(targets)
     except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -107,7 +118,7 @@ def _run(args) -> int:
                       eos_id=eos_id, arithmetic_loss=args.arithmetic_loss, save_every=args.save_every,
                       keep=args.keep, resume=not args.no_resume, init_from=args.init_from,
                       chat_style=args.chat_style or default_style(config), pipeline=args.pipeline,
-                      data_workers=args.data_workers)
+                      data_workers=args.data_workers, adapters=adapters)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -164,6 +175,9 @@ def register(sub) -> None:
                         "base stays as it is (default 0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=16.0, metavar="A",
                    help="LoRA's alpha: the adapters' output is scaled by A / R (default 16)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="with --init-from: start LoRA from this PEFT adapter directory (peft's own, or `export "
+                        "--adapter`'s); its rank, alpha and targets make the run's")
     p.add_argument("--lora-targets", action="append", default=[], metavar="GLOB",
                    help="LoRA: the linear layers that get adapters, globs over their paths, e.g. "
                         "'*self_attn/q_b_proj' (repeatable; default: the attention projections and the routed "

@@ -86,7 +86,7 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
         data: Optional[str] = None, tokenizer=None, eos_id: Optional[int] = None, arithmetic_loss: str = "all",
         save_every: int = 100, keep: int = 3, resume: bool = True, progress: bool = True, async_save: bool = True,
         stop_after: Optional[int] = None, init_from: Optional[str] = None, chat_style: str = "v3",
-        pipeline: str = "memory", data_workers: int = 0) -> list[dict]:
+        pipeline: str = "memory", data_workers: int = 0, adapters: Optional[dict] = None) -> list[dict]:
     """Train (or resume) in ``workdir``: checkpoints in ``workdir/checkpoints``, metrics in
     ``workdir/metrics.jsonl`` and TensorBoard events in ``workdir/tb``, the loss curve in ``workdir/loss.png``.
     Returns this call's per-step metric records. ``stop_after`` ends early after that many steps (tests).
@@ -95,7 +95,8 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     ``checkpoint/load.py``'s ``pretrained_config``) instead of a random init; a checkpoint of this work directory,
     when there is one, still wins (the run resumes). ``chat_style``: the template chat ``.jsonl`` data is
     rendered with. ``mesh``: a ``jax.sharding.Mesh`` to run on instead of ``make_mesh(mesh_spec)`` (a multi-slice
-    one, say). ``pipeline`` / ``data_workers``: ``make_dataset``'s ``pipeline`` / ``workers``."""
+    one, say). ``pipeline`` / ``data_workers``: ``make_dataset``'s ``pipeline`` / ``workers``. ``adapters``: a PEFT
+    adapter's LoRA weights to start from (``Trainer.state_from_params``)."""
     trainer = Trainer(config, tc, make_mesh(mesh_spec) if mesh is None else mesh)
     dataset = make_dataset(data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
                            eos_id=eos_id, rows=trainer.process_rows(),
@@ -106,8 +107,8 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
                          f"{config.vocab_size}; set vocab_size >= {dataset.vocab_size}")
     prepare_workdir(workdir, config, tc)
     save_tokenizer(workdir, tokenizer, arithmetic=data in (None, "arithmetic"))
-    fresh = (lambda: trainer.state_from_params(init_params(init_from, trainer))) if init_from is not None \
-        else trainer.init_state
+    fresh = (lambda: trainer.state_from_params(init_params(init_from, trainer), adapters)) \
+        if init_from is not None else trainer.init_state
 
     feed = DevicePrefetch(dataset, trainer.put_batch)  # the next batch goes to the devices during this step
 

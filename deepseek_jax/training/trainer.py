@@ -106,11 +106,24 @@ class Trainer:
                        out_shardings=self.param_shardings)
         return self.state_from_params(init(rng))
 
-    def state_from_params(self, params) -> dict:
-        """The train state from ``params`` (with LoRA, a base without adapters gets fresh ones)."""
+    def state_from_params(self, params, adapters: Optional[dict] = None) -> dict:
+        """The train state from ``params`` (with LoRA, a base without adapters gets fresh ones). ``adapters``
+        (``checkpoint/adapters.py``'s ``read_peft_adapter``): ``path -> (values, provided)``; the entries a PEFT
+        adapter provides replace the fresh ones (the others keep their fresh A and zero B)."""
         if self.lora is not None and not any(is_adapter_path(param_path(p))
                                              for p, _ in jax.tree_util.tree_leaves_with_path(params)):
             params = self._with_fresh_adapters(params)
+        for path, (values, provided) in (adapters or {}).items():
+            *parents, leaf = path.split("/")
+            node = params = dict(params)
+            for k in parents:
+                node[k] = dict(node[k])
+                node = node[k]
+            if leaf not in node or tuple(node[leaf].shape) != values.shape:
+                raise ValueError(f"adapter {path}: shape {values.shape}, the run's is "
+                                 f"{tuple(node[leaf].shape) if leaf in node else 'absent'}")
+            mask = provided.reshape(provided.shape + (1,) * (values.ndim - provided.ndim))
+            node[leaf] = np.where(mask, values, np.asarray(jax.device_get(node[leaf])))
         params = jax.device_put(params, self.param_shardings)
         opt_shardings = self._mirror_param_shardings(jax.eval_shape(self.optimizer.init, params))
         opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)

@@ -248,3 +248,121 @@ def test_lora_errors_name_what_is_wrong():
         GRPOTrainer(CONFIG, TrainConfig(lora_rank=2), mesh, GRPOConfig())
     with pytest.raises(ValueError, match="distillation with LoRA"):
         DistillTrainer(CONFIG, TrainConfig(lora_rank=2), mesh, DistillConfig())
+
+
+@pytest.mark.slow  # the fixture compiles a LoRA train step
+def test_peft_adapter_export_loads_in_peft_with_our_logits(lora_run, tmp_path):
+    """``export --adapter``: attention adapters as peft target_modules, the experts' as target_parameters on the
+    fused gate_up_proj / down_proj; peft on the transformers base gives the logits of our merged LoRA model."""
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "adapter")
+    assert main(["export", lora_run["work"], out, "--adapter"]) == 0
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["rank_pattern"] == {"gate_up_proj": 8}
+    assert "model.layers.1.self_attn.kv_b_proj" in cfg["target_modules"]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in cfg["target_parameters"]
+    weights = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert weights["base_model.model.model.layers.1.mlp.experts.lora_A.weight"].shape == (4 * 16, 32)  # down
+    config, params = dsj.load_pretrained(lora_run["work"])
+    ours = np.asarray(dsj.Transformer(config).apply({"params": params}, TOKENS))
+    base = AutoModelForCausalLM.from_pretrained(lora_run["src"], dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        ref = model(torch.as_tensor(TOKENS, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    with pytest.raises(FileExistsError):  # nothing half-written, nothing overwritten
+        from deepseek_jax.checkpoint.adapters import export_adapter
+        export_adapter(lora_run["work"], out)
+
+
+def test_adapters_peft_cannot_hold_are_refused():
+    from deepseek_jax.checkpoint.adapters import AdapterError, peft_tensors
+
+    params = _lora_params(ModelOptions(lora=LORA))  # LORA targets the dense MLP too
+    with pytest.raises(AdapterError, match="dense_layers/mlp/gate_proj: peft .* no PEFT form; export the merged"):
+        peft_tensors(CONFIG, params, LORA.rank, LORA.alpha)
+
+
+def test_bad_peft_adapter_directories_say_what_is_wrong(tmp_path):
+    from safetensors.numpy import save_file
+
+    from deepseek_jax.checkpoint.adapters import AdapterError, read_peft_adapter
+
+    with pytest.raises(AdapterError, match="adapter_config.json: missing"):
+        read_peft_adapter(str(tmp_path), CONFIG)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}))
+    save_file({"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": np.zeros((4, 64), np.float32)},
+              str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="use_dora = True is not supported"):
+        read_peft_adapter(str(tmp_path), CONFIG)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    with pytest.raises(AdapterError, match="self_attn.o_proj has lora_A only"):
+        read_peft_adapter(str(tmp_path), CONFIG)
+    save_file({"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": np.zeros((2, 64), np.float32),
+               "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight": np.zeros((64, 2), np.float32)},
+              str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=r"o_proj.lora_A.weight has 2 rows, expected r = 4"):
+        read_peft_adapter(str(tmp_path), CONFIG)
+
+
+def _logits_from_adapter(src, adapter_dir):
+    """Our logits for base ``src`` + the PEFT adapter in ``adapter_dir``, read as ``train --adapter`` reads it."""
+    from deepseek_jax.checkpoint.adapters import read_peft_adapter
+    from deepseek_jax.checkpoint.load import pretrained_config
+    from deepseek_jax.parallel.mesh import make_mesh
+    from deepseek_jax.training.config import TrainConfig
+    from deepseek_jax.training.run import init_params
+    from deepseek_jax.training.trainer import Trainer
+
+    config = pretrained_config(src)
+    adapters, rank, targets = read_peft_adapter(adapter_dir, config)
+    tc = TrainConfig(lora_rank=rank, lora_alpha=float(rank), lora_targets=targets)
+    trainer = Trainer(config, tc, make_mesh(None))
+    state = trainer.state_from_params(init_params(src, trainer), adapters)
+    return np.asarray(trainer.model.apply({"params": state["params"]}, TOKENS)), rank, targets
+
+
+@pytest.mark.slow  # the fixture compiles a LoRA train step
+def test_peft_adapters_read_back_with_peft_logits(lora_run, tmp_path):
+    """A PEFT adapter peft itself created (random A and B, a rank pattern) and our own export, read by ``train
+    --adapter``'s reader: our LoRA model gives peft's logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    src = lora_run["src"]
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    peft_cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                          target_modules=["q_b_proj", "kv_a_proj_with_mqa", "o_proj"],
+                          target_parameters=["model.layers.1.mlp.experts.gate_up_proj"],
+                          rank_pattern={"o_proj": 2}, alpha_pattern={"o_proj": 3})
+    model = get_peft_model(base, peft_cfg).eval()
+    with torch.no_grad():
+        ref = model(torch.as_tensor(TOKENS, dtype=torch.long)).logits.numpy()
+        plain = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(
+            torch.as_tensor(TOKENS, dtype=torch.long)).logits.numpy()
+    assert np.abs(ref - plain).max() > 1e-2  # the adapter matters
+    model.save_pretrained(str(tmp_path / "theirs"))
+    ours, rank, targets = _logits_from_adapter(src, str(tmp_path / "theirs"))
+    assert rank == 4 and "moe_layers/mlp/experts/up_proj" in targets and "dense_layers/self_attn/o_proj" in targets
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    # Our export read back: the run's merged logits.
+    assert main(["export", lora_run["work"], str(tmp_path / "ours"), "--adapter"]) == 0
+    ours, rank, _ = _logits_from_adapter(src, str(tmp_path / "ours"))
+    config, params = dsj.load_pretrained(lora_run["work"])
+    merged = np.asarray(dsj.Transformer(config).apply({"params": params}, TOKENS))
+    assert rank == 8  # the fused gate_up adapter's 2R
+    np.testing.assert_allclose(ours, merged, atol=1e-5, rtol=0)
+    # and train --adapter starts a run from it
+    work = str(tmp_path / "again")
+    assert main(["train", "--init-from", src, "--adapter", str(tmp_path / "theirs"), "--data",
+                 os.path.join(os.path.dirname(src), "data.jsonl"), "--workdir", work, "--steps", "2",
+                 "--batch-size", "2", "--seq-len", "16", "--lr", "0", "--warmup", "0"]) == 0
+    _, again = dsj.load_pretrained(work)
+    np.testing.assert_allclose(np.asarray(dsj.Transformer(config).apply({"params": again}, TOKENS)), ref,
+                               atol=1e-4, rtol=0)  # lr 0: the adapter as it came
+    assert main(["train", "--init-from", src, "--adapter", str(tmp_path / "theirs"), "--lora-rank", "2",
+                 "--workdir", str(tmp_path / "x")]) == 2
