@@ -31,7 +31,8 @@ def load_train_checkpoint(workdir: str | os.PathLike, step: Optional[int] = None
     ``shardings``: a params-shaped tree of ``Sharding`` to restore each leaf into (each process reads only its
     shards' chunks); default the first device. The params come back in the dtype they were saved in (the
     run's master weights). A LoRA run's adapters are folded into their kernels unless ``merge_lora`` is False
-    (then they come back as they are, next to the base)."""
+    (then they come back as they are, next to the base); its checkpoints hold only the adapters, and the base is
+    read from where ``train_config.json``'s ``lora_base`` points."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -47,6 +48,7 @@ def load_train_checkpoint(workdir: str | os.PathLike, step: Optional[int] = None
         meta = manager.item_metadata(step)[STATE_ITEM]
         meta = getattr(meta, "tree", meta)["params"]
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        given = shardings
         shardings = _adapters_on(meta, jax.tree.map(lambda _: one, meta) if shardings is None else shardings, one)
         target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s), meta, shardings)
         restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
@@ -54,18 +56,38 @@ def load_train_checkpoint(workdir: str | os.PathLike, step: Optional[int] = None
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)}))
     params = restored[STATE_ITEM]["params"]
     scale = lora_scale(workdir)
-    if scale is not None and merge_lora:  # a LoRA run: its adapters folded into their kernels (layers/lora.py's merge)
-        from deepseek_jax.layers.lora import is_adapter_path, merge
+    if scale is None:
+        return config, params
+    from deepseek_jax.layers.lora import is_adapter_path, merge
 
-        params = merge(_map_adapters(params, jax.device_get, is_adapter_path), scale)
-    return config, params
+    params = _map_adapters(params, jax.device_get, is_adapter_path)
+    if all(is_adapter_path(k) for k in _leaf_names(params)):  # the checkpoint holds the adapters only
+        params = _with_base(workdir, params, given)
+    # a LoRA run: its adapters folded into their kernels (layers/lora.py's merge)
+    return config, merge(params, scale) if merge_lora else params
 
 
-def lora_scale(workdir) -> Optional[float]:
-    """``alpha / rank`` of a LoRA run's work directory (its ``train_config.json``); None for other runs."""
+def _leaf_names(tree):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaf_names(v)
+        else:
+            yield k
+
+
+def _with_base(workdir, adapters: dict, shardings) -> dict:
+    """A LoRA checkpoint's ``adapters`` with the base its ``train_config.json`` names (``lora_base``) around them,
+    the base read into ``shardings`` (without the adapter entries)."""
+    from deepseek_jax.checkpoint.load import load_pretrained
+    from deepseek_jax.layers.lora import combine, without_adapters
+
     with open(os.path.join(os.fspath(workdir), "train_config.json")) as f:
-        tc = json.load(f)
-    return tc["lora_alpha"] / tc["lora_rank"] if tc.get("lora_rank") else None
+        base = json.load(f).get("lora_base")
+    if not base or not os.path.isdir(base):
+        raise FileNotFoundError(f"{workdir}: a LoRA run's checkpoints hold only the adapters, and its base "
+                                f"(train_config.json's lora_base: {base!r}) is not a directory here")
+    _, params = load_pretrained(base, shardings=None if shardings is None else without_adapters(shardings))
+    return combine(adapters, params)
 
 
 def _adapters_on(meta, shardings, sharding):
@@ -81,3 +103,10 @@ def _map_adapters(tree, fn, is_adapter):
     if not isinstance(tree, dict):
         return tree
     return {k: fn(v) if is_adapter(k) else _map_adapters(v, fn, is_adapter) for k, v in tree.items()}
+
+
+def lora_scale(workdir) -> Optional[float]:
+    """``alpha / rank`` of a LoRA run's work directory (its ``train_config.json``); None for other runs."""
+    with open(os.path.join(os.fspath(workdir), "train_config.json")) as f:
+        tc = json.load(f)
+    return tc["lora_alpha"] / tc["lora_rank"] if tc.get("lora_rank") else None

@@ -34,7 +34,8 @@ def _run(args) -> int:
                       remat=args.remat, steps=args.steps.split(","), model_name=args.model,
                       device_memory_bytes=parse_bytes(args.device_memory) if args.device_memory else None,
                       train_overrides={"fsdp_over_data": args.fsdp_over_data, "moe_dispatch": args.moe_dispatch,
-                                       "capacity_factor": args.capacity_factor},
+                                       "capacity_factor": args.capacity_factor, "lora_rank": args.lora_rank,
+                                       "lora_alpha": args.lora_alpha},
                       infer_dtype=args.infer_dtype, cache_dtype=args.cache_dtype,
                       weight_dtype="fp8" if args.weight_dtype == "fp8" else None,
                       num_slices=args.num_slices, dcn=args.dcn_mesh)
@@ -135,6 +136,10 @@ def register(sub) -> None:
     p.add_argument("--cache-len", type=int, default=None, help="decode step's cache length (default: --seq-len)")
     p.add_argument("--steps", default="train,prefill,decode", help="which steps, comma-separated (default: all)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="bf16")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="the train step of a LoRA fine-tune (rank-R adapters on the default targets, the base frozen "
+                        "in the compute dtype; default 0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, metavar="A", help="LoRA's alpha (default 16)")
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="full")
     p.add_argument("--fsdp-over-data", action="store_true", help="shard weights and optimizer state over data too")
     p.add_argument("--moe-dispatch", choices=("auto", "blocked", "ragged", "gather", "dense"), default="auto",

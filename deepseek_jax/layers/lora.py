@@ -196,3 +196,31 @@ def _n_in(kernel, a, b) -> int:
 def is_adapter_path(path: str) -> bool:
     """A parameter path (``param_path``) of an adapter."""
     return path.endswith(("lora_a", "lora_b"))
+
+
+def without_adapters(tree):
+    """A params-shaped tree (nested dicts) with the adapter leaves removed."""
+    if not isinstance(tree, dict):
+        return tree
+    return {k: without_adapters(v) for k, v in tree.items() if not is_adapter_path(k)}
+
+
+def adapters_only(tree):
+    """A params-shaped tree with only its adapter leaves (empty branches dropped)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            sub = adapters_only(v)
+            if sub:
+                out[k] = sub
+        elif is_adapter_path(k):
+            out[k] = v
+    return out
+
+
+def combine(tree, base):
+    """Two params trees (nested dicts) in one: ``tree``'s entries, with those it lacks or holds as None taken
+    from ``base``."""
+    if isinstance(tree, dict) and isinstance(base, dict):
+        return {k: combine(tree.get(k), base.get(k)) for k in {**base, **tree}}
+    return base if tree is None else tree

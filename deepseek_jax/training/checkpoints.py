@@ -14,10 +14,12 @@ class Checkpointer:
     JSON record (data position, RNG seed, step). Orbax writes each step into a temporary directory and
     renames it when complete, so a save interrupted by a crash is never listed as the latest step."""
 
-    def __init__(self, directory: str, every: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, every: int, keep: int, async_save: bool = True, to_saved=None):
+        """``to_saved``: ``state -> what is written`` (a LoRA run's trainer drops the frozen base)."""
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self._to_saved = to_saved or (lambda state: state)
         options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                                enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
@@ -34,7 +36,7 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
         ocp = self._ocp
-        items = {STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
+        items = {STATE_ITEM: ocp.args.StandardSave(self._to_saved(state)), META_ITEM: ocp.args.JsonSave(meta)}
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state):

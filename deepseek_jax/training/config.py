@@ -56,6 +56,7 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
+    lora_base: Optional[str] = None  # the base checkpoint (set by fit from init_from): LoRA checkpoints point at it
     seed: int = 0
 
     def __post_init__(self):
@@ -84,14 +85,17 @@ class TrainConfig:
 
     def model_options(self, precision: Optional[str] = None, lora: bool = True) -> ModelOptions:
         """fp32: everything fp32. bf16: fp32 master weights, bf16 compute. fp8: bf16 compute with DeepSeek's
-        E4M3 tile/block recipe on every linear layer's GEMMs. ``precision``: another than the run's (a
+        E4M3 tile/block recipe on every linear layer's GEMMs. Under LoRA the frozen base is held in the compute
+        dtype (bf16 for bf16 and fp8) and only the adapters are fp32. ``precision``: another than the run's (a
         distillation teacher's); ``lora``: with the run's adapters (a teacher has none)."""
         precision = self.precision if precision is None else precision
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
         dtype = "float32" if precision == "fp32" else "bfloat16"
         matmul = "fp8" if precision == "fp8" else "default"
-        return ModelOptions(dtype=dtype, param_dtype="float32", remat=self.remat, matmul=matmul,
+        # A LoRA base is frozen: it stays in the compute dtype (no fp32 master copy); the adapters are fp32.
+        param_dtype = dtype if self.lora_rank and lora else "float32"
+        return ModelOptions(dtype=dtype, param_dtype=param_dtype, remat=self.remat, matmul=matmul,
                             moe_dispatch=self.moe_dispatch, capacity_factor=self.capacity_factor,
                             moe_keep_received=self.moe_keep_received, attention=self.attention,
                             attention_block=self.attention_block, indexer_loss=self.indexer_stage,

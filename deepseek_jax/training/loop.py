@@ -18,9 +18,11 @@ from deepseek_jax.training.trainer import Trainer
 def start_or_resume(workdir: str, trainer: Trainer, data, fresh: Callable[[], dict], *, resume: bool,
                     save_every: int, keep: int, async_save: bool = True) -> tuple["Checkpointer", int, dict]:
     """The run's ``Checkpointer`` (``workdir/checkpoints``) and where the run starts: the latest checkpoint when
-    ``resume`` finds one (its data position restored into ``data``, which has ``restore(state)``), else step 0
+    ``resume`` finds one (its data position restored into ``data``, which has ``restore(state)``; a LoRA run's
+    checkpoint holds its adapters and their optimizer state, and ``fresh()`` gives the base again), else step 0
     with ``fresh()``'s state."""
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=save_every, keep=keep, async_save=async_save)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=save_every, keep=keep, async_save=async_save,
+                        to_saved=trainer.saved_state)
     start = ckpt.latest_step() if resume else None
     if not resume and ckpt.latest_step() is not None:  # their steps would clash with this run's saves
         steps = ckpt.delete_all()
@@ -28,7 +30,8 @@ def start_or_resume(workdir: str, trainer: Trainer, data, fresh: Callable[[], di
               f"{os.path.join(workdir, 'checkpoints')} (steps {', '.join(map(str, steps))})", file=sys.stderr)
     if start is None:
         return ckpt, 0, fresh()
-    state, meta = ckpt.restore(start, trainer.abstract_state())
+    saved, meta = ckpt.restore(start, trainer.saved_state(trainer.abstract_state()))
+    state = trainer.from_saved(saved, fresh) if trainer.lora is not None else saved
     data.restore(meta["data"])
     return ckpt, start, state
 

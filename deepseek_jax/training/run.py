@@ -15,7 +15,6 @@ import shutil
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 
 from deepseek_jax.checkpoint.load import load_pretrained
 from deepseek_jax.checkpoint.orbax_io import is_converted_dir
@@ -97,6 +96,10 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     rendered with. ``mesh``: a ``jax.sharding.Mesh`` to run on instead of ``make_mesh(mesh_spec)`` (a multi-slice
     one, say). ``pipeline`` / ``data_workers``: ``make_dataset``'s ``pipeline`` / ``workers``. ``adapters``: a PEFT
     adapter's LoRA weights to start from (``Trainer.state_from_params``)."""
+    if tc.lora_rank:  # the checkpoints hold the adapters and point at the base
+        if init_from is None:
+            raise ValueError("LoRA fine-tunes a checkpoint: give init_from (--init-from DIR)")
+        tc = dataclasses.replace(tc, lora_base=os.path.abspath(init_from))
     trainer = Trainer(config, tc, make_mesh(mesh_spec) if mesh is None else mesh)
     dataset = make_dataset(data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
                            eos_id=eos_id, rows=trainer.process_rows(),
@@ -131,12 +134,13 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
 
 def init_params(path: str, trainer: Trainer):
     """The params of checkpoint ``path`` (HF safetensors, FP8 included; a converted Orbax directory; a train work
-    directory) in fp32 master precision, placed straight into ``trainer``'s shardings: read shard by shard, never
-    whole on a host. The checkpoint's config must be ``trainer.config``."""
+    directory) in fp32 master precision (a LoRA base: the compute dtype), placed straight into ``trainer``'s
+    shardings: read shard by shard, never whole on a host. The checkpoint's config must be ``trainer.config``."""
+    dtype = trainer.model.options.params_dtype  # fp32 master weights; a LoRA base in the compute dtype
     if is_converted_dir(path):
-        config, params = load_pretrained(path, dtype=jnp.float32, mesh=trainer.mesh)
+        config, params = load_pretrained(path, dtype=dtype, mesh=trainer.mesh)
     else:
-        config, params = load_pretrained(path, dtype=jnp.float32, shardings=trainer.base_shardings())
+        config, params = load_pretrained(path, dtype=dtype, shardings=trainer.base_shardings())
     if config != trainer.config:
         diff = [f"{f.name}: checkpoint {getattr(config, f.name)!r}, run {getattr(trainer.config, f.name)!r}"
                 for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(trainer.config, f.name)]

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from deepseek_jax.config.model import ModelConfig
-from deepseek_jax.layers.lora import is_adapter_path
+from deepseek_jax.layers.lora import adapters_only, combine, is_adapter_path, without_adapters
 from deepseek_jax.models.counts import batch_flops, causal_selected
 from deepseek_jax.models.transformer import Transformer, abstract_params
 from deepseek_jax.parallel.mesh import mesh_context, wait_for_processes
@@ -139,11 +139,25 @@ class Trainer:
                 lambda p, x: x if is_adapter_path(param_path(p)) else None, full)
 
         fresh = jax.jit(adapters, out_shardings=self.param_shardings)(jax.random.PRNGKey(self.tc.seed))
-        return _fill(fresh, base)
+        return combine(fresh, base)
+
+    def saved_state(self, state):
+        """What a checkpoint holds of ``state`` (arrays or their abstract shapes): all of it; under LoRA the
+        step, the adapters and their optimizer state, not the frozen base (the work directory's
+        ``train_config.json`` names it, ``lora_base``)."""
+        if self.lora is None:
+            return state
+        return {**state, "params": adapters_only(state["params"])}
+
+    def from_saved(self, saved, fresh: Callable[[], dict]) -> dict:
+        """The train state from a LoRA checkpoint's ``saved_state``: ``fresh()``'s base (loaded again) with the
+        saved adapters, optimizer state and step."""
+        state = fresh()
+        return {**saved, "params": combine(saved["params"], state["params"])}
 
     def base_shardings(self):
         """``param_shardings`` without the adapters: where a pretrained base checkpoint's params go."""
-        return _without_adapters(self.param_shardings)
+        return without_adapters(self.param_shardings)
 
     def trainable_count(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts: total is the model's (LoRA adapters not included), trainable
@@ -272,7 +286,7 @@ class Trainer:
         shard = partial(jax.lax.with_sharding_constraint, shardings=self.param_shardings)
         if self.trainable is not None:  # differentiate the trained leaves only; the others get zeros
             frozen = jax.tree.map(lambda t, p: None if t else p, self.trainable, params)
-            inner = jax.value_and_grad(lambda tr, b, n: self._loss(_fill(tr, frozen), b, n), has_aux=True)
+            inner = jax.value_and_grad(lambda tr, b, n: self._loss(combine(tr, frozen), b, n), has_aux=True)
 
             def grad_fn(params, b, n):
                 out, g = inner(jax.tree.map(lambda t, p: p if t else None, self.trainable, params), b, n)
@@ -418,17 +432,3 @@ class Trainer:
         t, c = self.tc.seq_len, self.config
         return self.step_flops(1.0, (t + 1) / 2, causal_selected(t, c.index_topk) if c.has_indexer else None)
 
-
-def _fill(tree, base):
-    """Two params trees (nested dicts) in one: ``tree``'s entries, with those it lacks or holds as None taken
-    from ``base``."""
-    if isinstance(tree, dict) and isinstance(base, dict):
-        return {k: _fill(tree.get(k), base.get(k)) for k in {**base, **tree}}
-    return base if tree is None else tree
-
-
-def _without_adapters(tree):
-    """A params-shaped tree with the adapter leaves (``lora_a`` / ``lora_b``) removed."""
-    if not isinstance(tree, dict):
-        return tree
-    return {k: _without_adapters(v) for k, v in tree.items() if not is_adapter_path(k)}

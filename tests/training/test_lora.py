@@ -109,6 +109,11 @@ for spec in (None, "fsdp=2,expert=4"):
     for _ in range(3):
         state, m = trainer.run_step(state, trainer.put_batch(batch))
         losses.append(float(m["total_loss"]))
+    base = {param_path(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(trainer.init_state()["params"])
+            if "lora" not in param_path(p)}
+    out["base_kept " + str(spec)] = all(np.array_equal(np.asarray(v), base[param_path(p)])
+                                        for p, v in jax.tree_util.tree_leaves_with_path(state["params"])
+                                        if "lora" not in param_path(p))
     out[str(spec)] = {"losses": losses, "adapters": {param_path(p): np.asarray(v).tolist()
                       for p, v in jax.tree_util.tree_leaves_with_path(state["params"])
                       if param_path(p).endswith("experts/down_proj_lora_b")}}
@@ -120,6 +125,7 @@ print("RESULT " + json.dumps(out))
 def test_expert_parallel_lora_steps_equal_one_device():
     out = run_on_8_devices(EP_SCRIPT)
     one, ep = out["None"], out["fsdp=2,expert=4"]
+    assert out["base_kept None"] and out["base_kept fsdp=2,expert=4"]  # the frozen base, bit for bit
     np.testing.assert_allclose(ep["losses"], one["losses"], rtol=1e-5)
     assert one["losses"][-1] < one["losses"][0]
     for name, value in one["adapters"].items():
@@ -158,18 +164,17 @@ def test_lora_run_trains_only_the_adapters(lora_run):
     with open(os.path.join(lora_run["work"], "metrics.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f]
     assert len(losses) == STEPS and np.mean(losses[-3:]) < losses[0]
-    # The saved state: the base exactly the source's, the adapters moved, Adam's moments for the adapters only.
+    # The checkpoint: the adapters (moved) and Adam's moments for them, no base; the run points at its base.
     mgr = ocp.CheckpointManager(os.path.join(lora_run["work"], "checkpoints"))
     state = mgr.restore(STEPS)["state"]
     mgr.close()
-    saved = {param_path(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state["params"])}
-    _, src = dsj.load_pretrained(lora_run["src"])
-    for p, x in jax.tree_util.tree_leaves_with_path(src):
-        assert np.array_equal(saved[param_path(p)], np.asarray(x, np.float32)), param_path(p)
-    adapters = {k: v for k, v in saved.items() if k.endswith(("lora_a", "lora_b"))}
-    assert adapters and all(np.abs(v).max() > 0 for k, v in adapters.items() if k.endswith("lora_b"))
+    adapters = {param_path(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state["params"])}
+    assert adapters and all(k.endswith(("lora_a", "lora_b")) for k in adapters)
+    assert all(np.abs(v).max() > 0 for k, v in adapters.items() if k.endswith("lora_b"))
     moments = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x))
     assert moments == 2 * sum(v.size for v in adapters.values())
+    with open(os.path.join(lora_run["work"], "train_config.json")) as f:
+        assert json.load(f)["lora_base"] == os.path.abspath(lora_run["src"])
 
 
 @pytest.mark.slow  # the fixture compiles a LoRA train step
@@ -366,3 +371,31 @@ def test_peft_adapters_read_back_with_peft_logits(lora_run, tmp_path):
                                atol=1e-4, rtol=0)  # lr 0: the adapter as it came
     assert main(["train", "--init-from", src, "--adapter", str(tmp_path / "theirs"), "--lora-rank", "2",
                  "--workdir", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow  # three short LoRA runs
+def test_lora_run_resumes_from_its_adapters_bit_identically(lora_run, tmp_path):
+    """A LoRA run stopped after 2 of 4 steps and resumed (its checkpoint: adapters and their moments; the base
+    read again from init_from) logs the same losses as one uninterrupted run."""
+    from deepseek_jax.training.config import TrainConfig
+    from deepseek_jax.training.run import fit
+
+    config = dsj.ModelConfig.from_pretrained(lora_run["src"])
+    tc = TrainConfig(steps=4, batch_size=2, seq_len=16, learning_rate=1e-2, warmup_steps=0, lora_rank=2,
+                     lora_alpha=4.0)
+    data = os.path.join(os.path.dirname(lora_run["src"]), "data.jsonl")
+    tok = _tokenizer(lora_run["src"])
+    kw = dict(data=data, tokenizer=tok, init_from=lora_run["src"], save_every=2, progress=False, async_save=False)
+    straight = [r["loss"] for r in fit(config, tc, str(tmp_path / "a"), **kw)]
+    first = [r["loss"] for r in fit(config, tc, str(tmp_path / "b"), stop_after=2, **kw)]
+    rest = [r["loss"] for r in fit(config, tc, str(tmp_path / "b"), **kw)]
+    assert len(first) == 2 and len(rest) == 2
+    assert first + rest == straight
+    with pytest.raises(ValueError, match="LoRA fine-tunes a checkpoint: give init_from"):
+        fit(config, tc, str(tmp_path / "c"), data=data, tokenizer=tok)
+
+
+def _tokenizer(directory):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))

@@ -21,6 +21,7 @@ import struct
 import time
 from typing import Callable, Optional
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -38,10 +39,10 @@ from deepseek_jax.checkpoint.train_dir import (
     CHECKPOINTS_DIR,
     STATE_ITEM,
     is_train_workdir,
+    load_train_checkpoint,
     lora_scale,
 )
 from deepseek_jax.config.model import ModelConfig
-from deepseek_jax.layers.lora import fold_adapters, merge
 from deepseek_jax.quant import fp4
 from deepseek_jax.quant.blocks import (
     BLOCK,
@@ -163,22 +164,20 @@ def _train_params_dir(src: str, step: Optional[int] = None) -> tuple[str, int]:
     return os.path.abspath(os.path.join(ckpts, str(step), STATE_ITEM)), step
 
 
-class _MergedRead:
-    """A lazily read kernel (an Orbax lazy tensor) with its LoRA adapters folded in as it is read, the kernel and
-    adapters indexed alike on their lead (layer, expert) dims: ``layers/lora.py``'s merge, slice by slice."""
+class _InMemory:
+    """An array as ``plan_export`` reads a lazily stored tensor (``shape``, ``dtype.numpy_dtype``, indexing,
+    ``read().result()``)."""
 
-    def __init__(self, kernel, a, b, scale: float):
-        self.kernel, self.a, self.b, self.scale = kernel, a, b, scale
-        self.shape, self.dtype = kernel.shape, kernel.dtype
+    def __init__(self, array):
+        self.array = np.asarray(array)
+        self.shape, self.dtype = self.array.shape, type("dtype", (), {"numpy_dtype": self.array.dtype})()
 
     def __getitem__(self, index):
-        return _MergedRead(self.kernel[index], self.a[index], self.b[index], self.scale)
+        return _InMemory(self.array[index])
 
     def read(self):
-        parts = {k: np.asarray(t.read().result()) for k, t in (("kernel", self.kernel), ("lora_a", self.a),
-                                                               ("lora_b", self.b))}
         done = concurrent.futures.Future()
-        done.set_result(np.asarray(merge(parts, self.scale)["kernel"]))
+        done.set_result(self.array)
         return done
 
 
@@ -189,9 +188,9 @@ def plan_export(src: str, fp8: bool = False, dtype: Optional[str] = None, ue8m0:
         state_dir, _ = _train_params_dir(src)
         marker = {}
         stores = orbax_io.open_lazy(state_dir)["params"]
-        scale = lora_scale(src)
-        if scale is not None:  # a LoRA run: each targeted kernel is written merged with its adapters
-            stores = fold_adapters(stores, lambda k, a, b: _MergedRead(k, a, b, scale))
+        if lora_scale(src) is not None:  # a LoRA run's checkpoints hold the adapters only: the merged model,
+            # read through the base they point at (whole, in host memory; `--adapter` writes the adapters alone)
+            stores = jax.tree.map(_InMemory, load_train_checkpoint(src)[1])
     else:
         marker = orbax_io.read_marker(src)
         stores = orbax_io.open_lazy(os.path.abspath(os.path.join(src, PARAMS_DIR)))
