@@ -9,8 +9,9 @@
    against LoRA rank 16 on the default targets (the base frozen in bf16, fp32 adapters and their moments only):
    argument bytes (the state plus the batch), temporary bytes, and their sum.
 2. SFT: the same chat data (the answer to words w_i is the words w_{i+100}), the same steps, batch and
-   learning-rate schedule from one transformers checkpoint: full fine-tuning, and LoRA (rank 8 and 32, on the
-   attention projections and the experts). Reported: the assistant-token loss of held-out chats before and after
+   learning-rate schedule from one transformers checkpoint: full fine-tuning, and LoRA (rank 8 and 32 on the
+   default targets, the attention projections and the experts; rank 8 at a higher learning rate; rank 8 on every
+   linear layer). Reported: the assistant-token loss of held-out chats before and after
    (our model on the exported merged weights), and the trainable parameters.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import random
 import sys
 import tempfile
@@ -85,7 +87,7 @@ def sft(steps: int = 40) -> list[dict]:
     root = tempfile.mkdtemp(prefix="bench-lora-")
     src = os.path.join(root, "hf")
     make_hf(src, config, mtp=False)
-    word_tokenizer(src)
+    word_tokenizer(pathlib.Path(src))
     tok = Tokenizer.from_file(os.path.join(src, "tokenizer.json"))
     for name, chats in (("train.jsonl", _chats(64, 0)), ("heldout.jsonl", _chats(24, 1))):
         with open(os.path.join(root, name), "w") as f:
@@ -94,10 +96,14 @@ def sft(steps: int = 40) -> list[dict]:
     _, base = dsj.load_pretrained(src)
     before = _assistant_loss(base, config, heldout, tok)
     rows = []
-    for name, extra in (("full fine-tuning", []), ("LoRA rank 8", ["--lora-rank", "8"]),
-                        ("LoRA rank 32", ["--lora-rank", "32"])):
-        work = os.path.join(root, name.replace(" ", "-"))
-        lr = "3e-3" if not extra else "1e-2"
+    cases = (("full fine-tuning", "3e-3", []),
+             ("LoRA rank 8", "1e-2", ["--lora-rank", "8"]),
+             ("LoRA rank 32", "1e-2", ["--lora-rank", "32"]),
+             ("LoRA rank 8, lr 5e-2", "5e-2", ["--lora-rank", "8"]),
+             # every linear layer: attention, experts, shared experts and the output head (not the embedding)
+             ("LoRA rank 8 on every linear, lr 5e-2", "5e-2", ["--lora-rank", "8", "--lora-targets", "*"]))
+    for name, lr, extra in cases:
+        work = os.path.join(root, name.replace(" ", "-").replace(",", ""))
         rc = main(["train", "--init-from", src, "--data", os.path.join(root, "train.jsonl"), "--workdir", work,
                    "--steps", str(steps), "--batch-size", "8", "--seq-len", "32", "--lr", lr, "--warmup", "4",
                    "--save-every", str(steps)] + extra)
@@ -110,7 +116,9 @@ def sft(steps: int = 40) -> list[dict]:
         from deepseek_jax.training.trainer import Trainer
 
         rank = int(extra[1]) if extra else 0
-        trainable, total = Trainer(config, TrainConfig(lora_rank=rank), make_mesh(None)).trainable_count()
+        targets = tuple(extra[3:4])
+        trainable, total = Trainer(config, TrainConfig(lora_rank=rank, lora_targets=targets),
+                                   make_mesh(None)).trainable_count()
         rows.append({"case": name, "lr": float(lr), "trainable": trainable, "params": total,
                      "heldout_before": before,
                      "heldout_after": _assistant_loss(params, config, heldout, tok),
