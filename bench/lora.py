@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import pathlib
-import random
 import sys
 import tempfile
 
@@ -52,19 +51,6 @@ def memory(rank: int = 16) -> list[dict]:
     return rows
 
 
-def _chats(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        msgs = [{"role": "system", "content": "w1 w2"}]
-        for _ in range(rng.choice((1, 2))):
-            q = [rng.randrange(10, 60) for _ in range(4)]
-            msgs.append({"role": "user", "content": " ".join(f"w{i}" for i in q)})
-            msgs.append({"role": "assistant", "content": " ".join(f"w{i + 100}" for i in q)})
-        out.append({"messages": msgs})
-    return out
-
-
 def _assistant_loss(params, config, path, tok) -> float:
     """Mean next-token cross-entropy on the assistant tokens of every chat in ``path`` (one packed batch)."""
     from deepseek_jax.data.packing import make_dataset
@@ -78,7 +64,7 @@ def _assistant_loss(params, config, path, tok) -> float:
 
 def sft(steps: int = 40) -> list[dict]:
     from convert_fixtures import make_hf
-    from tiny_inference import word_tokenizer
+    from tiny_inference import word_chats, word_tokenizer
     from tokenizers import Tokenizer
 
     from deepseek_jax.cli import main
@@ -89,9 +75,9 @@ def sft(steps: int = 40) -> list[dict]:
     make_hf(src, config, mtp=False)
     word_tokenizer(pathlib.Path(src))
     tok = Tokenizer.from_file(os.path.join(src, "tokenizer.json"))
-    for name, chats in (("train.jsonl", _chats(64, 0)), ("heldout.jsonl", _chats(24, 1))):
+    for name, chats in (("train.jsonl", word_chats(64, 0)), ("heldout.jsonl", word_chats(24, 1))):
         with open(os.path.join(root, name), "w") as f:
-            f.writelines(json.dumps(c) + "\n" for c in chats)
+            f.writelines(json.dumps({"messages": c}) + "\n" for c in chats)
     heldout = os.path.join(root, "heldout.jsonl")
     _, base = dsj.load_pretrained(src)
     before = _assistant_loss(base, config, heldout, tok)

@@ -57,3 +57,20 @@ def word_tokenizer(path, vocab_size=512):
     tk.add_tokens(specials[2:])
     tk.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN}))
+
+
+def word_chats(n: int, seed: int = 0) -> list[list[dict]]:
+    """A learnable chat task over ``word_tokenizer``'s words: the answer to words w_i is the words w_{i+100}, one or
+    two turns per chat after a system prompt."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": "w1 w2"}]
+        for _ in range(rng.choice((1, 2))):
+            q = [rng.randrange(10, 60) for _ in range(4)]
+            msgs.append({"role": "user", "content": " ".join(f"w{i}" for i in q)})
+            msgs.append({"role": "assistant", "content": " ".join(f"w{i + 100}" for i in q)})
+        out.append(msgs)
+    return out

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import jax
 import numpy as np
 import pytest
 import torch
 from convert_fixtures import make_hf, read_all
-from tiny_inference import word_tokenizer
+from tiny_inference import word_chats, word_tokenizer
 
 import deepseek_jax as dsj
 from deepseek_jax.cli import main
@@ -26,18 +25,7 @@ from deepseek_jax.training.optimizer import trainable_by_patterns
 CONFIG = dsj.presets["tiny-v3"].replace(num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0)
 
 
-def _conversations(n: int, seed: int = 0) -> list[list[dict]]:
-    """A learnable task: the answer to words w_i is the words w_{i+100}, one or two turns per chat."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        msgs = [{"role": "system", "content": "w1 w2"}]
-        for _ in range(rng.choice((1, 2))):
-            q = [rng.randrange(10, 60) for _ in range(4)]
-            msgs.append({"role": "user", "content": " ".join(f"w{i}" for i in q)})
-            msgs.append({"role": "assistant", "content": " ".join(f"w{i + 100}" for i in q)})
-        out.append(msgs)
-    return out
+_conversations = word_chats
 
 
 def _write_jsonl(path, chats):
