@@ -22,7 +22,7 @@ def start_or_resume(workdir: str, trainer: Trainer, data, fresh: Callable[[], di
     checkpoint holds its adapters and their optimizer state, and ``fresh()`` gives the base again), else step 0
     with ``fresh()``'s state."""
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=save_every, keep=keep, async_save=async_save,
-                        to_saved=trainer.saved_state)
+                        to_saved=getattr(trainer, "saved_state", None))
     start = ckpt.latest_step() if resume else None
     if not resume and ckpt.latest_step() is not None:  # their steps would clash with this run's saves
         steps = ckpt.delete_all()
