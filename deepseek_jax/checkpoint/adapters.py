@@ -129,6 +129,7 @@ def write_adapter(out: str, tensors: dict, adapter_config: dict, base: str = Non
 
 def export_adapter(workdir: str, out: str, force: bool = False) -> dict:
     """A LoRA work directory's latest adapters as a PEFT adapter directory ``out``; returns the counts."""
+    from deepseek_jax.checkpoint.load import load_pretrained
     from deepseek_jax.checkpoint.train_dir import is_train_workdir, load_train_checkpoint
 
     if not is_train_workdir(workdir):
@@ -138,7 +139,7 @@ def export_adapter(workdir: str, out: str, force: bool = False) -> dict:
     if not tc.get("lora_rank"):
         raise AdapterError(f"{workdir}/train_config.json: lora_rank is 0, not a LoRA run; export it without "
                            "--adapter")
-    config, params = load_train_checkpoint(workdir, merge_lora=False)
+    config, params = load_train_checkpoint(workdir, merge_lora=False, load_base=load_pretrained)
     tensors, adapter_config = peft_tensors(config, params, tc["lora_rank"], tc["lora_alpha"])
     write_adapter(out, tensors, adapter_config, base=tc.get("init_from"), force=force)
     return {"tensors": len(tensors), "values": int(sum(t.size for t in tensors.values()))}

@@ -60,7 +60,7 @@ def load_pretrained(path: str | os.PathLike, dtype=None, mesh=None, shardings=No
                              f"FP8 weights of an FP8 release or a `convert --keep-fp8` directory)")
         if shardings is None and mesh is not None:
             shardings = default_shardings(ModelConfig.from_pretrained(path), mesh)
-        config, params = load_train_checkpoint(path, shardings=shardings)
+        config, params = load_train_checkpoint(path, shardings=shardings, load_base=load_pretrained)
         if dtype is not None:  # the router's correction bias (and V4's hash table) stay fp32
             params = jax.tree_util.tree_map_with_path(
                 lambda p, x: x if str(getattr(p[-1], "key", "")) in FP32_LEAVES else x.astype(dtype),

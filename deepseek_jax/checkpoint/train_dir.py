@@ -25,14 +25,15 @@ def is_train_workdir(path: str | os.PathLike) -> bool:
 
 
 def load_train_checkpoint(workdir: str | os.PathLike, step: Optional[int] = None, shardings=None,
-                          merge_lora: bool = True):
+                          merge_lora: bool = True, load_base=None):
     """``(config, params)`` from a train work directory: step ``step`` (default the latest finished one).
 
     ``shardings``: a params-shaped tree of ``Sharding`` to restore each leaf into (each process reads only its
     shards' chunks); default the first device. The params come back in the dtype they were saved in (the
     run's master weights). A LoRA run's adapters are folded into their kernels unless ``merge_lora`` is False
     (then they come back as they are, next to the base); its checkpoints hold only the adapters, and the base is
-    read from where ``train_config.json``'s ``lora_base`` points."""
+    read from where ``train_config.json``'s ``lora_base`` points, by ``load_base`` (``checkpoint/load.py``'s
+    ``load_pretrained``)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -62,7 +63,7 @@ def load_train_checkpoint(workdir: str | os.PathLike, step: Optional[int] = None
 
     params = _map_adapters(params, jax.device_get, is_adapter_path)
     if all(is_adapter_path(k) for k in _leaf_names(params)):  # the checkpoint holds the adapters only
-        params = _with_base(workdir, params, given)
+        params = _with_base(workdir, params, given, load_base)
     # a LoRA run: its adapters folded into their kernels (layers/lora.py's merge)
     return config, merge(params, scale) if merge_lora else params
 
@@ -75,10 +76,9 @@ def _leaf_names(tree):
             yield k
 
 
-def _with_base(workdir, adapters: dict, shardings) -> dict:
+def _with_base(workdir, adapters: dict, shardings, load_base) -> dict:
     """A LoRA checkpoint's ``adapters`` with the base its ``train_config.json`` names (``lora_base``) around them,
     the base read into ``shardings`` (without the adapter entries)."""
-    from deepseek_jax.checkpoint.load import load_pretrained
     from deepseek_jax.layers.lora import combine, without_adapters
 
     with open(os.path.join(os.fspath(workdir), "train_config.json")) as f:
@@ -86,7 +86,9 @@ def _with_base(workdir, adapters: dict, shardings) -> dict:
     if not base or not os.path.isdir(base):
         raise FileNotFoundError(f"{workdir}: a LoRA run's checkpoints hold only the adapters, and its base "
                                 f"(train_config.json's lora_base: {base!r}) is not a directory here")
-    _, params = load_pretrained(base, shardings=None if shardings is None else without_adapters(shardings))
+    if load_base is None:
+        raise ValueError(f"{workdir}: a LoRA run's checkpoint; its base is read by load_pretrained(workdir)")
+    _, params = load_base(base, shardings=None if shardings is None else without_adapters(shardings))
     return combine(adapters, params)
 
 

@@ -33,13 +33,13 @@ from deepseek_jax.checkpoint.convert.convert import (
 )
 from deepseek_jax.checkpoint.hf_dir import INDEX_FILE, SINGLE_FILE
 from deepseek_jax.checkpoint.hf_map import hf_tensor_map
+from deepseek_jax.checkpoint.load import load_pretrained
 from deepseek_jax.checkpoint.orbax_io import PARAMS_DIR, SCALE_SUFFIX
 from deepseek_jax.checkpoint.safetensors_io import DTYPE_NAMES, CheckpointError
 from deepseek_jax.checkpoint.train_dir import (
     CHECKPOINTS_DIR,
     STATE_ITEM,
     is_train_workdir,
-    load_train_checkpoint,
     lora_scale,
 )
 from deepseek_jax.config.model import ModelConfig
@@ -190,7 +190,7 @@ def plan_export(src: str, fp8: bool = False, dtype: Optional[str] = None, ue8m0:
         stores = orbax_io.open_lazy(state_dir)["params"]
         if lora_scale(src) is not None:  # a LoRA run's checkpoints hold the adapters only: the merged model,
             # read through the base they point at (whole, in host memory; `--adapter` writes the adapters alone)
-            stores = jax.tree.map(_InMemory, load_train_checkpoint(src)[1])
+            stores = jax.tree.map(_InMemory, load_pretrained(src)[1])
     else:
         marker = orbax_io.read_marker(src)
         stores = orbax_io.open_lazy(os.path.abspath(os.path.join(src, PARAMS_DIR)))
