@@ -26,6 +26,7 @@ import numpy as np
 from deepseek_jax.checkpoint.hf_map import hf_tensor_map, split_point
 from deepseek_jax.checkpoint.safetensors_io import CheckpointError
 from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.layers.lora import adapter_prefix
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -42,7 +43,7 @@ def _adapted(params: dict, path: tuple) -> tuple:
         node = node.get(k) if isinstance(node, dict) else None
         if node is None:
             return None
-    prefix = "" if path[-1] == "kernel" else path[-1] + "_"
+    prefix = adapter_prefix(path[-1])
     if not isinstance(node, dict) or f"{prefix}lora_a" not in node:
         return None
     return np.asarray(node[f"{prefix}lora_a"], np.float32), np.asarray(node[f"{prefix}lora_b"], np.float32)
@@ -141,7 +142,7 @@ def export_adapter(workdir: str, out: str, force: bool = False) -> dict:
                            "--adapter")
     config, params = load_train_checkpoint(workdir, merge_lora=False, load_base=load_pretrained)
     tensors, adapter_config = peft_tensors(config, params, tc["lora_rank"], tc["lora_alpha"])
-    write_adapter(out, tensors, adapter_config, base=tc.get("init_from"), force=force)
+    write_adapter(out, tensors, adapter_config, base=tc.get("lora_base"), force=force)
     return {"tensors": len(tensors), "values": int(sum(t.size for t in tensors.values()))}
 
 
@@ -273,5 +274,5 @@ def _dims_and_stem(tm) -> tuple[tuple, tuple, str]:
     """A transposed linear's ``TensorMap``: our kernel's input dims, its output dims, and the path prefix of its
     adapters (``moe_layers/self_attn/q_b_proj/`` + ``lora_a``; ``moe_layers/mlp/experts/gate_proj_`` + ``lora_a``)."""
     item, n_in = tm.item_shape, split_point(tm)
-    stem = "/".join(tm.path[:-1]) + ("/" if tm.path[-1] == "kernel" else "/" + tm.path[-1] + "_")
+    stem = "/".join(tm.path[:-1]) + "/" + adapter_prefix(tm.path[-1])
     return tuple(item[:n_in]), tuple(item[n_in:]), stem

@@ -14,6 +14,7 @@ import os
 from typing import Optional
 
 from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.layers.lora import combine, merge, without_adapters
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM, META_ITEM = "state", "meta"
@@ -39,6 +40,7 @@ def load_train_checkpoint(workdir: str | os.PathLike, step: Optional[int] = None
 
     workdir = os.fspath(workdir)
     config = ModelConfig.from_pretrained(workdir)
+    scale = lora_scale(workdir)
     directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS_DIR))
     handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()}
     options = ocp.CheckpointManagerOptions(create=False)
@@ -50,37 +52,23 @@ def load_train_checkpoint(workdir: str | os.PathLike, step: Optional[int] = None
         meta = getattr(meta, "tree", meta)["params"]
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         given = shardings
-        shardings = _adapters_on(meta, jax.tree.map(lambda _: one, meta) if shardings is None else shardings, one)
+        if shardings is None or scale is not None:  # a LoRA checkpoint's adapters: small, on one device
+            shardings = jax.tree.map(lambda _: one, meta)
         target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s), meta, shardings)
         restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
         restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)}))
     params = restored[STATE_ITEM]["params"]
-    scale = lora_scale(workdir)
     if scale is None:
         return config, params
-    from deepseek_jax.layers.lora import is_adapter_path, merge
-
-    params = _map_adapters(params, jax.device_get, is_adapter_path)
-    if all(is_adapter_path(k) for k in _leaf_names(params)):  # the checkpoint holds the adapters only
-        params = _with_base(workdir, params, given, load_base)
-    # a LoRA run: its adapters folded into their kernels (layers/lora.py's merge)
+    # A LoRA run: its checkpoint holds the adapters only; the base around them, the adapters folded in.
+    params = _with_base(workdir, jax.device_get(params), given, load_base)
     return config, merge(params, scale) if merge_lora else params
-
-
-def _leaf_names(tree):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _leaf_names(v)
-        else:
-            yield k
 
 
 def _with_base(workdir, adapters: dict, shardings, load_base) -> dict:
     """A LoRA checkpoint's ``adapters`` with the base its ``train_config.json`` names (``lora_base``) around them,
     the base read into ``shardings`` (without the adapter entries)."""
-    from deepseek_jax.layers.lora import combine, without_adapters
-
     with open(os.path.join(os.fspath(workdir), "train_config.json")) as f:
         base = json.load(f).get("lora_base")
     if not base or not os.path.isdir(base):
@@ -90,21 +78,6 @@ def _with_base(workdir, adapters: dict, shardings, load_base) -> dict:
         raise ValueError(f"{workdir}: a LoRA run's checkpoint; its base is read by load_pretrained(workdir)")
     _, params = load_base(base, shardings=None if shardings is None else without_adapters(shardings))
     return combine(adapters, params)
-
-
-def _adapters_on(meta, shardings, sharding):
-    """``shardings`` (a params tree, possibly without the adapters) with every adapter leaf of ``meta`` on
-    ``sharding``."""
-    if not isinstance(meta, dict):
-        return shardings
-    return {k: sharding if k.endswith(("lora_a", "lora_b")) else _adapters_on(v, shardings[k], sharding)
-            for k, v in meta.items()}
-
-
-def _map_adapters(tree, fn, is_adapter):
-    if not isinstance(tree, dict):
-        return tree
-    return {k: fn(v) if is_adapter(k) else _map_adapters(v, fn, is_adapter) for k, v in tree.items()}
 
 
 def lora_scale(workdir) -> Optional[float]:

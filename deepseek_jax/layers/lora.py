@@ -178,7 +178,7 @@ def fold_adapters(tree, fn):
     for k, v in tree.items():
         if is_adapter_path(k):
             continue
-        prefix = "" if k == "kernel" else k + "_"
+        prefix = adapter_prefix(k)
         if not isinstance(v, dict) and f"{prefix}lora_a" in tree:
             out[k] = fn(v, tree[f"{prefix}lora_a"], tree[f"{prefix}lora_b"])
         else:
@@ -191,6 +191,12 @@ def _n_in(kernel, a, b) -> int:
     ``kernel [*lead, *in, *out]`` give ``a.ndim + b.ndim - 2 = kernel.ndim + lead``."""
     lead = a.ndim + b.ndim - 2 - kernel.ndim
     return a.ndim - 1 - lead
+
+
+def adapter_prefix(leaf: str) -> str:
+    """What the adapters of kernel leaf ``leaf`` are named with, before ``lora_a`` / ``lora_b``: a Linear's
+    ``kernel`` has ``lora_a`` beside it, an expert stack ``gate_proj`` has ``gate_proj_lora_a``."""
+    return "" if leaf == "kernel" else leaf + "_"
 
 
 def is_adapter_path(path: str) -> bool:

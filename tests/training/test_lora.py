@@ -267,6 +267,7 @@ def test_peft_adapter_export_loads_in_peft_with_our_logits(lora_run, tmp_path):
     assert main(["export", lora_run["work"], out, "--adapter"]) == 0
     cfg = json.load(open(os.path.join(out, "adapter_config.json")))
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["rank_pattern"] == {"gate_up_proj": 8}
+    assert cfg["base_model_name_or_path"] == os.path.abspath(lora_run["src"])  # the run's lora_base
     assert "model.layers.1.self_attn.kv_b_proj" in cfg["target_modules"]
     assert "model.layers.1.mlp.experts.gate_up_proj" in cfg["target_parameters"]
     weights = load_file(os.path.join(out, "adapter_model.safetensors"))
