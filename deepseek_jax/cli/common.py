@@ -59,11 +59,11 @@ def data_tokenizer(data, tokenizer_file):
 def report_arithmetic(workdir: str) -> dict:
     """What the model learned: exact greedy answers on held-out sums, and a few of them. The figures are also
     written to ``workdir/heldout.json`` (whole or not at all)."""
-    from deepseek_jax.checkpoint.train_dir import load_train_checkpoint
+    from deepseek_jax.checkpoint.load import load_pretrained
     from deepseek_jax.training.evaluate import evaluate_arithmetic
     from deepseek_jax.training.metrics import write_json
 
-    config, params = load_train_checkpoint(workdir)
+    config, params = load_pretrained(workdir)  # a LoRA run's: its base with the adapters folded in
     report = evaluate_arithmetic(config, params)
     write_json(os.path.join(workdir, "heldout.json"), {"exact": report["exact"], "answers": report["answers"],
                                                        "samples": [list(s) for s in report["samples"]]})
@@ -85,6 +85,35 @@ def add_run_arguments(p, *, workdir: str, steps: int, lr: float) -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32")
+
+
+def add_lora_args(p, default_help: str = "full fine-tuning", extras: bool = False) -> None:
+    """``--lora-rank``, ``--lora-alpha``, ``--lora-targets``: LoRA adapters on a checkpoint (``--init-from``), the
+    flags of every command that trains one (train, distill, grpo); ``lora_config`` reads them back.
+    ``default_help``: what the command does without ``--lora-rank``; ``extras``: also ``--lora-dropout`` and
+    ``--fp8-weights`` (QLoRA), which only ``train`` takes so far."""
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="LoRA: train rank-R adapters on the targeted linear layers (and routed experts) only; the "
+                        f"base (--init-from) stays as it is (default 0: {default_help})")
+    p.add_argument("--lora-alpha", type=float, default=16.0, metavar="A",
+                   help="LoRA's alpha: the adapters' output is scaled by A / R (default 16)")
+    p.add_argument("--lora-targets", action="append", default=[], metavar="GLOB",
+                   help="LoRA: the linear layers that get adapters, globs over their paths, e.g. "
+                        "'*self_attn/q_b_proj' (repeatable; default: the attention projections and the routed "
+                        "experts, '*self_attn/*proj*' and '*mlp/experts/*_proj')")
+    if extras:
+        p.add_argument("--lora-dropout", type=float, default=0.0, metavar="P",
+                       help="LoRA: dropout at rate P on the adapters' input, as PEFT's lora_dropout (default 0)")
+        p.add_argument("--fp8-weights", action="store_true",
+                       help="QLoRA: keep the FP8 kernels of --init-from (an FP8 release, or `convert --keep-fp8`) "
+                            "as stored, e4m3 + 128x128 block scales (V4's experts FP4), dequantized where each "
+                            "matmul reads them; needs --lora-rank")
+
+
+def lora_config(args) -> dict:
+    """``add_lora_args``' flags as ``TrainConfig`` fields."""
+    return {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_targets": tuple(args.lora_targets),
+            "lora_dropout": getattr(args, "lora_dropout", 0.0), "fp8_base": getattr(args, "fp8_weights", False)}
 
 
 def add_slice_args(p) -> None:

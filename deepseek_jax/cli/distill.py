@@ -1,6 +1,6 @@
-"""``deepseek-jax distill``: distill a teacher checkpoint into a student preset / config (token-level KL on the fly
-or from precomputed top-k shards, or sequence level on the teacher's answers); ``--precompute-teacher`` writes
-the shards."""
+"""``deepseek-jax distill``: distill a teacher checkpoint into a student preset / config or a student checkpoint
+(``--init-from``, fully or by LoRA adapters: ``--lora-rank``) (token-level KL on the fly or from precomputed top-k
+shards, or sequence level on the teacher's answers); ``--precompute-teacher`` writes the shards."""
 
 from __future__ import annotations
 
@@ -11,12 +11,27 @@ LOSSES = {"forward": 0.0, "reverse": 1.0}
 
 
 def _student_config(args):
+    """The student's architecture: ``--init-from``'s checkpoint as it is (a ``--set`` may only repeat its own
+    value), or ``--student-config`` / ``--student`` with the ``--set`` overrides."""
     from deepseek_jax.cli.common import parse_overrides
     from deepseek_jax.config.model import ModelConfig
     from deepseek_jax.config.presets import presets
 
-    config = ModelConfig.from_pretrained(args.student_config) if args.student_config else presets[args.student]
     overrides = parse_overrides(args.set)
+    if args.init_from is not None:
+        from deepseek_jax.checkpoint.load import pretrained_config
+
+        if not os.path.isdir(args.init_from):
+            raise FileNotFoundError(f"--init-from {args.init_from}: no such directory")
+        config = pretrained_config(args.init_from)
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise ValueError(f"--set {key}: not a config field")
+            if getattr(config, key) != value:
+                raise ValueError(f"--set {key}={value!r} conflicts with --init-from {args.init_from} ({key} = "
+                                 f"{getattr(config, key)!r}): the student keeps the checkpoint's architecture")
+        return config
+    config = ModelConfig.from_pretrained(args.student_config) if args.student_config else presets[args.student]
     if args.data in (None, "arithmetic"):
         from deepseek_jax.data.tasks.arithmetic import BOS_ID, EOS_ID
 
@@ -28,6 +43,7 @@ def _student_config(args):
 def _run(args) -> int:
     from deepseek_jax.checkpoint.load import pretrained_config
     from deepseek_jax.checkpoint.safetensors_io import CheckpointError
+    from deepseek_jax.cli.common import checkpoint_tokenizer_dir, data_tokenizer, lora_config
     from deepseek_jax.config.model import ConfigError
     from deepseek_jax.data.corpus import DataError
     from deepseek_jax.posttrain.distill import DistillConfig, check_vocab, distill
@@ -40,10 +56,9 @@ def _run(args) -> int:
                            ce_weight=args.ce_weight, teacher_precision=args.teacher_precision)
         tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr,
                          warmup_steps=args.warmup, grad_accum=args.grad_accum, precision=args.precision,
-                         seed=args.seed, mtp_weight=args.mtp_weight)
-        from deepseek_jax.cli.common import data_tokenizer
-
-        tokenizer = data_tokenizer(args.data, args.tokenizer)
+                         seed=args.seed, mtp_weight=args.mtp_weight, **lora_config(args))
+        # Text data is encoded with --tokenizer, else the student checkpoint's own tokenizer.
+        tokenizer = data_tokenizer(args.data, args.tokenizer or checkpoint_tokenizer_dir(args.init_from))
         if args.precompute_teacher:
             if not args.teacher or not args.top_k:
                 raise ValueError("--precompute-teacher needs --teacher and --top-k")
@@ -61,7 +76,7 @@ def _run(args) -> int:
                   file=sys.stderr)
             return 0
         student = _student_config(args)
-        student_name = args.student_config or args.student
+        student_name = args.init_from or args.student_config or args.student
         if args.teacher_shards is None:
             if not args.teacher:
                 raise ValueError("give --teacher DIR or --teacher-shards DIR")
@@ -71,7 +86,8 @@ def _run(args) -> int:
                           teacher_shards=args.teacher_shards, sequence_prompts=args.sequence_prompts, data=args.data,
                           tokenizer=tokenizer, arithmetic_loss=args.arithmetic_loss, mesh_spec=args.mesh,
                           save_every=args.save_every,
-                          keep=args.keep, resume=not args.no_resume, student_name=student_name)
+                          keep=args.keep, resume=not args.no_resume, student_name=student_name,
+                          init_from=args.init_from)
     except (CheckpointError, ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -91,7 +107,7 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    from deepseek_jax.cli.common import add_run_arguments
+    from deepseek_jax.cli.common import add_lora_args, add_run_arguments
 
     p = sub.add_parser("distill", help="distill a teacher checkpoint into a smaller (e.g. dense Qwen2/Llama) student")
     p.add_argument("--teacher", default=None, metavar="DIR",
@@ -103,6 +119,10 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--student", default="tiny-qwen2", help="the student's preset (default tiny-qwen2)")
     src.add_argument("--student-config", default=None, help="the student's config.json (or a directory with one)")
+    src.add_argument("--init-from", default=None, metavar="DIR",
+                     help="start the student from this checkpoint (HF, converted or a train work directory) with "
+                          "its own config.json; its tokenizer.json is the default tokenizer; needed by --lora-rank")
+    add_lora_args(p, default_help="the whole student trains")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="student config override, e.g. --set vocab_size=32 (repeatable)")
     p.add_argument("--loss", choices=("forward", "reverse", "mix"), default="forward",

@@ -1,5 +1,6 @@
 """``deepseek-jax grpo``: GRPO with rule-checked rewards on a checkpoint (the built-in arithmetic task by default,
-or ``{"prompt", "answer"}`` lines of a ``.jsonl``), with checkpoints, resume and metrics as in ``train``."""
+or ``{"prompt", "answer"}`` lines of a ``.jsonl``), of the whole policy or of LoRA adapters (``--lora-rank``), with
+checkpoints, resume and metrics as in ``train``."""
 
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ def _reward(spec: str):
 
 
 def _run(args) -> int:
-    from deepseek_jax.checkpoint.load import pretrained_config
+    from deepseek_jax.checkpoint.load import load_pretrained, pretrained_config
     from deepseek_jax.checkpoint.safetensors_io import CheckpointError
-    from deepseek_jax.checkpoint.train_dir import load_train_checkpoint
+    from deepseek_jax.cli.common import lora_config
     from deepseek_jax.config.model import ConfigError
     from deepseek_jax.config.presets import presets
     from deepseek_jax.posttrain.grpo import GRPOConfig, grpo
@@ -52,7 +53,7 @@ def _run(args) -> int:
         tc = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup,
                          min_lr_ratio=args.min_lr_ratio,
                          weight_decay=args.weight_decay, grad_accum=args.grad_accum, seed=args.seed,
-                         batch_size=gc.batch_size, bias_update_rate=args.bias_update_rate)
+                         batch_size=gc.batch_size, bias_update_rate=args.bias_update_rate, **lora_config(args))
         if args.init_from is None and args.preset is None:
             raise ValueError("give --init-from DIR (the policy to improve) or --preset NAME (random weights)")
         if args.init_from is not None and not os.path.isdir(args.init_from):
@@ -76,8 +77,6 @@ def _run(args) -> int:
         arithmetic = prompts is None
         before = None
         if arithmetic and args.init_from and not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
-            from deepseek_jax.checkpoint.load import load_pretrained
-
             _, params = load_pretrained(args.init_from)
             before = evaluate_accuracy(config, params, *heldout_arithmetic(args.eval_prompts))
         records = grpo(gc, tc, args.workdir, init_from=args.init_from, config=config, reward_fn=reward_fn,
@@ -95,7 +94,7 @@ def _run(args) -> int:
               f"KL {last['kl']:.4f}; metrics in {os.path.join(args.workdir, 'metrics.jsonl')}, curves in "
               f"{os.path.join(args.workdir, 'loss.png')}", file=sys.stderr)
     if arithmetic:
-        config, params = load_train_checkpoint(args.workdir)
+        config, params = load_pretrained(args.workdir)  # a LoRA run's: its base with the adapters folded in
         after = evaluate_accuracy(config, params, *heldout_arithmetic(args.eval_prompts))
         was = f"{before:.1%} -> " if before is not None else ""
         print(f"held-out arithmetic (greedy, {args.eval_prompts} questions): {was}{after:.1%} exactly right")
@@ -103,11 +102,15 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
+    from deepseek_jax.cli.common import add_lora_args
+
     p = sub.add_parser("grpo", help="GRPO (R1's RL) with rule-checked rewards, on the arithmetic task by default")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--init-from", default=None, metavar="DIR",
                      help="the policy: a train work directory, an HF or a converted checkpoint (also the reference)")
     src.add_argument("--preset", default=None, help="a preset with random weights (for a quick try)")
+    add_lora_args(p, default_help="the whole policy trains; with R, the rollouts sample the adapted policy and the "
+                                  "KL's reference is the base itself")
     p.add_argument("--workdir", default="runs/grpo")
     p.add_argument("--reward", default="exact",
                    help="exact (default), think-format, think-exact, or module:function (reward(prompt, "

@@ -35,7 +35,9 @@ def _run(args) -> int:
                       device_memory_bytes=parse_bytes(args.device_memory) if args.device_memory else None,
                       train_overrides={"fsdp_over_data": args.fsdp_over_data, "moe_dispatch": args.moe_dispatch,
                                        "capacity_factor": args.capacity_factor, "lora_rank": args.lora_rank,
-                                       "lora_alpha": args.lora_alpha},
+                                       "lora_alpha": args.lora_alpha,
+                                       # QLoRA: the frozen base as the FP8 release stores it
+                                       "fp8_base": bool(args.lora_rank) and args.weight_dtype == "fp8"},
                       infer_dtype=args.infer_dtype, cache_dtype=args.cache_dtype,
                       weight_dtype="fp8" if args.weight_dtype == "fp8" else None,
                       num_slices=args.num_slices, dcn=args.dcn_mesh)
@@ -138,7 +140,8 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="bf16")
     p.add_argument("--lora-rank", type=int, default=0, metavar="R",
                    help="the train step of a LoRA fine-tune (rank-R adapters on the default targets, the base frozen "
-                        "in the compute dtype; default 0: full fine-tuning)")
+                        "in the compute dtype, or with --weight-dtype fp8 as the FP8 release stores it: QLoRA; "
+                        "default 0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=16.0, metavar="A", help="LoRA's alpha (default 16)")
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="full")
     p.add_argument("--fsdp-over-data", action="store_true", help="shard weights and optimizer state over data too")
@@ -157,7 +160,8 @@ def register(sub) -> None:
                         "prefill / decode steps")
     p.add_argument("--weight-dtype", choices=("bfloat16", "float32", "fp8"), default=None,
                    help="weights at this dtype in the capacity table and, for fp8, in the compiled prefill / decode "
-                        "steps too (e4m3 + 128x128 block scales, as the FP8 release stores them and "
+                        "steps and a LoRA train step's frozen base too (e4m3 + 128x128 block scales, as the FP8 "
+                        "release stores them and "
                         "load_pretrained(..., dtype='fp8') keeps them; V4's routed experts FP4 as its release stores "
                         "them; default --infer-dtype)")
     p.add_argument("--contexts", default=None, help="capacity: context lengths, comma-separated "

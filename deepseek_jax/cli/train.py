@@ -8,10 +8,12 @@ import os
 import sys
 
 from deepseek_jax.cli.common import (
+    add_lora_args,
     add_run_arguments,
     add_slice_args,
     checkpoint_tokenizer_dir,
     data_tokenizer,
+    lora_config,
     parse_overrides,
     report_arithmetic,
 )
@@ -56,8 +58,7 @@ def _train_config(args):
                        balance_alpha=args.balance_alpha, fsdp_over_data=args.fsdp_over_data,
                        capacity_factor=args.capacity_factor, train_only=tuple(args.train_only),
                        freeze=tuple(args.freeze), indexer_stage=args.indexer_stage,
-                       indexer_loss_weight=args.indexer_loss_weight, lora_rank=args.lora_rank,
-                       lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets))
+                       indexer_loss_weight=args.indexer_loss_weight, **lora_config(args))
 
 
 def _copy_tokenizer_config(args, tokenizer_file) -> None:
@@ -85,7 +86,6 @@ def _run(args) -> int:
     from deepseek_jax.data.corpus import DataError
     from deepseek_jax.parallel.mesh import make_mesh
     from deepseek_jax.training.run import fit
-    from deepseek_jax.training.trainer import Trainer
 
     try:
         config, tokenizer, tokenizer_file = _model_and_tokenizer(args)
@@ -111,9 +111,6 @@ def _run(args) -> int:
     _copy_tokenizer_config(args, tokenizer_file)
     try:
         mesh = make_mesh(args.mesh, num_slices=args.num_slices, dcn=args.dcn_mesh)
-        trainable, total = Trainer(config, tc, mesh).trainable_count()
-        if jax.process_index() == 0:
-            print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.1%})", file=sys.stderr)
         records = fit(config, tc, args.workdir, mesh=mesh, data=args.data, tokenizer=tokenizer,
                       eos_id=eos_id, arithmetic_loss=args.arithmetic_loss, save_every=args.save_every,
                       keep=args.keep, resume=not args.no_resume, init_from=args.init_from,
@@ -170,18 +167,10 @@ def register(sub) -> None:
                    help="update only params whose '/'-joined path matches, e.g. '*experts*' (repeatable)")
     p.add_argument("--freeze", action="append", default=[], metavar="GLOB",
                    help="never update params whose path matches, e.g. 'embed_tokens/*' (repeatable)")
-    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
-                   help="LoRA: train rank-R adapters on the targeted linear layers (and routed experts) only; the "
-                        "base stays as it is (default 0: full fine-tuning)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, metavar="A",
-                   help="LoRA's alpha: the adapters' output is scaled by A / R (default 16)")
+    add_lora_args(p, extras=True)
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="with --init-from: start LoRA from this PEFT adapter directory (peft's own, or `export "
                         "--adapter`'s); its rank, alpha and targets make the run's")
-    p.add_argument("--lora-targets", action="append", default=[], metavar="GLOB",
-                   help="LoRA: the linear layers that get adapters, globs over their paths, e.g. "
-                        "'*self_attn/q_b_proj' (repeatable; default: the attention projections and the routed "
-                        "experts, '*self_attn/*proj*' and '*mlp/experts/*_proj')")
     p.add_argument("--chat-style", choices=("v3", "r1", "v2"), default=None,
                    help="template for chat .jsonl data ({\"messages\": [...]} per line; default: v2 for V2 models, "
                         "else v3); the loss is on the assistant's tokens only")

@@ -27,11 +27,14 @@ class LoraOptions:
     and ``lora_b [rank, *out]`` (zeros), fp32, and the layer computes ``x @ W + (alpha / rank) (x @ A) @ B``; a
     routed expert stack ``[E, *in, *out]`` gets one pair per expert. ``targets``: ``fnmatch`` globs (``*`` also
     crosses '/') over the '/'-joined path of a linear layer (``moe_layers/self_attn/q_b_proj``) or of an expert
-    stack (``moe_layers/mlp/experts/gate_proj``): a parameter's path without its trailing ``/kernel``."""
+    stack (``moe_layers/mlp/experts/gate_proj``): a parameter's path without its trailing ``/kernel``.
+    ``dropout``: PEFT's ``lora_dropout``, on the adapters' input only (``(dropout(x) @ A) @ B``), in a call given a
+    ``lora_dropout`` rng (training); none without one."""
 
     rank: int
     alpha: float = 16.0
     targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    dropout: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
@@ -39,6 +42,8 @@ class LoraOptions:
             raise ValueError(f"LoRA rank {self.rank}: expected >= 1")
         if not self.targets:
             raise ValueError("LoRA: no targets")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout {self.dropout}: expected a probability in [0, 1)")
 
     @property
     def scale(self) -> float:

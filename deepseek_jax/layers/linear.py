@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config.options import ModelOptions
-from deepseek_jax.layers.lora import LoraRecipe, LoraWeight, adapter_params, module_path
+from deepseek_jax.layers.lora import LoraRecipe, lora_kernel, module_path
 from deepseek_jax.ops import DimensionNumbers, contract_last
 from deepseek_jax.parallel.mesh import current_mesh
 from deepseek_jax.parallel.rules import current_rules, mesh_axes_for, token_axes
@@ -263,8 +263,7 @@ class Linear(nn.Module):
         )
         lora = self.options.lora
         if lora is not None and lora.applies(module_path(self)):
-            a, b = adapter_params(self, "", lora, kernel_shape, self.axes, self.n_in)
-            kernel = LoraWeight(kernel, a, b, lora.scale, self.n_in)
+            kernel = lora_kernel(self, kernel, "", lora, self.axes, self.n_in)
         recipe = (with_lora(LogitsRecipe(self.options.compute_dtype, self.options.target_platform()), self.options)
                   if self.high_precision else matmul_recipe(self.options))
         y = recipe.linear(x, kernel, self.n_in, self.axes)

@@ -23,17 +23,31 @@ from deepseek_jax.config.options import LoraOptions
 
 @jax.tree_util.register_pytree_node_class
 class LoraWeight:
-    """``base + scale * a @ b`` over the kernel's ``n_in`` input dims (see the module docstring)."""
+    """``base + scale * a @ b`` over the kernel's ``n_in`` input dims (see the module docstring). ``key``: when
+    set, the adapters read their input through dropout at rate ``dropout`` (``dropped``); the base never does."""
 
-    def __init__(self, base, a, b, scale: float, n_in: int = 1):
+    def __init__(self, base, a, b, scale: float, n_in: int = 1, key=None, dropout: float = 0.0):
         self.base, self.a, self.b, self.scale, self.n_in = base, a, b, float(scale), int(n_in)
+        self.key, self.dropout = key, float(dropout)
 
     def tree_flatten(self):
-        return (self.base, self.a, self.b), (self.scale, self.n_in)
+        return (self.base, self.a, self.b, self.key), (self.scale, self.n_in, self.dropout)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
+        scale, n_in, dropout = aux
+        return cls(*children[:3], scale, n_in, children[3], dropout)
+
+    def dropped(self, x: jax.Array) -> jax.Array:
+        """The adapters' input: ``x``, or with a ``key``, each element zeroed with probability ``dropout`` and the
+        rest scaled by ``1 / (1 - dropout)`` (inverted dropout, as PEFT's ``lora_dropout``)."""
+        if self.key is None or not self.dropout:
+            return x
+        keep = jax.random.bernoulli(self.key, 1.0 - self.dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+
+    def with_key(self, key) -> "LoraWeight":
+        return LoraWeight(self.base, self.a, self.b, self.scale, self.n_in, key, self.dropout)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -65,7 +79,8 @@ class LoraWeight:
     def __getitem__(self, index):
         parts = index if isinstance(index, tuple) else (index,)
         if self.lead and len(parts) <= self.lead and not any(p is Ellipsis or p is None for p in parts):
-            return LoraWeight(self.base[index], self.a[index], self.b[index], self.scale, self.n_in)
+            return LoraWeight(self.base[index], self.a[index], self.b[index], self.scale, self.n_in, self.key,
+                              self.dropout)
         return self.astype(jnp.float32)[index]
 
     def __repr__(self) -> str:
@@ -87,6 +102,31 @@ def adapter_params(module: nn.Module, name: str, lora: LoraOptions, shape: tuple
                                                                    tuple(axes[:lead]) + (None,) + tuple(axes[split:])),
                      tuple(shape[:lead]) + (r,) + tuple(shape[split:]), jnp.float32)
     return a, b
+
+
+DROPOUT_RNG = "lora_dropout"  # the rng collection adapter dropout draws from (the trainer gives it per step)
+
+
+def lora_kernel(module: nn.Module, kernel, name: str, lora: LoraOptions, axes: tuple, n_in: int,
+                lead: int = 0) -> LoraWeight:
+    """``kernel`` (``lead`` stacked dims, then ``n_in`` input dims, named ``axes``) as a ``LoraWeight`` with its
+    adapters (``adapter_params``); with ``lora.dropout`` and a ``lora_dropout`` rng in the call (training), a key
+    of this module's own for the adapters' dropout."""
+    a, b = adapter_params(module, name, lora, tuple(kernel.shape), axes, n_in, lead)
+    key = module.make_rng(DROPOUT_RNG) if lora.dropout and module.has_rng(DROPOUT_RNG) else None
+    return LoraWeight(kernel, a, b, lora.scale, n_in, key, lora.dropout)
+
+
+def per_device_dropout(w, mesh, axes) -> object:
+    """Inside ``shard_map`` over ``axes`` of ``mesh``: ``w`` (a ``LoraWeight`` with a dropout key) with the
+    device's index folded into its key, so that devices draw different masks for their rows; anything else as
+    it is."""
+    if not isinstance(w, LoraWeight) or w.key is None:
+        return w
+    index = 0
+    for axis in axes:
+        index = index * mesh.shape[axis] + jax.lax.axis_index(axis)
+    return w.with_key(jax.random.fold_in(w.key, index))
 
 
 def module_path(module: nn.Module) -> str:
@@ -117,7 +157,7 @@ class LoraRecipe:
 
     def _plus(self, y, w: LoraWeight, x, dims) -> jax.Array:
         nb = w.lead
-        xa = self.adapter.dot_general(x, w.a, dims)  # [batch, x's free dims, r]
+        xa = self.adapter.dot_general(w.dropped(x), w.a, dims)  # [batch, x's free dims, r]
         second = (((xa.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
         delta = self.adapter.dot_general(xa, w.b, second)
         return (y.astype(jnp.float32) + w.scale * delta.astype(jnp.float32)).astype(y.dtype)
@@ -139,7 +179,8 @@ class LoraRecipe:
         if not isinstance(rhs, LoraWeight):
             return self.inner.ragged_dot(lhs, rhs, group_sizes)
         y = self.inner.ragged_dot(lhs, rhs.base, group_sizes)
-        delta = self.adapter.ragged_dot(self.adapter.ragged_dot(lhs, rhs.a, group_sizes), rhs.b, group_sizes)
+        delta = self.adapter.ragged_dot(self.adapter.ragged_dot(rhs.dropped(lhs), rhs.a, group_sizes), rhs.b,
+                                        group_sizes)
         return (y.astype(jnp.float32) + rhs.scale * delta.astype(jnp.float32)).astype(y.dtype)
 
 
@@ -154,7 +195,7 @@ def lora_specs(w, spec, make_base_spec=None):
     entries = tuple(spec) + (None,) * (w.ndim - len(tuple(spec)))
     split = w.lead + w.n_in
     return LoraWeight(base_spec, P(*entries[:split], None), P(*entries[:w.lead], None, *entries[split:]),
-                      w.scale, w.n_in)
+                      w.scale, w.n_in, None if w.key is None else P(), w.dropout)
 
 
 def merge(params, scale: float):

@@ -19,6 +19,7 @@ from deepseek_jax.config.options import ModelOptions, remat_policy
 from deepseek_jax.layers import kv_cache
 from deepseek_jax.layers.attention.layout import Layout
 from deepseek_jax.layers.gqa import GQA
+from deepseek_jax.layers.lora import DROPOUT_RNG
 from deepseek_jax.layers.mla import MLA
 from deepseek_jax.layers.mlp import MLP
 from deepseek_jax.layers.norm import RMSNorm
@@ -91,7 +92,7 @@ def scanned(block, options: ModelOptions, length: int, train: bool, broadcast: i
     return nn.scan(
         block,
         variable_axes={"params": 0, "intermediates": 0, "indexer_kl": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, DROPOUT_RNG: True},  # each layer its own adapter-dropout masks
         in_axes=(0,) + (nn.broadcast,) * broadcast,
         length=length,
         unroll=min(options.scan_unroll, length),

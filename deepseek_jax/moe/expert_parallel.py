@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.layers.lora import LoraWeight, lora_specs
+from deepseek_jax.layers.lora import LoraWeight, lora_specs, per_device_dropout
 from deepseek_jax.moe.dispatch import combine, dispatch_local, sort_rows
 from deepseek_jax.moe.grouped import grouped_swiglu
 from deepseek_jax.quant.weights import Fp8Weight
@@ -278,6 +278,7 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
         body = partial(_local_body, recipe, tensor_axis=tensor, impl=impl, block_size=block_size, limit=limit)
 
     def run(x, weights, idx, wg, wu, wd):
+        wg, wu, wd = (per_device_dropout(w, mesh, mesh.axis_names) for w in (wg, wu, wd))
         y, dropped, rows = body(x, weights, idx, wg, wu, wd)
         return y, (jax.lax.psum(dropped, split) if split else dropped), rows.reshape(1)
 

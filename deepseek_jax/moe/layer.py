@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.layers.linear import matmul_recipe
-from deepseek_jax.layers.lora import LoraWeight, adapter_params, module_path
+from deepseek_jax.layers.lora import lora_kernel, module_path
 from deepseek_jax.layers.mlp import MLP
 from deepseek_jax.moe.dispatch import dispatch_local
 from deepseek_jax.moe.expert_parallel import expert_parallel_dispatch
@@ -67,8 +67,7 @@ class Experts(nn.Module):
         if o.lora is not None:  # per-expert adapters, multiplied inside the grouped GEMMs (layers/lora.py)
             path = module_path(self)
             wg, wu, wd = (
-                LoraWeight(w, *adapter_params(self, f"{name}_", o.lora, w.shape, axes, 1, lead=1), o.lora.scale, 1)
-                if o.lora.applies(f"{path}/{name}") else w
+                lora_kernel(self, w, f"{name}_", o.lora, axes, 1, lead=1) if o.lora.applies(f"{path}/{name}") else w
                 for w, name, axes in ((wg, "gate_proj", ("expert", "embed", "moe_mlp")),
                                       (wu, "up_proj", ("expert", "embed", "moe_mlp")),
                                       (wd, "down_proj", ("expert", "moe_mlp", "embed"))))

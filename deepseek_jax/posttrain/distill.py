@@ -10,7 +10,8 @@ Sequence level: the teacher answers prompts with ``generate`` and the student is
 (``teacher_samples``), the way R1's reasoning was distilled into the R1-Distill models.
 
 Everything else is training's: ``Trainer`` (sharding, jit, donation, grad accumulation), the data pipeline, and
-the run (``training/run.py``: Orbax checkpoints with resume, the progress bar, ``metrics.jsonl``).
+the run (``training/run.py``: Orbax checkpoints with resume, the progress bar, ``metrics.jsonl``); LoRA too: a
+student started from a checkpoint can train adapters only, checkpointed without their base (``layers/lora.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ from deepseek_jax.posttrain.teacher import (
 )
 from deepseek_jax.training import losses
 from deepseek_jax.training.config import PRECISIONS, TrainConfig
-from deepseek_jax.training.run import prepare_workdir, run_in_workdir, save_tokenizer
+from deepseek_jax.training.run import (
+    init_params,
+    prepare_workdir,
+    run_in_workdir,
+    save_tokenizer,
+    with_lora_base,
+)
 from deepseek_jax.training.trainer import BATCH_KEYS, Trainer
 
 
@@ -85,12 +92,13 @@ class DistillTrainer(Trainer):
     """A ``Trainer`` for the student whose objective is the distillation loss. ``teacher_config``: the teacher
     runs inside the jitted step (``run_step(state, batch, teacher_params)``); None: the batch carries the
     teacher's precomputed top-k (``teacher_logp``, ``teacher_ids``), or, with ``kl_weight`` 0, nothing
-    (sequence-level distillation)."""
+    (sequence-level distillation). Under LoRA (``tc.lora_rank``) the student trains its adapters only; the teacher
+    never has any (it runs the plain model at its own precision)."""
 
     def __init__(self, config: ModelConfig, tc: TrainConfig, mesh, dc: DistillConfig,
                  teacher_config: Optional[ModelConfig] = None):
-        if tc.lora_rank:  # the held-out evaluation runs the plain student: it would not see the adapters
-            raise ValueError("distillation with LoRA (lora_rank) is not supported yet")
+        if tc.lora_dropout or tc.fp8_base:  # what `train` has, untested here
+            raise ValueError("distillation with LoRA takes neither lora_dropout nor fp8_base (an FP8-kept base) yet")
         super().__init__(config, tc, mesh)
         self.dc = dc
         self.teacher = None
@@ -173,7 +181,7 @@ def distill(config: ModelConfig, tc: TrainConfig, dc: DistillConfig, workdir: st
             sequence_prompts: int = 0, data: Optional[str] = None, tokenizer=None,
             arithmetic_loss: str = "answers", mesh_spec: Optional[str] = None, save_every: int = 100, keep: int = 3,
             resume: bool = True, progress: bool = True, async_save: bool = True, stop_after: Optional[int] = None,
-            student_name: str = "student") -> list[dict]:
+            student_name: str = "student", init_from: Optional[str] = None) -> list[dict]:
     """Distill into a student of architecture ``config`` trained in ``workdir`` (a train work directory:
     ``config.json``, ``train_config.json``, ``distill_config.json``, checkpoints, ``metrics.jsonl``, ``loss.png``;
     ``deepseek-jax generate --checkpoint WORKDIR`` and ``load_pretrained`` read it).
@@ -184,7 +192,14 @@ def distill(config: ModelConfig, tc: TrainConfig, dc: DistillConfig, workdir: st
     questions answered by the teacher (``arithmetic_teacher_dataset``); with ``dc.kl_weight > 0`` the token-level
     loss is added on them. Otherwise the data is ``data`` (default the built-in arithmetic data,
     ``arithmetic_loss`` tokens counted) as in ``training/run.py``'s ``fit``.
+
+    ``init_from``: the student starts from this checkpoint's weights (``config`` must be its config, as in
+    ``fit``) instead of a random init. With ``tc.lora_rank`` (which needs it) the student trains LoRA adapters on
+    that base: the work directory's checkpoints hold the adapters only and ``train_config.json``'s ``lora_base``
+    names the base, so ``load_pretrained(workdir)``, ``report_arithmetic`` and ``deepseek-jax export`` read the
+    student merged.
     """
+    tc = with_lora_base(tc, init_from)
     mesh = make_mesh(mesh_spec)
     teacher_config = teacher_params = None
     teacher_name = teacher or "the given teacher"
@@ -224,8 +239,9 @@ def distill(config: ModelConfig, tc: TrainConfig, dc: DistillConfig, workdir: st
                              f"{config.vocab_size}")
     teacher_on_device = trainer.put_teacher(teacher_params) if trainer.teacher is not None else None
     prepare_workdir(workdir, config, tc, distill_config={**dataclasses.asdict(dc), "teacher": teacher_name,
-                                                         "sequence_prompts": sequence_prompts})
-    save_tokenizer(workdir, tokenizer, arithmetic=data in (None, "arithmetic"))
+                                                         "sequence_prompts": sequence_prompts,
+                                                         "init_from": init_from})
+    save_tokenizer(workdir, tokenizer, arithmetic=data in (None, "arithmetic"), copy_from=init_from)
 
     def step_fn(state, step):
         batch = trainer.put_batch(next(dataset))
@@ -238,7 +254,9 @@ def distill(config: ModelConfig, tc: TrainConfig, dc: DistillConfig, workdir: st
             out["kl"] = f"{m['kl']:.4f}"
         return out
 
-    return run_in_workdir(workdir, trainer, dataset, trainer.init_state, step_fn, desc="distill", postfix=postfix,
+    fresh = (lambda: trainer.state_from_params(init_params(init_from, trainer))) if init_from is not None \
+        else trainer.init_state
+    return run_in_workdir(workdir, trainer, dataset, fresh, step_fn, desc="distill", postfix=postfix,
                           save_every=save_every, keep=keep, resume=resume,
                           progress=progress, async_save=async_save, stop_after=stop_after)
 

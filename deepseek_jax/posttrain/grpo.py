@@ -24,6 +24,7 @@ GRPO's objective; checkpoints, resume, the progress bar and ``metrics.jsonl`` ar
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -33,8 +34,11 @@ import numpy as np
 
 from deepseek_jax.checkpoint.load import pretrained_config
 from deepseek_jax.config.model import ModelConfig
+from deepseek_jax.layers.lora import without_adapters
+from deepseek_jax.models.transformer import Transformer
 from deepseek_jax.parallel.mesh import make_mesh, mesh_context
 from deepseek_jax.parallel.rules import batch_sharding
+from deepseek_jax.posttrain.lora import merged
 from deepseek_jax.posttrain.rewards import RewardFn, exact_answer
 from deepseek_jax.posttrain.rollouts import (
     ArithmeticPrompts,
@@ -51,6 +55,7 @@ from deepseek_jax.training.run import (
     prepare_workdir,
     run_in_workdir,
     save_tokenizer,
+    with_lora_base,
 )
 from deepseek_jax.training.trainer import BATCH_KEYS, Trainer
 
@@ -170,14 +175,17 @@ class GRPOTrainer(Trainer):
     """A ``Trainer`` whose objective is GRPO's; the batch carries, per sample row, the old policy's and the
     reference's log-probabilities of the target tokens and the sample's advantage. The MTP loss is off (the
     MTP modules are frozen: they only draft in the rollouts, where rejection sampling keeps the policy's
-    distribution whatever they propose)."""
+    distribution whatever they propose). Under LoRA (``tc.lora_rank``) the adapters alone train; the rollouts
+    sample the adapted policy (``sampling_params``) and the reference is the frozen base (``reference_logp``)."""
 
     batch_keys = BATCH_KEYS + GRPO_KEYS
     batch_ndims = {"advantages": 1}
 
     def __init__(self, config: ModelConfig, tc: TrainConfig, mesh, gc: GRPOConfig):
-        if tc.lora_rank:  # the rollouts' sampler runs the plain model: it would not see the adapters
-            raise ValueError("GRPO with LoRA (lora_rank) is not supported yet")
+        # Adapter dropout would make the training forward differ from the old policy's log-probs (computed without
+        # it), and the sampler's merged weights have no FP8-kept form yet.
+        if tc.lora_dropout or tc.fp8_base:
+            raise ValueError("GRPO with LoRA takes neither lora_dropout nor fp8_base (an FP8-kept base) yet")
         if tc.batch_size != gc.batch_size:
             tc = dataclasses.replace(tc, batch_size=gc.batch_size)
         # ``iterations`` optimizer updates per GRPO step: the schedule spans all of them (warmup in GRPO steps).
@@ -185,29 +193,59 @@ class GRPOTrainer(Trainer):
                          updates_per_step=gc.iterations)
         self.gc = gc
         shard = batch_sharding(mesh)
-        self._logp = jax.jit(self._token_logp, in_shardings=(self.param_shardings, shard, shard, shard, shard),
-                             out_shardings=shard)
+        self._logp = jax.jit(partial(self._token_logp, self.model),
+                             in_shardings=(self.param_shardings, shard, shard, shard, shard), out_shardings=shard)
+        self._base_logp = None
+        if self.lora is not None:  # the reference: the frozen base, i.e. the plain model on the params' base
+            base_model = Transformer(config, dataclasses.replace(self.model.options, lora=None))
+            self._base_logp = jax.jit(partial(self._token_logp, base_model),
+                                      in_shardings=(self.base_shardings(), shard, shard, shard, shard),
+                                      out_shardings=shard)
 
     def _target_logp(self, logits, targets):
         log_p = jax.nn.log_softmax(logits.astype(jnp.float32) / self.gc.temperature, axis=-1)
         return jnp.take_along_axis(log_p, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
-    def _token_logp(self, params, inputs, targets, positions, segment_ids):
+    def _token_logp(self, model, params, inputs, targets, positions, segment_ids):
         with nn.logical_axis_rules(self.rules):
-            logits = self.model.apply({"params": params}, inputs, positions, segment_ids)
+            logits = model.apply({"params": params}, inputs, positions, segment_ids)
         return self._target_logp(logits, targets)
 
     def token_logp(self, params, batch: dict) -> jax.Array:
-        """``[B, T]`` log-probabilities (at the sampling temperature) of ``batch``'s targets under ``params``."""
+        """``[B, T]`` log-probabilities (at the sampling temperature) of ``batch``'s targets under ``params``
+        (under LoRA: the adapted policy, base + adapters)."""
         with mesh_context(self.mesh, self.rules):
             return self._logp(params, batch["inputs"], batch["targets"], batch["positions"], batch["segment_ids"])
 
+    def reference_logp(self, params, reference, batch: dict) -> jax.Array:
+        """``token_logp`` under the frozen reference policy: ``reference``'s params; under LoRA (``reference``
+        None) the base of ``params`` with the adapters off. The adapters start at B = 0, so the base is the
+        starting policy, the reference of a full fine-tuning run, and no copy of the model is held for it."""
+        if self.lora is None:
+            return self.token_logp(reference, batch)
+        with mesh_context(self.mesh, self.rules):
+            return self._base_logp(without_adapters(params), batch["inputs"], batch["targets"], batch["positions"],
+                                   batch["segment_ids"])
+
+    def sampling_params(self, params):
+        """The params ``generate`` runs for the rollouts and the held-out greedy evaluation: ``params``; under LoRA
+        the adapted policy merged (``posttrain/lora.py``'s ``merged``). Merged, not a LoRA-aware sampler: the
+        decode path (absorbed MLA over the latent cache, MTP drafts, the params placed by the inference rules) is
+        the plain model's, and the merged kernels are the policy the training forward runs (to rounding: a merged
+        kernel is stored in the base's dtype). The cost is memory: the targeted kernels once more, in the base's
+        dtype, while a rollout runs (the untargeted leaves are shared, not copied; with the default targets, the
+        attention projections and the routed experts, that is most of a MoE model); a full fine-tuning run holds a
+        whole reference copy all the time, which LoRA does not (``reference_logp``). A LoRA-aware sampler would
+        save that memory at the price of the adapters' two thin matmuls per targeted matmul in every decode step,
+        and of the inference rules learning to place adapters."""
+        return params if self.lora is None else merged(params, self.lora.scale)
+
     def update(self, state, samples: dict, reference) -> tuple[dict, list[dict]]:
         """``iterations`` optimizer steps on ``samples`` (``rollout``'s dict): the batch of ``samples_batch`` with
-        the group advantages, the old policy's (``state``'s) and the reference's log-probabilities fixed before
-        the first step, and (with the sampler's log-probabilities, ``samples["logprobs"]``) the truncated
-        importance weights. Returns the state and each step's host metrics, the mismatch's included
-        (``sampler_mismatch``)."""
+        the group advantages, the old policy's (``state``'s) and the reference's (``reference_logp``; None under
+        LoRA) log-probabilities fixed before the first step, and (with the sampler's log-probabilities,
+        ``samples["logprobs"]``) the truncated importance weights. Returns the state and each step's host metrics,
+        the mismatch's included (``sampler_mismatch``)."""
         gc = self.gc
         host = samples_batch(samples["prompts"], samples["completions"], self.tc.seq_len, samples.get("logprobs"))
         host["advantages"] = np.asarray(group_advantages(jnp.asarray(samples["rewards"]), gc.group_size))
@@ -215,7 +253,8 @@ class GRPOTrainer(Trainer):
         zeros = np.zeros(host["targets"].shape, np.float32)  # filled on the devices below
         batch = self.put_batch({**host, "old_logp": zeros, "ref_logp": zeros, "tis_weight": zeros})
         batch["old_logp"] = self.token_logp(state["params"], batch)
-        batch["ref_logp"] = self.token_logp(reference, batch) if gc.beta else jnp.zeros_like(batch["old_logp"])
+        batch["ref_logp"] = (self.reference_logp(state["params"], reference, batch) if gc.beta
+                             else jnp.zeros_like(batch["old_logp"]))
         mismatch = {}
         if sampler is None:
             batch["tis_weight"] = jnp.ones_like(batch["old_logp"])
@@ -295,6 +334,9 @@ def grpo(gc: GRPOConfig, tc: TrainConfig, workdir: str, *, init_from: Optional[s
 
     The policy: ``init_from`` (a checkpoint directory: a train work directory, HF or converted), or
     ``policy=(config, params)``, or a random ``config``; the frozen reference is the starting policy.
+    With ``tc.lora_rank`` (which needs ``init_from``) only LoRA adapters train: the rollouts sample the adapted
+    policy (``GRPOTrainer.sampling_params``), the reference is the base itself (adapters off), and the
+    checkpoints hold the adapters, ``train_config.json``'s ``lora_base`` naming the base.
     ``prompts``: an iterator of ``(prompt ids, answers)`` per step with ``state()`` / ``restore()`` and
     ``stop_ids`` (default ``ArithmeticPrompts``). ``seq_len``: of the training rows (default: 8 + max_new_tokens
     rounded up to a multiple of 8 for arithmetic). ``tc``: the optimizer (``batch_size`` is G x prompts).
@@ -304,6 +346,7 @@ def grpo(gc: GRPOConfig, tc: TrainConfig, workdir: str, *, init_from: Optional[s
     if jax.process_count() > 1:
         raise NotImplementedError("GRPO runs in one process (its mesh may span that process's devices); "
                                   "multi-host rollouts are not implemented")
+    tc = with_lora_base(tc, init_from)
     mesh = make_mesh(mesh_spec)
     gen_mesh = mesh if mesh.size > 1 else None  # one device: generate skips re-placing the params
     if init_from is not None:
@@ -323,8 +366,10 @@ def grpo(gc: GRPOConfig, tc: TrainConfig, workdir: str, *, init_from: Optional[s
         params = jax.device_put(policy[1], trainer.param_shardings)
     else:
         params = trainer.init_state()["params"]
-    # The reference: the starting policy, in its own buffers (the train state is donated at every step).
-    reference = jax.jit(lambda p: jax.tree.map(lambda x: x * 1, p), out_shardings=trainer.param_shardings)(params)
+    # The reference: the starting policy, in its own buffers (the train state is donated at every step); under
+    # LoRA the state's own frozen base (GRPOTrainer.reference_logp), no copy.
+    reference = None if trainer.lora is not None else jax.jit(
+        lambda p: jax.tree.map(lambda x: x * 1, p), out_shardings=trainer.param_shardings)(params)
     speculative = config.num_nextn_predict_layers > 0 if gc.speculative is None else gc.speculative
     if eval_set is None and gc.eval_every and isinstance(prompts, ArithmeticPrompts):
         eval_set = heldout_arithmetic(gc.eval_prompts)
@@ -332,7 +377,7 @@ def grpo(gc: GRPOConfig, tc: TrainConfig, workdir: str, *, init_from: Optional[s
     prepare_workdir(workdir, config, trainer.tc, grpo_config={**dataclasses.asdict(gc), "init_from": init_from})
     save_tokenizer(workdir, tokenizer, arithmetic=isinstance(prompts, ArithmeticPrompts), copy_from=init_from)
     evaluated = []  # the first step of this call is evaluated too (a resumed run's starting point)
-    start_params = [params]  # the fresh state's (the reference keeps its own copy); dropped once a step runs
+    start_params = [params]  # the fresh state's (a full run's reference is a copy); dropped once a step runs
     del params
 
     def sample(params, step, round_):
@@ -342,14 +387,18 @@ def grpo(gc: GRPOConfig, tc: TrainConfig, workdir: str, *, init_from: Optional[s
                        stop_ids=prompts.stop_ids, reward_fn=reward_fn, tokenizer=tokenizer,
                        speculative=speculative, mesh=gen_mesh, dtype=gc.rollout_dtype)
 
+    def draw(state, step):
+        sampled = trainer.sampling_params(state["params"])  # under LoRA merged, freed once the rollouts are done
+        return _draw(lambda r: sample(sampled, step, r), gc)
+
     def step_fn(state, step):
         start_params.clear()
-        first, ro, rounds = _draw(lambda r: sample(state["params"], step, r), gc)
+        first, ro, rounds = draw(state, step)
         state, updates = trainer.update(state, ro, reference)
         m = _step_metrics(first, ro, rounds, updates, gc.group_size)
         if eval_set is not None and gc.eval_every and ((step + 1) % gc.eval_every == 0 or not evaluated):
             evaluated.append(step)
-            m["heldout_accuracy"] = evaluate_accuracy(config, state["params"], *eval_set,
+            m["heldout_accuracy"] = evaluate_accuracy(config, trainer.sampling_params(state["params"]), *eval_set,
                                                       max_new_tokens=gc.max_new_tokens, stop_ids=prompts.stop_ids,
                                                       tokenizer=tokenizer, mesh=gen_mesh)
         if on_step is not None:
@@ -396,8 +445,9 @@ def _step_metrics(first: dict, ro: dict, rounds: list[dict], updates: list[dict]
          "informative_groups": float(informative_groups(ro["rewards"], group_size).mean()),
          "informative_drawn": float(np.mean([informative_groups(r["rewards"], group_size) for r in rounds])),
          "sample_rounds": len(rounds),
-         "rollout_samples_per_s": drawn / ro["seconds"], "rollout_s": ro["seconds"],
-         "acceptance_rate": ro["stats"].get("acceptance_rate")}
+         "rollout_samples_per_s": drawn / ro["seconds"], "rollout_s": ro["seconds"]}
+    if "acceptance_rate" in ro["stats"]:  # MTP speculation only (a None would stop the loop's metrics_to_host)
+        m["acceptance_rate"] = ro["stats"]["acceptance_rate"]
     m.update(updates[-1])
     for k in ("loss", "kl", "clip_fraction", "grad_norm"):
         m[k] = float(np.mean([u[k] for u in updates]))

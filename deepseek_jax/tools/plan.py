@@ -288,12 +288,37 @@ def _train_step(config, tc, mesh, batch: int, seq_len: int, slice_of=None) -> St
 
     trainer = Trainer(config, tc, mesh)
     state = trainer.abstract_state()
+    if tc.fp8_base:  # QLoRA: the frozen base's FP8 kernels as the release stores them
+        state = {**state, "params": _kept_fp8(state["params"], config)}
     dtypes = {"loss_mask": jnp.float32}
     sds = {k: jax.ShapeDtypeStruct((batch, seq_len), dtypes.get(k, jnp.int32), sharding=trainer.batch_sharding)
            for k in BATCH_KEYS}
     flops = trainer.flops_per_token() * batch * seq_len
     return _compile("train", trainer.step_fn(state), (state, sds), _shard_bytes(state), flops, batch * seq_len,
                     mesh, slice_of)
+
+
+def _kept_fp8(params, config):
+    """Abstract params (sharded ``ShapeDtypeStruct``s; a LoRA kernel's adapters beside it) with the kernels the FP8
+    release quantizes as ``Fp8Weight``s, e4m3 + 128x128 scales on block edges, and V4's routed experts as
+    ``Fp4Weight``s, as ``load_pretrained(..., dtype="fp8")`` places them."""
+    import jax
+    import jax.numpy as jnp
+
+    from deepseek_jax.quant.weights import fp8_shardings
+    from deepseek_jax.tools.capacity import fp8_kept_kernels
+
+    params = jax.tree.map(lambda x: x, params)  # a copy of the nested dicts, replaced in place below
+    for path, (n_in, n_out, grid, cls) in fp8_kept_kernels(config).items():
+        node = params
+        for k in path[:-1]:
+            node = node[k]
+        x = node[path[-1]]
+        q_sh, s_sh = fp8_shardings(x.sharding, x.shape, n_in, n_out, cls.BLOCKS)
+        q_dtype, s_dtype = (jnp.uint4, jnp.bfloat16) if cls.Q_BITS == 4 else (jnp.float8_e4m3fn, jnp.float32)
+        node[path[-1]] = cls(jax.ShapeDtypeStruct(x.shape, q_dtype, sharding=q_sh),
+                             jax.ShapeDtypeStruct(grid, s_dtype, sharding=s_sh), n_in, n_out)
+    return params
 
 
 def _inference_inputs(config, options, mesh, batch: int, cache_len: int, cache_dtype: str,
@@ -303,7 +328,6 @@ def _inference_inputs(config, options, mesh, batch: int, cache_len: int, cache_d
     ``Fp4Weight``s, as ``load_pretrained(..., dtype="fp8")`` places them) and an empty cache (over the batch)."""
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
     from deepseek_jax.layers import kv_cache
     from deepseek_jax.models.transformer import abstract_params
@@ -314,18 +338,7 @@ def _inference_inputs(config, options, mesh, batch: int, cache_len: int, cache_d
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
                           shardings)
     if weight_dtype == "fp8":
-        from deepseek_jax.quant.weights import fp8_shardings
-        from deepseek_jax.tools.capacity import fp8_kept_kernels
-
-        for path, (n_in, n_out, grid, cls) in fp8_kept_kernels(config).items():
-            node = params
-            for k in path[:-1]:
-                node = node[k]
-            x = node[path[-1]]
-            q_sh, s_sh = fp8_shardings(x.sharding, x.shape, n_in, n_out, cls.BLOCKS)
-            q_dtype, s_dtype = (jnp.uint4, jnp.bfloat16) if cls.Q_BITS == 4 else (jnp.float8_e4m3fn, jnp.float32)
-            node[path[-1]] = cls(jax.ShapeDtypeStruct(x.shape, q_dtype, sharding=q_sh),
-                                 jax.ShapeDtypeStruct(grid, s_dtype, sharding=s_sh), n_in, n_out)
+        params = _kept_fp8(params, config)
     cache = jax.eval_shape(lambda: kv_cache.init_cache(config, batch, cache_len, cache_dtype))
     cache_sh = kv_cache.cache_shardings(cache, mesh)
     cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache, cache_sh)

@@ -57,6 +57,11 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
     lora_base: Optional[str] = None  # the base checkpoint (set by fit from init_from): LoRA checkpoints point at it
+    # QLoRA: the base's FP8 kernels stay as stored (e4m3 + 128x128 block scales, ``quant/weights.py``'s Fp8Weight;
+    # V4's FP4 experts as Fp4Weight), dequantized where each matmul reads them; needs lora_rank and an FP8 base
+    fp8_base: bool = False
+    # dropout on the adapters' input (PEFT's lora_dropout): the base's matmul sees the whole input
+    lora_dropout: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -69,6 +74,10 @@ class TrainConfig:
             raise ValueError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank {self.lora_rank}: expected >= 0 (0: no LoRA)")
+        if (self.fp8_base or self.lora_dropout) and not self.lora_rank:
+            raise ValueError("fp8_base and lora_dropout are LoRA settings: set lora_rank too")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout {self.lora_dropout}: expected a probability in [0, 1)")
         if self.lora_rank and self.train_only:
             raise ValueError("LoRA trains only its adapters: choose them with lora_targets, not train_only")
         if self.batch_size % self.grad_accum:
@@ -104,4 +113,5 @@ class TrainConfig:
     def lora_options(self) -> Optional[LoraOptions]:
         if not self.lora_rank:
             return None
-        return LoraOptions(self.lora_rank, self.lora_alpha, self.lora_targets or DEFAULT_LORA_TARGETS)
+        return LoraOptions(self.lora_rank, self.lora_alpha, self.lora_targets or DEFAULT_LORA_TARGETS,
+                           dropout=self.lora_dropout)

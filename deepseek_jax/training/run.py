@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 from typing import Any, Callable, Optional
 
 import jax
@@ -22,6 +23,7 @@ from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.data.packing import make_dataset
 from deepseek_jax.data.tasks.arithmetic import ARITHMETIC_TOKENIZER_CONFIG, arithmetic_tokenizer
 from deepseek_jax.parallel.mesh import make_mesh
+from deepseek_jax.quant.weights import Fp8Weight, with_fp8_shardings
 from deepseek_jax.training.config import TrainConfig
 from deepseek_jax.training.feed import DevicePrefetch
 from deepseek_jax.training.loop import run_loop, start_or_resume
@@ -70,6 +72,9 @@ def run_in_workdir(workdir: str, trainer: Trainer, data, fresh: Callable[[], dic
     ``stop_after`` ends this call after that many steps (tests); ``mfu``: log each step's model FLOPs utilization
     (``trainer.step_flops`` of the step's tokens and attended keys). Returns this call's metric records."""
     tc = trainer.tc
+    if jax.process_index() == 0:  # train, distill and grpo alike (under LoRA: the adapters' values of the model's)
+        trainable, total = trainer.trainable_count()
+        print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.1%})", file=sys.stderr)
     ckpt, start, state = start_or_resume(workdir, trainer, data, fresh, resume=resume, save_every=save_every,
                                          keep=keep, async_save=async_save)
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
@@ -79,6 +84,17 @@ def run_in_workdir(workdir: str, trainer: Trainer, data, fresh: Callable[[], dic
     return run_loop(workdir, ckpt, state, start, end, tc.steps, step_fn, data.state, seed=tc.seed,
                     max_bad_steps=tc.max_bad_steps, progress=progress, desc=desc, postfix=postfix, plot=plot,
                     flops=flops if mfu else None)
+
+
+def with_lora_base(tc: TrainConfig, init_from: Optional[str]) -> TrainConfig:
+    """``tc`` with ``lora_base`` set to ``init_from`` (absolute) under LoRA, so that the run's checkpoints, which
+    hold the adapters only, point at their base (``fit``, ``distill``, ``grpo``); LoRA without a base checkpoint is
+    refused."""
+    if not tc.lora_rank:
+        return tc
+    if init_from is None:
+        raise ValueError("LoRA fine-tunes a checkpoint: give init_from (--init-from DIR)")
+    return dataclasses.replace(tc, lora_base=os.path.abspath(init_from))
 
 
 def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Optional[str] = None, mesh=None,
@@ -96,10 +112,7 @@ def fit(config: ModelConfig, tc: TrainConfig, workdir: str, *, mesh_spec: Option
     rendered with. ``mesh``: a ``jax.sharding.Mesh`` to run on instead of ``make_mesh(mesh_spec)`` (a multi-slice
     one, say). ``pipeline`` / ``data_workers``: ``make_dataset``'s ``pipeline`` / ``workers``. ``adapters``: a PEFT
     adapter's LoRA weights to start from (``Trainer.state_from_params``)."""
-    if tc.lora_rank:  # the checkpoints hold the adapters and point at the base
-        if init_from is None:
-            raise ValueError("LoRA fine-tunes a checkpoint: give init_from (--init-from DIR)")
-        tc = dataclasses.replace(tc, lora_base=os.path.abspath(init_from))
+    tc = with_lora_base(tc, init_from)
     trainer = Trainer(config, tc, make_mesh(mesh_spec) if mesh is None else mesh)
     dataset = make_dataset(data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
                            eos_id=eos_id, rows=trainer.process_rows(),
@@ -136,7 +149,8 @@ def init_params(path: str, trainer: Trainer):
     """The params of checkpoint ``path`` (HF safetensors, FP8 included; a converted Orbax directory; a train work
     directory) in fp32 master precision (a LoRA base: the compute dtype), placed straight into ``trainer``'s
     shardings: read shard by shard, never whole on a host. The checkpoint's config must be ``trainer.config``."""
-    dtype = trainer.model.options.params_dtype  # fp32 master weights; a LoRA base in the compute dtype
+    # fp32 master weights; a LoRA base in the compute dtype, or (QLoRA) its FP8 kernels as stored
+    dtype = "fp8" if trainer.tc.fp8_base else trainer.model.options.params_dtype
     if is_converted_dir(path):
         config, params = load_pretrained(path, dtype=dtype, mesh=trainer.mesh)
     else:
@@ -146,4 +160,13 @@ def init_params(path: str, trainer: Trainer):
                 for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(trainer.config, f.name)]
         raise ValueError(f"{path}: the checkpoint's config differs from the run's ({'; '.join(diff)}); "
                          f"fine-tuning keeps the checkpoint's architecture")
-    return jax.device_put(params, trainer.base_shardings())  # with LoRA: the base (state_from_params adds adapters)
+    if trainer.tc.fp8_base:
+        kept = [x for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Fp8Weight))
+                if isinstance(x, Fp8Weight)]
+        if not kept:
+            raise ValueError(f"{path}: no FP8 weights to keep (--fp8-weights keeps the e4m3 kernels of an FP8 "
+                             f"release or of a `convert --keep-fp8` directory)")
+        print(f"base: {len(kept)} kernels kept in FP8 as stored ({sum(x.nbytes for x in kept) / 2**30:.3f} GiB with "
+              f"their block scales)")
+    # with LoRA: the base (state_from_params adds adapters)
+    return jax.device_put(params, with_fp8_shardings(trainer.base_shardings(), params))

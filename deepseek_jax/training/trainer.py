@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from deepseek_jax.config.model import ModelConfig
-from deepseek_jax.layers.lora import adapters_only, combine, is_adapter_path, without_adapters
+from deepseek_jax.layers.lora import DROPOUT_RNG, adapters_only, combine, is_adapter_path, without_adapters
 from deepseek_jax.models.counts import batch_flops, causal_selected
 from deepseek_jax.models.transformer import Transformer, abstract_params
 from deepseek_jax.parallel.mesh import mesh_context, wait_for_processes
@@ -29,6 +29,7 @@ from deepseek_jax.parallel.rules import (
     process_rows,
     replicated,
 )
+from deepseek_jax.quant.weights import with_fp8_shardings
 from deepseek_jax.training import losses
 from deepseek_jax.training.config import TrainConfig
 from deepseek_jax.training.optimizer import (
@@ -124,7 +125,7 @@ class Trainer:
                                  f"{tuple(node[leaf].shape) if leaf in node else 'absent'}")
             mask = provided.reshape(provided.shape + (1,) * (values.ndim - provided.ndim))
             node[leaf] = np.where(mask, values, np.asarray(jax.device_get(node[leaf])))
-        params = jax.device_put(params, self.param_shardings)
+        params = jax.device_put(params, with_fp8_shardings(self.param_shardings, params))  # QLoRA: FP8 kept
         opt_shardings = self._mirror_param_shardings(jax.eval_shape(self.optimizer.init, params))
         opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated(self.mesh))
@@ -211,11 +212,12 @@ class Trainer:
         ce = ce_sum / jnp.maximum(norm["tokens"], 1.0)
         return ce, {"loss": ce, "tokens": n}
 
-    def _loss(self, params, batch, norm=None):
+    def _loss(self, params, batch, norm=None, rng=None):
         """The total loss of (a micro-batch of) the batch; ``norm`` (``losses.loss_normalizers`` of the whole
         global batch, default this batch's) holds the counts every sum is divided by, so micro-batch losses
-        add up to the batch's."""
+        add up to the batch's. ``rng``: the key of the LoRA adapters' dropout (none without it)."""
         c, tc = self.config, self.tc
+        rngs = {} if rng is None else {DROPOUT_RNG: rng}
         if norm is None:
             norm = losses.loss_normalizers(batch, c.mtp_modules)
         mtp_on = c.mtp_modules > 0 and tc.mtp_weight > 0
@@ -224,12 +226,12 @@ class Trainer:
             if self.model.options.indexer_loss is None:
                 logits, aux = self.model.apply(
                     {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                    return_mtp=mtp_on, return_router_stats=True,
+                    return_mtp=mtp_on, return_router_stats=True, rngs=rngs,
                 )
             else:  # DeepSeek-V3.2's indexer stages: every layer sows (KL sum, queries)
                 (logits, aux), sown = self.model.apply(
                     {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                    return_mtp=mtp_on, return_router_stats=True, mutable=["indexer_kl"],
+                    return_mtp=mtp_on, return_router_stats=True, mutable=["indexer_kl"], rngs=rngs,
                 )
                 # The mean over layers and real tokens of the global batch (micro-batches add up to it).
                 sums = jnp.concatenate([x.reshape(-1) for x in jax.tree.leaves(sown)])
@@ -274,37 +276,40 @@ class Trainer:
             parts["indexer_kl"] = indexer_kl
         return total, (parts, counts)
 
-    def _grads(self, params, batch):
+    def _grads(self, params, batch, rng=None):
         """Gradients of the global batch's loss, summed over ``grad_accum`` micro-batches (a scan); every term
-        divides by the global batch's counts, so this equals one big batch whatever the padding."""
+        divides by the global batch's counts, so this equals one big batch whatever the padding. ``rng``: the
+        adapters' dropout key (each micro-batch folds in its index)."""
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         norm = losses.loss_normalizers(batch, self.config.mtp_modules)
         k = self.tc.grad_accum
         norm["micro_batches"] = k
         # Each gradient in its param's shards: the data-parallel sum then lowers to a reduce-scatter (not an
         # all-reduce of the whole weight followed by a slice).
-        shard = partial(jax.lax.with_sharding_constraint, shardings=self.param_shardings)
+        shard = partial(jax.lax.with_sharding_constraint,
+                        shardings=with_fp8_shardings(self.param_shardings, params))  # QLoRA: FP8-kept leaves
         if self.trainable is not None:  # differentiate the trained leaves only; the others get zeros
             frozen = jax.tree.map(lambda t, p: None if t else p, self.trainable, params)
-            inner = jax.value_and_grad(lambda tr, b, n: self._loss(combine(tr, frozen), b, n), has_aux=True)
+            inner = jax.value_and_grad(lambda tr, b, n, r: self._loss(combine(tr, frozen), b, n, r), has_aux=True)
 
-            def grad_fn(params, b, n):
-                out, g = inner(jax.tree.map(lambda t, p: p if t else None, self.trainable, params), b, n)
+            def grad_fn(params, b, n, r=None):
+                out, g = inner(jax.tree.map(lambda t, p: p if t else None, self.trainable, params), b, n, r)
                 return out, jax.tree.map(lambda t, gi, p: gi if t else jax.tree.map(jnp.zeros_like, p),
                                          self.trainable, g, params)
         if k == 1:
-            (_, aux), grads = grad_fn(params, batch, norm)
+            (_, aux), grads = grad_fn(params, batch, norm, rng)
             return shard(grads), aux
         micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
 
-        def body(acc, mb):
-            (_, aux), g = grad_fn(params, mb, norm)
+        def body(acc, mb_i):
+            mb, i = mb_i
+            (_, aux), g = grad_fn(params, mb, norm, None if rng is None else jax.random.fold_in(rng, i))
             return jax.tree.map(jnp.add, acc, (shard(g), aux)), None
 
         zero_g = shard(jax.tree.map(jnp.zeros_like, params))
         zero_aux = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), norm)[0][1])
         zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_aux)
-        (grads, aux), _ = jax.lax.scan(body, (zero_g, zero_aux), micro)
+        (grads, aux), _ = jax.lax.scan(body, (zero_g, zero_aux), (micro, jnp.arange(k)))
         return grads, aux
 
     def _update_biases(self, params, counts):
@@ -337,14 +342,22 @@ class Trainer:
                 **gate, "e_score_correction_bias": new_bias}}}}
         return params
 
+    def dropout_key(self, step) -> Optional[jax.Array]:
+        """The adapters' dropout key of ``step`` (from the run's seed), or None when there is no adapter dropout."""
+        if self.lora is None or not self.lora.dropout:
+            return None
+        return jax.random.fold_in(jax.random.PRNGKey(self.tc.seed), step)
+
     def _train_step(self, state, batch):
-        grads, (parts, counts) = self._grads(state["params"], batch)
+        grads, (parts, counts) = self._grads(state["params"], batch, self.dropout_key(state["step"]))
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         if self.trainable is not None:  # frozen leaves stay exactly as they were
             params = jax.tree.map(lambda t, new, old: new if t else old, self.trainable, params, state["params"])
         params = self._update_biases(params, counts)
-        grad_norm = optax.global_norm(grads)
+        # the trained leaves' (frozen ones get zeros; FP8-kept ones, QLoRA's base, would not even add up)
+        grad_norm = optax.global_norm(grads if self.trainable is None else
+                                      jax.tree.map(lambda t, g: g if t else None, self.trainable, grads))
         # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
         ok = jnp.isfinite(parts["total_loss"]) & jnp.isfinite(grad_norm)
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (params, opt_state),

@@ -129,3 +129,36 @@ def test_plan_compiles_v4_decode_over_its_compressed_cache():
     (decode,) = out["plan"]["steps"]
     assert decode["name"] == "decode" and decode["fits"]
     assert decode["alias_bytes"] == out["cache"]  # 8 sequences over 8 devices
+
+
+@pytest.mark.slow  # two train steps compiled: ~1 min on 2 cores
+def test_plan_compiles_a_qlora_train_step_over_the_fp8_base():
+    """``plan --lora-rank R --weight-dtype fp8``: the LoRA step's frozen base holds the release's FP8 kernels
+    (e4m3, 1 byte a value, and fp32 scales per 128x128 block) in place of the bf16 ones (2 bytes): its state is
+    smaller by exactly that, and the step compiles."""
+    import math
+
+    import flax.linen as nn
+
+    import deepseek_jax as dsj
+    from deepseek_jax.models.transformer import abstract_params
+    from deepseek_jax.tools.capacity import fp8_kept_kernels
+    from deepseek_jax.tools.plan import plan
+
+    config = dsj.presets["tiny-v3"].replace(num_hidden_layers=2, num_nextn_predict_layers=0)
+    steps = {}
+    for fp8 in (False, True):
+        p = plan(config, batch=2, seq_len=32, cpu_devices=1, steps=["train"], precision="bf16",
+                 train_overrides={"lora_rank": 4, "fp8_base": fp8})
+        steps[fp8] = p.steps[0]
+    params = nn.meta.unbox(abstract_params(config))
+    saved = 0
+    for path, (_, _, grid, _) in fp8_kept_kernels(config).items():
+        node = params
+        for k in path:
+            node = node[k]
+        n = math.prod(node.shape)
+        saved += 2 * n - n - 4 * math.prod(grid)
+    assert saved > 0 and steps[True].compiled
+    assert steps[False].state_bytes - steps[True].state_bytes == saved
+    assert steps[False].argument_bytes - steps[True].argument_bytes == saved

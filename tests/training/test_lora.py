@@ -4,6 +4,7 @@ only, and exports merged weights that transformers loads with our logits."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -117,6 +118,15 @@ for spec in (None, "fsdp=2,expert=4"):
     out[str(spec)] = {"losses": losses, "adapters": {param_path(p): np.asarray(v).tolist()
                       for p, v in jax.tree_util.tree_leaves_with_path(state["params"])
                       if param_path(p).endswith("experts/down_proj_lora_b")}}
+# adapter dropout under expert parallelism (each device its own masks): B starts at zero, so the first step's
+# loss is the plain one; after it, the dropped adapters' loss differs
+import dataclasses
+trainer = Trainer(config, dataclasses.replace(tc, lora_dropout=0.5), make_mesh("fsdp=2,expert=4"))
+state = trainer.init_state()
+out["dropout"] = []
+for _ in range(2):
+    state, m = trainer.run_step(state, trainer.put_batch(batch))
+    out["dropout"].append(float(m["total_loss"]))
 print("RESULT " + json.dumps(out))
 """
 
@@ -128,6 +138,8 @@ def test_expert_parallel_lora_steps_equal_one_device():
     assert out["base_kept None"] and out["base_kept fsdp=2,expert=4"]  # the frozen base, bit for bit
     np.testing.assert_allclose(ep["losses"], one["losses"], rtol=1e-5)
     assert one["losses"][-1] < one["losses"][0]
+    np.testing.assert_allclose(out["dropout"][0], ep["losses"][0], rtol=1e-6)
+    assert abs(out["dropout"][1] - ep["losses"][1]) > 1e-4
     for name, value in one["adapters"].items():
         # Adam's normalized steps amplify the last bits of small gradients: 1e-5 of values ~0.03 after 3 steps
         np.testing.assert_allclose(ep["adapters"][name], value, rtol=1e-4, atol=1e-5)
@@ -235,6 +247,46 @@ def test_qlora_over_a_kept_fp8_base_equals_lora_over_the_dequantized_base():
     assert np.abs(np.asarray(model.apply({"params": params}, TOKENS)) - ref).max() > 1e-4
 
 
+def test_adapter_dropout_drops_only_the_adapters_input():
+    """``lora_dropout``: with x the identity, each output row of the adapters' term is its row of ``scale * A @ B``
+    zeroed (dropped) or scaled by 1 / (1 - p); the base's term is untouched; no rng (inference): no dropout; each
+    key (each layer of a scanned stack, each step) draws its own mask."""
+    from deepseek_jax.layers.linear import Linear
+
+    p, d, f = 0.5, 64, 8
+    lora = LoraOptions(rank=4, alpha=8.0, targets=("*",), dropout=p)
+    layer = Linear((f,), ("embed", "mlp"), ModelOptions(lora=lora))
+    x = jnp.eye(d, dtype=jnp.float32)
+    params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), x)["params"])
+    params["lora_b"] = jax.random.normal(jax.random.PRNGKey(1), params["lora_b"].shape)
+    delta = np.asarray(lora.scale * params["lora_a"] @ params["lora_b"])
+    base = np.asarray(params["kernel"])
+    np.testing.assert_allclose(np.asarray(layer.apply({"params": params}, x)), base + delta, rtol=1e-5, atol=1e-6)
+    masks = []
+    for seed in (0, 1):
+        y = np.asarray(layer.apply({"params": params}, x, rngs={"lora_dropout": jax.random.PRNGKey(seed)}))
+        kept = np.abs(y - base).max(1) > 1e-6
+        want = np.where(kept[:, None], delta / (1 - p), 0.0)
+        np.testing.assert_allclose(y - base, want, rtol=1e-5, atol=1e-6)
+        assert 0.3 < kept.mean() < 0.7  # about 1 - p of the 64 rows kept (fixed keys: this cannot flake)
+        masks.append(kept)
+    assert not np.array_equal(*masks)
+    # a whole model: the dense and routed-expert adapters and the scanned layers each draw their masks
+    options = ModelOptions(lora=dataclasses.replace(LORA, dropout=p))
+    params = _lora_params(options)
+    model = dsj.Transformer(CONFIG, options)
+    plain = np.asarray(model.apply({"params": params}, TOKENS))
+    np.testing.assert_array_equal(plain, np.asarray(dsj.Transformer(CONFIG, ModelOptions(lora=LORA)).apply(
+        {"params": params}, TOKENS)))
+    dropped = np.asarray(model.apply({"params": params}, TOKENS, rngs={"lora_dropout": jax.random.PRNGKey(0)}))
+    assert np.abs(dropped - plain).max() > 1e-3
+    no_adapters = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.zeros_like(v) if param_path(path).endswith("lora_b") else v, params)
+    np.testing.assert_array_equal(  # with B zero, dropout changes nothing: it acts on the adapters only
+        np.asarray(model.apply({"params": no_adapters}, TOKENS, rngs={"lora_dropout": jax.random.PRNGKey(0)})),
+        np.asarray(model.apply({"params": no_adapters}, TOKENS)))
+
+
 def test_lora_errors_name_what_is_wrong():
     from deepseek_jax.parallel.mesh import make_mesh
     from deepseek_jax.posttrain.distill import DistillConfig, DistillTrainer
@@ -249,10 +301,50 @@ def test_lora_errors_name_what_is_wrong():
         TrainConfig(lora_rank=2, train_only=("*experts*",))
     with pytest.raises(ValueError, match="LoRA rank 0|lora_rank -1"):
         TrainConfig(lora_rank=-1)
-    with pytest.raises(ValueError, match="GRPO with LoRA"):
-        GRPOTrainer(CONFIG, TrainConfig(lora_rank=2), mesh, GRPOConfig())
-    with pytest.raises(ValueError, match="distillation with LoRA"):
-        DistillTrainer(CONFIG, TrainConfig(lora_rank=2), mesh, DistillConfig())
+    with pytest.raises(ValueError, match="fp8_base and lora_dropout are LoRA settings"):
+        TrainConfig(fp8_base=True)
+    with pytest.raises(ValueError, match="lora_dropout 1.0: expected a probability"):
+        TrainConfig(lora_rank=2, lora_dropout=1.0)
+    with pytest.raises(ValueError, match="GRPO with LoRA takes neither lora_dropout nor fp8_base"):
+        GRPOTrainer(CONFIG, TrainConfig(lora_rank=2, lora_dropout=0.1), mesh, GRPOConfig())
+    with pytest.raises(ValueError, match="distillation with LoRA takes neither lora_dropout nor fp8_base"):
+        DistillTrainer(CONFIG, TrainConfig(lora_rank=2, fp8_base=True), mesh, DistillConfig())
+
+
+@pytest.mark.slow  # two LoRA runs, each compiling its train step
+def test_qlora_run_over_an_fp8_release_equals_lora_over_its_dequantized_weights(tmp_path, capsys):
+    """``train --init-from FP8_RELEASE --lora-rank R --fp8-weights``: the release's FP8 kernels stay e4m3 + block
+    scales through the run (the adapters on top, in the matmuls); its losses and gradient norms equal those of the same
+    LoRA run over the release's weights dequantized to fp32 (what transformers loads), adapter dropout included."""
+    from convert_fixtures import FP8_CONFIG, make_fp8
+
+    from deepseek_jax.tools.capacity import fp8_kept_kernels
+
+    config = FP8_CONFIG.replace(vocab_size=512, num_nextn_predict_layers=0)
+    model, _ = make_fp8(str(tmp_path / "fp8"), config=config, mtp=False)
+    model.save_pretrained(str(tmp_path / "dequantized"))
+    data = tmp_path / "data.jsonl"
+    with open(data, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": " ".join(f"w{(i + j) % 50 + 10}" for j in range(12))}) + "\n")
+    runs = {}
+    for name, extra in (("fp8", ["--fp8-weights"]), ("dequantized", [])):
+        word_tokenizer(tmp_path / name)
+        work = str(tmp_path / f"run-{name}")
+        assert main(["train", "--init-from", str(tmp_path / name), "--data", str(data), "--workdir", work,
+                     "--steps", "3", "--batch-size", "4", "--seq-len", "16", "--lr", "2e-2", "--warmup", "0",
+                     "--save-every", "3", "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.1"]
+                    + extra) == 0
+        with open(os.path.join(work, "metrics.jsonl")) as f:
+            runs[name] = [json.loads(line) for line in f]
+        if name == "fp8":  # every kernel the release quantizes stayed FP8
+            assert f"base: {len(fp8_kept_kernels(config))} kernels kept in FP8 as stored" in capsys.readouterr().out
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in runs["fp8"]], [m[key] for m in runs["dequantized"]], rtol=1e-5)
+    assert runs["fp8"][-1]["loss"] < runs["fp8"][0]["loss"]
+    assert main(["train", "--init-from", str(tmp_path / "dequantized"), "--data", str(data), "--workdir",
+                 str(tmp_path / "bad"), "--steps", "1", "--lora-rank", "4", "--fp8-weights"]) == 2
+    assert "no FP8 weights to keep" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # the fixture compiles a LoRA train step
