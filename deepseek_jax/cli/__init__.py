@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "deepseek_jax.cli.distill",
     "deepseek_jax.cli.grpo",
     "deepseek_jax.cli.plan",
+    "deepseek_jax.cli.serve",
 )
 
 

@@ -112,18 +112,25 @@ def _prefill_chunked(params, cache, tokens, lengths, *, config, options, mtp, ch
     return cache, logits[owner[:, 2], batch], h2
 
 
-def decode_core(params, cache, tokens, positions, *, config, options, absorb: bool = True, out_index=None):
+def decode_core(params, cache, tokens, positions, *, config, options, absorb: bool = True, out_index=None,
+                window: Optional[int] = None):
     """T new tokens per sequence ``tokens [B,T]`` at consecutive ``positions [B,T]`` over the cache.
 
     Returns ``(cache with their entries written, logits [B,T,V] (or at ``out_index [B,G]`` only), hidden
     [B,T,D])``. ``absorb``: MLA's absorbed path (False: the cache expanded to per-head keys, for comparison).
+    ``window``: attend over the cache's first ``window`` slots only (``kv_cache.window``; every position must be
+    below it): a step over short sequences in a long cache reads what they filled, not the whole padded cache;
+    the new entries are still written into the whole cache (in place when it is donated). Not for V4.
     """
     model = Transformer(config, options, mode="decode", absorb=absorb)
+    main = cache["main"]
     if config.is_v4:  # its layers read the new tokens' positions; the cache's rings and pools say the rest
         layout = attention_layout(jnp.ones_like(positions), positions)
     else:
-        layout = cache_layout(positions, _cache_len(cache))
-    logits, hidden, new = model.apply({"params": params}, tokens, positions, cache=cache["main"], layout=layout,
+        if window is not None and window < _cache_len(cache):
+            main = kv_cache.window(main, window)
+        layout = cache_layout(positions, jax.tree.leaves(main)[0].shape[2])
+    logits, hidden, new = model.apply({"params": params}, tokens, positions, cache=main, layout=layout,
                                       out_index=out_index)
     cache = dict(cache)
     cache["main"] = _write_all(cache["main"], new, positions, config)

@@ -87,6 +87,13 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "floa
     return cache
 
 
+def window(entries: dict, length: int) -> dict:
+    """The main cache's runs (``init_cache(...)["main"]``, not V4's) cut to their first ``length`` slots: all a
+    decode step reads when every sequence's position is below ``length`` (the slots past it hold nothing the
+    step could see)."""
+    return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, length, axis=2), entries)
+
+
 def cache_bytes_per_token(config: ModelConfig, dtype: str = "bfloat16", mtp: bool = False) -> int:
     """Bytes one token occupies in the cache: ``(R + P) * layers * itemsize`` (V3.2: ``R + P + Di``; + fp8
     scales, one fp32 per cached vector); a dense student's ``2 * K * E * layers * itemsize``.

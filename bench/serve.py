@@ -1,0 +1,127 @@
+"""Server throughput: ``deepseek-jax serve``'s app (continuous batching) under 1, 8 and 32 concurrent clients.
+
+    python bench/serve.py                 # the ~88M V3-shaped config, random fp32 weights, 8 slots
+    python bench/serve.py --quick         # tiny-v3
+
+The server runs in this process (uvicorn in a thread, the engine in its own), the clients are threads with the
+official ``openai`` client, streaming. Each client sends one request (a 64-word prompt, 32 new tokens, greedy; EOS
+off so that every request generates all 32) into cache rows of ``--max-len`` (2,048) tokens; ``--no-window``
+makes every decode step attend over the whole row, the engine's windows only over what its sequences filled
+(rounded up to a power of two from 128). Reported per concurrency: wall time of the whole round, output
+tokens/s, p50 / p95 time to first token, and the round's time over one request's alone (what continuous batching
+saves: 8 requests one after the other would take 8x). A warm-up round compiles the steps first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from forward import BENCH_100M  # noqa: E402
+from tiny_inference import word_tokenizer  # noqa: E402
+
+import deepseek_jax as dsj  # noqa: E402
+from deepseek_jax.data.tokenizer import Tokenizer  # noqa: E402
+from deepseek_jax.inference.engine import Engine  # noqa: E402
+from deepseek_jax.inference.server import make_app  # noqa: E402
+
+
+def _serve(config, params, tokenizer, slots, max_len, window):
+    import uvicorn
+
+    engine = Engine(config, params, tokenizer=tokenizer, eos=(), slots=slots, max_len=max_len,
+                    max_queue=256, window_min=128 if window else None).start()
+    server = uvicorn.Server(uvicorn.Config(make_app(engine, "bench", tokenizer), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return engine, server, thread, f"http://127.0.0.1:{port}/v1"
+
+
+def _one(client, prompt, max_tokens):
+    t0 = time.perf_counter()
+    first, n = None, 0
+    for chunk in client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].text and first is None:
+            first = time.perf_counter() - t0
+        if chunk.usage is not None:
+            n = chunk.usage.completion_tokens
+    return first, n, time.perf_counter() - t0
+
+
+def _round(client, prompts, max_tokens):
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        out = list(pool.map(lambda p: _one(client, p, max_tokens), prompts))
+    wall = time.perf_counter() - t0
+    ttft = np.array([o[0] for o in out])
+    return {"wall": wall, "tokens": sum(o[1] for o in out), "ttft_p50": float(np.percentile(ttft, 50)),
+            "ttft_p95": float(np.percentile(ttft, 95))}
+
+
+def main():
+    import openai
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--prompt-words", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--max-len", type=int, default=2048, help="context per slot (the cache row)")
+    ap.add_argument("--no-window", action="store_true",
+                    help="every decode step attends over the whole padded row (the window's baseline)")
+    args = ap.parse_args()
+    config = dsj.presets["tiny-v3"].replace(num_nextn_predict_layers=0) if args.quick else BENCH_100M
+    params = jax.jit(lambda k: dsj.Transformer(config).init(k, jnp.zeros((1, 2), jnp.int32))["params"])(
+        jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+    tmp = Path(tempfile.mkdtemp())
+    word_tokenizer(tmp, vocab_size=config.vocab_size)
+    tokenizer = Tokenizer(str(tmp / "tokenizer.json"))
+    engine, server, thread, url = _serve(config, params, tokenizer, args.slots, args.max_len, not args.no_window)
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    rng = np.random.default_rng(0)
+    n_words = min(config.vocab_size - 8, 30000)
+
+    def prompts(n):
+        return [" ".join(f"w{i}" for i in rng.integers(0, n_words, args.prompt_words)) for _ in range(n)]
+
+    try:
+        _round(client, prompts(args.slots), args.max_tokens)  # warm-up: compiles prefill buckets and decode
+        single = _round(client, prompts(1), args.max_tokens)
+        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}; "
+              f"{'tiny-v3' if args.quick else 'v3-88M'} fp32, {args.slots} slots, prompt {args.prompt_words} "
+              f"words, {args.max_tokens} new tokens per request, greedy; cache rows of {args.max_len}, decode "
+              f"{'over the whole row' if args.no_window else 'windowed'}\n")
+        print("| clients | wall s | output tok/s | TTFT p50 s | TTFT p95 s | wall / one request's |")
+        print("|---|---|---|---|---|---|")
+        for n in [int(c) for c in args.clients.split(",")]:
+            r = single if n == 1 else _round(client, prompts(n), args.max_tokens)
+            print(f"| {n} | {r['wall']:.2f} | {r['tokens'] / r['wall']:.1f} | {r['ttft_p50']:.3f} | "
+                  f"{r['ttft_p95']:.3f} | {r['wall'] / single['wall']:.2f}x |")
+        print(f"\nengine: {engine.stats}")
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.stop()
+
+
+if __name__ == "__main__":
+    main()
