@@ -38,11 +38,11 @@ from deepseek_jax.inference.engine import Engine  # noqa: E402
 from deepseek_jax.inference.server import make_app  # noqa: E402
 
 
-def _serve(config, params, tokenizer, slots, max_len, window):
+def _serve(config, params, tokenizer, slots, max_len, window, steps_per_call):
     import uvicorn
 
     engine = Engine(config, params, tokenizer=tokenizer, eos=(), slots=slots, max_len=max_len,
-                    max_queue=256, window_min=128 if window else None).start()
+                    max_queue=256, window_min=128 if window else None, steps_per_call=steps_per_call).start()
     server = uvicorn.Server(uvicorn.Config(make_app(engine, "bench", tokenizer), host="127.0.0.1", port=0,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--max-len", type=int, default=2048, help="context per slot (the cache row)")
+    ap.add_argument("--steps-per-call", type=int, default=4, help="decode steps per host round trip (engine's)")
     ap.add_argument("--no-window", action="store_true",
                     help="every decode step attends over the whole padded row (the window's baseline)")
     args = ap.parse_args()
@@ -95,7 +96,8 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     word_tokenizer(tmp, vocab_size=config.vocab_size)
     tokenizer = Tokenizer(str(tmp / "tokenizer.json"))
-    engine, server, thread, url = _serve(config, params, tokenizer, args.slots, args.max_len, not args.no_window)
+    engine, server, thread, url = _serve(config, params, tokenizer, args.slots, args.max_len, not args.no_window,
+                                         args.steps_per_call)
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     rng = np.random.default_rng(0)
     n_words = min(config.vocab_size - 8, 30000)
@@ -109,7 +111,7 @@ def main():
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}; "
               f"{'tiny-v3' if args.quick else 'v3-88M'} fp32, {args.slots} slots, prompt {args.prompt_words} "
               f"words, {args.max_tokens} new tokens per request, greedy; cache rows of {args.max_len}, decode "
-              f"{'over the whole row' if args.no_window else 'windowed'}\n")
+              f"{'over the whole row' if args.no_window else 'windowed'}, {args.steps_per_call} steps per call\n")
         print("| clients | wall s | output tok/s | TTFT p50 s | TTFT p95 s | wall / one request's |")
         print("|---|---|---|---|---|---|")
         for n in [int(c) for c in args.clients.split(",")]:

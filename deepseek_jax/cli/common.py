@@ -87,6 +87,23 @@ def add_run_arguments(p, *, workdir: str, steps: int, lr: float) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32")
 
 
+def checkpoint_config(init_from: str, overrides: dict, who: str):
+    """The ``ModelConfig`` of checkpoint ``init_from`` (``--init-from``): its architecture is kept, so a ``--set``
+    in ``overrides`` may only repeat the checkpoint's own value (``who`` keeps it, in the message)."""
+    from deepseek_jax.checkpoint.load import pretrained_config
+
+    if not os.path.isdir(init_from):
+        raise FileNotFoundError(f"--init-from {init_from}: no such directory")
+    config = pretrained_config(init_from)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"--set {key}: not a config field")
+        if getattr(config, key) != value:
+            raise ValueError(f"--set {key}={value!r} conflicts with --init-from {init_from} ({key} = "
+                             f"{getattr(config, key)!r}): {who} keeps the checkpoint's architecture")
+    return config
+
+
 def add_lora_args(p, default_help: str = "full fine-tuning", extras: bool = False) -> None:
     """``--lora-rank``, ``--lora-alpha``, ``--lora-targets``: LoRA adapters on a checkpoint (``--init-from``), the
     flags of every command that trains one (train, distill, grpo); ``lora_config`` reads them back.

@@ -19,18 +19,9 @@ def _student_config(args):
 
     overrides = parse_overrides(args.set)
     if args.init_from is not None:
-        from deepseek_jax.checkpoint.load import pretrained_config
+        from deepseek_jax.cli.common import checkpoint_config
 
-        if not os.path.isdir(args.init_from):
-            raise FileNotFoundError(f"--init-from {args.init_from}: no such directory")
-        config = pretrained_config(args.init_from)
-        for key, value in overrides.items():
-            if not hasattr(config, key):
-                raise ValueError(f"--set {key}: not a config field")
-            if getattr(config, key) != value:
-                raise ValueError(f"--set {key}={value!r} conflicts with --init-from {args.init_from} ({key} = "
-                                 f"{getattr(config, key)!r}): the student keeps the checkpoint's architecture")
-        return config
+        return checkpoint_config(args.init_from, overrides, "the student")
     config = ModelConfig.from_pretrained(args.student_config) if args.student_config else presets[args.student]
     if args.data in (None, "arithmetic"):
         from deepseek_jax.data.tasks.arithmetic import BOS_ID, EOS_ID

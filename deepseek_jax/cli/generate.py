@@ -95,11 +95,17 @@ def _generate_kwargs(args, config, tokenizer) -> dict:
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty)
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id < config.vocab_size \
-        else config.eos_token_id
-    return dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, eos_token_id=eos,
-                stop_strings=tuple(args.stop), speculative=args.speculative,
+    return dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                eos_token_id=eos_id(tokenizer, config), stop_strings=tuple(args.stop), speculative=args.speculative,
                 cache_dtype=args.cache_dtype, options=_options(args), mesh=_mesh(args))
+
+
+def eos_id(tokenizer, config):
+    """The id that ends a sequence: the tokenizer's EOS when the model's vocabulary has it, else the config's
+    (an int, a list of them, or None)."""
+    if tokenizer.eos_id is not None and tokenizer.eos_id < config.vocab_size:
+        return tokenizer.eos_id
+    return config.eos_token_id
 
 
 def _mesh(args):

@@ -16,25 +16,25 @@ def _run(args) -> int:
         print(f"error: {e.name} is missing: `deepseek-jax serve` needs the serve extra "
               f"(pip install -e \".[serve]\")", file=sys.stderr)
         return 2
-    from deepseek_jax.cli.generate import _load, _options
+    from deepseek_jax.cli.generate import _load, _options, eos_id
     from deepseek_jax.data.chat_template import STYLES, default_style
     from deepseek_jax.inference.engine import Engine
 
     if args.slots < 1 or args.max_queue < 0:
         print(f"error: --slots {args.slots} / --max-queue {args.max_queue}: expected >= 1 / >= 0", file=sys.stderr)
         return 2
-    args.preset, args.mesh = None, None  # what generate's loader reads: a checkpoint, on one device
+    args.preset, args.mesh, args.seed = None, None, 0  # what generate's loader reads: a checkpoint, one device
     config, params, tokenizer = _load(args)
     style = args.style or default_style(config)
     if style not in STYLES:
         print(f"error: --style {style}: expected one of {STYLES}", file=sys.stderr)
         return 2
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id < config.vocab_size \
-        else config.eos_token_id
+    eos = eos_id(tokenizer, config)
     try:
         engine = Engine(config, params, tokenizer=tokenizer, eos=() if eos is None else
                         (eos,) if isinstance(eos, int) else tuple(eos), slots=args.slots, max_len=args.max_len,
-                        max_queue=args.max_queue, options=_options(args), cache_dtype=args.cache_dtype)
+                        max_queue=args.max_queue, options=_options(args), cache_dtype=args.cache_dtype,
+                        steps_per_call=args.steps_per_call)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -57,15 +57,17 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="the model id clients ask for (default: the directory's name)")
     p.add_argument("--slots", type=int, default=8, help="requests decoded together (the cache pool's rows)")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="context per slot, prompt + completion (default: the model's max_position_embeddings)")
+    p.add_argument("--max-len", type=int, default=4096,
+                   help="context per slot, prompt + completion (default 4096, at most the model's "
+                        "max_position_embeddings); the cache pool holds slots x max-len tokens")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    p.add_argument("--steps-per-call", type=int, default=4,
+                   help="decode steps per host round trip while no request waits for a slot (default 4)")
     p.add_argument("--tokenizer", help="a tokenizer.json (default: the checkpoint's)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute and params dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16", "fp8"))
     p.add_argument("--fp8-weights", action="store_true", help="keep an FP8 checkpoint's weights as stored")
     p.add_argument("--style", default=None, help="chat template: v3, r1 or v2 (default: from the model type)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     p.set_defaults(func=_run)

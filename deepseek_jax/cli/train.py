@@ -11,6 +11,7 @@ from deepseek_jax.cli.common import (
     add_lora_args,
     add_run_arguments,
     add_slice_args,
+    checkpoint_config,
     checkpoint_tokenizer_dir,
     data_tokenizer,
     lora_config,
@@ -138,22 +139,11 @@ DEFAULT_PRESET = "tiny-v3-arith"
 def _init_config(args, overrides: dict):
     """The architecture of ``--init-from``'s checkpoint; ``--preset`` / ``--config`` cannot be given with it, and a
     ``--set`` may only repeat the checkpoint's own value."""
-    from deepseek_jax.checkpoint.load import pretrained_config
-
     if args.preset is not None or args.config is not None:
         flag = "--preset" if args.preset is not None else "--config"
         raise ValueError(f"{flag} cannot be combined with --init-from: the architecture comes from "
                          f"{os.path.join(args.init_from, 'config.json')}")
-    if not os.path.isdir(args.init_from):
-        raise FileNotFoundError(f"--init-from {args.init_from}: no such directory")
-    config = pretrained_config(args.init_from)
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise ValueError(f"--set {key}: not a config field")
-        if getattr(config, key) != value:
-            raise ValueError(f"--set {key}={value!r} conflicts with --init-from {args.init_from} ({key} = "
-                             f"{getattr(config, key)!r}): a fine-tuning run keeps the checkpoint's architecture")
-    return config
+    return checkpoint_config(args.init_from, overrides, "a fine-tuning run")
 
 
 def register(sub) -> None:

@@ -198,19 +198,21 @@ class _Sequence:
         if self.finished is None:
             if not complete:
                 return None
-            end -= self._stop_prefix_len(self.text)
+            end -= stop_prefix_len(self.text, self._stops)
         piece, self._emitted = self.text[self._emitted:end], max(self._emitted, end)
         return piece
 
-    def _stop_prefix_len(self, text: str) -> int:
-        """Length of the longest tail of ``text`` that begins some stop string."""
-        best = 0
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:k]):
-                    best = k
-                    break
-        return best
+
+
+def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that begins one of ``stops`` (text to hold back while streaming)."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
 
 
 def _eos_set(config: ModelConfig, eos_token_id) -> frozenset:

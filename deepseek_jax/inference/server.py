@@ -27,8 +27,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from deepseek_jax.data.chat_template import THINK_CLOSE, render, split_reasoning
-from deepseek_jax.inference.engine import Engine, QueueFull, Request
+from deepseek_jax.data.chat_template import THINK_CLOSE, render
+from deepseek_jax.inference.engine import Engine, QueueFull, Request, Stopped
+from deepseek_jax.inference.generation import stop_prefix_len
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}
 
@@ -83,22 +84,28 @@ def _error(status: int, message: str, kind: str, param: Optional[str] = None) ->
 
 
 class _Reasoning:
-    """Splits an R1 completion's stream into ``reasoning_content`` (before ``</think>``) and ``content``, holding
-    back a tail that could be the start of ``</think>``."""
+    """Splits an R1 completion's stream into ``reasoning_content`` (before the first ``</think>``; all of it when
+    there is none, as DeepSeek's API) and ``content`` (after it, its leading newlines dropped), holding back a tail
+    that could be the start of ``</think>``. A whole answer is one ``feed(text, final=True)``."""
 
     def __init__(self):
-        self.buffer, self.done = "", False
+        self.buffer, self.done, self.leading = "", False, True
+
+    def _content(self, piece: str) -> str:
+        if self.leading:
+            piece = piece.lstrip("\n")
+            self.leading = not piece
+        return piece
 
     def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
         if self.done:
-            return "", piece
+            return "", self._content(piece)
         self.buffer += piece
         if THINK_CLOSE in self.buffer:
             reasoning, content = self.buffer.split(THINK_CLOSE, 1)
             self.done, self.buffer = True, ""
-            return reasoning, content.lstrip("\n")
-        keep = 0 if final else next((k for k in range(len(THINK_CLOSE) - 1, 0, -1)
-                                     if self.buffer.endswith(THINK_CLOSE[:k])), 0)
+            return reasoning, self._content(content)
+        keep = 0 if final else stop_prefix_len(self.buffer, (THINK_CLOSE,))
         out, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
         return out, ""
 
@@ -138,13 +145,20 @@ def make_app(engine: Engine, model_name: str, tokenizer, *, chat_style: str = "v
             return _error(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                           "invalid_request_error", "model")
         max_tokens = max_tokens or (engine.max_len - len(prompt) if chat else 16)
+        if any(not s for s in body.stops()):
+            return _error(400, "stop: an empty stop string would end every completion at once",
+                          "invalid_request_error", "stop")
+        if body.stream and (body.logprobs if chat else body.logprobs is not None):
+            return _error(400, "logprobs: not available with stream: true here (ask without streaming)",
+                          "invalid_request_error", "logprobs")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         requests = []
         stops = body.stops() + (("User:",) if chat and chat_style == "v2" else ())
         try:
             for i in range(body.n):
-                seed = body.seed + i if body.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
+                seed = (body.seed + i) % 2**32 if body.seed is not None else \
+                    int.from_bytes(uuid.uuid4().bytes[:4], "little")
                 req = Request(prompt, max_tokens, lambda *e, i=i: loop.call_soon_threadsafe(events.put_nowait,
                                                                                             (i, *e)),
                               temperature=body.temperature, top_p=body.top_p, seed=seed, stop=stops)
@@ -153,6 +167,8 @@ def make_app(engine: Engine, model_name: str, tokenizer, *, chat_style: str = "v
             for r in requests:
                 engine.cancel(r)
             return _error(429, f"the server is busy: {e}; retry later", "rate_limit_error")
+        except Stopped as e:
+            return _error(503, f"{e}", "server_error")
         except ValueError as e:
             for r in requests:
                 engine.cancel(r)
@@ -207,8 +223,8 @@ def make_app(engine: Engine, model_name: str, tokenizer, *, chat_style: str = "v
             tokens = [tokenizer.decode([t], skip_special_tokens=False) for t in r.seq.tokens]
             if chat:
                 message = {"role": "assistant", "content": text}
-                if chat_style == "r1":
-                    reasoning, answer = split_reasoning(text)
+                if chat_style == "r1":  # the stream's rule: reasoning until the first </think> (all, if none)
+                    reasoning, answer = _Reasoning().feed(text, final=True)
                     message = {"role": "assistant", "content": answer, "reasoning_content": reasoning}
                 choice = {"index": i, "message": message, "finish_reason": finish[i]}
                 if body.logprobs:
@@ -239,6 +255,16 @@ def make_app(engine: Engine, model_name: str, tokenizer, *, chat_style: str = "v
                 choice = {"index": i, "text": piece, "finish_reason": fin, "logprobs": None}
             return "data: " + _json({**meta, "object": kind, "choices": [choice]}) + "\n\n"
 
+        try:
+            async for line in _stream_lines(http, body, events, requests, meta, chat, prompt_len, kind, split,
+                                            chunk):
+                yield line
+        finally:  # the client gone at any point (the role chunks included): its requests end
+            for r in requests:
+                if r.seq is None or r.seq.finished is None:
+                    engine.cancel(r)
+
+    async def _stream_lines(http, body, events, requests, meta, chat, prompt_len, kind, split, chunk):
         if chat:
             for i in range(len(requests)):
                 yield "data: " + _json({**meta, "object": kind, "choices": [

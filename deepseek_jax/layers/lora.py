@@ -118,9 +118,9 @@ def lora_kernel(module: nn.Module, kernel, name: str, lora: LoraOptions, axes: t
 
 
 def per_device_dropout(w, mesh, axes) -> object:
-    """Inside ``shard_map`` over ``axes`` of ``mesh``: ``w`` (a ``LoraWeight`` with a dropout key) with the
-    device's index folded into its key, so that devices draw different masks for their rows; anything else as
-    it is."""
+    """Inside ``shard_map`` over ``mesh``: ``w`` (a ``LoraWeight`` with a dropout key) with the device's index
+    along ``axes`` (those that split the input's rows) folded into its key, so that devices holding different rows
+    draw different masks (and devices holding the same rows, the same ones); anything else as it is."""
     if not isinstance(w, LoraWeight) or w.key is None:
         return w
     index = 0

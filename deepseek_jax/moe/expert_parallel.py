@@ -278,7 +278,10 @@ def expert_parallel_dispatch(recipe, x, weights, idx, wg, wu, wd, *, mesh, token
         body = partial(_local_body, recipe, tensor_axis=tensor, impl=impl, block_size=block_size, limit=limit)
 
     def run(x, weights, idx, wg, wu, wd):
-        wg, wu, wd = (per_device_dropout(w, mesh, mesh.axis_names) for w in (wg, wu, wd))
+        # adapter dropout: a mask per device of the axes that split the rows (not `tensor`, whose devices hold
+        # the same rows of gate / up's input)
+        rows_axes = tuple(a for a in mesh.axis_names if a != "tensor")
+        wg, wu, wd = (per_device_dropout(w, mesh, rows_axes) for w in (wg, wu, wd))
         y, dropped, rows = body(x, weights, idx, wg, wu, wd)
         return y, (jax.lax.psum(dropped, split) if split else dropped), rows.reshape(1)
 

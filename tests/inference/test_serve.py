@@ -86,7 +86,16 @@ def test_greedy_completions_equal_generate_streamed_and_not(served):
         pieces = [c.choices[0].text for c in client.completions.create(
             model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True)]
         assert "".join(pieces) == ref.texts[i]
-    # logprobs: the chosen tokens' log-probabilities, generate's
+    # a stop string cuts the text before it; include_usage adds a usage chunk to the stream
+    words = ref.texts[0].split()
+    out = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                    stop=[words[2]])
+    assert out.choices[0].text == ref.texts[0][:ref.texts[0].index(words[2])] and \
+        out.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == len(ref.tokens[0]) and not chunks[-1].choices
+        # logprobs: the chosen tokens' log-probabilities, generate's
     out = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
                                     logprobs=0)
     np.testing.assert_allclose(out.choices[0].logprobs.token_logprobs, ref.logprobs[0], atol=1e-4)
@@ -142,6 +151,8 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(served):
         ("/completions", {**good, "model": "gpt-4"}, 404, "does not exist"),
         ("/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
         ("/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "w1"}]}, 400, "role"),
+        ("/completions", {**good, "stop": [""]}, 400, "empty stop string"),
+        ("/completions", {**good, "stream": True, "logprobs": 0}, 400, "not available with stream"),
     ]
     for path, payload, status, words in cases:
         r = _post(url, path or "/completions", payload, raw=payload if path is None else None)
@@ -221,7 +232,7 @@ def test_windowed_decode_equals_the_padded_decode():
 
     prompts = [list(rng.integers(1, config.vocab_size, n)) for n in (3, 12, 30, 7)]
     ref = dsj.generate(config, params, prompts, max_new_tokens=24, eos_token_id=None, options=options)
-    engine = Engine(config, params, slots=2, max_len=256, window_min=16, options=options).start()
+    engine = Engine(config, params, slots=2, max_len=256, window_min=16, options=options, steps_per_call=3).start()
     out, done = {i: [] for i in range(len(prompts))}, set()
     try:
         for i, p in enumerate(prompts):
@@ -276,3 +287,48 @@ def test_serve_command_serves_and_stops_cleanly_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_r1_reasoning_split_is_the_same_streamed_and_whole():
+    """R1-style chat: what comes before the first ``</think>`` is ``reasoning_content`` (all of it when there is no
+    ``</think>``, as DeepSeek's API), the rest ``content``; a stream split at any point gives the same parts."""
+    from deepseek_jax.inference.server import _Reasoning
+
+    for text, want in (("let me think\n</think>\n\nthe answer", ("let me think\n", "the answer")),
+                       ("no end of thought", ("no end of thought", "")),
+                       ("a</think>b</think>c", ("a", "b</think>c"))):
+        assert _Reasoning().feed(text, final=True) == want
+        for cut in range(len(text) + 1):
+            split = _Reasoning()
+            parts = [split.feed(text[:cut]), split.feed(text[cut:], final=True)]
+            assert ("".join(p[0] for p in parts), "".join(p[1] for p in parts)) == want, (text, cut)
+
+
+@pytest.mark.slow  # a chunked prefill of 2,050 tokens
+def test_engine_prefills_a_prompt_past_the_chunk_into_a_shorter_slot():
+    """A prompt longer than ``PREFILL_CHUNK`` (2,048) in slots of 2,100 tokens (not a multiple of the chunk): the
+    prefill runs on whole chunks and the slot keeps its first 2,100 positions; the tokens equal ``generate``'s."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from deepseek_jax.inference.engine import Engine, Request
+
+    # (generate pads the prompt to 4,096 and adds the new tokens: past tiny-v3's 4,096 positions)
+    config = dsj.presets["tiny-v3"].replace(num_nextn_predict_layers=0, max_position_embeddings=8192)
+    params = nn.meta.unbox(dsj.Transformer(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
+                           ["params"])
+    prompt = list(np.random.default_rng(1).integers(1, config.vocab_size, 2050))
+    ref = dsj.generate(config, params, [prompt], max_new_tokens=4, eos_token_id=None).tokens[0]
+    out, done = [], []
+    engine = Engine(config, params, slots=1, max_len=2100).start()
+    try:
+        engine.submit(Request(prompt, 4, lambda text, tok, lp, fin: (
+            out.append(tok) if tok is not None else None, fin and done.append(fin))))
+        deadline = time.time() + 600
+        while not done:
+            assert time.time() < deadline, "the engine did not finish"
+            time.sleep(0.05)
+    finally:
+        engine.stop()
+    assert done == ["length"] and out == ref

@@ -118,8 +118,8 @@ for spec in (None, "fsdp=2,expert=4"):
     out[str(spec)] = {"losses": losses, "adapters": {param_path(p): np.asarray(v).tolist()
                       for p, v in jax.tree_util.tree_leaves_with_path(state["params"])
                       if param_path(p).endswith("experts/down_proj_lora_b")}}
-# adapter dropout under expert parallelism (each device its own masks): B starts at zero, so the first step's
-# loss is the plain one; after it, the dropped adapters' loss differs
+# adapter dropout under expert parallelism: B starts at zero, so the first step's loss is the plain one; after it,
+# the dropped adapters' loss differs
 import dataclasses
 trainer = Trainer(config, dataclasses.replace(tc, lora_dropout=0.5), make_mesh("fsdp=2,expert=4"))
 state = trainer.init_state()
@@ -249,8 +249,8 @@ def test_qlora_over_a_kept_fp8_base_equals_lora_over_the_dequantized_base():
 
 def test_adapter_dropout_drops_only_the_adapters_input():
     """``lora_dropout``: with x the identity, each output row of the adapters' term is its row of ``scale * A @ B``
-    zeroed (dropped) or scaled by 1 / (1 - p); the base's term is untouched; no rng (inference): no dropout; each
-    key (each layer of a scanned stack, each step) draws its own mask."""
+    zeroed (dropped) or scaled by 1 / (1 - p); the base's term is untouched; no rng (inference): no dropout; two
+    keys draw two masks; in a whole model (every layer in a scanned stack) dropout acts, on the adapters only."""
     from deepseek_jax.layers.linear import Linear
 
     p, d, f = 0.5, 64, 8
