@@ -34,11 +34,12 @@ MAX_TOKENS = 10
 class _Server:
     """A uvicorn server in a thread, on a free port; ``close`` stops it and the engine."""
 
-    def __init__(self, config, params, tokenizer, **engine_kwargs):
+    def __init__(self, config, params, tokenizer, eos=None, **engine_kwargs):
         from deepseek_jax.inference.engine import Engine
         from deepseek_jax.inference.server import make_app
 
-        self.engine = Engine(config, params, tokenizer=tokenizer, eos=(tokenizer.eos_id,), **engine_kwargs).start()
+        eos = (tokenizer.eos_id,) if eos is None else eos
+        self.engine = Engine(config, params, tokenizer=tokenizer, eos=eos, **engine_kwargs).start()
         app = make_app(self.engine, "tiny", tokenizer)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -168,9 +169,11 @@ def test_queue_limit_gives_429_and_a_client_gone_frees_its_slot(tmp_path):
     config, params, _, _ = tiny_checkpoint("tiny-v3")
     word_tokenizer(tmp_path)
     tokenizer = Tokenizer(str(tmp_path / "tokenizer.json"))
-    server = _Server(config, params, tokenizer, slots=1, max_len=256, max_queue=0)
+    # One slot, no queue; the long request cannot end early (no EOS) nor within the waits below (4,000 tokens:
+    # seconds even for the tiny model), whatever the machine's speed. The whole-row decode: one compiled step.
+    server = _Server(config, params, tokenizer, eos=(), slots=1, max_len=4096, max_queue=0, window_min=None)
     try:
-        long = {"model": "tiny", "prompt": "w5 w6", "max_tokens": 200, "temperature": 1.0, "seed": 1,
+        long = {"model": "tiny", "prompt": "w5 w6", "max_tokens": 4000, "temperature": 1.0, "seed": 1,
                 "stream": True}
         with httpx.Client(timeout=60) as c:
             with c.stream("POST", server.url + "/completions", json=long) as r:
@@ -188,7 +191,7 @@ def test_queue_limit_gives_429_and_a_client_gone_frees_its_slot(tmp_path):
         assert server.engine.stats["cancelled"] >= 1
         # a client that gives up waiting for a whole (non-streamed) answer frees its slot too
         with pytest.raises(httpx.TimeoutException):
-            with httpx.Client(timeout=2) as c:
+            with httpx.Client(timeout=0.5) as c:
                 c.post(server.url + "/completions", json={**long, "stream": False})
         deadline = time.time() + 60
         while server.engine.active or server.engine.stats["cancelled"] < 2:
