@@ -19,6 +19,7 @@ def _run(args) -> int:
     from deepseek_jax.cli.generate import _load, _options, eos_id
     from deepseek_jax.data.chat_template import STYLES, default_style
     from deepseek_jax.inference.engine import Engine
+    from deepseek_jax.layers import kv_cache
 
     if args.slots < 1 or args.max_queue < 0:
         print(f"error: --slots {args.slots} / --max-queue {args.max_queue}: expected >= 1 / >= 0", file=sys.stderr)
@@ -34,15 +35,18 @@ def _run(args) -> int:
         engine = Engine(config, params, tokenizer=tokenizer, eos=() if eos is None else
                         (eos,) if isinstance(eos, int) else tuple(eos), slots=args.slots, max_len=args.max_len,
                         max_queue=args.max_queue, options=_options(args), cache_dtype=args.cache_dtype,
-                        steps_per_call=args.steps_per_call)
+                        steps_per_call=args.steps_per_call, prefill_chunk=args.prefill_chunk,
+                        prefix_cache=args.prefix_cache)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     app = make_app(engine, name, tokenizer, chat_style=style)
     engine.start()
-    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {engine.max_len} tokens, "
-          f"chat style {style}); Ctrl-C stops", file=sys.stderr)
+    pool = kv_cache.cache_nbytes(engine.cache)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {engine.max_len} tokens: "
+          f"a cache pool of {pool / 2**20:,.1f} MiB, plus up to {args.prefix_cache} kept prefix rows of "
+          f"{pool / args.slots / 2**20:,.1f} MiB; chat style {style}); Ctrl-C stops", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
@@ -63,6 +67,12 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     p.add_argument("--steps-per-call", type=int, default=4,
                    help="decode steps per host round trip while no request waits for a slot (default 4)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="longer prompts are prefilled this many tokens (a power of two) per turn, between the "
+                        "running requests' decode steps (default 512)")
+    p.add_argument("--prefix-cache", type=int, default=4,
+                   help="keep the prefilled rows of this many recent prompts longer than --prefill-chunk (one "
+                        "slot's cache each); a prompt that starts with whole chunks of one reuses them (default 4)")
     p.add_argument("--tokenizer", help="a tokenizer.json (default: the checkpoint's)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute and params dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")

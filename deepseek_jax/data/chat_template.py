@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from deepseek_jax.data.tokenizer import BOS_TOKEN, EOS_TOKEN
+from deepseek_jax.data.tokenizer import BOS_TOKEN, EOS_TOKEN, stop_prefix_len
 
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -28,12 +28,42 @@ def strip_think(text: str) -> str:
     return text.rsplit(THINK_CLOSE, 1)[-1] if THINK_CLOSE in text else text
 
 
+class ReasoningSplit:
+    """Splits an R1 completion (which starts inside the ``<think>`` its prompt opened) into reasoning and answer,
+    as DeepSeek's API splits ``reasoning_content`` from ``content``: the reasoning is what comes before the first
+    ``</think>`` (all of it while there is none), the answer what follows it, its leading newlines dropped.
+    ``feed(piece)`` takes a stream a piece at a time and returns the new ``(reasoning, answer)`` text, holding back
+    a tail that could be the start of ``</think>`` until ``final``; a whole completion is one
+    ``feed(text, final=True)``, and the pieces of any cut of it add up to the same."""
+
+    def __init__(self):
+        self.buffer, self.done, self.leading = "", False, True
+
+    def _answer(self, piece: str) -> str:
+        if self.leading:
+            piece = piece.lstrip("\n")
+            self.leading = not piece
+        return piece
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
+        if self.done:
+            return "", self._answer(piece)
+        self.buffer += piece
+        if THINK_CLOSE in self.buffer:
+            reasoning, answer = self.buffer.split(THINK_CLOSE, 1)
+            self.done, self.buffer = True, ""
+            return reasoning, self._answer(answer)
+        keep = 0 if final else stop_prefix_len(self.buffer, (THINK_CLOSE,))
+        out, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
+        return out, ""
+
+
 def split_reasoning(text: str) -> tuple[str, str]:
-    """``(reasoning, answer)`` of an R1 completion (which starts inside the ``<think>`` the prompt opened)."""
-    if THINK_CLOSE not in text:
-        return "", text
-    reasoning, answer = text.rsplit(THINK_CLOSE, 1)
-    return reasoning.replace(THINK_OPEN, "", 1).strip(), answer.lstrip("\n")
+    """``(reasoning, answer)`` of a whole R1 completion, by ``ReasoningSplit``'s rule; a ``<think>`` that opens the
+    text (a chat session's stored reply carries the one its prompt opened) is dropped first."""
+    if text.startswith(THINK_OPEN):
+        text = text[len(THINK_OPEN):].lstrip("\n")
+    return ReasoningSplit().feed(text, final=True)
 
 
 def render(messages: Sequence[dict], style: str = "v3", add_generation_prompt: bool = True,

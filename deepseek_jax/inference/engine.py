@@ -1,17 +1,22 @@
 """Continuous batching: a pool of cache slots that requests join and leave between decode steps.
 
 ``Engine`` owns one latent cache of ``slots`` rows of ``max_len`` positions each (``kv_cache.init_cache``), and a
-thread that loops:
+thread that loops (``run_once``):
 
-1. **Admit**: while a slot is free and a request waits, prefill that request alone (its prompt right-padded to a
-   bucket, ``steps.prefill_core`` on a one-row cache, chunked past ``PREFILL_CHUNK`` tokens) and copy its row
-   into the free slot (the pool donated: no copy of the other rows); its first token is sampled there.
+1. **Admit**: while a slot is free and a request waits, take it. A prompt of up to ``prefill_chunk`` tokens is
+   prefilled alone, whole (right-padded to a bucket, ``steps.prefill_core`` on a one-row cache), and its row is
+   copied into the free slot (the pool donated: no copy of the other rows); its first token is sampled there.
+   A longer prompt starts *filling*: its own one-row cache takes one ``prefill_chunk`` of it per loop turn (the
+   absorbed path over what the earlier chunks wrote), so the running requests keep decoding between its chunks;
+   after the last chunk the row goes into the slot. One prompt fills at a time, and the queue keeps its order.
+   The rows of recent long prompts are kept (``prefix_cache``): a prompt that begins with whole chunks of one
+   (a shared system prompt, a conversation's earlier turns) starts filling after them.
 2. **Decode**: a jitted step over every slot, each at its own position (``steps.decode_core`` with per-row
    positions: a row attends to its own filled slots, the rest masked), the cache donated. Attention reads a window
    of the cache, the power of two (from ``window_min``) past the longest running sequence, not the whole row.
-   While no request waits for a slot, ``steps_per_call`` steps run in one call (a scan: one host round trip for
-   several tokens). Free slots run too (their outputs are dropped): the shapes never change, so the step compiles
-   once per (window, steps per call).
+   While no request waits for a slot or fills, ``steps_per_call`` steps run in one call (a scan: one host round
+   trip for several tokens). Free slots run too (their outputs are dropped): the shapes never change, so the step
+   compiles once per (window, steps per call).
 3. **Emit**: each running request's new tokens go to its stop rules (EOS, stop strings, ``max_tokens``, through
    ``generation._Sequence``) and its text to the request's callback; a finished or cancelled request frees its
    slot before the next admission.
@@ -20,9 +25,11 @@ Sampling is per row (``sample_rows``): each request has its own temperature, top
 k-th token is ``fold_in(PRNGKey(seed), k)``, so a seeded request gives the same tokens whatever runs beside it.
 Greedy requests (temperature 0) take the argmax, as ``generate`` does.
 
-Not done yet (issue 29): the window is the batch's, not each sequence's (no ragged / paged kernel); a long
-prompt's prefill pauses the running requests for its whole length (it is chunked, but the chunks are not
-interleaved with decode steps); MTP speculative decoding and prefix reuse are not in the batch.
+Not done yet (issue 29): the window is the batch's, not each sequence's (no ragged / paged kernel: a short
+sequence beside a long one reads the long one's window); MTP speculative decoding and prefix reuse are not in the
+batch; prefixes are reused in whole prefill chunks only, from the rows of recent long prompts (not from the
+pool's rows, and not for prompts within one chunk); DeepSeek-V4's caches have no slot pool; one device only (no
+mesh).
 """
 
 from __future__ import annotations
@@ -41,8 +48,8 @@ import numpy as np
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.inference.generation import _Sequence, default_options
-from deepseek_jax.inference.sampling import NEG_INF
-from deepseek_jax.inference.steps import PREFILL_CHUNK, bucket_length, decode_core, prefill_core
+from deepseek_jax.inference.sampling import NEG_INF, outside_top_p
+from deepseek_jax.inference.steps import bucket_length, decode_core, decode_window, prefill_core
 from deepseek_jax.layers import kv_cache
 
 
@@ -94,11 +101,7 @@ def sample_rows(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, key
     x = logits.astype(jnp.float32)
     greedy = temperature <= 0
     xs = x / jnp.where(greedy, 1.0, temperature)[:, None]
-    probs = jax.nn.softmax(xs, axis=-1)
-    sorted_p = -jnp.sort(-probs, axis=-1)
-    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
-    threshold = jnp.min(jnp.where(before < top_p[:, None], sorted_p, jnp.inf), axis=-1, keepdims=True)
-    xs = jnp.where((probs < threshold) & (top_p[:, None] < 1.0), NEG_INF, xs)
+    xs = jnp.where(outside_top_p(xs, top_p) & (top_p[:, None] < 1.0), NEG_INF, xs)
     drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, xs)
     tokens = jnp.where(greedy, jnp.argmax(x, axis=-1), drawn).astype(jnp.int32)
     dist = jnp.where(greedy[:, None], x, xs)
@@ -125,60 +128,103 @@ def _decode(params, cache, tokens, positions, temperature, top_p, seeds, counts,
     return cache, toks, logps
 
 
-@partial(jax.jit, static_argnames=("config", "options", "axes"), donate_argnums=(0,))
-def _admit(pool, row_cache, params, tokens, length, slot, temperature, top_p, seed, *, config, options, axes):
-    """Prefill one prompt into ``row_cache`` (one row), copy that row into ``pool`` at ``slot`` (``axes``: each
-    leaf's batch axis, in ``jax.tree.leaves`` order) and sample its first token."""
-    row_cache, logits, _ = prefill_core(params, row_cache, tokens, length, config=config, options=options)
+def _place(pool, row_cache, slot, logits, temperature, top_p, seed):
+    """Copy the one-row ``row_cache`` into ``pool`` at ``slot`` (cut to the pool's slots: a row prefilled in
+    whole chunks may run past them, with padding only) and sample the request's first token from ``logits``."""
     leaves, tree = jax.tree.flatten(pool)
-    # the row cut to the pool's length (a prompt chunked past PREFILL_CHUNK is padded to whole chunks, which may
-    # run past it: padding only, as the prompt itself fits)
-    rows = [jax.lax.slice_in_dim(r, 0, p.shape[2], axis=2) for p, r in zip(leaves, jax.tree.leaves(row_cache))]
-    pool = jax.tree.unflatten(tree, [jax.lax.dynamic_update_slice_in_dim(p, r.astype(p.dtype), slot, ax)
-                                     for p, r, ax in zip(leaves, rows, axes)])
+    rows = [jax.lax.slice_in_dim(r, 0, p.shape[kv_cache.SLOT_AXIS], axis=kv_cache.SLOT_AXIS)
+            for p, r in zip(leaves, jax.tree.leaves(row_cache))]
+    pool = jax.tree.unflatten(tree, [jax.lax.dynamic_update_slice_in_dim(p, r.astype(p.dtype), slot,
+                                                                         kv_cache.BATCH_AXIS)
+                                     for p, r in zip(leaves, rows)])
     tok, logp = sample_rows(logits, temperature, top_p, _keys(seed, jnp.zeros_like(seed)))
     return pool, tok[0], logp[0]
+
+
+@partial(jax.jit, static_argnames=("config", "options"), donate_argnums=(0,))
+def _admit(pool, row_cache, params, tokens, length, slot, temperature, top_p, seed, *, config, options):
+    """Prefill a whole prompt into ``row_cache`` (one row, the full MLA path), place it in ``pool`` at ``slot``
+    and sample its first token."""
+    row_cache, logits, _ = prefill_core(params, row_cache, tokens, length, config=config, options=options,
+                                        chunk=None)
+    return _place(pool, row_cache, slot, logits, temperature, top_p, seed)
+
+
+@partial(jax.jit, static_argnames=("config", "options", "window"), donate_argnums=(0,))
+def _fill(row_cache, params, tokens, start, last, *, config, options, window):
+    """One chunk of a long prompt, ``tokens [1,C]`` at positions ``start..start+C-1``, into ``row_cache``: it
+    attends to what the earlier chunks wrote plus itself (the absorbed path, over the first ``window`` slots).
+    Returns the row and the logits ``[1,V]`` at chunk index ``last`` (the prompt's last token, in its last
+    chunk)."""
+    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    row_cache, logits, _ = decode_core(params, row_cache, tokens, positions, config=config, options=options,
+                                       out_index=jnp.reshape(last, (1, 1)), window=window)
+    return row_cache, logits[:, 0]
+
+
+_place_jit = jax.jit(_place, donate_argnums=(0,))
+
+
+@dataclasses.dataclass
+class _Filling:
+    """A prompt longer than the engine's prefill chunk, being prefilled a chunk per loop turn into ``row`` (its
+    own one-row cache) while its slot stays out of the decode; ``done`` chunks so far."""
+
+    request: Request
+    slot: int
+    row: dict
+    tokens: np.ndarray  # [1, chunks * chunk], right-padded
+    done: int = 0
 
 
 class Engine:
     """Continuous batching over ``slots`` cache rows of ``max_len`` positions (module docstring). ``submit``
     queues a ``Request`` (up to ``max_queue`` waiting, else ``QueueFull``); ``start`` / ``stop`` run the loop in
-    a thread. ``eos``: the token ids that end a sequence; ``tokenizer`` decodes the text (stop strings need it)."""
+    a thread. ``eos``: the token ids that end a sequence; ``tokenizer`` decodes the text (stop strings need it).
+    ``prefill_chunk`` (a power of two): longer prompts are prefilled that many tokens per loop turn, between
+    decode steps. ``prefix_cache``: the filled rows of that many recent long prompts are kept (one pool row of
+    memory each), and a prompt that starts with whole chunks of one (a shared system prompt) fills only the
+    rest."""
 
     def __init__(self, config: ModelConfig, params, *, tokenizer=None, eos: Sequence[int] = (), slots: int = 8,
                  max_len: Optional[int] = None, max_queue: int = 64, options: Optional[ModelOptions] = None,
                  cache_dtype: Optional[str] = None, min_bucket: int = 16, window_min: Optional[int] = 128,
-                 steps_per_call: int = 4):
+                 steps_per_call: int = 4, prefill_chunk: int = 512, prefix_cache: int = 4):
         if config.is_v4:
             raise ValueError("the serving engine does not run DeepSeek-V4 yet (its compressed caches have no "
                              "slot pool here)")
         if slots < 1 or max_queue < 0:
             raise ValueError(f"slots = {slots}, max_queue = {max_queue}: expected >= 1 and >= 0")
+        if prefill_chunk < min_bucket or prefill_chunk & (prefill_chunk - 1):
+            raise ValueError(f"prefill_chunk = {prefill_chunk}: expected a power of two >= min_bucket ({min_bucket})")
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.options = default_options() if options is None else options
         self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
         self.slots, self.max_queue, self.min_bucket = slots, max_queue, min_bucket
-        # the smallest attention window (None: every step reads the whole padded row, as `generate` does)
+        # the smallest attention window (None: every step reads the whole padded row)
         self.window_min = window_min or self.max_len
         # decode steps per host round trip while no request waits for a slot (1 when one does, so that it is
         # admitted at the next step)
         self.steps_per_call = max(1, steps_per_call)
+        # prompts longer than this are prefilled this many tokens per loop turn, between decode steps
+        self.prefill_chunk = prefill_chunk
+        # the rows of the last `prefix_cache` long prompts, kept so that a prompt that starts with whole chunks
+        # of one of them (a shared system prompt) fills from there: {chunk-aligned prefix: row}, newest last
+        self.prefix_cache = max(0, prefix_cache)
+        self._prefixes: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
         self.eos = frozenset(int(e) for e in eos)
         self.cache_dtype = dtype = cache_dtype or self.options.dtype
         self.cache = kv_cache.init_cache(config, slots, self.max_len, dtype)
-        # each leaf's batch axis: where a 2-row and a 1-row cache differ
-        two = jax.eval_shape(lambda: kv_cache.init_cache(config, 2, 8, dtype))
-        one = jax.eval_shape(lambda: kv_cache.init_cache(config, 1, 8, dtype))
-        self._axes = tuple(next(i for i, (a, b) in enumerate(zip(x.shape, y.shape)) if a != b)
-                           for x, y in zip(jax.tree.leaves(two), jax.tree.leaves(one)))
         self.running: list[Optional[Request]] = [None] * slots
+        self.filling: Optional[_Filling] = None
         self.waiting: collections.deque[Request] = collections.deque()
         self._tok = np.zeros(slots, np.int32)
         self._pos = np.zeros(slots, np.int32)
         self._lock = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
-        self.stats = {"steps": 0, "admitted": 0, "finished": 0, "cancelled": 0, "errors": 0, "generated_tokens": 0}
+        self.stats = {"steps": 0, "admitted": 0, "prefill_chunks": 0, "prefix_hits": 0, "prefix_chunks_reused": 0,
+                      "finished": 0, "cancelled": 0, "errors": 0, "generated_tokens": 0}
 
     # ----- requests ------------------------------------------------------------------------------
     def check(self, prompt: Sequence[int], max_tokens: int) -> None:
@@ -199,23 +245,29 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise Stopped("the engine is stopping")
-            free = sum(r is None for r in self.running) - len(self.waiting)
-            if free <= 0 and len(self.waiting) >= self.max_queue:
+            if len(self._free_slots()) <= len(self.waiting) and len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{self.slots} requests running and {len(self.waiting)} waiting (the limit)")
             request.seq = _Sequence(self.tokenizer, request.stop)
             self.waiting.append(request)
             self._lock.notify()
         return request
 
-    def cancel(self, request: Request) -> None:
-        """Stop ``request`` (a client gone): it leaves its slot (or the queue) before the next step."""
+    def cancel(self, *requests: Request) -> None:
+        """Stop ``requests`` (a client gone): they leave their slots (or the queue) before the next step; those
+        already finished are left as they are."""
         with self._lock:
-            request.cancelled = True
+            for request in requests:
+                if request.seq is None or request.seq.finished is None:
+                    request.cancelled = True
             self._lock.notify()
 
     @property
     def active(self) -> int:
         return sum(r is not None for r in self.running)
+
+    def _free_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self.running)
+                if r is None and (self.filling is None or self.filling.slot != i)]
 
     # ----- the loop ------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -233,27 +285,47 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self.waiting and not self.active:
+                while not self._stopping and not self.waiting and not self.active and self.filling is None:
                     self._lock.wait()
                 if self._stopping:
                     break
-                self._drop_cancelled()
-                admit = []
-                for slot in range(self.slots):
-                    if self.running[slot] is None and self.waiting:
-                        req = self.waiting.popleft()
-                        req.slot, self.running[slot] = slot, req
-                        admit.append(req)
-            try:
-                for req in admit:
-                    self._prefill(req)
-                if self.active:
-                    self.step()
-            except Exception as e:  # noqa: BLE001 -- the requests fail, the engine serves on
-                self._fail(e)
+            self.run_once()
         with self._lock:
-            for req in list(self.waiting) + [r for r in self.running if r is not None]:
+            for req in [*self.waiting, *(r for r in self.running if r is not None),
+                        *([self.filling.request] if self.filling else [])]:
                 self._finish(req, "cancelled")
+            self.waiting.clear()
+            self.filling = None
+
+    def run_once(self) -> None:
+        """One turn of the loop (``start`` runs them in a thread; a test may call it by hand): admit waiting
+        requests into free slots (a short prompt is prefilled whole; a long one starts filling, one at a time),
+        prefill one chunk of the long prompt being filled, then decode the running requests."""
+        with self._lock:
+            self._drop_cancelled()
+            admit = []
+            for slot in self._free_slots():
+                if not self.waiting:
+                    break
+                req = self.waiting[0]
+                if len(req.prompt) > self.prefill_chunk:
+                    if self.filling is not None:
+                        break  # one long prompt at a time; the queue keeps its order
+                    self.filling = self._start_filling(req, slot)
+                else:
+                    self.running[slot] = req
+                    admit.append(req)
+                self.waiting.popleft()
+                req.slot = slot
+        try:
+            for req in admit:
+                self._prefill(req)
+            if self.filling is not None:
+                self._fill_chunk()
+            if self.active:
+                self.step()
+        except Exception as e:  # noqa: BLE001 -- the requests fail, the engine serves on
+            self._fail(e)
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.waiting if r.cancelled]:
@@ -262,13 +334,15 @@ class Engine:
         for slot, req in enumerate(self.running):
             if req is not None and req.cancelled:
                 self._finish(req, "cancelled")
+        if self.filling is not None and self.filling.request.cancelled:
+            self._finish(self.filling.request, "cancelled")
 
     def _fail(self, error: Exception) -> None:
         """A prefill or step failed: every running request ends with finish reason "error" (``Request.error`` says
         why) and the cache pool, which the failed call may have consumed (it is donated), is made again; the
         waiting requests go on."""
         with self._lock:
-            for req in [r for r in self.running if r is not None]:
+            for req in [r for r in self.running if r is not None] + ([self.filling.request] if self.filling else []):
                 req.error = f"{type(error).__name__}: {error}"
                 self._finish(req, "error")
             self.cache = kv_cache.init_cache(self.config, self.slots, self.max_len, self.cache_dtype)
@@ -276,25 +350,87 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         if req.slot is not None and self.running[req.slot] is req:
             self.running[req.slot] = None
+        if self.filling is not None and self.filling.request is req:
+            self.filling = None
         self.stats["cancelled" if reason == "cancelled" else "errors" if reason == "error" else "finished"] += 1
         _notify(req, "", None, None, reason)
 
     def _prefill(self, req: Request) -> None:
+        """A prompt of up to ``prefill_chunk`` tokens, right-padded to its bucket, prefilled whole into its slot."""
         n = len(req.prompt)
         t = min(bucket_length(n, self.min_bucket), self.max_len)
-        if t > PREFILL_CHUNK:  # chunked: whole chunks (the row cache as long; only max_len slots are kept)
-            t = -(-t // PREFILL_CHUNK) * PREFILL_CHUNK
         tokens = np.zeros((1, t), np.int32)
         tokens[0, :n] = req.prompt
-        row = kv_cache.init_cache(self.config, 1, max(t, self.max_len), self.cache_dtype)
+        row = kv_cache.init_cache(self.config, 1, self.max_len, self.cache_dtype)
         self.cache, tok, logp = _admit(
             self.cache, row, self.params, jnp.asarray(tokens), jnp.asarray([n], jnp.int32),
-            jnp.asarray(req.slot, jnp.int32), jnp.asarray([req.temperature], jnp.float32),
-            jnp.asarray([req.top_p], jnp.float32), jnp.asarray([req.seed], jnp.uint32),
-            config=self.config, options=self.options, axes=self._axes)
+            jnp.asarray(req.slot, jnp.int32), *self._sampling(req), config=self.config, options=self.options)
+        self._started(req, tok, logp)
+
+    def _sampling(self, req: Request) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return (jnp.asarray([req.temperature], jnp.float32), jnp.asarray([req.top_p], jnp.float32),
+                jnp.asarray([req.seed], jnp.uint32))
+
+    def _started(self, req: Request, tok, logp) -> None:
+        """``req``'s prompt is in its slot: it decodes from the next step on, from its first token."""
+        with self._lock:
+            self.running[req.slot] = req
         self.stats["admitted"] += 1
-        self._tok[req.slot], self._pos[req.slot] = int(tok), n
+        self._tok[req.slot], self._pos[req.slot] = int(tok), len(req.prompt)
         self._emit(req, int(tok), float(logp))
+
+    def _start_filling(self, req: Request, slot: int) -> _Filling:
+        c, n = self.prefill_chunk, len(req.prompt)
+        tokens = np.zeros((1, -(-n // c) * c), np.int32)
+        tokens[0, :n] = req.prompt
+        for k in range((n - 1) // c, 0, -1):  # the longest cached prefix of whole chunks (one token left to run)
+            row = self._prefixes.get(tuple(req.prompt[:k * c]))
+            if row is not None:
+                self.stats["prefix_hits"] += 1
+                self.stats["prefix_chunks_reused"] += k
+                # a copy: the fill donates its row (the entries past k chunks are overwritten or never read)
+                return _Filling(req, slot, jax.tree.map(jnp.copy, row), tokens, done=k)
+        # one row as long as the whole chunks of the longest prompt a slot takes, so that it compiles once
+        row_len = -(-self.max_len // c) * c
+        return _Filling(req, slot, kv_cache.init_cache(self.config, 1, row_len, self.cache_dtype), tokens)
+
+    def _keep_prefixes(self, prompt: Sequence[int], row: dict) -> None:
+        """Remember ``row`` under each whole-chunk prefix of ``prompt``, dropping the oldest rows past
+        ``prefix_cache``."""
+        if not self.prefix_cache:
+            return
+        c = self.prefill_chunk
+        for k in range(1, len(prompt) // c + 1):
+            key = tuple(prompt[:k * c])
+            self._prefixes.pop(key, None)
+            self._prefixes[key] = row
+        while len({id(r) for r in self._prefixes.values()}) > self.prefix_cache:
+            oldest = next(iter(self._prefixes.values()))
+            for key in [key for key, r in self._prefixes.items() if r is oldest]:
+                del self._prefixes[key]
+
+    def _fill_chunk(self) -> None:
+        """The next chunk of the prompt being filled (attending over a power-of-two window past it); after its
+        last chunk the row goes into the request's slot and the request decodes from the next step."""
+        f, c = self.filling, self.prefill_chunk
+        n = len(f.request.prompt)
+        start = f.done * c
+        end = start + c
+        row_len = jax.tree.leaves(f.row["main"])[0].shape[kv_cache.SLOT_AXIS]
+        window = decode_window(end, row_len, self.window_min)
+        f.row, logits = _fill(f.row, self.params, jnp.asarray(f.tokens[:, start:end]), jnp.asarray(start, jnp.int32),
+                              jnp.asarray(min(n - 1 - start, c - 1), jnp.int32), config=self.config,
+                              options=self.options, window=window)
+        f.done += 1
+        self.stats["prefill_chunks"] += 1
+        if end < n:
+            return
+        self.cache, tok, logp = _place_jit(self.cache, f.row, jnp.asarray(f.slot, jnp.int32), logits,
+                                           *self._sampling(f.request))
+        self._keep_prefixes(f.request.prompt, f.row)
+        with self._lock:
+            self.filling = None
+            self._started(f.request, tok, logp)
 
     def step(self) -> None:
         """Decode steps over every slot (``steps_per_call`` in one call while no request waits and some running
@@ -302,20 +438,18 @@ class Engine:
         running = list(self.running)
         live = [r for r in running if r is not None]
         k = self.steps_per_call
-        if k > 1 and (self.waiting or max(r.max_tokens - len(r.seq.tokens) for r in live) < k):
+        if k > 1 and (self.waiting or self.filling or max(r.max_tokens - len(r.seq.tokens) for r in live) < k):
             k = 1
         temperature = np.array([r.temperature if r else 0.0 for r in running], np.float32)
         top_p = np.array([r.top_p if r else 1.0 for r in running], np.float32)
         seeds = np.array([r.seed if r else 0 for r in running], np.uint32)
         counts = np.array([len(r.seq.tokens) if r else 0 for r in running], np.int32)
-        # Attention reads the first `window` slots: a power of two past the longest running sequence (one
-        # compiled step per window; the whole row when the window would reach it).
+        # Attention reads a window past the longest running sequence
         longest = max(int(self._pos[i]) for i, r in enumerate(running) if r is not None) + k
-        window = min(self.window_min << max(0, (longest - 1) // self.window_min).bit_length(), self.max_len)
         self.cache, nxt, logp = _decode(self.params, self.cache, jnp.asarray(self._tok), jnp.asarray(self._pos),
                                         jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(seeds),
                                         jnp.asarray(counts), config=self.config, options=self.options,
-                                        window=None if window >= self.max_len else window, k=k)
+                                        window=decode_window(longest, self.max_len, self.window_min), k=k)
         nxt, logp = np.asarray(nxt), np.asarray(logp)
         self.stats["steps"] += k
         for j in range(k):  # a request that finishes at token j drops the rest of its row's tokens

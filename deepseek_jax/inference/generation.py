@@ -3,7 +3,8 @@
 Prompts of different lengths are right-padded to a power-of-two bucket and prefilled together; each
 sequence then decodes at its own position (slot = position, so no left padding and no position shifts).
 Shapes are fixed per (batch, prompt bucket, cache length): the decode step compiles once per request shape
-and is reused across requests of the same shape. One host round trip per step streams the new tokens,
+(and attention window: a step reads the cache's first slots only, a power of two past the longest sequence,
+``steps.decode_window``) and is reused across requests of the same shape. One host round trip per step streams the new tokens,
 checks stop conditions (EOS ids, stop strings, max new tokens) and stops when every sequence is done.
 
 Speculative decoding (``speculative=True``, V3/R1 checkpoints with an MTP module): each step the MTP module
@@ -26,6 +27,7 @@ import numpy as np
 
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
+from deepseek_jax.data.tokenizer import stop_prefix_len
 from deepseek_jax.inference.sampling import (
     SamplingParams,
     logprob_of,
@@ -42,6 +44,7 @@ from deepseek_jax.inference.steps import (
     bucket_length,
     cache_length,
     decode_core,
+    decode_window,
     mtp_core,
     prefill_core,
 )
@@ -72,9 +75,9 @@ def _prefill_sample(params, cache, tokens, lengths, seen, rng, *, config, option
     return cache, first, mark_seen(seen, first), h2, t_prev, logp
 
 
-def _decode_sample(params, cache, tok, pos, seen, rng, *, config, options, sampling, absorb):
+def _decode_sample(params, cache, tok, pos, seen, rng, *, config, options, sampling, absorb, window):
     cache, logits, _ = decode_core(params, cache, tok[:, None], pos[:, None], config=config, options=options,
-                                   absorb=absorb)
+                                   absorb=absorb, window=window)
     nxt, logp = sample_with_logprob(rng, logits[:, 0], seen, sampling)
     return cache, nxt, mark_seen(seen, nxt), logp
 
@@ -121,7 +124,8 @@ def _speculative_step(params, cache, n, t_prev, x, h2, seen, rng, *, config, opt
 
 _prefill_sample_jit = jax.jit(_prefill_sample, static_argnames=_STATIC + ("mtp", "chunk"),
                               donate_argnames=("cache",))
-_decode_sample_jit = jax.jit(_decode_sample, static_argnames=_STATIC + ("absorb",), donate_argnames=("cache",))
+_decode_sample_jit = jax.jit(_decode_sample, static_argnames=_STATIC + ("absorb", "window"),
+                             donate_argnames=("cache",))
 _speculative_step_jit = jax.jit(_speculative_step, static_argnames=_STATIC, donate_argnames=("cache",))
 
 
@@ -201,18 +205,6 @@ class _Sequence:
             end -= stop_prefix_len(self.text, self._stops)
         piece, self._emitted = self.text[self._emitted:end], max(self._emitted, end)
         return piece
-
-
-
-def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of ``text`` that begins one of ``stops`` (text to hold back while streaming)."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
 
 
 def _eos_set(config: ModelConfig, eos_token_id) -> frozenset:
@@ -362,6 +354,7 @@ def stream(
     t1, first_step = time.perf_counter(), None
     pos = jnp.asarray(lengths)
     n, x = pos, tok
+    longest = max(len(p) for p in ids)  # the next decode step's largest position
     while not all(s.finished for s in seqs):
         rng, key = jax.random.split(rng)
         active = [s.finished is None for s in seqs]
@@ -376,10 +369,12 @@ def stream(
             new = [[int(t) for t in out[i, :m]] for i, m in enumerate(emitted)]
             new_logp = [[float(v) for v in logp[i, :m]] for i, m in enumerate(emitted)]
         else:
+            # attention reads a window past the longest sequence, not the whole cache (V4 reads its rings)
+            window = None if config.is_v4 else decode_window(longest + 1, s_max)
             with mesh_context(mesh):
                 cache, tok, seen, logp = _decode_sample_jit(params, cache, tok, pos, seen, key, absorb=absorb,
-                                                            **statics)
-            pos = pos + 1
+                                                            window=window, **statics)
+            pos, longest = pos + 1, longest + 1
             new = [[int(t)] for t in np.asarray(tok)]
             new_logp = [[float(v)] for v in np.asarray(logp)]
         st["steps"] += 1

@@ -51,6 +51,18 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float)
     return jnp.where(seen, penalized, logits)
 
 
+def outside_top_p(x: jax.Array, top_p) -> jax.Array:
+    """``[B,V]`` True for the tokens outside the top-p nucleus of softmax(``x``): the nucleus is the smallest set
+    of most likely tokens whose mass reaches ``top_p`` (a float, or ``[B]`` per row); it always holds the most
+    likely token."""
+    probs = jax.nn.softmax(x, axis=-1)
+    sorted_p = -jnp.sort(-probs, axis=-1)
+    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # mass of the tokens ranked above
+    top_p = jnp.reshape(jnp.asarray(top_p, probs.dtype), (-1, 1))
+    threshold = jnp.min(jnp.where(before < top_p, sorted_p, jnp.inf), axis=-1, keepdims=True)
+    return probs < threshold
+
+
 def processed_logits(logits: jax.Array, seen: jax.Array, sp: SamplingParams) -> jax.Array:
     """``[B,V]`` fp32 logits of the distribution sampling draws from (masked entries are -inf)."""
     x = apply_repetition_penalty(logits.astype(jnp.float32), seen, sp.repetition_penalty)
@@ -61,12 +73,7 @@ def processed_logits(logits: jax.Array, seen: jax.Array, sp: SamplingParams) -> 
         kth = jax.lax.top_k(x, sp.top_k)[0][..., -1:]
         x = jnp.where(x < kth, NEG_INF, x)
     if sp.top_p < 1.0:
-        probs = jax.nn.softmax(x, axis=-1)
-        sorted_p = -jnp.sort(-probs, axis=-1)
-        before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # mass of the tokens ranked above
-        keep_sorted = before < sp.top_p  # always keeps the first
-        threshold = jnp.min(jnp.where(keep_sorted, sorted_p, jnp.inf), axis=-1, keepdims=True)
-        x = jnp.where(probs < threshold, NEG_INF, x)
+        x = jnp.where(outside_top_p(x, sp.top_p), NEG_INF, x)
     if sp.min_p > 0.0:
         probs = jax.nn.softmax(x, axis=-1)
         x = jnp.where(probs < sp.min_p * probs.max(-1, keepdims=True), NEG_INF, x)

@@ -27,9 +27,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from deepseek_jax.data.chat_template import THINK_CLOSE, render
+from deepseek_jax.data.chat_template import ReasoningSplit, render
 from deepseek_jax.inference.engine import Engine, QueueFull, Request, Stopped
-from deepseek_jax.inference.generation import stop_prefix_len
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}
 
@@ -81,33 +80,6 @@ class ChatBody(_Sampling):
 def _error(status: int, message: str, kind: str, param: Optional[str] = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
                         status_code=status)
-
-
-class _Reasoning:
-    """Splits an R1 completion's stream into ``reasoning_content`` (before the first ``</think>``; all of it when
-    there is none, as DeepSeek's API) and ``content`` (after it, its leading newlines dropped), holding back a tail
-    that could be the start of ``</think>``. A whole answer is one ``feed(text, final=True)``."""
-
-    def __init__(self):
-        self.buffer, self.done, self.leading = "", False, True
-
-    def _content(self, piece: str) -> str:
-        if self.leading:
-            piece = piece.lstrip("\n")
-            self.leading = not piece
-        return piece
-
-    def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
-        if self.done:
-            return "", self._content(piece)
-        self.buffer += piece
-        if THINK_CLOSE in self.buffer:
-            reasoning, content = self.buffer.split(THINK_CLOSE, 1)
-            self.done, self.buffer = True, ""
-            return reasoning, self._content(content)
-        keep = 0 if final else stop_prefix_len(self.buffer, (THINK_CLOSE,))
-        out, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
-        return out, ""
 
 
 def make_app(engine: Engine, model_name: str, tokenizer, *, chat_style: str = "v3") -> FastAPI:
@@ -164,14 +136,12 @@ def make_app(engine: Engine, model_name: str, tokenizer, *, chat_style: str = "v
                               temperature=body.temperature, top_p=body.top_p, seed=seed, stop=stops)
                 requests.append(engine.submit(req))
         except QueueFull as e:
-            for r in requests:
-                engine.cancel(r)
+            engine.cancel(*requests)
             return _error(429, f"the server is busy: {e}; retry later", "rate_limit_error")
         except Stopped as e:
             return _error(503, f"{e}", "server_error")
         except ValueError as e:
-            for r in requests:
-                engine.cancel(r)
+            engine.cancel(*requests)
             return _error(400, str(e), "invalid_request_error", "messages" if chat else "prompt")
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         meta = {"id": rid, "created": int(time.time()), "model": model_name}
@@ -200,9 +170,7 @@ def make_app(engine: Engine, model_name: str, tokenizer, *, chat_style: str = "v
                     left -= 1
                 yield item
         finally:
-            for r in requests:
-                if r.seq is None or r.seq.finished is None:
-                    engine.cancel(r)
+            engine.cancel(*requests)
 
     def _usage(prompt_len, requests):
         done = sum(len(r.seq.tokens) for r in requests)
@@ -224,7 +192,7 @@ def make_app(engine: Engine, model_name: str, tokenizer, *, chat_style: str = "v
             if chat:
                 message = {"role": "assistant", "content": text}
                 if chat_style == "r1":  # the stream's rule: reasoning until the first </think> (all, if none)
-                    reasoning, answer = _Reasoning().feed(text, final=True)
+                    reasoning, answer = ReasoningSplit().feed(text, final=True)
                     message = {"role": "assistant", "content": answer, "reasoning_content": reasoning}
                 choice = {"index": i, "message": message, "finish_reason": finish[i]}
                 if body.logprobs:
@@ -243,7 +211,7 @@ def make_app(engine: Engine, model_name: str, tokenizer, *, chat_style: str = "v
 
     async def _stream(http, body, events, requests, meta, chat, prompt_len):
         kind = "chat.completion.chunk" if chat else "text_completion"
-        split = [_Reasoning() for _ in requests] if chat and chat_style == "r1" else None
+        split = [ReasoningSplit() for _ in requests] if chat and chat_style == "r1" else None
 
         def chunk(i, piece, fin, reasoning=""):
             if chat:
@@ -260,9 +228,7 @@ def make_app(engine: Engine, model_name: str, tokenizer, *, chat_style: str = "v
                                             chunk):
                 yield line
         finally:  # the client gone at any point (the role chunks included): its requests end
-            for r in requests:
-                if r.seq is None or r.seq.finished is None:
-                    engine.cancel(r)
+            engine.cancel(*requests)
 
     async def _stream_lines(http, body, events, requests, meta, chat, prompt_len, kind, split, chunk):
         if chat:

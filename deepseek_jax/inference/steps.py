@@ -39,7 +39,11 @@ def _write_all(entries: dict, new: dict, positions: jax.Array, config, valid: Op
 
 
 def _cache_len(cache: kv_cache.Cache) -> int:
-    return jax.tree.leaves(cache["main"])[0].shape[2]
+    return _slots(cache["main"])
+
+
+def _slots(main: dict) -> int:
+    return jax.tree.leaves(main)[0].shape[kv_cache.SLOT_AXIS]
 
 
 PREFILL_CHUNK = 2048  # prompts longer than this are prefilled in chunks of this many tokens
@@ -129,7 +133,7 @@ def decode_core(params, cache, tokens, positions, *, config, options, absorb: bo
     else:
         if window is not None and window < _cache_len(cache):
             main = kv_cache.window(main, window)
-        layout = cache_layout(positions, jax.tree.leaves(main)[0].shape[2])
+        layout = cache_layout(positions, _slots(main))
     logits, hidden, new = model.apply({"params": params}, tokens, positions, cache=main, layout=layout,
                                       out_index=out_index)
     cache = dict(cache)
@@ -156,6 +160,14 @@ _STATIC = ("config", "options")
 prefill = jax.jit(prefill_core, static_argnames=_STATIC + ("mtp", "chunk"), donate_argnames=("cache",))
 decode_step = jax.jit(decode_core, static_argnames=_STATIC + ("absorb",), donate_argnames=("cache",))
 mtp_step = jax.jit(mtp_core, static_argnames=_STATIC + ("depth",), donate_argnames=("cache",))
+
+
+def decode_window(needed: int, length: int, minimum: int = 128) -> Optional[int]:
+    """The cache slots a decode step reads (``decode_core``'s ``window``) when every position is below ``needed``:
+    the power of two from ``minimum`` that covers it (one compiled step per window, a handful over a long
+    generation), or None (the whole cache of ``length`` slots) when it would reach that."""
+    window = minimum << max(0, (needed - 1) // minimum).bit_length()
+    return None if window >= length else window
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -207,6 +219,6 @@ def decode_all_positions(params, tokens, *, config, options=ModelOptions(), cach
 
 
 __all__ = [
-    "bucket_length", "cache_length", "decode_all_positions", "decode_core", "decode_step", "mtp_core", "mtp_step",
-    "prefill", "prefill_core",
+    "bucket_length", "cache_length", "decode_all_positions", "decode_core", "decode_step", "decode_window", "mtp_core",
+    "mtp_step", "prefill", "prefill_core",
 ]

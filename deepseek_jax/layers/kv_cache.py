@@ -36,6 +36,8 @@ from deepseek_jax.quant.blocks import E4M3, dequantize_tiles, quantize_tiles
 
 Cache = dict[str, Any]
 CACHE_DTYPES = ("float32", "bfloat16", "fp8")
+# the main cache's leaves (not V4's) are [L, B, S, ...] (scales [L, B, S] or [L, B, S, K]): these axes
+BATCH_AXIS, SLOT_AXIS = 1, 2
 
 
 def _storage_dtype(dtype: str):
@@ -91,7 +93,7 @@ def window(entries: dict, length: int) -> dict:
     """The main cache's runs (``init_cache(...)["main"]``, not V4's) cut to their first ``length`` slots: all a
     decode step reads when every sequence's position is below ``length`` (the slots past it hold nothing the
     step could see)."""
-    return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, length, axis=2), entries)
+    return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, length, axis=SLOT_AXIS), entries)
 
 
 def cache_bytes_per_token(config: ModelConfig, dtype: str = "bfloat16", mtp: bool = False) -> int:

@@ -28,7 +28,8 @@ def test_v3_template():
 def test_r1_template_strips_earlier_reasoning_and_opens_think():
     assert chat.render(CONVERSATION, "r1") == (
         f"{BOS}Be brief.<｜User｜>2+2?<｜Assistant｜>\n\n4{EOS}<｜User｜>and 3+3?<｜Assistant｜><think>\n")
-    assert chat.split_reasoning("let me see\n</think>\n\n6") == ("let me see", "6")
+    assert chat.split_reasoning("let me see\n</think>\n\n6") == ("let me see\n", "6")
+    assert chat.split_reasoning("<think>\nlet me see") == ("let me see", "")  # not closed: all reasoning
     assert chat.strip_think("no reasoning") == "no reasoning"
 
 

@@ -295,43 +295,79 @@ def test_serve_command_serves_and_stops_cleanly_on_ctrl_c(tmp_path):
 def test_r1_reasoning_split_is_the_same_streamed_and_whole():
     """R1-style chat: what comes before the first ``</think>`` is ``reasoning_content`` (all of it when there is no
     ``</think>``, as DeepSeek's API), the rest ``content``; a stream split at any point gives the same parts."""
-    from deepseek_jax.inference.server import _Reasoning
+    from deepseek_jax.data.chat_template import ReasoningSplit, split_reasoning
 
     for text, want in (("let me think\n</think>\n\nthe answer", ("let me think\n", "the answer")),
                        ("no end of thought", ("no end of thought", "")),
                        ("a</think>b</think>c", ("a", "b</think>c"))):
-        assert _Reasoning().feed(text, final=True) == want
+        assert ReasoningSplit().feed(text, final=True) == want == split_reasoning(text)
+        assert split_reasoning("<think>\n" + text) == want
         for cut in range(len(text) + 1):
-            split = _Reasoning()
+            split = ReasoningSplit()
             parts = [split.feed(text[:cut]), split.feed(text[cut:], final=True)]
             assert ("".join(p[0] for p in parts), "".join(p[1] for p in parts)) == want, (text, cut)
 
 
-@pytest.mark.slow  # a chunked prefill of 2,050 tokens
-def test_engine_prefills_a_prompt_past_the_chunk_into_a_shorter_slot():
-    """A prompt longer than ``PREFILL_CHUNK`` (2,048) in slots of 2,100 tokens (not a multiple of the chunk): the
-    prefill runs on whole chunks and the slot keeps its first 2,100 positions; the tokens equal ``generate``'s."""
+@pytest.mark.slow  # compiles the engine's steps
+def test_a_long_prompt_is_prefilled_between_decode_steps():
+    """A prompt past the engine's ``prefill_chunk`` fills its slot a chunk per loop turn while the running request
+    decodes a token per turn (its slot stays out of the decode until its last chunk), in slots of 100 tokens (not a
+    multiple of the chunk); both requests' greedy tokens equal ``generate``'s with the same chunk. A later prompt
+    that begins with whole chunks of the long one fills only the rest, with ``generate``'s tokens. A request
+    cancelled while it fills frees its slot."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from deepseek_jax.inference.engine import Engine, Request
 
-    # (generate pads the prompt to 4,096 and adds the new tokens: past tiny-v3's 4,096 positions)
-    config = dsj.presets["tiny-v3"].replace(num_nextn_predict_layers=0, max_position_embeddings=8192)
+    config = dsj.presets["tiny-v3"].replace(num_nextn_predict_layers=0)
     params = nn.meta.unbox(dsj.Transformer(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
                            ["params"])
-    prompt = list(np.random.default_rng(1).integers(1, config.vocab_size, 2050))
-    ref = dsj.generate(config, params, [prompt], max_new_tokens=4, eos_token_id=None).tokens[0]
-    out, done = [], []
-    engine = Engine(config, params, slots=1, max_len=2100).start()
-    try:
-        engine.submit(Request(prompt, 4, lambda text, tok, lp, fin: (
-            out.append(tok) if tok is not None else None, fin and done.append(fin))))
-        deadline = time.time() + 600
-        while not done:
-            assert time.time() < deadline, "the engine did not finish"
-            time.sleep(0.05)
-    finally:
-        engine.stop()
-    assert done == ["length"] and out == ref
+    rng = np.random.default_rng(2)
+    short, long = (list(rng.integers(1, config.vocab_size, n)) for n in (5, 50))
+    ref = dsj.generate(config, params, [short, long], max_new_tokens=12, eos_token_id=None, prefill_chunk=16)
+    engine = Engine(config, params, slots=2, max_len=100, window_min=16, prefill_chunk=16, steps_per_call=4)
+    out, fin = {}, {}
+
+    def request(name, prompt):
+        out[name] = []
+        return engine.submit(Request(prompt, 12, lambda text, tok, lp, f: (
+            out[name].append(tok) if tok is not None else None, f and fin.setdefault(name, f))))
+
+    request("a", short)
+    engine.run_once()  # the loop is turned by hand: a is prefilled whole and decodes 4 steps in one call
+    assert len(out["a"]) == 5 and engine.stats["prefill_chunks"] == 0
+    request("b", long)
+    for turn in range(1, 4):  # 50 tokens in chunks of 16: 4 chunks; each of the first 3 turns a decodes 1 token
+        engine.run_once()
+        assert (len(out["a"]), out["b"], engine.stats["prefill_chunks"]) == (5 + turn, [], turn)
+        assert engine.filling is not None and engine.filling.slot == 1 and engine.running[1] is None
+    engine.run_once()  # the last chunk: b takes its slot and samples its first token; nothing waits or fills
+    assert engine.filling is None and len(out["b"]) == 1 + 4 and len(out["a"]) == 8 + 4  # so: 4 steps a call
+    for _ in range(20):
+        if len(fin) == 2:
+            break
+        engine.run_once()
+    assert fin == {"a": "length", "b": "length"}
+    assert [out["a"], out["b"]] == ref.tokens
+
+    # a prompt that shares b's first 40 tokens fills from b's kept row after their 2 whole chunks (32 tokens)
+    shared = long[:40] + list(rng.integers(1, config.vocab_size, 20))
+    chunks = engine.stats["prefill_chunks"]
+    request("d", shared)
+    for _ in range(20):
+        if "d" in fin:
+            break
+        engine.run_once()
+    assert (engine.stats["prefix_hits"], engine.stats["prefix_chunks_reused"]) == (1, 2)
+    assert engine.stats["prefill_chunks"] - chunks == 4 - 2
+    assert out["d"] == dsj.generate(config, params, [shared], max_new_tokens=12, eos_token_id=None,
+                                    prefill_chunk=16).tokens[0]
+
+    c = request("c", list(rng.integers(1, config.vocab_size, 50)))  # (not b's prompt: it would fill from b's row)
+    engine.run_once()
+    assert engine.filling is not None and engine.filling.request is c
+    engine.cancel(c)
+    engine.run_once()
+    assert fin["c"] == "cancelled" and engine.filling is None and engine._free_slots() == [0, 1]
