@@ -1,5 +1,6 @@
 """``deepseek-jax serve``: an OpenAI-compatible server (``inference/server.py``) over the continuous-batching
-engine (``inference/engine.py``), on one device; needs the ``serve`` extra (``pip install -e ".[serve]"``)."""
+engine (``inference/engine.py``), on one device or a mesh (``--mesh``); needs the ``serve`` extra
+(``pip install -e ".[serve]"``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def _run(args) -> int:
         print(f"error: {e.name} is missing: `deepseek-jax serve` needs the serve extra "
               f"(pip install -e \".[serve]\")", file=sys.stderr)
         return 2
-    from deepseek_jax.cli.generate import _load, _options, eos_id
+    from deepseek_jax.cli.generate import _check, _load, _mesh, _options, eos_id
     from deepseek_jax.data.chat_template import STYLES, default_style
     from deepseek_jax.inference.engine import Engine
     from deepseek_jax.layers import kv_cache
@@ -24,8 +25,10 @@ def _run(args) -> int:
     if args.slots < 1 or args.max_queue < 0:
         print(f"error: --slots {args.slots} / --max-queue {args.max_queue}: expected >= 1 / >= 0", file=sys.stderr)
         return 2
-    args.preset, args.mesh, args.seed = None, None, 0  # what generate's loader reads: a checkpoint, one device
+    args.preset, args.seed = None, 0  # what generate's loader reads: a checkpoint (placed on --mesh's devices)
     config, params, tokenizer = _load(args)
+    if not _check(args, config):
+        return 2
     style = args.style or default_style(config)
     if style not in STYLES:
         print(f"error: --style {style}: expected one of {STYLES}", file=sys.stderr)
@@ -36,7 +39,7 @@ def _run(args) -> int:
                         (eos,) if isinstance(eos, int) else tuple(eos), slots=args.slots, max_len=args.max_len,
                         max_queue=args.max_queue, options=_options(args), cache_dtype=args.cache_dtype,
                         steps_per_call=args.steps_per_call, prefill_chunk=args.prefill_chunk,
-                        prefix_cache=args.prefix_cache)
+                        prefix_cache=args.prefix_cache, speculative=args.speculative, mesh=_mesh(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -60,6 +63,9 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="the model id clients ask for (default: the directory's name)")
+    p.add_argument("--mesh", default=None,
+                   help="serve over a device mesh, e.g. expert=4,data=2: the params by the training rules, the cache "
+                        "pool's slots over the batch axes (default: one device)")
     p.add_argument("--slots", type=int, default=8, help="requests decoded together (the cache pool's rows)")
     p.add_argument("--max-len", type=int, default=4096,
                    help="context per slot, prompt + completion (default 4096, at most the model's "
@@ -73,6 +79,9 @@ def register(sub) -> None:
     p.add_argument("--prefix-cache", type=int, default=4,
                    help="keep the prefilled rows of this many recent prompts longer than --prefill-chunk (one "
                         "slot's cache each); a prompt that starts with whole chunks of one reuses them (default 4)")
+    p.add_argument("--speculative", action="store_true",
+                   help="MTP speculative decoding in the batch: each step drafts a token per request with the MTP "
+                        "module and verifies it (V3/R1 with MTP weights)")
     p.add_argument("--tokenizer", help="a tokenizer.json (default: the checkpoint's)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute and params dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")

@@ -25,11 +25,13 @@ Sampling is per row (``sample_rows``): each request has its own temperature, top
 k-th token is ``fold_in(PRNGKey(seed), k)``, so a seeded request gives the same tokens whatever runs beside it.
 Greedy requests (temperature 0) take the argmax, as ``generate`` does.
 
-Not done yet (issue 29): the window is the batch's, not each sequence's (no ragged / paged kernel: a short
-sequence beside a long one reads the long one's window); MTP speculative decoding and prefix reuse are not in the
-batch; prefixes are reused in whole prefill chunks only, from the rows of recent long prompts (not from the
-pool's rows, and not for prompts within one chunk); DeepSeek-V4's caches have no slot pool; one device only (no
-mesh).
+With ``speculative``, each step drafts a token per slot with the MTP module and verifies it in the same step
+(``_decode_speculative``): a request gains 1 or 2 tokens a step, by rejection sampling with its own key.
+
+Not done yet (issue 29): the window is the batch's, not each sequence's (no ragged / paged kernel: a short sequence
+beside a long one reads the long one's window); prefixes are reused in whole prefill chunks only, from the rows of
+recent long prompts (not from the pool's rows, and not for prompts within one chunk); DeepSeek-V4's caches have no
+slot pool; one device only (no mesh).
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ import numpy as np
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.inference.generation import _Sequence, default_options
-from deepseek_jax.inference.sampling import NEG_INF, outside_top_p
-from deepseek_jax.inference.steps import bucket_length, decode_core, decode_window, prefill_core
+from deepseek_jax.inference.sampling import NEG_INF, logprob_of, outside_top_p, speculative_accept
+from deepseek_jax.inference.steps import bucket_length, decode_core, decode_window, mtp_core, prefill_core
 from deepseek_jax.layers import kv_cache
+from deepseek_jax.models.transformer import abstract_params
+from deepseek_jax.parallel.mesh import mesh_context
+from deepseek_jax.parallel.rules import param_shardings
+from deepseek_jax.quant.weights import with_fp8_shardings
 
 
 class QueueFull(Exception):
@@ -93,20 +99,31 @@ def _notify(req: Request, *event) -> bool:
         return False
 
 
-def sample_rows(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, keys: jax.Array):
-    """Per-row sampling of ``logits [B,V]``: row i greedy (argmax) where ``temperature[i] == 0``, else drawn with
-    ``keys[i]`` from softmax(logits / temperature) restricted to the top-p nucleus (``sampling.processed_logits``'s
-    rule: the smallest set of most likely tokens whose mass reaches ``top_p``). Returns ``(tokens [B], logprobs
-    [B])``, each log-probability under the distribution its token was drawn from (greedy: the model's)."""
+def _row_dists(logits: jax.Array, temperature: jax.Array, top_p: jax.Array):
+    """Per row, the fp32 logits of the distribution ``sample_rows`` draws from (greedy rows: the model's own) and
+    whether the row is greedy."""
     x = logits.astype(jnp.float32)
     greedy = temperature <= 0
     xs = x / jnp.where(greedy, 1.0, temperature)[:, None]
     xs = jnp.where(outside_top_p(xs, top_p) & (top_p[:, None] < 1.0), NEG_INF, xs)
-    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, xs)
-    tokens = jnp.where(greedy, jnp.argmax(x, axis=-1), drawn).astype(jnp.int32)
-    dist = jnp.where(greedy[:, None], x, xs)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(dist, axis=-1), tokens[:, None], axis=-1)[:, 0]
-    return tokens, logp
+    return jnp.where(greedy[:, None], x, xs), greedy
+
+
+def _row_probs(dist: jax.Array, greedy: jax.Array) -> jax.Array:
+    """The probabilities a row's token is drawn with: one-hot on the argmax for greedy rows."""
+    one_hot = jax.nn.one_hot(jnp.argmax(dist, axis=-1), dist.shape[-1], dtype=jnp.float32)
+    return jnp.where(greedy[:, None], one_hot, jax.nn.softmax(dist, axis=-1))
+
+
+def sample_rows(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, keys: jax.Array):
+    """Per-row sampling of ``logits [B,V]``: row i greedy (argmax) where ``temperature[i] == 0``, else drawn with
+    ``keys[i]`` from softmax(logits / temperature) restricted to the top-p nucleus (``sampling.outside_top_p``).
+    Returns ``(tokens [B], logprobs [B])``, each log-probability under the distribution its token was drawn from
+    (greedy: the model's)."""
+    dist, greedy = _row_dists(logits, temperature, top_p)
+    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, dist)
+    tokens = jnp.where(greedy, jnp.argmax(dist, axis=-1), drawn).astype(jnp.int32)
+    return tokens, logprob_of(dist, tokens)
 
 
 def _keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:
@@ -128,38 +145,82 @@ def _decode(params, cache, tokens, positions, temperature, top_p, seeds, counts,
     return cache, toks, logps
 
 
+@partial(jax.jit, static_argnames=("config", "options", "window", "k"), donate_argnums=(1,))
+def _decode_speculative(params, cache, x, n, t_prev, h2, temperature, top_p, seeds, counts, *, config, options,
+                        window, k):
+    """``k`` draft-verify steps over every slot in one call (``generation._speculative_step``'s, with each row's
+    own sampling). Per row: ``n`` tokens cached, ``x`` the next (emitted, not cached), ``t_prev`` the one before
+    it, ``h2 [B,2,D]`` the main model's hidden states at positions n-2, n-1. The MTP module drafts token n+1, the
+    main model verifies ``[x, draft]`` at n, n+1, and the draft is accepted by rejection sampling
+    (``sampling.speculative_accept``, per row with the row's key: greedy rows keep it iff it is the argmax).
+    Returns the cache, the state after the k steps, and per step the emitted tokens and their log-probabilities
+    ``[k, slots, 2]`` and ``accepted [k, slots]`` (the second token is emitted where accepted)."""
+    def one(carry, _):
+        cache, x, n, t_prev, h2, counts = carry
+        keys = jax.vmap(lambda key: jax.random.split(key, 3))(_keys(seeds, counts))
+        cache, q_logits, _ = mtp_core(params, cache, h2, jnp.stack([t_prev, x], axis=1),
+                                      n[:, None] + jnp.arange(-1, 1, dtype=jnp.int32), config=config,
+                                      options=options)
+        draft, _ = sample_rows(q_logits[:, 1], temperature, top_p, keys[:, 0])
+        cache, p_logits, h = decode_core(params, cache, jnp.stack([x, draft], axis=1),
+                                         n[:, None] + jnp.arange(2, dtype=jnp.int32), config=config,
+                                         options=options, window=window)
+        p_dist, greedy = _row_dists(p_logits[:, 0], temperature, top_p)
+        q_dist, _ = _row_dists(q_logits[:, 1], temperature, top_p)
+        accepted, first = jax.vmap(lambda key, p, q, d: speculative_accept(key, p[None], q[None], d[None]))(
+            keys[:, 1], _row_probs(p_dist, greedy), _row_probs(q_dist, greedy), draft)
+        accepted, first = accepted[:, 0], first[:, 0]
+        bonus, bonus_logp = sample_rows(p_logits[:, 1], temperature, top_p, keys[:, 2])
+        step = 1 + accepted.astype(jnp.int32)
+        carry = (cache, jnp.where(accepted, bonus, first), n + step, jnp.where(accepted, draft, x),
+                 jnp.where(accepted[:, None, None], h, jnp.stack([h2[:, 1], h[:, 0]], axis=1)), counts + step)
+        return carry, (jnp.stack([first, bonus], axis=1),
+                       jnp.stack([logprob_of(p_dist, first), bonus_logp], axis=1), accepted)
+
+    (cache, x, n, t_prev, h2, _), (toks, logps, accepted) = jax.lax.scan(
+        one, (cache, x, n, t_prev, h2, counts), None, length=k)
+    return cache, (x, n, t_prev, h2), toks, logps, accepted
+
+
 def _place(pool, row_cache, slot, logits, temperature, top_p, seed):
     """Copy the one-row ``row_cache`` into ``pool`` at ``slot`` (cut to the pool's slots: a row prefilled in
     whole chunks may run past them, with padding only) and sample the request's first token from ``logits``."""
-    leaves, tree = jax.tree.flatten(pool)
-    rows = [jax.lax.slice_in_dim(r, 0, p.shape[kv_cache.SLOT_AXIS], axis=kv_cache.SLOT_AXIS)
-            for p, r in zip(leaves, jax.tree.leaves(row_cache))]
-    pool = jax.tree.unflatten(tree, [jax.lax.dynamic_update_slice_in_dim(p, r.astype(p.dtype), slot,
-                                                                         kv_cache.BATCH_AXIS)
-                                     for p, r in zip(leaves, rows)])
+    def put(part):
+        batch_axis, slot_axis = kv_cache.AXES[part]
+        return jax.tree.map(lambda p, r: jax.lax.dynamic_update_slice_in_dim(
+            p, jax.lax.slice_in_dim(r, 0, p.shape[slot_axis], axis=slot_axis).astype(p.dtype), slot, batch_axis),
+            pool[part], row_cache[part])
+
+    pool = {part: put(part) for part in pool}
     tok, logp = sample_rows(logits, temperature, top_p, _keys(seed, jnp.zeros_like(seed)))
     return pool, tok[0], logp[0]
 
 
-@partial(jax.jit, static_argnames=("config", "options"), donate_argnums=(0,))
-def _admit(pool, row_cache, params, tokens, length, slot, temperature, top_p, seed, *, config, options):
-    """Prefill a whole prompt into ``row_cache`` (one row, the full MLA path), place it in ``pool`` at ``slot``
-    and sample its first token."""
-    row_cache, logits, _ = prefill_core(params, row_cache, tokens, length, config=config, options=options,
-                                        chunk=None)
-    return _place(pool, row_cache, slot, logits, temperature, top_p, seed)
+@partial(jax.jit, static_argnames=("config", "options", "mtp"), donate_argnums=(0,))
+def _admit(pool, row_cache, params, tokens, length, slot, temperature, top_p, seed, *, config, options, mtp):
+    """Prefill a whole prompt into ``row_cache`` (one row, the full MLA path; ``mtp``: the MTP cache too), place
+    it in ``pool`` at ``slot`` and sample its first token; also returns the hidden states ``[1,2,D]`` at the
+    prompt's last two positions (what speculation drafts from)."""
+    row_cache, logits, h2 = prefill_core(params, row_cache, tokens, length, config=config, options=options,
+                                         chunk=None, mtp=mtp)
+    return (*_place(pool, row_cache, slot, logits, temperature, top_p, seed), h2)
 
 
-@partial(jax.jit, static_argnames=("config", "options", "window"), donate_argnums=(0,))
-def _fill(row_cache, params, tokens, start, last, *, config, options, window):
+@partial(jax.jit, static_argnames=("config", "options", "window", "mtp"), donate_argnums=(0,))
+def _fill(row_cache, params, tokens, start, last, h_last, *, config, options, window, mtp):
     """One chunk of a long prompt, ``tokens [1,C]`` at positions ``start..start+C-1``, into ``row_cache``: it
-    attends to what the earlier chunks wrote plus itself (the absorbed path, over the first ``window`` slots).
-    Returns the row and the logits ``[1,V]`` at chunk index ``last`` (the prompt's last token, in its last
-    chunk)."""
+    attends to what the earlier chunks wrote plus itself (the absorbed path, over the first ``window`` slots);
+    ``mtp``: the MTP module's rows too (row p pairs h_{p-1}, from ``h_last [1,1,D]`` for the chunk's first, with
+    token p). Returns the row, the logits ``[1,V]`` at chunk index ``last`` (the prompt's last token, in its last
+    chunk), the hidden states ``[1,2,D]`` at ``last - 1`` and ``last``, and the chunk's last hidden state."""
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    row_cache, logits, _ = decode_core(params, row_cache, tokens, positions, config=config, options=options,
-                                       out_index=jnp.reshape(last, (1, 1)), window=window)
-    return row_cache, logits[:, 0]
+    row_cache, logits, hidden = decode_core(params, row_cache, tokens, positions, config=config, options=options,
+                                            out_index=jnp.reshape(last, (1, 1)), window=window)
+    if mtp:
+        row_cache, _, _ = mtp_core(params, row_cache, jnp.concatenate([h_last, hidden[:, :-1]], axis=1), tokens,
+                                   positions, config=config, options=options, out_index=jnp.zeros((1, 1), jnp.int32))
+    h2 = jax.lax.dynamic_slice_in_dim(jnp.concatenate([h_last, hidden], axis=1), last, 2, axis=1)
+    return row_cache, logits[:, 0], h2, hidden[:, -1:]
 
 
 _place_jit = jax.jit(_place, donate_argnums=(0,))
@@ -175,6 +236,8 @@ class _Filling:
     row: dict
     tokens: np.ndarray  # [1, chunks * chunk], right-padded
     done: int = 0
+    h_last: Optional[jax.Array] = None  # [1,1,D]: the hidden state at the last position filled so far
+    ends: list = dataclasses.field(default_factory=list)  # each chunk's last hidden state so far
 
 
 class Engine:
@@ -189,7 +252,8 @@ class Engine:
     def __init__(self, config: ModelConfig, params, *, tokenizer=None, eos: Sequence[int] = (), slots: int = 8,
                  max_len: Optional[int] = None, max_queue: int = 64, options: Optional[ModelOptions] = None,
                  cache_dtype: Optional[str] = None, min_bucket: int = 16, window_min: Optional[int] = 128,
-                 steps_per_call: int = 4, prefill_chunk: int = 512, prefix_cache: int = 4):
+                 steps_per_call: int = 4, prefill_chunk: int = 512, prefix_cache: int = 4,
+                 speculative: bool = False, mesh=None):
         if config.is_v4:
             raise ValueError("the serving engine does not run DeepSeek-V4 yet (its compressed caches have no "
                              "slot pool here)")
@@ -197,7 +261,14 @@ class Engine:
             raise ValueError(f"slots = {slots}, max_queue = {max_queue}: expected >= 1 and >= 0")
         if prefill_chunk < min_bucket or prefill_chunk & (prefill_chunk - 1):
             raise ValueError(f"prefill_chunk = {prefill_chunk}: expected a power of two >= min_bucket ({min_bucket})")
-        self.config, self.params, self.tokenizer = config, params, tokenizer
+        if speculative and config.num_nextn_predict_layers < 1:
+            raise ValueError(f"speculative decoding needs an MTP module; this {config.model_type} config has none "
+                             "(num_nextn_predict_layers = 0, or the checkpoint carried no MTP weights)")
+        self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
+        if mesh is not None:  # the params by the training rules (where not placed so already)
+            params = jax.device_put(params, with_fp8_shardings(param_shardings(abstract_params(config), mesh),
+                                                               params))
+        self.params = params
         self.options = default_options() if options is None else options
         self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
         self.slots, self.max_queue, self.min_bucket = slots, max_queue, min_bucket
@@ -211,20 +282,26 @@ class Engine:
         # the rows of the last `prefix_cache` long prompts, kept so that a prompt that starts with whole chunks
         # of one of them (a shared system prompt) fills from there: {chunk-aligned prefix: row}, newest last
         self.prefix_cache = max(0, prefix_cache)
-        self._prefixes: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
+        self._prefixes: collections.OrderedDict[tuple, tuple[dict, jax.Array]] = collections.OrderedDict()
+        # draft a token per step with the MTP module and verify it in the same step (1 or 2 tokens a step)
+        self.speculative = speculative
         self.eos = frozenset(int(e) for e in eos)
-        self.cache_dtype = dtype = cache_dtype or self.options.dtype
-        self.cache = kv_cache.init_cache(config, slots, self.max_len, dtype)
+        self.cache_dtype = cache_dtype or self.options.dtype
+        self.cache = self._new_cache(slots, self.max_len)
         self.running: list[Optional[Request]] = [None] * slots
         self.filling: Optional[_Filling] = None
         self.waiting: collections.deque[Request] = collections.deque()
         self._tok = np.zeros(slots, np.int32)
         self._pos = np.zeros(slots, np.int32)
+        # speculation's state per slot: the token before `_tok`, the hidden states at the last two positions
+        self._t_prev = np.zeros(slots, np.int32)
+        self._h2 = jnp.zeros((slots, 2, config.hidden_size), self.options.compute_dtype) if speculative else None
         self._lock = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self.stats = {"steps": 0, "admitted": 0, "prefill_chunks": 0, "prefix_hits": 0, "prefix_chunks_reused": 0,
-                      "finished": 0, "cancelled": 0, "errors": 0, "generated_tokens": 0}
+                      "finished": 0, "cancelled": 0, "errors": 0, "generated_tokens": 0, "drafted": 0,
+                      "accepted": 0}
 
     # ----- requests ------------------------------------------------------------------------------
     def check(self, prompt: Sequence[int], max_tokens: int) -> None:
@@ -318,12 +395,13 @@ class Engine:
                 self.waiting.popleft()
                 req.slot = slot
         try:
-            for req in admit:
-                self._prefill(req)
-            if self.filling is not None:
-                self._fill_chunk()
-            if self.active:
-                self.step()
+            with mesh_context(self.mesh):  # (a no-op on one device)
+                for req in admit:
+                    self._prefill(req)
+                if self.filling is not None:
+                    self._fill_chunk()
+                if self.active:
+                    self.step()
         except Exception as e:  # noqa: BLE001 -- the requests fail, the engine serves on
             self._fail(e)
 
@@ -345,7 +423,7 @@ class Engine:
             for req in [r for r in self.running if r is not None] + ([self.filling.request] if self.filling else []):
                 req.error = f"{type(error).__name__}: {error}"
                 self._finish(req, "error")
-            self.cache = kv_cache.init_cache(self.config, self.slots, self.max_len, self.cache_dtype)
+            self.cache = self._new_cache(self.slots, self.max_len)
 
     def _finish(self, req: Request, reason: str) -> None:
         if req.slot is not None and self.running[req.slot] is req:
@@ -361,22 +439,33 @@ class Engine:
         t = min(bucket_length(n, self.min_bucket), self.max_len)
         tokens = np.zeros((1, t), np.int32)
         tokens[0, :n] = req.prompt
-        row = kv_cache.init_cache(self.config, 1, self.max_len, self.cache_dtype)
-        self.cache, tok, logp = _admit(
+        row = self._new_cache(1, self.max_len)
+        self.cache, tok, logp, h2 = _admit(
             self.cache, row, self.params, jnp.asarray(tokens), jnp.asarray([n], jnp.int32),
-            jnp.asarray(req.slot, jnp.int32), *self._sampling(req), config=self.config, options=self.options)
-        self._started(req, tok, logp)
+            jnp.asarray(req.slot, jnp.int32), *self._sampling(req), config=self.config, options=self.options,
+            mtp=self.speculative)
+        self._started(req, tok, logp, h2)
+
+    def _new_cache(self, rows: int, length: int) -> kv_cache.Cache:
+        """An empty cache of ``rows`` x ``length`` (the MTP's too when speculating), on the mesh: the rows over
+        its batch axes where they divide (a one-row cache is replicated)."""
+        cache = kv_cache.init_cache(self.config, rows, length, self.cache_dtype, mtp=self.speculative)
+        return cache if self.mesh is None else jax.device_put(cache, kv_cache.cache_shardings(cache, self.mesh))
 
     def _sampling(self, req: Request) -> tuple[jax.Array, jax.Array, jax.Array]:
         return (jnp.asarray([req.temperature], jnp.float32), jnp.asarray([req.top_p], jnp.float32),
                 jnp.asarray([req.seed], jnp.uint32))
 
-    def _started(self, req: Request, tok, logp) -> None:
-        """``req``'s prompt is in its slot: it decodes from the next step on, from its first token."""
+    def _started(self, req: Request, tok, logp, h2) -> None:
+        """``req``'s prompt is in its slot: it decodes from the next step on, from its first token (``h2``: the
+        hidden states at the prompt's last two positions, which speculation drafts from)."""
         with self._lock:
             self.running[req.slot] = req
         self.stats["admitted"] += 1
         self._tok[req.slot], self._pos[req.slot] = int(tok), len(req.prompt)
+        if self.speculative:
+            self._t_prev[req.slot] = req.prompt[-1]
+            self._h2 = self._h2.at[req.slot].set(h2[0].astype(self._h2.dtype))
         self._emit(req, int(tok), float(logp))
 
     def _start_filling(self, req: Request, slot: int) -> _Filling:
@@ -384,26 +473,30 @@ class Engine:
         tokens = np.zeros((1, -(-n // c) * c), np.int32)
         tokens[0, :n] = req.prompt
         for k in range((n - 1) // c, 0, -1):  # the longest cached prefix of whole chunks (one token left to run)
-            row = self._prefixes.get(tuple(req.prompt[:k * c]))
-            if row is not None:
+            kept = self._prefixes.get(tuple(req.prompt[:k * c]))
+            if kept is not None:
                 self.stats["prefix_hits"] += 1
                 self.stats["prefix_chunks_reused"] += k
+                row, ends = kept
                 # a copy: the fill donates its row (the entries past k chunks are overwritten or never read)
-                return _Filling(req, slot, jax.tree.map(jnp.copy, row), tokens, done=k)
+                return _Filling(req, slot, jax.tree.map(jnp.copy, row), tokens, done=k, h_last=ends[:, k - 1:k],
+                                ends=[ends[:, i:i + 1] for i in range(k)])
         # one row as long as the whole chunks of the longest prompt a slot takes, so that it compiles once
         row_len = -(-self.max_len // c) * c
-        return _Filling(req, slot, kv_cache.init_cache(self.config, 1, row_len, self.cache_dtype), tokens)
+        return _Filling(req, slot, self._new_cache(1, row_len), tokens,
+                        h_last=jnp.zeros((1, 1, self.config.hidden_size), self.options.compute_dtype))
 
-    def _keep_prefixes(self, prompt: Sequence[int], row: dict) -> None:
-        """Remember ``row`` under each whole-chunk prefix of ``prompt``, dropping the oldest rows past
-        ``prefix_cache``."""
+    def _keep_prefixes(self, prompt: Sequence[int], row: dict, ends: list) -> None:
+        """Remember ``row`` (and ``ends``, each chunk's last hidden state: speculation's MTP rows start from it)
+        under each whole-chunk prefix of ``prompt``, dropping the oldest rows past ``prefix_cache``."""
         if not self.prefix_cache:
             return
         c = self.prefill_chunk
+        kept = (row, jnp.concatenate(ends, axis=1))
         for k in range(1, len(prompt) // c + 1):
             key = tuple(prompt[:k * c])
             self._prefixes.pop(key, None)
-            self._prefixes[key] = row
+            self._prefixes[key] = kept
         while len({id(r) for r in self._prefixes.values()}) > self.prefix_cache:
             oldest = next(iter(self._prefixes.values()))
             for key in [key for key, r in self._prefixes.items() if r is oldest]:
@@ -418,19 +511,21 @@ class Engine:
         end = start + c
         row_len = jax.tree.leaves(f.row["main"])[0].shape[kv_cache.SLOT_AXIS]
         window = decode_window(end, row_len, self.window_min)
-        f.row, logits = _fill(f.row, self.params, jnp.asarray(f.tokens[:, start:end]), jnp.asarray(start, jnp.int32),
-                              jnp.asarray(min(n - 1 - start, c - 1), jnp.int32), config=self.config,
-                              options=self.options, window=window)
+        f.row, logits, h2, f.h_last = _fill(
+            f.row, self.params, jnp.asarray(f.tokens[:, start:end]), jnp.asarray(start, jnp.int32),
+            jnp.asarray(min(n - 1 - start, c - 1), jnp.int32), f.h_last, config=self.config, options=self.options,
+            window=window, mtp=self.speculative)
+        f.ends.append(f.h_last)
         f.done += 1
         self.stats["prefill_chunks"] += 1
         if end < n:
             return
         self.cache, tok, logp = _place_jit(self.cache, f.row, jnp.asarray(f.slot, jnp.int32), logits,
                                            *self._sampling(f.request))
-        self._keep_prefixes(f.request.prompt, f.row)
+        self._keep_prefixes(f.request.prompt, f.row, f.ends)
         with self._lock:
             self.filling = None
-            self._started(f.request, tok, logp)
+            self._started(f.request, tok, logp, h2)
 
     def step(self) -> None:
         """Decode steps over every slot (``steps_per_call`` in one call while no request waits and some running
@@ -446,6 +541,8 @@ class Engine:
         counts = np.array([len(r.seq.tokens) if r else 0 for r in running], np.int32)
         # Attention reads a window past the longest running sequence
         longest = max(int(self._pos[i]) for i, r in enumerate(running) if r is not None) + k
+        if self.speculative:
+            return self._step_speculative(running, k, temperature, top_p, seeds, counts, longest + k)
         self.cache, nxt, logp = _decode(self.params, self.cache, jnp.asarray(self._tok), jnp.asarray(self._pos),
                                         jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(seeds),
                                         jnp.asarray(counts), config=self.config, options=self.options,
@@ -458,6 +555,28 @@ class Engine:
                     continue
                 self._tok[slot], self._pos[slot] = nxt[j, slot], self._pos[slot] + 1
                 self._emit(req, int(nxt[j, slot]), float(logp[j, slot]))
+
+    def _step_speculative(self, running, k, temperature, top_p, seeds, counts, longest) -> None:
+        """``k`` draft-verify steps (``_decode_speculative``): each running request gets 1 or 2 tokens a step."""
+        self.cache, (x, n, t_prev, self._h2), toks, logps, accepted = _decode_speculative(
+            self.params, self.cache, jnp.asarray(self._tok), jnp.asarray(self._pos), jnp.asarray(self._t_prev),
+            self._h2, jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(seeds), jnp.asarray(counts),
+            config=self.config, options=self.options, window=decode_window(longest, self.max_len, self.window_min),
+            k=k)
+        x, n, t_prev, toks, logps, accepted = (np.asarray(a) for a in (x, n, t_prev, toks, logps, accepted))
+        self.stats["steps"] += k
+        for slot, req in enumerate(running):
+            if req is not None:  # the state of free slots stays (their outputs are dropped)
+                self._tok[slot], self._pos[slot], self._t_prev[slot] = x[slot], n[slot], t_prev[slot]
+        for j in range(k):
+            for slot, req in enumerate(running):
+                if req is None or self.running[slot] is not req:
+                    continue
+                self.stats["drafted"] += 1
+                self.stats["accepted"] += int(accepted[j, slot])
+                for i in range(1 + int(accepted[j, slot])):
+                    if self.running[slot] is req:
+                        self._emit(req, int(toks[j, slot, i]), float(logps[j, slot, i]))
 
     def _emit(self, req: Request, token: int, logprob: float) -> None:
         if req.cancelled:

@@ -38,6 +38,8 @@ Cache = dict[str, Any]
 CACHE_DTYPES = ("float32", "bfloat16", "fp8")
 # the main cache's leaves (not V4's) are [L, B, S, ...] (scales [L, B, S] or [L, B, S, K]): these axes
 BATCH_AXIS, SLOT_AXIS = 1, 2
+# each part's (batch, slot) axes: the MTP modules' leaves have no layer axis
+AXES = {"main": (BATCH_AXIS, SLOT_AXIS), "mtp": (0, 1)}
 
 
 def _storage_dtype(dtype: str):

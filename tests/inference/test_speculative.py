@@ -118,3 +118,41 @@ def test_speculative_step_samples_from_the_main_models_distribution():
     assert chi2_pvalue(counts1, p1) > 1e-3
     n_next = np.asarray(state[0])
     assert (n_next == len(prompt) + 1 + accepted).all()
+
+
+@pytest.mark.slow  # compiles the engine's steps
+def test_serving_engine_speculates_in_the_batch_with_plain_greedy_tokens():
+    """The continuous-batching engine with ``speculative=True``: each step the MTP module drafts a token per slot
+    and the main model verifies it, so a slot gains 1 or 2 tokens a step. Greedy requests (short prompts prefilled
+    whole, a 40-token one filled in chunks of 16 beside them, 2 slots for 4 requests so that some join mid-way)
+    get plain greedy ``generate``'s tokens; both the accept and the reject path ran, and the drafts accepted are
+    those of ``generate``'s own speculation (so the MTP state the engine keeps per slot, through the chunked fill
+    too, is right: a wrong one would still give the same tokens, but accept fewer drafts)."""
+    from deepseek_jax.inference.engine import Engine, Request
+
+    config, params, _, _ = tiny_checkpoint("tiny-v3")
+    params = echo_mtp(repeating(params))
+    long = [int(t) for t in np.random.default_rng(3).integers(1, config.vocab_size, 40)]
+    prompts = PROMPTS + [long]
+    ref = [gen.generate(config, params, [p], max_new_tokens=NEW, eos_token_id=None, prefill_chunk=16).tokens[0]
+           for p in prompts]
+    # generate's own speculation, a prompt at a time: the same drafts from the same MTP state accept the same
+    spec = [gen.generate(config, params, [p], max_new_tokens=NEW, eos_token_id=None, prefill_chunk=16,
+                         speculative=True).stats for p in prompts]
+    engine = Engine(config, params, slots=2, max_len=128, window_min=16, prefill_chunk=16, steps_per_call=3,
+                    speculative=True)
+    out, fin = {i: [] for i in range(len(prompts))}, {}
+    for i, p in enumerate(prompts):
+        engine.submit(Request(p, NEW, lambda text, tok, lp, f, i=i: (
+            out[i].append(tok) if tok is not None else None, f and fin.setdefault(i, f))))
+    for _ in range(100):
+        if len(fin) == len(prompts):
+            break
+        engine.run_once()
+    assert fin == {i: "length" for i in range(len(prompts))}
+    assert [out[i] for i in range(len(prompts))] == ref
+    assert engine.stats["prefill_chunks"] == 3
+    assert 3 <= engine.stats["accepted"] < engine.stats["drafted"]
+    assert (engine.stats["accepted"], engine.stats["drafted"]) == (sum(st["accepted"] for st in spec),
+                                                                   sum(st["drafted"] for st in spec))
+    assert engine.stats["generated_tokens"] == len(prompts) * NEW
