@@ -31,7 +31,7 @@ With ``speculative``, each step drafts a token per slot with the MTP module and 
 Not done yet (issue 29): the window is the batch's, not each sequence's (no ragged / paged kernel: a short sequence
 beside a long one reads the long one's window); prefixes are reused in whole prefill chunks only, from the rows of
 recent long prompts (not from the pool's rows, and not for prompts within one chunk); DeepSeek-V4's caches have no
-slot pool; one device only (no mesh).
+slot pool; one process only (on a mesh, ``mesh``, the pool's slots split over the batch axes).
 """
 
 from __future__ import annotations
