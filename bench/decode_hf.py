@@ -315,10 +315,12 @@ def main():
     print("\n| case | ours | transformers | ours tok/s | transformers tok/s | ratio | decode-only ours tok/s | "
           "decode-only transformers tok/s | decode ratio |")
     print("|---|---|---|--:|--:|--:|--:|--:|--:|")
+    spread = []  # each row's per-round ratios: how much the machine disturbed the rounds
     for case, (label, batch, pairs, n) in table.items():
         for (o_name, h_name), (o, h) in pairs.items():
             ro, rh = results[case][id(o)], results[case][id(h)]
             wo, wh = np.array([r.wall_s for r in ro]), np.array([r.wall_s for r in rh])
+            spread.append(f"  {label}, {o_name} / {h_name}: " + ", ".join(f"{x:.2f}" for x in wh / wo))
             row = (f"| {label} | {o_name} | {h_name} | {n / wo.min():.0f} | {n / wh.min():.0f} | "
                    f"{float(np.median(wh / wo)):.2f}x |")
             if ro[0].decode_s is not None:
@@ -329,6 +331,8 @@ def main():
                 row += " | | |"
             print(row)
 
+    print("\nPer-round ratios (ours / transformers, whole calls):")
+    print("\n".join(spread))
     print("\nGreedy tokens (last round):")
     for case, (label, batch, pairs, _) in table.items():
         if case == "prefill":

@@ -105,7 +105,10 @@ def _row_dists(logits: jax.Array, temperature: jax.Array, top_p: jax.Array):
     x = logits.astype(jnp.float32)
     greedy = temperature <= 0
     xs = x / jnp.where(greedy, 1.0, temperature)[:, None]
-    xs = jnp.where(outside_top_p(xs, top_p) & (top_p[:, None] < 1.0), NEG_INF, xs)
+    # (the nucleus sorts the vocabulary: only when some sampled row asks for it)
+    xs = jax.lax.cond(jnp.any((top_p < 1.0) & ~greedy),
+                      lambda v: jnp.where(outside_top_p(v, top_p) & (top_p[:, None] < 1.0), NEG_INF, v),
+                      lambda v: v, xs)
     return jnp.where(greedy[:, None], x, xs), greedy
 
 
@@ -121,8 +124,10 @@ def sample_rows(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, key
     Returns ``(tokens [B], logprobs [B])``, each log-probability under the distribution its token was drawn from
     (greedy: the model's)."""
     dist, greedy = _row_dists(logits, temperature, top_p)
-    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, dist)
-    tokens = jnp.where(greedy, jnp.argmax(dist, axis=-1), drawn).astype(jnp.int32)
+    best = jnp.argmax(dist, axis=-1).astype(jnp.int32)
+    # (the draws' random bits only when some row samples)
+    tokens = jax.lax.cond(jnp.all(greedy), lambda: best, lambda: jnp.where(
+        greedy, best, jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, dist).astype(jnp.int32)))
     return tokens, logprob_of(dist, tokens)
 
 
