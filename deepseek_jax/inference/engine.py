@@ -49,14 +49,11 @@ import numpy as np
 
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
-from deepseek_jax.inference.generation import _Sequence, default_options
+from deepseek_jax.inference.generation import _Sequence, default_options, place_params
 from deepseek_jax.inference.sampling import NEG_INF, logprob_of, outside_top_p, speculative_accept
 from deepseek_jax.inference.steps import bucket_length, decode_core, decode_window, mtp_core, prefill_core
 from deepseek_jax.layers import kv_cache
-from deepseek_jax.models.transformer import abstract_params
 from deepseek_jax.parallel.mesh import mesh_context
-from deepseek_jax.parallel.rules import param_shardings
-from deepseek_jax.quant.weights import with_fp8_shardings
 
 
 class QueueFull(Exception):
@@ -234,15 +231,14 @@ _place_jit = jax.jit(_place, donate_argnums=(0,))
 @dataclasses.dataclass
 class _Filling:
     """A prompt longer than the engine's prefill chunk, being prefilled a chunk per loop turn into ``row`` (its
-    own one-row cache) while its slot stays out of the decode; ``done`` chunks so far."""
+    own one-row cache) while its slot stays out of the decode; ``ends``: the hidden state at the last position
+    of each chunk filled so far (``[1,1,D]`` each; speculation's MTP rows start from the last)."""
 
     request: Request
     slot: int
     row: dict
     tokens: np.ndarray  # [1, chunks * chunk], right-padded
-    done: int = 0
-    h_last: Optional[jax.Array] = None  # [1,1,D]: the hidden state at the last position filled so far
-    ends: list = dataclasses.field(default_factory=list)  # each chunk's last hidden state so far
+    ends: list = dataclasses.field(default_factory=list)
 
 
 class Engine:
@@ -270,10 +266,7 @@ class Engine:
             raise ValueError(f"speculative decoding needs an MTP module; this {config.model_type} config has none "
                              "(num_nextn_predict_layers = 0, or the checkpoint carried no MTP weights)")
         self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
-        if mesh is not None:  # the params by the training rules (where not placed so already)
-            params = jax.device_put(params, with_fp8_shardings(param_shardings(abstract_params(config), mesh),
-                                                               params))
-        self.params = params
+        self.params = params if mesh is None else place_params(config, params, mesh)
         self.options = default_options() if options is None else options
         self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
         self.slots, self.max_queue, self.min_bucket = slots, max_queue, min_bucket
@@ -484,12 +477,11 @@ class Engine:
                 self.stats["prefix_chunks_reused"] += k
                 row, ends = kept
                 # a copy: the fill donates its row (the entries past k chunks are overwritten or never read)
-                return _Filling(req, slot, jax.tree.map(jnp.copy, row), tokens, done=k, h_last=ends[:, k - 1:k],
+                return _Filling(req, slot, jax.tree.map(jnp.copy, row), tokens,
                                 ends=[ends[:, i:i + 1] for i in range(k)])
         # one row as long as the whole chunks of the longest prompt a slot takes, so that it compiles once
         row_len = -(-self.max_len // c) * c
-        return _Filling(req, slot, self._new_cache(1, row_len), tokens,
-                        h_last=jnp.zeros((1, 1, self.config.hidden_size), self.options.compute_dtype))
+        return _Filling(req, slot, self._new_cache(1, row_len), tokens)
 
     def _keep_prefixes(self, prompt: Sequence[int], row: dict, ends: list) -> None:
         """Remember ``row`` (and ``ends``, each chunk's last hidden state: speculation's MTP rows start from it)
@@ -512,16 +504,16 @@ class Engine:
         last chunk the row goes into the request's slot and the request decodes from the next step."""
         f, c = self.filling, self.prefill_chunk
         n = len(f.request.prompt)
-        start = f.done * c
+        start = len(f.ends) * c
         end = start + c
+        h_last = f.ends[-1] if f.ends else jnp.zeros((1, 1, self.config.hidden_size), self.options.compute_dtype)
         row_len = jax.tree.leaves(f.row["main"])[0].shape[kv_cache.SLOT_AXIS]
         window = decode_window(end, row_len, self.window_min)
-        f.row, logits, h2, f.h_last = _fill(
+        f.row, logits, h2, h_end = _fill(
             f.row, self.params, jnp.asarray(f.tokens[:, start:end]), jnp.asarray(start, jnp.int32),
-            jnp.asarray(min(n - 1 - start, c - 1), jnp.int32), f.h_last, config=self.config, options=self.options,
+            jnp.asarray(min(n - 1 - start, c - 1), jnp.int32), h_last, config=self.config, options=self.options,
             window=window, mtp=self.speculative)
-        f.ends.append(f.h_last)
-        f.done += 1
+        f.ends.append(h_end)
         self.stats["prefill_chunks"] += 1
         if end < n:
             return

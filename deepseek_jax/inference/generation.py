@@ -217,8 +217,14 @@ def _eos_set(config: ModelConfig, eos_token_id) -> frozenset:
     return frozenset(int(e) for e in eos_token_id)
 
 
+def place_params(config: ModelConfig, params, mesh):
+    """``params`` on ``mesh`` by the training rules (FP8-kept kernels on their block-aligned shardings); arrays
+    already placed so stay where they are."""
+    return jax.device_put(params, with_fp8_shardings(param_shardings(abstract_params(config), mesh), params))
+
+
 def _shard_for(config: ModelConfig, mesh, params, cache, tokens, lengths, seen):
-    params = jax.device_put(params, with_fp8_shardings(param_shardings(abstract_params(config), mesh), params))
+    params = place_params(config, params, mesh)
     cache = jax.device_put(cache, kv_cache.cache_shardings(cache, mesh))
     batch = lambda x: jax.device_put(x, logical_sharding(["act_batch"] + [None] * (np.ndim(x) - 1),  # noqa: E731
                                                          np.shape(x), mesh))

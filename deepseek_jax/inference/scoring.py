@@ -21,10 +21,10 @@ import numpy as np
 
 from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
-from deepseek_jax.models.transformer import Transformer, abstract_params
+from deepseek_jax.inference.generation import place_params
+from deepseek_jax.models.transformer import Transformer
 from deepseek_jax.parallel.mesh import mesh_context
-from deepseek_jax.parallel.rules import batch_sharding, param_shardings
-from deepseek_jax.quant.weights import with_fp8_shardings
+from deepseek_jax.parallel.rules import batch_sharding
 
 
 @dataclasses.dataclass
@@ -78,7 +78,7 @@ def packed_logprobs(config: ModelConfig, params, items: list, *, seq_len: int, b
 
     options = options or ModelOptions()
     if mesh is not None:
-        params = jax.device_put(params, with_fp8_shardings(param_shardings(abstract_params(config), mesh), params))
+        params = place_params(config, params, mesh)
     rows = FirstFitPackIterDataset(grain.MapDataset.source(items).to_iter_dataset(),
                                    length_struct={k: seq_len for k in items[0]} if items else {},
                                    num_packing_bins=batch_size, shuffle_bins=False)
