@@ -11,12 +11,14 @@ thread that loops (``run_once``):
    after the last chunk the row goes into the slot. One prompt fills at a time, and the queue keeps its order.
    The rows of recent long prompts are kept (``prefix_cache``): a prompt that begins with whole chunks of one
    (a shared system prompt, a conversation's earlier turns) starts filling after them.
-2. **Decode**: a jitted step over every slot, each at its own position (``steps.decode_core`` with per-row
-   positions: a row attends to its own filled slots, the rest masked), the cache donated. Attention reads a window
-   of the cache, the power of two (from ``window_min``) past the longest running sequence, not the whole row.
-   While no request waits for a slot or fills, ``steps_per_call`` steps run in one call (a scan: one host round
-   trip for several tokens). Free slots run too (their outputs are dropped): the shapes never change, so the step
-   compiles once per (window, steps per call).
+2. **Decode**: a jitted step over every slot, each at its own position (``steps.decode_core``), the cache
+   donated. Attention is ragged (``page``): each row reads the pages of ``page`` slots its own length fills, all
+   rows' pages one flat work list (``layers/attention/paged.py``), so a short request beside a long one reads its
+   own slots; the list's length is rounded up (4-7 x a power of two) so the step compiles a handful of times
+   as the batch grows. On a mesh, for V3.2, or with ``page=None``, it reads a window instead: the power of two
+   (from ``window_min``) past the longest running sequence. While no request waits for a slot or fills,
+   ``steps_per_call`` steps run in one call (a scan: one host round trip for several tokens). Free slots run
+   too, from position 0 (their outputs are dropped): the shapes never change.
 3. **Emit**: each running request's new tokens go to its stop rules (EOS, stop strings, ``max_tokens``, through
    ``generation._Sequence``) and its text to the request's callback; a finished or cancelled request frees its
    slot before the next admission.
@@ -28,10 +30,11 @@ Greedy requests (temperature 0) take the argmax, as ``generate`` does.
 With ``speculative``, each step drafts a token per slot with the MTP module and verifies it in the same step
 (``_decode_speculative``): a request gains 1 or 2 tokens a step, by rejection sampling with its own key.
 
-Not done yet (issue 29): the window is the batch's, not each sequence's (no ragged / paged kernel: a short sequence
-beside a long one reads the long one's window); prefixes are reused in whole prefill chunks only, from the rows of
-recent long prompts (not from the pool's rows, and not for prompts within one chunk); DeepSeek-V4's caches have no
-slot pool; one process only (on a mesh, ``mesh``, the pool's slots split over the batch axes).
+Not done yet (issue 29): the pool is slots of ``max_len`` positions (pages are how a step reads them, not how
+memory is handed out: a short request still holds a whole slot); prefixes are reused in whole prefill chunks
+only, from the rows of recent long prompts (not from the pool's rows, and not for prompts within one chunk);
+DeepSeek-V4's caches have no slot pool; one process only (on a mesh, ``mesh``, the pool's slots split over the
+batch axes, and the step reads a window).
 """
 
 from __future__ import annotations
@@ -51,7 +54,16 @@ from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.inference.generation import _Sequence, default_options, place_params
 from deepseek_jax.inference.sampling import NEG_INF, logprob_of, outside_top_p, speculative_accept
-from deepseek_jax.inference.steps import bucket_length, decode_core, decode_window, mtp_core, prefill_core
+from deepseek_jax.inference.steps import (
+    PAGE,
+    bucket_length,
+    decode_core,
+    decode_pages,
+    decode_window,
+    mtp_core,
+    pages_supported,
+    prefill_core,
+)
 from deepseek_jax.layers import kv_cache
 from deepseek_jax.parallel.mesh import mesh_context
 
@@ -132,14 +144,15 @@ def _keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:
     return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counts)
 
 
-@partial(jax.jit, static_argnames=("config", "options", "window", "k"), donate_argnums=(1,))
-def _decode(params, cache, tokens, positions, temperature, top_p, seeds, counts, *, config, options, window, k):
+@partial(jax.jit, static_argnames=("config", "options", "window", "paged", "k"), donate_argnums=(1,))
+def _decode(params, cache, tokens, positions, temperature, top_p, seeds, counts, *, config, options, window, paged,
+            k):
     """``k`` decode steps over every slot in one call (a scan: one host round trip); returns the cache and the
     tokens and log-probabilities ``[k, slots]``. Token j of a row is its ``counts + j``-th (its sampling key)."""
     def one(carry, j):
         cache, tok = carry
         cache, logits, _ = decode_core(params, cache, tok[:, None], (positions + j)[:, None], config=config,
-                                       options=options, window=window)
+                                       options=options, window=window, paged=paged)
         nxt, logp = sample_rows(logits[:, 0], temperature, top_p, _keys(seeds, counts + j))
         return (cache, nxt), (nxt, logp)
 
@@ -147,9 +160,9 @@ def _decode(params, cache, tokens, positions, temperature, top_p, seeds, counts,
     return cache, toks, logps
 
 
-@partial(jax.jit, static_argnames=("config", "options", "window", "k"), donate_argnums=(1,))
+@partial(jax.jit, static_argnames=("config", "options", "window", "paged", "k"), donate_argnums=(1,))
 def _decode_speculative(params, cache, x, n, t_prev, h2, temperature, top_p, seeds, counts, *, config, options,
-                        window, k):
+                        window, paged, k):
     """``k`` draft-verify steps over every slot in one call (``generation._speculative_step``'s, with each row's
     own sampling). Per row: ``n`` tokens cached, ``x`` the next (emitted, not cached), ``t_prev`` the one before
     it, ``h2 [B,2,D]`` the main model's hidden states at positions n-2, n-1. The MTP module drafts token n+1, the
@@ -166,7 +179,7 @@ def _decode_speculative(params, cache, x, n, t_prev, h2, temperature, top_p, see
         draft, _ = sample_rows(q_logits[:, 1], temperature, top_p, keys[:, 0])
         cache, p_logits, h = decode_core(params, cache, jnp.stack([x, draft], axis=1),
                                          n[:, None] + jnp.arange(2, dtype=jnp.int32), config=config,
-                                         options=options, window=window)
+                                         options=options, window=window, paged=paged)
         p_dist, greedy = _row_dists(p_logits[:, 0], temperature, top_p)
         q_dist, _ = _row_dists(q_logits[:, 1], temperature, top_p)
         accepted, first = jax.vmap(lambda key, p, q, d: speculative_accept(key, p[None], q[None], d[None]))(
@@ -254,7 +267,7 @@ class Engine:
                  max_len: Optional[int] = None, max_queue: int = 64, options: Optional[ModelOptions] = None,
                  cache_dtype: Optional[str] = None, min_bucket: int = 16, window_min: Optional[int] = 128,
                  steps_per_call: int = 4, prefill_chunk: int = 512, prefix_cache: int = 4,
-                 speculative: bool = False, mesh=None):
+                 speculative: bool = False, mesh=None, page: Optional[int] = PAGE):
         if config.is_v4:
             raise ValueError("the serving engine does not run DeepSeek-V4 yet (its compressed caches have no "
                              "slot pool here)")
@@ -272,6 +285,9 @@ class Engine:
         self.slots, self.max_queue, self.min_bucket = slots, max_queue, min_bucket
         # the smallest attention window (None: every step reads the whole padded row)
         self.window_min = window_min or self.max_len
+        # ragged decode: each row reads the pages of `page` slots its own length fills (None, on a mesh, or for
+        # V3.2: the window past the longest running sequence)
+        self.page = page if page and mesh is None and pages_supported(config) else None
         # decode steps per host round trip while no request waits for a slot (1 when one does, so that it is
         # admitted at the next step)
         self.steps_per_call = max(1, steps_per_call)
@@ -536,14 +552,14 @@ class Engine:
         top_p = np.array([r.top_p if r else 1.0 for r in running], np.float32)
         seeds = np.array([r.seed if r else 0 for r in running], np.uint32)
         counts = np.array([len(r.seq.tokens) if r else 0 for r in running], np.int32)
-        # Attention reads a window past the longest running sequence
-        longest = max(int(self._pos[i]) for i, r in enumerate(running) if r is not None) + k
+        # free slots decode from position 0 (their rows are dropped): they read nothing
+        pos = np.where([r is not None for r in running], self._pos, 0).astype(np.int32)
         if self.speculative:
-            return self._step_speculative(running, k, temperature, top_p, seeds, counts, longest + k)
-        self.cache, nxt, logp = _decode(self.params, self.cache, jnp.asarray(self._tok), jnp.asarray(self._pos),
+            return self._step_speculative(running, k, temperature, top_p, seeds, counts, pos)
+        self.cache, nxt, logp = _decode(self.params, self.cache, jnp.asarray(self._tok), jnp.asarray(pos),
                                         jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(seeds),
                                         jnp.asarray(counts), config=self.config, options=self.options,
-                                        window=decode_window(longest, self.max_len, self.window_min), k=k)
+                                        **self._reads(pos, k), k=k)
         nxt, logp = np.asarray(nxt), np.asarray(logp)
         self.stats["steps"] += k
         for j in range(k):  # a request that finishes at token j drops the rest of its row's tokens
@@ -553,13 +569,19 @@ class Engine:
                 self._tok[slot], self._pos[slot] = nxt[j, slot], self._pos[slot] + 1
                 self._emit(req, int(nxt[j, slot]), float(logp[j, slot]))
 
-    def _step_speculative(self, running, k, temperature, top_p, seeds, counts, longest) -> None:
+    def _reads(self, pos: np.ndarray, ahead: int) -> dict:
+        """What the decode call's attention reads when the rows at ``pos`` gain up to ``ahead`` positions: each
+        row its own pages (``paged``), or a window past the longest row."""
+        if self.page:
+            return {"window": None, "paged": decode_pages(pos, self.page, ahead)}
+        return {"window": decode_window(int(pos.max()) + ahead, self.max_len, self.window_min), "paged": None}
+
+    def _step_speculative(self, running, k, temperature, top_p, seeds, counts, pos) -> None:
         """``k`` draft-verify steps (``_decode_speculative``): each running request gets 1 or 2 tokens a step."""
         self.cache, (x, n, t_prev, self._h2), toks, logps, accepted = _decode_speculative(
-            self.params, self.cache, jnp.asarray(self._tok), jnp.asarray(self._pos), jnp.asarray(self._t_prev),
+            self.params, self.cache, jnp.asarray(self._tok), jnp.asarray(pos), jnp.asarray(self._t_prev),
             self._h2, jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(seeds), jnp.asarray(counts),
-            config=self.config, options=self.options, window=decode_window(longest, self.max_len, self.window_min),
-            k=k)
+            config=self.config, options=self.options, **self._reads(pos, 2 * k), k=k)
         x, n, t_prev, toks, logps, accepted = (np.asarray(a) for a in (x, n, t_prev, toks, logps, accepted))
         self.stats["steps"] += k
         for slot, req in enumerate(running):

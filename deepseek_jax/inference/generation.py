@@ -3,8 +3,8 @@
 Prompts of different lengths are right-padded to a power-of-two bucket and prefilled together; each
 sequence then decodes at its own position (slot = position, so no left padding and no position shifts).
 Shapes are fixed per (batch, prompt bucket, cache length): the decode step compiles once per request shape (and
-attention window: a step reads the cache's first slots only, a power of two past the longest sequence,
-``steps.decode_window``) and is reused across requests of the same shape. One host round trip per step streams the
+number of pages read: each row attends over the pages its own length fills, ``steps.decode_pages``; on a mesh,
+over a window past the longest sequence, ``steps.decode_window``) and is reused across requests of the same shape. One host round trip per step streams the
 new tokens, checks stop conditions (EOS ids, stop strings, max new tokens) and stops when every sequence is done.
 
 Speculative decoding (``speculative=True``, V3/R1 checkpoints with an MTP module): each step the MTP module
@@ -40,12 +40,15 @@ from deepseek_jax.inference.sampling import (
     target_probs,
 )
 from deepseek_jax.inference.steps import (
+    PAGE,
     PREFILL_CHUNK,
     bucket_length,
     cache_length,
     decode_core,
+    decode_pages,
     decode_window,
     mtp_core,
+    pages_supported,
     prefill_core,
 )
 from deepseek_jax.layers import kv_cache
@@ -75,9 +78,9 @@ def _prefill_sample(params, cache, tokens, lengths, seen, rng, *, config, option
     return cache, first, mark_seen(seen, first), h2, t_prev, logp
 
 
-def _decode_sample(params, cache, tok, pos, seen, rng, *, config, options, sampling, absorb, window):
+def _decode_sample(params, cache, tok, pos, seen, rng, *, config, options, sampling, absorb, window, paged):
     cache, logits, _ = decode_core(params, cache, tok[:, None], pos[:, None], config=config, options=options,
-                                   absorb=absorb, window=window)
+                                   absorb=absorb, window=window, paged=paged)
     nxt, logp = sample_with_logprob(rng, logits[:, 0], seen, sampling)
     return cache, nxt, mark_seen(seen, nxt), logp
 
@@ -124,7 +127,7 @@ def _speculative_step(params, cache, n, t_prev, x, h2, seen, rng, *, config, opt
 
 _prefill_sample_jit = jax.jit(_prefill_sample, static_argnames=_STATIC + ("mtp", "chunk"),
                               donate_argnames=("cache",))
-_decode_sample_jit = jax.jit(_decode_sample, static_argnames=_STATIC + ("absorb", "window"),
+_decode_sample_jit = jax.jit(_decode_sample, static_argnames=_STATIC + ("absorb", "window", "paged"),
                              donate_argnames=("cache",))
 _speculative_step_jit = jax.jit(_speculative_step, static_argnames=_STATIC, donate_argnames=("cache",))
 
@@ -360,7 +363,9 @@ def stream(
     t1, first_step = time.perf_counter(), None
     pos = jnp.asarray(lengths)
     n, x = pos, tok
-    longest = max(len(p) for p in ids)  # the next decode step's largest position
+    host_pos = np.array([len(p) for p in ids])  # the next decode step's positions
+    # ragged decode (each row reads its own pages) on one device; on a mesh, a window past the longest row
+    paged = absorb and mesh is None and pages_supported(config)
     while not all(s.finished for s in seqs):
         rng, key = jax.random.split(rng)
         active = [s.finished is None for s in seqs]
@@ -375,12 +380,13 @@ def stream(
             new = [[int(t) for t in out[i, :m]] for i, m in enumerate(emitted)]
             new_logp = [[float(v) for v in logp[i, :m]] for i, m in enumerate(emitted)]
         else:
-            # attention reads a window past the longest sequence, not the whole cache (V4 reads its rings)
-            window = None if config.is_v4 else decode_window(longest + 1, s_max)
+            # attention reads each row's pages, or a window past the longest row (V4 reads its rings)
+            reads = (dict(window=None, paged=decode_pages(host_pos, PAGE, 1)) if paged else
+                     dict(window=None if config.is_v4 else decode_window(int(host_pos.max()) + 1, s_max), paged=None))
             with mesh_context(mesh):
                 cache, tok, seen, logp = _decode_sample_jit(params, cache, tok, pos, seen, key, absorb=absorb,
-                                                            window=window, **statics)
-            pos, longest = pos + 1, longest + 1
+                                                            **reads, **statics)
+            pos, host_pos = pos + 1, host_pos + 1
             new = [[int(t)] for t in np.asarray(tok)]
             new_logp = [[float(v)] for v in np.asarray(logp)]
         st["steps"] += 1

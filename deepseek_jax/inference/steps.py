@@ -6,6 +6,10 @@ Prefill runs the full MLA path over right-padded prompts and fills the cache; de
 student runs the same steps over a cache of its rotated keys and values (``layers/gqa.py``; the absorbed and the
 expanded decode are the same for it).
 
+A decode step reads the cache in one of three ways: whole (the padded reference), a window of its first slots
+past the longest sequence (``window``), or ragged (``paged``): each row the pages its own length fills, as one
+flat work list (``layers/attention/paged.py``), which ``generate`` and the serving engine use on one device.
+
 DeepSeek-V4 runs the same steps over its compressed cache (``kv_cache.write_v4``): its prefill is always the whole
 prompt (its attention is blockwise; no chunks), and it has no MTP step.
 
@@ -23,7 +27,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.layers import kv_cache
-from deepseek_jax.layers.attention.layout import attention_layout, cache_layout
+from deepseek_jax.layers.attention.layout import attention_layout, cache_layout, paged_layout, pages_needed
 from deepseek_jax.models.transformer import Transformer
 
 
@@ -117,7 +121,7 @@ def _prefill_chunked(params, cache, tokens, lengths, *, config, options, mtp, ch
 
 
 def decode_core(params, cache, tokens, positions, *, config, options, absorb: bool = True, out_index=None,
-                window: Optional[int] = None):
+                window: Optional[int] = None, paged: Optional[tuple[int, int]] = None):
     """T new tokens per sequence ``tokens [B,T]`` at consecutive ``positions [B,T]`` over the cache.
 
     Returns ``(cache with their entries written, logits [B,T,V] (or at ``out_index [B,G]`` only), hidden
@@ -125,11 +129,19 @@ def decode_core(params, cache, tokens, positions, *, config, options, absorb: bo
     ``window``: attend over the cache's first ``window`` slots only (``kv_cache.window``; every position must be
     below it): a step over short sequences in a long cache reads what they filled, not the whole padded cache;
     the new entries are still written into the whole cache (in place when it is donated). Not for V4.
+    ``paged``: ``(page, items)``, a ragged step instead (``layers/attention/paged.py``): each row reads the pages
+    of ``page`` slots its own length fills, ``items`` pages in all (``decode_pages``: at least the rows' pages
+    at these positions); the absorbed path, for the configs ``pages_supported`` names. Overrides ``window``.
     """
     model = Transformer(config, options, mode="decode", absorb=absorb)
     main = cache["main"]
     if config.is_v4:  # its layers read the new tokens' positions; the cache's rings and pools say the rest
         layout = attention_layout(jnp.ones_like(positions), positions)
+    elif paged is not None:
+        if not pages_supported(config):
+            raise ValueError("paged decode covers MLA without V3.2's indexer, and the GQA students")
+        layout = paged_layout(positions, paged[1], paged[0])
+        main = kv_cache.pages(main, layout.item_row, layout.item_slots)  # each layer's cache: [N,G,...]
     else:
         if window is not None and window < _cache_len(cache):
             main = kv_cache.window(main, window)
@@ -158,7 +170,7 @@ def mtp_core(params, cache, h_prev, tokens, positions, *, config, options, depth
 
 _STATIC = ("config", "options")
 prefill = jax.jit(prefill_core, static_argnames=_STATIC + ("mtp", "chunk"), donate_argnames=("cache",))
-decode_step = jax.jit(decode_core, static_argnames=_STATIC + ("absorb",), donate_argnames=("cache",))
+decode_step = jax.jit(decode_core, static_argnames=_STATIC + ("absorb", "window", "paged"), donate_argnames=("cache",))
 mtp_step = jax.jit(mtp_core, static_argnames=_STATIC + ("depth",), donate_argnames=("cache",))
 
 
@@ -168,6 +180,24 @@ def decode_window(needed: int, length: int, minimum: int = 128) -> Optional[int]
     generation), or None (the whole cache of ``length`` slots) when it would reach that."""
     window = minimum << max(0, (needed - 1) // minimum).bit_length()
     return None if window >= length else window
+
+
+PAGE = 64  # slots per page of a ragged decode step (bench/decode_paged.py)
+
+
+def pages_supported(config) -> bool:
+    """Whether ``decode_core(paged=...)`` serves ``config``: V2 / V3 / R1's MLA and the dense students (V3.2
+    selects its keys by the indexer over the whole cache, V4 reads its rings and pools)."""
+    return not (config.is_v4 or config.has_indexer)
+
+
+def decode_pages(lengths, page: int, ahead: int = 1) -> tuple[int, int]:
+    """``decode_core``'s ``paged`` for rows whose cached ``lengths`` grow by up to ``ahead`` over the call:
+    ``(page, items)``, items the rows' pages rounded up to 4, 5, 6 or 7 times a power of two (at most 25% of
+    items read nothing, and a growing batch compiles a handful of steps per doubling)."""
+    need = max(1, pages_needed([int(n) + ahead for n in lengths], page))
+    scale = 1 << max(0, need.bit_length() - 3)
+    return page, -(-need // scale) * scale
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -219,6 +249,6 @@ def decode_all_positions(params, tokens, *, config, options=ModelOptions(), cach
 
 
 __all__ = [
-    "bucket_length", "cache_length", "decode_all_positions", "decode_core", "decode_step", "decode_window", "mtp_core",
-    "mtp_step", "prefill", "prefill_core",
+    "bucket_length", "cache_length", "decode_all_positions", "decode_core", "decode_pages", "decode_step",
+    "decode_window", "mtp_core", "mtp_step", "pages_supported", "prefill", "prefill_core",
 ]

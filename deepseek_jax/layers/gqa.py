@@ -18,7 +18,8 @@ from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.layers.attention.context_parallel import attend
 from deepseek_jax.layers.attention.core import attention
-from deepseek_jax.layers.attention.layout import Layout
+from deepseek_jax.layers.attention.layout import Layout, PagedLayout
+from deepseek_jax.layers.attention.paged import paged_attention
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.rope import apply_rope
 from deepseek_jax.parallel.context import context_size, gather_sequence
@@ -77,6 +78,10 @@ class GQA(nn.Module):
         keys are the S slots then the T new tokens (``layers/attention/layout.py``'s ``cache_layout``).
         -> output ``[B,T,D]`` and the new tokens' k, v ``[B,T,K,E]``."""
         q, k, v = self.project(x, cos, sin)
+        if isinstance(layout, PagedLayout):  # a ragged step: the cache's pages [N,G,K,E] (attention/paged.py)
+            out = paged_attention((q,), (k_cache.astype(k.dtype),), v_cache.astype(v.dtype), (k,), v, layout,
+                                  self.config.softmax_scale)
+            return self.o_proj(out), k, v
         k_all = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)
         v_all = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
         return self._attend(q, k_all, v_all, layout), k, v

@@ -237,6 +237,15 @@ def read(entry: dict[str, jax.Array], dtype) -> tuple[jax.Array, ...]:
     return tuple(out)
 
 
+def pages(entries: dict, rows: jax.Array, slots: jax.Array) -> dict:
+    """The main cache's runs (``init_cache(...)["main"]``, not V4's; leaves ``[L,B,S,...]``) read as a ragged
+    step's work list (``layout.PagedLayout``): leaves ``[L,N,G,...]``, item i holding row ``rows[i]``'s
+    ``slots[i] [G]``. One gather per leaf over every layer, before the layer scan (which would otherwise slice
+    each layer's whole ``[B,S,...]`` entry); fp8 values keep their scales, for ``read`` to dequantize only the
+    pages read."""
+    return jax.tree.map(lambda x: x[:, rows[:, None], slots], entries)
+
+
 def write(entry: dict[str, jax.Array], new: tuple[jax.Array, ...], positions: jax.Array) -> dict:
     """Store the new tokens' cached arrays (``read``'s order) at their positions.
 

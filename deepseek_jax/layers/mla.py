@@ -16,7 +16,8 @@ from deepseek_jax.config.model import ModelConfig
 from deepseek_jax.config.options import ModelOptions
 from deepseek_jax.layers.attention.context_parallel import attend, sparse_attend
 from deepseek_jax.layers.attention.core import attention
-from deepseek_jax.layers.attention.layout import Layout, visible
+from deepseek_jax.layers.attention.layout import Layout, PagedLayout, visible
+from deepseek_jax.layers.attention.paged import paged_attention
 from deepseek_jax.layers.attention.sparse import index_scores, indexer_kl_loss, sparse_core
 from deepseek_jax.layers.indexer import Indexer
 from deepseek_jax.layers.linear import Linear
@@ -221,6 +222,8 @@ class MLA(nn.Module):
             return self._sparse(x, cos, sin, layout, (c_kv_cache, k_pe_cache, index_k_cache))
         q_nope, q_pe = self.query(x, cos, sin)
         c_new, pe_new = self.latent(x, cos, sin)
+        if isinstance(layout, PagedLayout):
+            return self._paged(q_nope, q_pe, c_new, pe_new, c_kv_cache, k_pe_cache, layout, absorb), c_new, pe_new
         c_all = jnp.concatenate([c_kv_cache.astype(c_new.dtype), c_new], axis=1)  # [B,S+T,R]
         pe_all = jnp.concatenate([k_pe_cache.astype(pe_new.dtype), pe_new], axis=1)  # [B,S+T,P]
         if not absorb:
@@ -232,6 +235,20 @@ class MLA(nn.Module):
         o_lat = self._attend(q, k, c_all[:, :, None, :], layout)  # [B,T,H,R]
         out = _einsum("bthr,rhv->bthv", o_lat, w_v, c_all.dtype)  # [B,T,H,V]
         return self.o_proj(out), c_new, pe_new
+
+    def _paged(self, q_nope, q_pe, c_new, pe_new, c_pages, pe_pages, layout: PagedLayout, absorb: bool):
+        """The absorbed path over a ragged step's pages (``c_pages [N,G,R]``, ``pe_pages [N,G,P]``,
+        ``attention/paged.py``): the latent and rope scores summed, never concatenated -> ``[B,T,D]``."""
+        if not absorb:
+            raise ValueError("a paged (ragged) decode step runs the absorbed path only (absorb=True)")
+        w_k, w_v = self._absorbed_weights()
+        dtype = c_new.dtype
+        q_abs = _einsum("bthn,rhn->bthr", q_nope, w_k, dtype)  # [B,T,H,R]
+        one = (slice(None), slice(None), None)  # the shared "head" of the latent
+        o_lat = paged_attention((q_abs, q_pe.astype(dtype)), (c_pages[one], pe_pages[one].astype(dtype)),
+                                c_pages[one], (c_new[one], pe_new[one].astype(dtype)), c_new[one], layout,
+                                self.config.softmax_scale)
+        return self.o_proj(_einsum("bthr,rhv->bthv", o_lat, w_v, dtype))
 
 
 def _einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:

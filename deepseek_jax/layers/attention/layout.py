@@ -60,3 +60,41 @@ def cache_layout(positions: jax.Array, max_len: int, first_slot: int = 0) -> Lay
 def cache_visibility(positions: jax.Array, max_len: int, first_slot: int = 0) -> jax.Array:
     """``[B,T,S+T]``: the keys (S cached slots, then the T new tokens) each new token sees (``cache_layout``)."""
     return visible(cache_layout(positions, max_len, first_slot))
+
+
+class PagedLayout(NamedTuple):
+    """Who sees whom in a ragged decode step: each row's new tokens see the cached slots before its first new
+    token, read as a flat work list of pages (``paged_layout``), then themselves causally.
+
+    ``q_index`` / ``q_segment`` ``[B,T]``: the new tokens' positions and segments (1). The work list has N items
+    of ``page`` slots each: item i reads row ``item_row[i]``'s slots ``item_slots[i] [page]``, of which those
+    below ``item_len[i]`` are filled (0 for the items past the list's end, which read nothing).
+    """
+
+    q_index: jax.Array
+    q_segment: jax.Array
+    item_row: jax.Array
+    item_slots: jax.Array
+    item_len: jax.Array
+
+
+def pages_needed(lengths, page: int) -> int:
+    """Pages of ``page`` slots that cached ``lengths`` (one per row) fill: the work list a paged step needs."""
+    return int(sum(-(-int(n) // page) for n in lengths))
+
+
+def paged_layout(positions: jax.Array, pages: int, page: int) -> PagedLayout:
+    """The work list of a decode step whose new tokens sit at consecutive ``positions [B,T]``: row b's filled
+    slots ``0..positions[b,0]-1`` cut into pages of ``page`` slots, all rows' pages one after another, padded
+    to ``pages`` items (static; at least ``pages_needed`` of the rows' lengths, or the last pages are lost).
+    A row's work follows its own length, not the longest row's."""
+    b = positions.shape[0]
+    lengths = positions[:, 0]
+    counts = -(-lengths // page)
+    ends = jnp.cumsum(counts)
+    item = jnp.arange(pages, dtype=jnp.int32)
+    row = jnp.minimum(jnp.searchsorted(ends, item, side="right"), b - 1).astype(jnp.int32)
+    first = (item - (ends - counts)[row]) * page
+    valid = item < ends[-1]
+    slots = jnp.where(valid, first, 0)[:, None] + jnp.arange(page, dtype=jnp.int32)
+    return PagedLayout(positions, jnp.ones_like(positions), row, slots, jnp.where(valid, lengths[row], 0))
