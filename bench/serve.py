@@ -5,9 +5,9 @@
 
 The server runs in this process (uvicorn in a thread, the engine in its own), the clients are threads with the
 official ``openai`` client, streaming. Each client sends one request (a 64-word prompt, 32 new tokens, greedy; EOS
-off so that every request generates all 32) into cache rows of ``--max-len`` (2,048) tokens; ``--no-window``
-makes every decode step attend over the whole row, the engine's windows only over what its sequences filled
-(rounded up to a power of two from 128). Reported per concurrency: wall time of the whole round, output
+off so that every request generates all 32) into cache rows of ``--max-len`` (2,048) tokens. ``--reads``: how a
+decode step reads the cache: ``paged`` (the default: each row the pages of 64 slots its own length fills),
+``window`` (every row the power of two from 128 past the longest running sequence), ``whole`` (the whole row). Reported per concurrency: wall time of the whole round, output
 tokens/s, p50 / p95 time to first token, and the round's time over one request's alone (what continuous batching
 saves: 8 requests one after the other would take 8x). A warm-up round compiles the steps first.
 """
@@ -38,11 +38,12 @@ from deepseek_jax.inference.engine import Engine  # noqa: E402
 from deepseek_jax.inference.server import make_app  # noqa: E402
 
 
-def _serve(config, params, tokenizer, slots, max_len, window, steps_per_call):
+def _serve(config, params, tokenizer, slots, max_len, reads, steps_per_call):
     import uvicorn
 
     engine = Engine(config, params, tokenizer=tokenizer, eos=(), slots=slots, max_len=max_len,
-                    max_queue=256, window_min=128 if window else None, steps_per_call=steps_per_call).start()
+                    max_queue=256, window_min=None if reads == "whole" else 128,
+                    page=64 if reads == "paged" else None, steps_per_call=steps_per_call).start()
     server = uvicorn.Server(uvicorn.Config(make_app(engine, "bench", tokenizer), host="127.0.0.1", port=0,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -86,8 +87,9 @@ def main():
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--max-len", type=int, default=2048, help="context per slot (the cache row)")
     ap.add_argument("--steps-per-call", type=int, default=4, help="decode steps per host round trip (engine's)")
-    ap.add_argument("--no-window", action="store_true",
-                    help="every decode step attends over the whole padded row (the window's baseline)")
+    ap.add_argument("--reads", choices=("paged", "window", "whole"), default="paged",
+                    help="what a decode step reads: each row's own pages, a window past the longest row, the "
+                         "whole padded row")
     args = ap.parse_args()
     config = dsj.presets["tiny-v3"].replace(num_nextn_predict_layers=0) if args.quick else BENCH_100M
     params = jax.jit(lambda k: dsj.Transformer(config).init(k, jnp.zeros((1, 2), jnp.int32))["params"])(
@@ -96,7 +98,7 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     word_tokenizer(tmp, vocab_size=config.vocab_size)
     tokenizer = Tokenizer(str(tmp / "tokenizer.json"))
-    engine, server, thread, url = _serve(config, params, tokenizer, args.slots, args.max_len, not args.no_window,
+    engine, server, thread, url = _serve(config, params, tokenizer, args.slots, args.max_len, args.reads,
                                          args.steps_per_call)
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     rng = np.random.default_rng(0)
@@ -111,7 +113,7 @@ def main():
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}; "
               f"{'tiny-v3' if args.quick else 'v3-88M'} fp32, {args.slots} slots, prompt {args.prompt_words} "
               f"words, {args.max_tokens} new tokens per request, greedy; cache rows of {args.max_len}, decode "
-              f"{'over the whole row' if args.no_window else 'windowed'}, {args.steps_per_call} steps per call\n")
+              f"reads {args.reads}, {args.steps_per_call} steps per call\n")
         print("| clients | wall s | output tok/s | TTFT p50 s | TTFT p95 s | wall / one request's |")
         print("|---|---|---|---|---|---|")
         for n in [int(c) for c in args.clients.split(",")]:

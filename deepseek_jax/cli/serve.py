@@ -39,7 +39,8 @@ def _run(args) -> int:
                         (eos,) if isinstance(eos, int) else tuple(eos), slots=args.slots, max_len=args.max_len,
                         max_queue=args.max_queue, options=_options(args), cache_dtype=args.cache_dtype,
                         steps_per_call=args.steps_per_call, prefill_chunk=args.prefill_chunk,
-                        prefix_cache=args.prefix_cache, speculative=args.speculative, mesh=_mesh(args))
+                        prefix_cache=args.prefix_cache, speculative=args.speculative, mesh=_mesh(args),
+                        page=args.page or None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -82,6 +83,9 @@ def register(sub) -> None:
     p.add_argument("--speculative", action="store_true",
                    help="MTP speculative decoding in the batch: each step drafts a token per request with the MTP "
                         "module and verifies it (V3/R1 with MTP weights)")
+    p.add_argument("--page", type=int, default=64,
+                   help="decode reads each request's own pages of this many cache slots (default 64; 0: a window "
+                        "past the longest running request, as on a mesh and for V3.2)")
     p.add_argument("--tokenizer", help="a tokenizer.json (default: the checkpoint's)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute and params dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")

@@ -271,6 +271,8 @@ class Engine:
         if config.is_v4:
             raise ValueError("the serving engine does not run DeepSeek-V4 yet (its compressed caches have no "
                              "slot pool here)")
+        if page is not None and page < 0:
+            raise ValueError(f"page = {page}: expected a positive number of cache slots (or None / 0: a window)")
         if slots < 1 or max_queue < 0:
             raise ValueError(f"slots = {slots}, max_queue = {max_queue}: expected >= 1 and >= 0")
         if prefill_chunk < min_bucket or prefill_chunk & (prefill_chunk - 1):
