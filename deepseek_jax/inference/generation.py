@@ -4,8 +4,9 @@ Prompts of different lengths are right-padded to a power-of-two bucket and prefi
 sequence then decodes at its own position (slot = position, so no left padding and no position shifts).
 Shapes are fixed per (batch, prompt bucket, cache length): the decode step compiles once per request shape (and
 number of pages read: each row attends over the pages its own length fills, ``steps.decode_pages``; on a mesh,
-over a window past the longest sequence, ``steps.decode_window``) and is reused across requests of the same shape. One host round trip per step streams the
-new tokens, checks stop conditions (EOS ids, stop strings, max new tokens) and stops when every sequence is done.
+over a window past the longest sequence, ``steps.decode_window``) and is reused across requests of the same shape.
+One host round trip per step streams the new tokens, checks stop conditions (EOS ids, stop strings, max new tokens)
+and stops when every sequence is done.
 
 Speculative decoding (``speculative=True``, V3/R1 checkpoints with an MTP module): each step the MTP module
 drafts one token from the main model's last hidden state, the main model verifies ``[next, draft]`` in one
