@@ -12,13 +12,13 @@ thread that loops (``run_once``):
    The rows of recent long prompts are kept (``prefix_cache``): a prompt that begins with whole chunks of one
    (a shared system prompt, a conversation's earlier turns) starts filling after them.
 2. **Decode**: a jitted step over every slot, each at its own position (``steps.decode_core``), the cache
-   donated. Attention is ragged (``page``): each row reads the pages of ``page`` slots its own length fills, all
-   rows' pages one flat work list (``layers/attention/paged.py``), so a short request beside a long one reads its
-   own slots; the list's length is rounded up (4-7 x a power of two) so the step compiles a handful of times
-   as the batch grows. On a mesh, for V3.2, or with ``page=None``, it reads a window instead: the power of two
-   (from ``window_min``) past the longest running sequence. While no request waits for a slot or fills,
+   donated. It reads (``steps.decode_reads``) a window of the cache, the power of two (from ``window_min``) past
+   the longest running sequence; or, when that window is long and the rows' lengths differ (a short request
+   beside a long one), ragged pages (``page``): each row the pages of ``page`` slots its own length fills, all
+   rows' pages one flat work list (``layers/attention/paged.py``), rounded up to 4-7 x a power of two items.
+   Pages are not read on a mesh, for V3.2, or with ``page=None``. While no request waits for a slot or fills,
    ``steps_per_call`` steps run in one call (a scan: one host round trip for several tokens). Free slots run
-   too, from position 0 (their outputs are dropped): the shapes never change.
+   too, at position 0 (their outputs are dropped, and they read nothing): the shapes never change.
 3. **Emit**: each running request's new tokens go to its stop rules (EOS, stop strings, ``max_tokens``, through
    ``generation._Sequence``) and its text to the request's callback; a finished or cancelled request frees its
    slot before the next admission.
@@ -58,7 +58,7 @@ from deepseek_jax.inference.steps import (
     PAGE,
     bucket_length,
     decode_core,
-    decode_pages,
+    decode_reads,
     decode_window,
     mtp_core,
     pages_supported,
@@ -149,9 +149,11 @@ def _decode(params, cache, tokens, positions, temperature, top_p, seeds, counts,
             k):
     """``k`` decode steps over every slot in one call (a scan: one host round trip); returns the cache and the
     tokens and log-probabilities ``[k, slots]``. Token j of a row is its ``counts + j``-th (its sampling key)."""
+    live = (positions > 0).astype(positions.dtype)  # a free slot (position 0) stays there: it reads nothing
+
     def one(carry, j):
         cache, tok = carry
-        cache, logits, _ = decode_core(params, cache, tok[:, None], (positions + j)[:, None], config=config,
+        cache, logits, _ = decode_core(params, cache, tok[:, None], (positions + j * live)[:, None], config=config,
                                        options=options, window=window, paged=paged)
         nxt, logp = sample_rows(logits[:, 0], temperature, top_p, _keys(seeds, counts + j))
         return (cache, nxt), (nxt, logp)
@@ -186,7 +188,7 @@ def _decode_speculative(params, cache, x, n, t_prev, h2, temperature, top_p, see
             keys[:, 1], _row_probs(p_dist, greedy), _row_probs(q_dist, greedy), draft)
         accepted, first = accepted[:, 0], first[:, 0]
         bonus, bonus_logp = sample_rows(p_logits[:, 1], temperature, top_p, keys[:, 2])
-        step = 1 + accepted.astype(jnp.int32)
+        step = (1 + accepted.astype(jnp.int32)) * (n > 0)  # a free slot (n = 0) stays there: it reads nothing
         carry = (cache, jnp.where(accepted, bonus, first), n + step, jnp.where(accepted, draft, x),
                  jnp.where(accepted[:, None, None], h, jnp.stack([h2[:, 1], h[:, 0]], axis=1)), counts + step)
         return carry, (jnp.stack([first, bonus], axis=1),
@@ -317,7 +319,7 @@ class Engine:
         self._stopping = False
         self.stats = {"steps": 0, "admitted": 0, "prefill_chunks": 0, "prefix_hits": 0, "prefix_chunks_reused": 0,
                       "finished": 0, "cancelled": 0, "errors": 0, "generated_tokens": 0, "drafted": 0,
-                      "accepted": 0}
+                      "accepted": 0, "paged_calls": 0}
 
     # ----- requests ------------------------------------------------------------------------------
     def check(self, prompt: Sequence[int], max_tokens: int) -> None:
@@ -573,10 +575,10 @@ class Engine:
 
     def _reads(self, pos: np.ndarray, ahead: int) -> dict:
         """What the decode call's attention reads when the rows at ``pos`` gain up to ``ahead`` positions: each
-        row its own pages (``paged``), or a window past the longest row."""
-        if self.page:
-            return {"window": None, "paged": decode_pages(pos, self.page, ahead)}
-        return {"window": decode_window(int(pos.max()) + ahead, self.max_len, self.window_min), "paged": None}
+        row its own pages, or a window past the longest row (``steps.decode_reads``)."""
+        reads = decode_reads(pos, ahead, self.max_len, self.page, self.window_min)
+        self.stats["paged_calls"] += reads["paged"] is not None
+        return reads
 
     def _step_speculative(self, running, k, temperature, top_p, seeds, counts, pos) -> None:
         """``k`` draft-verify steps (``_decode_speculative``): each running request gets 1 or 2 tokens a step."""

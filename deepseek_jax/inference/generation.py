@@ -3,8 +3,8 @@
 Prompts of different lengths are right-padded to a power-of-two bucket and prefilled together; each
 sequence then decodes at its own position (slot = position, so no left padding and no position shifts).
 Shapes are fixed per (batch, prompt bucket, cache length): the decode step compiles once per request shape (and
-number of pages read: each row attends over the pages its own length fills, ``steps.decode_pages``; on a mesh,
-over a window past the longest sequence, ``steps.decode_window``) and is reused across requests of the same shape.
+what a step reads, ``steps.decode_reads``: a window past the longest sequence, or, for long rows of different
+lengths on one device, the pages each row's own length fills) and is reused across requests of the same shape.
 One host round trip per step streams the new tokens, checks stop conditions (EOS ids, stop strings, max new tokens)
 and stops when every sequence is done.
 
@@ -46,8 +46,7 @@ from deepseek_jax.inference.steps import (
     bucket_length,
     cache_length,
     decode_core,
-    decode_pages,
-    decode_window,
+    decode_reads,
     mtp_core,
     pages_supported,
     prefill_core,
@@ -365,8 +364,8 @@ def stream(
     pos = jnp.asarray(lengths)
     n, x = pos, tok
     host_pos = np.array([len(p) for p in ids])  # the next decode step's positions
-    # ragged decode (each row reads its own pages) on one device; on a mesh, a window past the longest row
-    paged = absorb and mesh is None and pages_supported(config)
+    # ragged decode (each row reads its own pages) where it pays, on one device; else a window past the longest row
+    page = PAGE if absorb and mesh is None and pages_supported(config) else None
     while not all(s.finished for s in seqs):
         rng, key = jax.random.split(rng)
         active = [s.finished is None for s in seqs]
@@ -382,8 +381,7 @@ def stream(
             new_logp = [[float(v) for v in logp[i, :m]] for i, m in enumerate(emitted)]
         else:
             # attention reads each row's pages, or a window past the longest row (V4 reads its rings)
-            reads = (dict(window=None, paged=decode_pages(host_pos, PAGE, 1)) if paged else
-                     dict(window=None if config.is_v4 else decode_window(int(host_pos.max()) + 1, s_max), paged=None))
+            reads = dict(window=None, paged=None) if config.is_v4 else decode_reads(host_pos, 1, s_max, page)
             with mesh_context(mesh):
                 cache, tok, seen, logp = _decode_sample_jit(params, cache, tok, pos, seen, key, absorb=absorb,
                                                             **reads, **statics)

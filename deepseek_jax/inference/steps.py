@@ -192,12 +192,34 @@ def pages_supported(config) -> bool:
 
 
 def decode_pages(lengths, page: int, ahead: int = 1) -> tuple[int, int]:
-    """``decode_core``'s ``paged`` for rows whose cached ``lengths`` grow by up to ``ahead`` over the call:
-    ``(page, items)``, items the rows' pages rounded up to 4, 5, 6 or 7 times a power of two (at most 25% of
-    items read nothing, and a growing batch compiles a handful of steps per doubling)."""
-    need = max(1, pages_needed([int(n) + ahead for n in lengths], page))
+    """``decode_core``'s ``paged`` for rows whose cached ``lengths`` grow by up to ``ahead`` over the call (a
+    row of length 0, a free slot that does not advance, reads nothing): ``(page, items)``, items the rows'
+    pages rounded up to 4, 5, 6 or 7 times a power of two (at most 25% of items read nothing, and a growing
+    batch compiles a handful of steps per doubling)."""
+    need = max(1, pages_needed([int(n) + ahead if n else 0 for n in lengths], page))
     scale = 1 << max(0, need.bit_length() - 3)
     return page, -(-need // scale) * scale
+
+
+PAGED_FROM = 512  # below this window a step reads the window: one compile per window, and as cheap on CPU
+PAGED_READS = 0.75  # pages are read instead when they cover at most this share of the batch's window
+
+
+def decode_reads(lengths, ahead: int, length: int, page: Optional[int] = PAGE, minimum: int = 128) -> dict:
+    """How a decode call over rows of cached ``lengths`` (growing by up to ``ahead``) in a cache of ``length``
+    slots reads it: ``decode_core``'s ``window`` and ``paged`` arguments. Ragged pages of ``page`` slots when the
+    window would be long (``PAGED_FROM``) and the rows' pages cover at most ``PAGED_READS`` of batch x window
+    (lengths that differ: a short row beside a long one); otherwise the window past the longest row, which
+    costs a compile per power of two only (the page count changes more often) and, where every row is about
+    as long, reads as much (bench/decode_paged.py). ``page=None``: the window always."""
+    lengths = [int(n) for n in lengths]
+    window = decode_window(max(lengths) + ahead, length, minimum)
+    if page:
+        span = window or length
+        paged = decode_pages(lengths, page, ahead)
+        if span >= PAGED_FROM and paged[1] * page <= PAGED_READS * span * len(lengths):
+            return {"window": None, "paged": paged}
+    return {"window": window, "paged": None}
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -249,6 +271,7 @@ def decode_all_positions(params, tokens, *, config, options=ModelOptions(), cach
 
 
 __all__ = [
-    "bucket_length", "cache_length", "decode_all_positions", "decode_core", "decode_pages", "decode_step",
+    "bucket_length", "cache_length", "decode_all_positions", "decode_core", "decode_pages", "decode_reads",
+    "decode_step",
     "decode_window", "mtp_core", "mtp_step", "pages_supported", "prefill", "prefill_core",
 ]

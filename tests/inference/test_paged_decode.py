@@ -3,6 +3,7 @@ over the whole cache, in fp32: rows of very different lengths, one and two new t
 that does not divide the cache, and a dense student (GQA)."""
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -82,3 +83,47 @@ def test_paged_decode_is_refused_where_it_does_not_apply():
                           config=dataclasses.replace(dsj.presets["deepseek-v3.2"]), options=dsj.ModelOptions(),
                           paged=(16, 1))
     assert not steps.pages_supported(config) and steps.pages_supported(dsj.presets["tiny-v3"])
+
+
+def test_decode_reads_pages_only_where_they_pay():
+    # short rows: the window (one compile per power of two)
+    assert steps.decode_reads([100, 3], 1, 4096) == {"window": 128, "paged": None}
+    # long rows of about one length: the window reads as much
+    assert steps.decode_reads([2000] * 8, 4, 4096) == {"window": 2048, "paged": None}
+    # a short row beside a long one: pages, and a free slot (length 0) reads none
+    # 32 + 2 pages, rounded up to 5 x 8
+    assert steps.decode_reads([2000, 100, 0, 0], 4, 4096) == {"window": None, "paged": (64, 40)}
+    assert steps.decode_reads([2000, 100], 4, 4096, page=None) == {"window": 2048, "paged": None}
+
+
+@pytest.mark.slow  # the engine compiles its steps for a 520-token row
+def test_engine_and_generate_on_pages_give_the_windowed_engines_tokens():
+    """A 520-token prompt beside short ones: the engine reads pages (``stats["paged_calls"]``), and its greedy
+    tokens equal those of the engine that reads the window (``page=None``) and of ``generate``."""
+    import flax.linen as nn
+
+    from deepseek_jax.inference.engine import Engine, Request
+
+    config = dsj.presets["tiny-v3"].replace(num_nextn_predict_layers=0)
+    params = nn.meta.unbox(dsj.Transformer(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
+                           ["params"])
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(1, config.vocab_size, n)) for n in (520, 4, 9)]
+    ref = dsj.generate(config, params, prompts, max_new_tokens=12, eos_token_id=None)
+    outs = {}
+    for page in (64, None):
+        engine = Engine(config, params, slots=2, max_len=640, page=page).start()
+        out, done = {i: [] for i in range(len(prompts))}, set()
+        try:
+            for i, p in enumerate(prompts):
+                engine.submit(Request(p, 12, lambda text, tok, lp, fin, i=i: (
+                    out[i].append(tok) if tok is not None else None, fin and done.add(i))))
+            deadline = time.time() + 300
+            while len(done) < len(prompts):
+                assert time.time() < deadline, "the engine did not finish"
+                time.sleep(0.05)
+        finally:
+            engine.stop()
+        outs[page] = [out[i] for i in range(len(prompts))]
+        assert (engine.stats["paged_calls"] > 0) == (page is not None), engine.stats
+    assert outs[64] == outs[None] == ref.tokens
