@@ -7,7 +7,10 @@ The server runs in this process (uvicorn in a thread, the engine in its own), th
 official ``openai`` client, streaming. Each client sends one request (a 64-word prompt, 32 new tokens, greedy; EOS
 off so that every request generates all 32) into cache rows of ``--max-len`` (2,048) tokens. ``--reads``: how a
 decode step reads the cache: ``paged`` (the default: each row the pages of 64 slots its own length fills),
-``window`` (every row the power of two from 128 past the longest running sequence), ``whole`` (the whole row). Reported per concurrency: wall time of the whole round, output
+``window`` (every row the power of two from 128 past the longest running sequence), ``whole`` (the whole row).
+``--long-words N``: the first request of each round has an N-word prompt (a long request beside short ones).
+``--warm-pass``: every round runs once untimed first, so no step compiles on the clock (without it, a shape that
+the warm-up round did not meet compiles inside a timed round, as on a server's first such batch). Reported per concurrency: wall time of the whole round, output
 tokens/s, p50 / p95 time to first token, and the round's time over one request's alone (what continuous batching
 saves: 8 requests one after the other would take 8x). A warm-up round compiles the steps first.
 """
@@ -83,6 +86,11 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--prompt-words", type=int, default=64)
+    ap.add_argument("--warm-pass", action="store_true",
+                    help="run every round once untimed first (each shape's steps compiled before the clock)")
+    ap.add_argument("--long-words", type=int, default=0,
+                    help="the first request of each round has a prompt of this many words (a long request beside "
+                         "short ones: what ragged pages are for)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--max-len", type=int, default=2048, help="context per slot (the cache row)")
@@ -105,18 +113,24 @@ def main():
     n_words = min(config.vocab_size - 8, 30000)
 
     def prompts(n):
-        return [" ".join(f"w{i}" for i in rng.integers(0, n_words, args.prompt_words)) for _ in range(n)]
+        sizes = [args.long_words or args.prompt_words] + [args.prompt_words] * (n - 1)
+        return [" ".join(f"w{i}" for i in rng.integers(0, n_words, k)) for k in sizes]
 
     try:
+        clients = [int(c) for c in args.clients.split(",")]
         _round(client, prompts(args.slots), args.max_tokens)  # warm-up: compiles prefill buckets and decode
+        for n in clients if args.warm_pass else ():  # every round once untimed: each shape compiled
+            _round(client, prompts(n), args.max_tokens)
         single = _round(client, prompts(1), args.max_tokens)
+        long = f" (the first {args.long_words})" if args.long_words else ""
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}; "
               f"{'tiny-v3' if args.quick else 'v3-88M'} fp32, {args.slots} slots, prompt {args.prompt_words} "
-              f"words, {args.max_tokens} new tokens per request, greedy; cache rows of {args.max_len}, decode "
-              f"reads {args.reads}, {args.steps_per_call} steps per call\n")
+              f"words{long}, {args.max_tokens} new tokens per request, greedy; cache rows of {args.max_len}, "
+              f"decode reads {args.reads}, {args.steps_per_call} steps per call"
+              f"{', after an untimed pass' if args.warm_pass else ''}\n")
         print("| clients | wall s | output tok/s | TTFT p50 s | TTFT p95 s | wall / one request's |")
         print("|---|---|---|---|---|---|")
-        for n in [int(c) for c in args.clients.split(",")]:
+        for n in clients:
             r = single if n == 1 else _round(client, prompts(n), args.max_tokens)
             print(f"| {n} | {r['wall']:.2f} | {r['tokens'] / r['wall']:.1f} | {r['ttft_p50']:.3f} | "
                   f"{r['ttft_p95']:.3f} | {r['wall'] / single['wall']:.2f}x |")
