@@ -272,6 +272,5 @@ def decode_all_positions(params, tokens, *, config, options=ModelOptions(), cach
 
 __all__ = [
     "bucket_length", "cache_length", "decode_all_positions", "decode_core", "decode_pages", "decode_reads",
-    "decode_step",
-    "decode_window", "mtp_core", "mtp_step", "pages_supported", "prefill", "prefill_core",
+    "decode_step", "decode_window", "mtp_core", "mtp_step", "pages_supported", "prefill", "prefill_core",
 ]

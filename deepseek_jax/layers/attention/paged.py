@@ -32,7 +32,7 @@ def paged_attention(q_parts: Sequence[jax.Array], k_pages: Sequence[jax.Array], 
     q_parts ``[B,T,H,D_i]``; k_pages ``[N,G,Hk,D_i]`` and v_pages ``[N,G,Hk,Dv]`` (the items' slots, gathered);
     k_new ``[B,T,Hk,D_i]``, v_new ``[B,T,Hk,Dv]`` (the new tokens') -> ``[B,T,H,Dv]`` in v_new's dtype.
     """
-    b, t = layout.q_index.shape
+    b = layout.q_index.shape[0]
     rows = layout.item_row
     # each item against its row's queries
     s = _scores([q[rows] for q in q_parts], k_pages, scale)  # [N,H,T,G]
