@@ -74,3 +74,24 @@ def word_chats(n: int, seed: int = 0) -> list[list[dict]]:
             msgs.append({"role": "assistant", "content": " ".join(f"w{i + 100}" for i in q)})
         out.append(msgs)
     return out
+
+
+def engine_tokens(engine, prompts, max_tokens: int, timeout: float = 300.0) -> list[list[int]]:
+    """Submit ``prompts`` to a started serving ``Engine``, wait (at most ``timeout`` s) until all finish, stop the
+    engine, and return each prompt's generated tokens."""
+    import time
+
+    from deepseek_jax.inference.engine import Request
+
+    out, done = {i: [] for i in range(len(prompts))}, set()
+    try:
+        for i, p in enumerate(prompts):
+            engine.submit(Request(p, max_tokens, lambda text, tok, lp, fin, i=i: (
+                out[i].append(tok) if tok is not None else None, fin and done.add(i))))
+        deadline = time.time() + timeout
+        while len(done) < len(prompts):
+            assert time.time() < deadline, "the engine did not finish"
+            time.sleep(0.05)
+    finally:
+        engine.stop()
+    return [out[i] for i in range(len(prompts))]

@@ -3,13 +3,12 @@ over the whole cache, in fp32: rows of very different lengths, one and two new t
 that does not divide the cache, and a dense student (GQA)."""
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_inference import tiny_checkpoint
+from tiny_inference import engine_tokens, tiny_checkpoint
 
 import deepseek_jax as dsj
 from deepseek_jax.inference import steps
@@ -102,7 +101,7 @@ def test_engine_and_generate_on_pages_give_the_windowed_engines_tokens():
     tokens equal those of the engine that reads the window (``page=None``) and of ``generate``."""
     import flax.linen as nn
 
-    from deepseek_jax.inference.engine import Engine, Request
+    from deepseek_jax.inference.engine import Engine
 
     config = dsj.presets["tiny-v3"].replace(num_nextn_predict_layers=0)
     params = nn.meta.unbox(dsj.Transformer(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
@@ -113,17 +112,6 @@ def test_engine_and_generate_on_pages_give_the_windowed_engines_tokens():
     outs = {}
     for page in (64, None):
         engine = Engine(config, params, slots=2, max_len=640, page=page).start()
-        out, done = {i: [] for i in range(len(prompts))}, set()
-        try:
-            for i, p in enumerate(prompts):
-                engine.submit(Request(p, 12, lambda text, tok, lp, fin, i=i: (
-                    out[i].append(tok) if tok is not None else None, fin and done.add(i))))
-            deadline = time.time() + 300
-            while len(done) < len(prompts):
-                assert time.time() < deadline, "the engine did not finish"
-                time.sleep(0.05)
-        finally:
-            engine.stop()
-        outs[page] = [out[i] for i in range(len(prompts))]
+        outs[page] = engine_tokens(engine, prompts, 12)
         assert (engine.stats["paged_calls"] > 0) == (page is not None), engine.stats
     assert outs[64] == outs[None] == ref.tokens

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from tiny_inference import tiny_checkpoint, word_tokenizer
+from tiny_inference import engine_tokens, tiny_checkpoint, word_tokenizer
 
 import deepseek_jax as dsj
 from deepseek_jax.data.chat_template import render
@@ -212,7 +212,7 @@ def test_windowed_decode_equals_the_padded_decode():
     import jax
     import jax.numpy as jnp
 
-    from deepseek_jax.inference.engine import Engine, Request
+    from deepseek_jax.inference.engine import Engine
     from deepseek_jax.inference.steps import decode_core, prefill_core
     from deepseek_jax.layers import kv_cache
 
@@ -236,18 +236,7 @@ def test_windowed_decode_equals_the_padded_decode():
     prompts = [list(rng.integers(1, config.vocab_size, n)) for n in (3, 12, 30, 7)]
     ref = dsj.generate(config, params, prompts, max_new_tokens=24, eos_token_id=None, options=options)
     engine = Engine(config, params, slots=2, max_len=256, window_min=16, options=options, steps_per_call=3).start()
-    out, done = {i: [] for i in range(len(prompts))}, set()
-    try:
-        for i, p in enumerate(prompts):
-            engine.submit(Request(p, 24, lambda text, tok, lp, fin, i=i: (
-                out[i].append(tok) if tok is not None else None, fin and done.add(i))))
-        deadline = time.time() + 300
-        while len(done) < len(prompts):
-            assert time.time() < deadline, "the engine did not finish"
-            time.sleep(0.05)
-    finally:
-        engine.stop()
-    assert [out[i] for i in range(len(prompts))] == ref.tokens
+    assert engine_tokens(engine, prompts, 24) == ref.tokens
 
 
 @pytest.mark.slow  # a subprocess loads the checkpoint and compiles
